@@ -1,0 +1,30 @@
+# Two commands: `make demo` and `make test`. Each sets everything up first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TUNEFLEET_CACHE ?= $(CURDIR)/.cache/tunefleet
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build available offline; then the rest (a range torch already meets).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch<=2.14.1"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .cache runs/*

@@ -1,0 +1,110 @@
+"""The `tunefleet` command.
+
+    tunefleet train --method dpo --model_name tunefleet/tiny-qwen2 --dataset tunefleet/tiny-ultrafeedback \
+      --split train_prefs --output_dir runs/dpo_tiny --max_steps 20
+    tunefleet check-data --method dpo --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs
+    tunefleet sweep sweeps/demo.yaml --backend ray --eval
+    tunefleet eval --runs_dir runs
+    tunefleet report --runs_dir runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from trainers.errors import TunefleetError
+
+COMMANDS = {
+    "train": "Train one run (all flags of the original tool; --help lists them).",
+    "check-data": "Check that a dataset split fits a method, show an example as the method sees it.",
+    "sweep": "Run a sweep spec (methods x seeds x models) on local processes, Ray or SLURM.",
+    "eval": "Score every run under --runs_dir into evaluation_results.json and a report.",
+    "report": "Rebuild evaluation_report.md and plots from evaluation_results.json.",
+    "status": "Show the state of a sweep's runs (and its SLURM jobs).",
+    "cancel": "Cancel a sweep's SLURM jobs.",
+}
+
+
+def cmd_train(argv: list[str]) -> int:
+    from trainers.config import parse_args
+
+    cfg = parse_args(argv)
+    if cfg.num_processes == 1 and cfg.accelerate_config in ("auto", None):
+        from trainers.train import run
+        record = run(cfg)
+        print(f"done: {cfg.output_dir} (status {record['status']}, step {record.get('global_step')})")
+        return 0
+    import torch
+    from launcher.launch import free_port, launch_command, launch_env
+
+    has_gpu = torch.cuda.is_available()
+    if has_gpu and cfg.num_processes > torch.cuda.device_count():
+        raise TunefleetError(f"--num_processes {cfg.num_processes} but only {torch.cuda.device_count()} GPU(s) "
+                             "are visible; lower --num_processes or set CUDA_VISIBLE_DEVICES")
+    cmd = launch_command(argv, cfg.num_processes, free_port(), cfg.accelerate_config)
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=launch_env(os.environ, cfg.num_processes, has_gpu))
+
+
+def cmd_check_data(argv: list[str]) -> int:
+    from trainers import data
+    from trainers.config import METHODS, coerce
+
+    p = argparse.ArgumentParser(prog="tunefleet check-data", description=COMMANDS["check-data"])
+    p.add_argument("--method", required=True, help=f"One of {', '.join(METHODS)}.")
+    p.add_argument("--dataset", required=True, help="Hub name, local path, or tunefleet/tiny-ultrafeedback.")
+    p.add_argument("--split", default="train", help="Split to check (default: train).")
+    p.add_argument("--max_samples", type=int, default=None, help="Check a seeded sample of this many rows.")
+    args = p.parse_args(argv)
+    method = coerce("method", args.method)
+    raw = data.sample(data.load_split(args.dataset, args.split), args.max_samples, 42, "--max_samples")
+    print(f"dataset: {args.dataset}   split: {args.split}   rows: {len(raw)}")
+    print(f"columns: {', '.join(raw.column_names)}")
+    if len(raw) == 0:
+        raise TunefleetError(f"split '{args.split}' is empty")
+    converted, fmt = data.to_method_format(method, raw)
+    print(f"format for {method}: {fmt} -> {', '.join(converted.column_names)} ({len(converted)} rows)")
+    print(f"example as {method} sees it:")
+    print(json.dumps(converted[0], indent=2, ensure_ascii=False))
+    found = data.problems(method, converted)
+    print("problems: " + ("none" if not found else f"{len(found)}"))
+    for line in found:
+        print(f"  - {line}")
+    return 1 if found else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: tunefleet COMMAND [flags]   (tunefleet COMMAND --help for its flags)\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<11} {text}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": cmd_train, "check-data": cmd_check_data}
+    for name, module in (("sweep", "launcher.sweep_cli"), ("eval", "eval.cli"), ("report", "eval.cli"),
+                         ("status", "launcher.sweep_cli"), ("cancel", "launcher.sweep_cli")):
+        if command == name:
+            import importlib
+            handlers[name] = getattr(importlib.import_module(module), f"cmd_{name}")
+    if command not in handlers:
+        from trainers.config import nearest
+        print(f"error: unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        return handlers[command](rest)
+    except TunefleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Group Relative Policy Optimization (GRPO) with LoRA / QLoRA: online rewards on sampled completions.
+
+Rewards come from `--reward_funcs` (see trainers/rewards.py): built-in names, `module:function`, or a
+reward-model path.
+
+    tunefleet train --method grpo --model_name Qwen/Qwen2-0.5B-Instruct \
+      --dataset HuggingFaceH4/ultrafeedback_binarized --split train_gen \
+      --output_dir runs/grpo_qwen_0.5b --max_train_samples 1000 --reward_funcs length
+    tunefleet train --method grpo --model_name tunefleet/tiny-qwen2 --dataset tunefleet/tiny-ultrafeedback \
+      --split train_gen --output_dir runs/grpo_tiny --max_steps 4 --reward_funcs friendly answer
+"""
+
+from trl import GRPOConfig, GRPOTrainer
+
+from trainers import data, model, rewards, run
+
+DEFAULT_COMPLETION_LENGTH = 64
+
+
+def train(cfg):
+    # ---- output folder: refuse a finished run, find a checkpoint to resume
+    resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
+
+    # ---- rewards first: a bad --reward_funcs fails before any loading
+    reward_funcs = rewards.load(cfg.reward_funcs, cfg.trust_remote_code)
+
+    # ---- data: prompts only (strings become one user message)
+    train_ds = data.load_for_method("grpo", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples")
+    eval_ds = cfg.eval_split and data.load_for_method("grpo", cfg.dataset, cfg.eval_split, cfg.max_eval_samples,
+                                                      cfg.seed, "--max_eval_samples")
+
+    # ---- tokenizer and base model (4-bit when --use_qlora)
+    tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing)
+
+    # ---- trainer
+    args = GRPOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16)), beta=cfg.beta_value,
+                      num_generations=cfg.num_generations,
+                      max_completion_length=cfg.max_completion_length or DEFAULT_COMPLETION_LENGTH)
+    trainer = GRPOTrainer(
+        model=base, reward_funcs=reward_funcs, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
+        processing_class=tokenizer, peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        callbacks=[run.progress_callback(cfg.output_dir)],
+    )
+
+    # ---- train, save the documented layout, record run.json
+    return run.train_and_save(trainer, cfg, resume_from, extra={"reward_funcs": cfg.reward_funcs})

@@ -1,0 +1,38 @@
+"""Odds Ratio Preference Optimization (ORPO) with LoRA / QLoRA: SFT and preference in one loss, no reference.
+
+ORPO lives in `trl.experimental.orpo` in TRL 1.x. `--beta` is ORPO's lambda.
+
+    tunefleet train --method orpo --model_name Qwen/Qwen2-0.5B-Instruct \
+      --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --eval_split test_prefs \
+      --output_dir runs/orpo_qwen_0.5b --max_train_samples 1000 --max_eval_samples 100
+"""
+
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+from trainers import data, model, run
+
+
+def train(cfg):
+    # ---- output folder: refuse a finished run, find a checkpoint to resume
+    resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
+
+    # ---- data: prompt / chosen / rejected (ultrafeedback rows converted)
+    train_ds = data.load_for_method("orpo", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples")
+    eval_ds = cfg.eval_split and data.load_for_method("orpo", cfg.dataset, cfg.eval_split, cfg.max_eval_samples,
+                                                      cfg.seed, "--max_eval_samples")
+
+    # ---- tokenizer and base model (4-bit when --use_qlora)
+    tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing)
+
+    # ---- trainer
+    args = ORPOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16)), max_length=cfg.max_length,
+                      max_completion_length=cfg.max_completion_length, beta=cfg.beta_value)
+    trainer = ORPOTrainer(
+        model=base, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None, processing_class=tokenizer,
+        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        callbacks=[run.progress_callback(cfg.output_dir)],
+    )
+
+    # ---- train, save the documented layout, record run.json
+    return run.train_and_save(trainer, cfg, resume_from)

@@ -1,0 +1,207 @@
+"""What every method shares around `trainer.train()`: the output folder's life cycle and `run.json`.
+
+- A finished run (run.json status "finished") is never retrained unless `--overwrite`.
+- An interrupted run (checkpoints, no finished status) resumes from its latest checkpoint.
+- Only the main process writes `run.json`, `progress.json` and the final files; JSON is written atomically.
+- The top level of `output_dir` gets the layout the original tool documented: adapter files,
+  `trainer_state.json`, `training_args.bin`, tokenizer files, `checkpoint-{step}/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from trainers.errors import TunefleetError, first_line
+
+VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
+
+
+def write_json_atomic(path: Path | str, data) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path | str) -> dict | None:
+    """JSON from a run folder, or None when missing or corrupt (never unpickle anything from there)."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def latest_checkpoint(output_dir: Path) -> str | None:
+    steps = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
+    return str(max(steps)[1]) if steps else None
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> str | None:
+    """Refuse a finished run (unless overwrite); return the checkpoint to resume from, if any."""
+    out = Path(output_dir)
+    record = read_json(out / "run.json") or {}
+    if record.get("status") == "finished":
+        if not overwrite:
+            raise TunefleetError(f"{output_dir} holds a finished run; pass --overwrite to retrain it "
+                                 "or choose another --output_dir")
+        if is_main_process():
+            shutil.rmtree(out)
+        return None
+    if out.exists() and not out.is_dir():
+        raise TunefleetError(f"--output_dir {output_dir} is a file, not a folder")
+    return latest_checkpoint(out) if out.exists() else None
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    found = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def training_args(cfg, dtype) -> dict:
+    """TrainingArguments shared by all five TRL configs."""
+    import torch
+
+    evaluate = cfg.eval_split is not None
+    return dict(
+        output_dir=cfg.output_dir,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.lr,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=(cfg.eval_steps or cfg.logging_steps) if evaluate else None,
+        report_to=[] if cfg.report_to == "none" else cfg.report_to.split(","),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=dtype == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),  # TRL resolves bf16=True otherwise and fails on CPU
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        disable_tqdm=not sys.stderr.isatty(),
+        ddp_find_unused_parameters=False,
+    )
+
+
+def progress_callback(output_dir: str):
+    """One line per log and `progress.json` (step, loss, tokens/s) for the sweep's live view."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            info = {"step": state.global_step, "max_steps": state.max_steps, "elapsed_s": round(time.time() - self.t0, 2)}
+            info.update({k: logs[k] for k in ("loss", "eval_loss", "learning_rate") if k in logs})
+            if "loss" in logs or "eval_loss" in logs:
+                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()),
+                      flush=True)
+            write_json_atomic(Path(output_dir) / "progress.json", info)
+
+    return Progress()
+
+
+def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dict:
+    record = {
+        "status": "running",
+        "method": cfg.method,
+        "base_model": cfg.model_name,
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "eval_split": cfg.eval_split,
+        "seed": cfg.seed,
+        "config": cfg.resolved(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "resumed_from": resume_from,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "started_at": now(),
+        "ended_at": None,
+        **(extra or {}),
+    }
+    if is_main_process():
+        previous = read_json(Path(cfg.output_dir) / "run.json") or {}
+        record["attempts"] = previous.get("attempts", 0) + 1
+        write_json_atomic(Path(cfg.output_dir) / "run.json", record)
+    return record
+
+
+def finish_record(cfg, record: dict, status: str, **fields) -> None:
+    record.update(status=status, ended_at=now(), **fields)
+    if is_main_process():
+        write_json_atomic(Path(cfg.output_dir) / "run.json", record)
+
+
+def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = None) -> dict:
+    """Train (resuming when a checkpoint exists), save the documented layout, record the outcome."""
+    from trainers.model import count_4bit_layers
+
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
+    extra = {"qlora_4bit_layers": count_4bit_layers(trainer.model), **(extra or {})}
+    record = start_record(cfg, resume_from, extra)
+    if resume_from:
+        print(f"resuming from {resume_from}", flush=True)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        finish_record(cfg, record, "interrupted")
+        raise
+    except Exception as exc:
+        finish_record(cfg, record, "failed", error=f"{type(exc).__name__}: {first_line(exc)}")
+        raise
+    trainer.save_model(cfg.output_dir)  # adapter, training_args.bin, tokenizer at the top level
+    trainer.save_state()  # trainer_state.json at the top level
+    finish_record(cfg, record, "finished", global_step=trainer.state.global_step,
+                  train_runtime_s=result.metrics.get("train_runtime"), train_loss=result.metrics.get("train_loss"),
+                  world_size=trainer.accelerator.num_processes)
+    return record

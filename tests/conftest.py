@@ -1,0 +1,50 @@
+"""Shared fixtures: the embedded tiny model built once per session, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model_name", "tunefleet/tiny-qwen2", "--dataset", "tunefleet/tiny-ultrafeedback"]
+SPLIT = {"sft": "train_sft", "dpo": "train_prefs", "orpo": "train_prefs", "kto": "train_prefs", "grpo": "train_gen"}
+# A few fast steps: batch 4, no accumulation.
+FAST = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
+
+os.environ.setdefault("TUNEFLEET_CACHE", str(ROOT / ".cache" / "tunefleet"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from trainers.tiny import ensure_model
+    return ensure_model()
+
+
+def tunefleet(*args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `tunefleet` CLI in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tunefleet {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the real CLI entry in this process (fast: imports once); returns (code, stdout, stderr)."""
+    from launcher.cli import main
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())

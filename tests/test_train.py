@@ -1,0 +1,124 @@
+"""End-to-end runs of every method through the real CLI on the embedded tiny default."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, ROOT, SPLIT, TINY, read_json, run_cli
+
+TOP_LEVEL = ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "training_args.bin",
+             "tokenizer_config.json", "tokenizer.json", "run.json"]
+
+
+@pytest.mark.parametrize("method,qlora", [("sft", "true"), ("dpo", "false"), ("orpo", "true"), ("kto", "false"),
+                                          ("grpo", "true")])
+def test_method_end_to_end(method, qlora, tiny_model, tmp_path, capsys):
+    out = tmp_path / method
+    code, stdout, stderr = run_cli(capsys, "train", "--method", method, *TINY, "--split", SPLIT[method],
+                                   "--output_dir", out, "--max_steps", 3, "--save_steps", 2, "--use_qlora", qlora,
+                                   "--max_train_samples", 48, "--learning_rate", "1e-3", *FAST,
+                                   "--reward_funcs", "friendly", "answer")
+    assert code == 0, stderr
+    for name in TOP_LEVEL:
+        assert (out / name).is_file(), f"{name} missing at the top of the run folder"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+    state = read_json(out / "trainer_state.json")
+    assert state["global_step"] == 3
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
+
+    record = read_json(out / "run.json")
+    assert record["status"] == "finished" and record["method"] == method
+    assert record["config"]["learning_rate"] == 1e-3 and record["versions"]["trl"]
+    assert (record["qlora_4bit_layers"] > 0) == (qlora == "true")
+
+    # LoRA B matrices start at exactly zero: every one must have moved.
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())
+
+    # Loads exactly as the original README shows, and generates.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What sound does a cow make?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_sft_learns(tiny_model, tmp_path, capsys):
+    out = tmp_path / "sft"
+    code, _, err = run_cli(capsys, "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", out,
+                           "--max_steps", 25, "--learning_rate", "2e-3", "--use_qlora", "false", *FAST)
+    assert code == 0, err
+    losses = [e["loss"] for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_sample_larger_than_data_uses_all(tiny_model, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--method", "dpo", *TINY, "--split", "test_prefs", "--output_dir",
+                           tmp_path / "r", "--max_train_samples", 100000, "--max_steps", 1, "--use_qlora", "false", *FAST)
+    assert code == 0
+    assert "asks for 100000 rows but the split has 200; using all 200" in err
+
+
+def test_finished_run_is_not_retrained(tiny_model, tmp_path, capsys):
+    args = ["train", "--method", "sft", *TINY, "--split", "test_sft", "--output_dir", tmp_path / "r", "--max_steps", 1,
+            "--use_qlora", "false", *FAST]
+    assert run_cli(capsys, *args)[0] == 0
+    first = read_json(tmp_path / "r" / "run.json")["started_at"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'r'} holds a finished run; pass --overwrite to retrain it or choose another --output_dir"]
+    assert read_json(tmp_path / "r" / "run.json")["started_at"] == first  # nothing touched
+    assert run_cli(capsys, *args, "--overwrite")[0] == 0
+
+
+def test_yaml_config_with_cli_override(tiny_model, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"method: sft\nmodel_name: tunefleet/tiny-qwen2\ndataset: tunefleet/tiny-ultrafeedback\n"
+                   f"split: test_sft\noutput_dir: {tmp_path / 'r'}\nmax_steps: 5\nuse_qlora: false\n"
+                   "per_device_train_batch_size: 2\ngradient_accumulation_steps: 1\nseed: 7\n")
+    code, _, err = run_cli(capsys, "train", "--config", cfg, "--max_steps", 2, "--seed", 3)
+    assert code == 0, err
+    record = read_json(tmp_path / "r" / "run.json")
+    assert record["config"]["max_steps"] == 2 and record["seed"] == 3
+    assert record["config"]["per_device_train_batch_size"] == 2 and record["config"]["learning_rate"] == 2e-4
+
+
+def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "launcher.cli", "train", "--method", "sft", *TINY, "--split", "train_sft",
+           "--output_dir", str(out), "--max_steps", "60", "--save_steps", "3", "--use_qlora", "false", *FAST]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # no clean shutdown at all
+    proc.wait()
+    done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    assert done, "no checkpoint was written before the kill"
+    assert read_json(out / "run.json")["status"] == "running"
+    last = done[-1]
+    assert last < 60, "the run finished before it was killed"
+
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {out / f'checkpoint-{last}'}" in resumed.stdout
+    first_step = int(next(line for line in resumed.stdout.splitlines() if line.startswith("step ")).split()[1])
+    assert first_step > last  # continued, not restarted at step 1
+    record = read_json(out / "run.json")
+    assert record["status"] == "finished" and record["attempts"] == 2
+    assert record["resumed_from"].endswith(f"checkpoint-{last}")

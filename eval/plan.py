@@ -1,0 +1,106 @@
+"""Pure core of the evaluator: split the work into shards, merge shard results exactly, compute metrics.
+
+Work is (target × metric × sample range); a target is a run's adapter or the base model alone. Shards return
+per-sample values (NLL sums and token counts, or generated text), never means, so merging is a
+concatenation in sample order and every metric is computed once from the whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+METRICS = ("ppl", "pref", "gen")
+COST = {"ppl": 1.0, "pref": 2.0, "gen": 8.0}  # rough relative cost per sample: pairs score 2, generation ~8
+
+
+@dataclass(frozen=True, order=True)
+class Task:
+    target: str
+    metric: str
+    start: int
+    end: int
+
+    @property
+    def cost(self) -> float:
+        return (self.end - self.start) * COST[self.metric]
+
+
+def plan_shards(targets: list[str], sizes: dict[str, int], num_shards: int) -> list[list[Task]]:
+    """Split every target's metrics into ranges and pack them into `num_shards` balanced shards.
+
+    `sizes` maps metric -> samples. Ranges are cut so no piece is much larger than one shard's fair share;
+    pieces go to the least loaded shard, largest first; tasks of one target stay together where possible.
+    """
+    num_shards = max(1, num_shards)
+    whole = [Task(t, m, 0, sizes[m]) for t in targets for m in METRICS if sizes.get(m)]
+    total = sum(task.cost for task in whole)
+    if not whole:
+        return []
+    share = total / num_shards
+    pieces = []
+    for task in whole:
+        parts = max(1, math.ceil(task.cost / share - 1e-9)) if num_shards > 1 else 1
+        step = math.ceil((task.end - task.start) / parts)
+        pieces += [Task(task.target, task.metric, s, min(s + step, task.end)) for s in range(task.start, task.end, step)]
+    shards: list[list[Task]] = [[] for _ in range(num_shards)]
+    loads = [0.0] * num_shards
+    for piece in sorted(pieces, key=lambda p: (-p.cost, p)):
+        i = min(range(num_shards), key=lambda k: (loads[k], k))
+        shards[i].append(piece)
+        loads[i] += piece.cost
+    return [sorted(s) for s in shards if s]
+
+
+def merge(results: list[tuple[Task, list]]) -> dict[tuple[str, str], list]:
+    """Concatenate shard values per (target, metric) in sample order; gaps or overlaps are an error."""
+    grouped: dict[tuple[str, str], list[tuple[Task, list]]] = {}
+    for task, values in results:
+        if len(values) != task.end - task.start:
+            raise ValueError(f"{task}: got {len(values)} values for {task.end - task.start} samples")
+        grouped.setdefault((task.target, task.metric), []).append((task, values))
+    merged = {}
+    for key, parts in grouped.items():
+        parts.sort(key=lambda p: p[0].start)
+        expected = 0
+        out: list = []
+        for task, values in parts:
+            if task.start != expected:
+                raise ValueError(f"{key}: samples {expected}..{task.start} missing or duplicated")
+            out += values
+            expected = task.end
+        merged[key] = out
+    return merged
+
+
+def perplexity_metrics(values: list | None) -> dict:
+    """values: [nll_sum, tokens] per conversation -> test_loss (token-weighted) and perplexity."""
+    if not values:
+        return {"test_loss": None, "perplexity": None, "tokens_scored_ppl": 0}
+    nll, tokens = sum(v[0] for v in values), sum(v[1] for v in values)
+    loss = nll / tokens if tokens else None
+    return {"test_loss": loss, "perplexity": math.exp(loss) if loss is not None else None, "tokens_scored_ppl": tokens}
+
+
+def preference_metrics(values: list | None, base: list | None = None) -> dict:
+    """values: [chosen_sum, chosen_tokens, rejected_sum, rejected_tokens] per pair (same for the base)."""
+    keys = ("preference_accuracy", "preference_correct", "preference_total", "avg_chosen_loss",
+            "avg_rejected_loss", "loss_margin", "reward_accuracy")
+    if not values:
+        return dict.fromkeys(keys) | {"preference_total": 0}
+    chosen = [v[0] / v[1] for v in values]
+    rejected = [v[2] / v[3] for v in values]
+    correct = sum(c < r for c, r in zip(chosen, rejected))
+    avg_c, avg_r = sum(chosen) / len(chosen), sum(rejected) / len(rejected)
+    out = {"preference_accuracy": correct / len(values), "preference_correct": correct,
+           "preference_total": len(values), "avg_chosen_loss": avg_c, "avg_rejected_loss": avg_r,
+           "loss_margin": avg_r - avg_c, "reward_accuracy": None}
+    if base and len(base) == len(values):
+        # implicit reward = log p_policy - log p_base = base NLL sum - policy NLL sum
+        wins = sum((b[0] - v[0]) > (b[2] - v[2]) for v, b in zip(values, base))
+        out["reward_accuracy"] = wins / len(values)
+    return out
+
+
+def task_dict(task: Task) -> dict:
+    return asdict(task)

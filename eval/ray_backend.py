@@ -1,0 +1,86 @@
+"""Score shards on Ray: one actor per worker slot (a GPU, a fraction of one, or a CPU), each loading the
+base model once; shards are handed out as workers free up; a failed shard is retried on a fresh actor.
+"""
+
+from __future__ import annotations
+
+import os
+
+MAX_RETRIES = 2
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start a local Ray bound to loopback. True if we started it."""
+    import ray
+
+    from trainers.errors import TunefleetError
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise TunefleetError(f"cannot reach the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}") from None
+    return True
+
+
+def run_shards_ray(base, data_spec, settings, targets, work, num_workers, address, progress) -> list[dict]:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from eval.evaluate import _progress
+    from eval.worker import Scorer
+
+    started = ensure_ray(address)
+    try:
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        slots = int(gpus) if gpus else int(resources.get("CPU", 1))
+        n_actors = max(1, min(num_workers, len(work), slots))
+        opts = {"num_cpus": 1, "num_gpus": 1 if gpus else 0, "max_restarts": 0}
+        remote_scorer = ray.remote(Scorer)
+
+        def new_actor():
+            return remote_scorer.options(**opts).remote(base, data_spec, settings.batch_size, settings.trust_remote_code)
+
+        actors = [new_actor() for _ in range(n_actors)]
+        queue = list(range(len(work)))
+        attempts = [0] * len(work)
+        out: list[dict | None] = [None] * len(work)
+        inflight = {}
+
+        def submit(actor):
+            if queue:
+                idx = queue.pop(0)
+                inflight[actor.run.remote(targets, work[idx])] = (actor, idx)
+
+        for actor in actors:
+            submit(actor)
+        with _progress(progress, len(work)) as advance:
+            while inflight:
+                (ref,), _ = ray.wait(list(inflight), num_returns=1)
+                actor, idx = inflight.pop(ref)
+                try:
+                    out[idx] = ray.get(ref)
+                    advance()
+                except (RayActorError, RayTaskError) as exc:
+                    attempts[idx] += 1
+                    if attempts[idx] <= MAX_RETRIES:
+                        queue.insert(0, idx)
+                    else:
+                        reason = str(exc).strip().splitlines()[0]
+                        out[idx] = {"results": [], "errors": {t.target: f"shard failed {attempts[idx]} times: {reason}"
+                                                              for t in work[idx]}, "seconds": 0}
+                        advance()
+                    ray.kill(actor)
+                    actor = new_actor()
+                submit(actor)
+        return out
+    finally:
+        if started:
+            ray.shutdown()

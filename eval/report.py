@@ -1,0 +1,141 @@
+"""`evaluation_report.md` and PNG plots from `evaluation_results.json` (rebuilt by `tunefleet report`).
+
+One table of all runs (base row included, best value per column in bold), per-method mean ± std across
+seeds, and three plots: training-loss curves, preference accuracy by method, perplexity by method.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from eval.results import load_results, loss_curve
+from trainers.run import read_json
+
+# column, header, better ("min" / "max" / None), format
+COLUMNS = [
+    ("method", "method", None, "{}"),
+    ("seed", "seed", None, "{}"),
+    ("total_steps", "steps", None, "{}"),
+    ("final_train_loss", "final train loss", "min", "{:.4f}"),
+    ("test_loss", "test loss", "min", "{:.4f}"),
+    ("perplexity", "perplexity", "min", "{:.3f}"),
+    ("preference_accuracy", "pref. acc.", "max", "{:.3f}"),
+    ("reward_accuracy", "reward acc.", "max", "{:.3f}"),
+    ("loss_margin", "loss margin", "max", "{:.4f}"),
+]
+SUMMARY = ["test_loss", "perplexity", "preference_accuracy", "reward_accuracy", "loss_margin"]
+
+
+def _fmt(value, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return pattern.format(value)
+
+
+def _ordered(results: dict) -> list[tuple[str, dict]]:
+    return sorted(results.items(), key=lambda kv: (kv[1].get("method") != "base", kv[1].get("method") or "", kv[0]))
+
+
+def markdown(results: dict) -> str:
+    rows = _ordered(results)
+    best = {}
+    for key, _, better, _ in COLUMNS:
+        values = [e.get(key) for _, e in rows if isinstance(e.get(key), (int, float)) and not e.get("error")]
+        if better and values:
+            best[key] = min(values) if better == "min" else max(values)
+    lines = ["# Evaluation report", "", f"{len(rows)} rows; **bold** = best in column. Definitions: README, "
+             "section Evaluation.", "", "| run | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, entry in rows:
+        cells = []
+        for key, _, better, pattern in COLUMNS:
+            text = _fmt(entry.get(key), pattern)
+            cells.append(f"**{text}**" if better and key in best and entry.get(key) == best[key] else text)
+        label = f"{name} (error: {entry['error']})" if entry.get("error") else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Per method (mean ± std across seeds)", "",
+              "| method | runs | " + " | ".join(SUMMARY) + " |", "|---" * (len(SUMMARY) + 2) + "|"]
+    by_method: dict[str, list[dict]] = {}
+    for _, entry in rows:
+        if not entry.get("error"):
+            by_method.setdefault(entry.get("method") or "?", []).append(entry)
+    for method, entries in by_method.items():
+        cells = []
+        for key in SUMMARY:
+            vals = [e[key] for e in entries if isinstance(e.get(key), (int, float))]
+            if not vals:
+                cells.append("–")
+            else:
+                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.mean(vals):.4f} ± {std:.4f}")
+        lines.append(f"| {method} | {len(entries)} | " + " | ".join(cells) + " |")
+
+    samples = [(n, e["generation_samples"][0]) for n, e in rows if e.get("generation_samples")]
+    if samples:
+        lines += ["", "## Generation samples (first prompt)", ""]
+        for name, s in samples:
+            lines.append(f"- **{name}**: {s['prompt']!r} → {s['response']!r}")
+    lines += ["", "Plots: `loss_curves.png`, `preference_accuracy.png`, `perplexity.png`.", ""]
+    return "\n".join(lines)
+
+
+def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, entry in _ordered(results):
+        path = entry.get("model_path")
+        curve = loss_curve(Path(path)) if path and Path(path).is_dir() else []
+        if curve:
+            ax.plot(*zip(*curve), label=name, linewidth=1)
+    ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    if ax.lines:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    written.append(out_dir / "loss_curves.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    for key, title in (("preference_accuracy", "Preference accuracy (held out)"), ("perplexity", "Perplexity")):
+        by_method: dict[str, list[float]] = {}
+        for _, entry in _ordered(results):
+            if isinstance(entry.get(key), (int, float)) and not entry.get("error"):
+                by_method.setdefault(entry.get("method") or "?", []).append(entry[key])
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (method, vals) in enumerate(by_method.items()):
+            ax.bar(i, statistics.mean(vals), color="#9ecae1")
+            ax.scatter([i] * len(vals), vals, color="#08519c", zorder=3, s=14)  # one dot per seed
+        ax.set_xticks(range(len(by_method)), list(by_method))
+        ax.set(title=title, ylabel=key)
+        fig.tight_layout()
+        written.append(out_dir / f"{key}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_report(results_path: Path | str, runs_dir: str | None = None) -> Path:
+    """Rebuild the report and plots beside the results file."""
+    results_path = Path(results_path)
+    results = load_results(results_path)
+    out = results_path.parent / "evaluation_report.md"
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(markdown(results))
+    tmp.replace(out)
+    plots(results, results_path.parent, runs_dir)
+    return out
+
+
+def table(results: dict) -> str:
+    """The report's first table, for printing at the end of `tunefleet eval` / `make demo`."""
+    text = markdown(results)
+    return text.split("\n## ")[0]
+
+
+__all__ = ["markdown", "plots", "write_report", "table", "read_json"]

@@ -1,0 +1,122 @@
+"""A scorer holds one base model and the encoded test data; it applies each run's adapter in turn.
+
+The base model is loaded once per worker; adapters are attached with PEFT's multi-adapter API
+(`load_adapter` + `set_adapter`), and the base row is scored with adapters disabled. One worker per GPU
+(or a fraction of one) under Ray, or one in-process worker for the local backend.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from eval.plan import Task
+from eval.scoring import encode_conversation, generate, score_batched
+from trainers.errors import first_line
+
+
+def load_eval_data(dataset: str, sft_split: str | None, pref_split: str | None, max_samples: int,
+                   max_generation_samples: int) -> dict:
+    """The first `max_samples` conversations / pairs of each test split, as message lists."""
+    from trainers import data
+    from trainers.errors import TunefleetError
+
+    out = {"ppl": [], "pref": [], "gen": []}
+    if sft_split:
+        ds = data.load_split(dataset, sft_split)
+        if "messages" not in ds.column_names:
+            raise TunefleetError(f"dataset {dataset} split '{sft_split}' has no 'messages' column for perplexity; "
+                                 f"found {', '.join(sorted(ds.column_names))}")
+        rows = ds.select(range(min(max_samples, len(ds))))["messages"]
+        out["ppl"] = rows
+        out["gen"] = [m[:-1] for m in rows[:max_generation_samples]]
+    if pref_split:
+        ds = data.load_split(dataset, pref_split)
+        fmt = data.detect_format("dpo", ds)
+        if fmt not in ("ultrafeedback", "conversational", "implicit-prompt"):
+            raise TunefleetError(f"dataset {dataset} split '{pref_split}' must hold conversational chosen/rejected "
+                                 f"for preference accuracy; found format {fmt}")
+        ds = ds.select(range(min(max_samples, len(ds))))
+        prompts = ds["prompt"] if fmt == "conversational" else [None] * len(ds)
+        out["pref"] = [(p + c if p else c, p + r if p else r) for p, c, r in zip(prompts, ds["chosen"], ds["rejected"])]
+    return out
+
+
+class Scorer:
+    """Score tasks for many targets on one loaded base model."""
+
+    def __init__(self, base_model: str, data_spec: dict, batch_size: int = 16, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from trainers.model import load_tokenizer, resolve
+
+        self.tokenizer = load_tokenizer(base_model, trust_remote_code)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.base = AutoModelForCausalLM.from_pretrained(resolve(base_model), dtype=dtype,
+                                                         trust_remote_code=trust_remote_code).to(device).eval()
+        self.peft = None
+        self.loaded: dict[str, str] = {}  # target -> adapter name
+        self.batch_size = batch_size
+        raw = load_eval_data(**data_spec)
+        self.data = {
+            "ppl": [encode_conversation(self.tokenizer, m) for m in raw["ppl"]],
+            "pref": [(encode_conversation(self.tokenizer, c), encode_conversation(self.tokenizer, r))
+                     for c, r in raw["pref"]],
+            "gen": raw["gen"],
+        }
+
+    def sizes(self) -> dict:
+        return {k: len(v) for k, v in self.data.items()}
+
+    def _model_for(self, target: str, adapter: str | None):
+        if adapter is None:
+            return None  # base row: adapters disabled
+        if target not in self.loaded:
+            from peft import PeftModel
+            name = "a" + re.sub(r"\W", "_", str(len(self.loaded)))
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, adapter, adapter_name=name).eval()
+            else:
+                self.peft.load_adapter(adapter, adapter_name=name)
+            self.loaded[target] = name
+        self.peft.set_adapter(self.loaded[target])
+        return self.peft
+
+    def run(self, targets: dict[str, str | None], tasks: list[Task]) -> dict:
+        """Score `tasks`; returns {"results": [(task, values)], "errors": {target: message}, "seconds": s}."""
+        t0 = time.time()
+        results, errors = [], {}
+        for task in tasks:
+            if task.target in errors:
+                continue
+            try:
+                model = self._model_for(task.target, targets[task.target])
+                if model is None and self.peft is not None:
+                    with self.peft.disable_adapter():
+                        values = self._score(self.peft, task)
+                else:
+                    values = self._score(model or self.base, task)
+                results.append((task, values))
+            except Exception as exc:  # one bad adapter must not stop the others
+                errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
+        return {"results": results, "errors": errors, "seconds": time.time() - t0}
+
+    def _score(self, model, task: Task) -> list:
+        pad = self.tokenizer.pad_token_id or 0
+        if task.metric == "ppl":
+            sums, counts = score_batched(model, self.data["ppl"][task.start:task.end], self.batch_size, pad)
+            return [[s, c] for s, c in zip(sums, counts)]
+        if task.metric == "pref":
+            pairs = self.data["pref"][task.start:task.end]
+            # chosen and rejected share a prompt and have similar lengths: score them in the same batches
+            sums, counts = score_batched(model, [s for pair in pairs for s in pair], self.batch_size, pad)
+            return [[sums[2 * i], counts[2 * i], sums[2 * i + 1], counts[2 * i + 1]] for i in range(len(pairs))]
+        return [{"prompt": _last_user(m), "response": generate(model, self.tokenizer, m)}
+                for m in self.data["gen"][task.start:task.end]]
+
+
+def _last_user(messages: list[dict]) -> str:
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else ""

@@ -1,0 +1,212 @@
+"""The evaluator: exact batched scoring, sharding, merging, results file, report, bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, TINY, read_json, run_cli
+from eval import plan
+from eval.plan import Task
+from eval.results import RESULT_KEYS, training_metrics
+
+# Margins measured on the tiny default after these short runs (60 steps): DPO preference accuracy
+# 1.00 vs base 0.58; SFT test loss 4.86 vs base 6.30. The asserted margins leave room for seed noise.
+PREF_MARGIN = 0.2
+LOSS_MARGIN = 0.5
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory, tiny_model):
+    """An SFT and a DPO run, 60 steps each, learning rates that show learning on the tiny data."""
+    root = tmp_path_factory.mktemp("runs")
+    from launcher.cli import main
+    for method, split, lr in (("sft", "train_sft", "2e-3"), ("dpo", "train_prefs", "1e-3")):
+        assert main(["train", "--method", method, *TINY, "--split", split, "--output_dir",
+                     str(root / f"{method}_tiny_s1"), "--max_steps", "60", "--learning_rate", lr,
+                     "--use_qlora", "false", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps",
+                     "1", "--logging_steps", "20"]) == 0
+    return root
+
+
+def copy_runs(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("evaluation_*", "*.png"))
+    return dst
+
+
+# ------------------------------------------------------------------ pure pieces
+def test_plan_covers_every_sample_once_and_balances():
+    sizes = {"ppl": 100, "pref": 100, "gen": 3}
+    for shards in (1, 2, 3, 7):
+        work = plan.plan_shards(["base", "a", "b"], sizes, shards)
+        assert len(work) <= shards
+        fake = [(t, list(range(t.start, t.end))) for shard in work for t in shard]
+        merged = plan.merge(fake)
+        assert set(merged) == {(t, m) for t in ("base", "a", "b") for m in sizes}
+        assert all(merged[k] == list(range(sizes[k[1]])) for k in merged)
+        loads = [sum(t.cost for t in s) for s in work]
+        if shards > 1:
+            assert max(loads) <= 1.5 * (sum(loads) / len(loads)), loads
+
+
+def test_merge_refuses_gaps_and_overlaps():
+    with pytest.raises(ValueError, match="missing or duplicated"):
+        plan.merge([(Task("a", "ppl", 0, 2), [1, 2]), (Task("a", "ppl", 3, 4), [4])])
+    with pytest.raises(ValueError, match="got 1 values"):
+        plan.merge([(Task("a", "ppl", 0, 2), [1])])
+
+
+def test_metrics_are_exact_sums_not_means_of_means():
+    values = [[30.0, 10], [1.0, 2]]  # token-weighted 31/12, not the mean of means (3.0 + 0.5) / 2
+    assert plan.perplexity_metrics(values)["test_loss"] == pytest.approx(31 / 12)
+    pref = plan.preference_metrics([[1.0, 1, 2.0, 1], [4.0, 2, 1.0, 1]], base=[[2.0, 1, 2.0, 1], [4.0, 2, 4.0, 1]])
+    assert pref["preference_correct"] == 1 and pref["preference_total"] == 2
+    assert pref["loss_margin"] == pytest.approx((2.0 + 1.0) / 2 - (1.0 + 2.0) / 2)
+    assert pref["reward_accuracy"] == 0.5  # rewards (chosen, rejected): (1, 0) right, (0, 3) wrong
+
+
+def test_training_metrics_from_state(tmp_path):
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": [
+        {"loss": 3.0, "step": 1}, {"eval_loss": 2.5, "step": 2}, {"loss": 2.0, "step": 4}, {"eval_loss": 2.7, "step": 4},
+        {"train_runtime": 7200.0, "step": 4}]}))
+    m = training_metrics(tmp_path)
+    assert m == {"initial_train_loss": 3.0, "final_train_loss": 2.0, "best_eval_loss": 2.5, "final_eval_loss": 2.7,
+                 "total_steps": 4, "training_time_seconds": 7200.0, "training_time_hours": 2.0}
+    (tmp_path / "trainer_state.json").write_text("{corrupt")
+    assert set(training_metrics(tmp_path).values()) == {None}
+
+
+# ------------------------------------------------------------------ scoring
+def test_batched_scoring_equals_per_sample_reference(trained_runs, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.scoring import encode_conversation, score_batched, score_one
+    from eval.worker import load_eval_data
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_runs / "sft_tiny_s1")
+    model.eval()
+    data = load_eval_data("tunefleet/tiny-ultrafeedback", "test_sft", "test_prefs", 40, 0)
+    seqs = [encode_conversation(tok, m) for m in data["ppl"]] + \
+           [encode_conversation(tok, c) for c, _ in data["pref"]]
+    assert len({len(s) for s in seqs}) > 5  # mixed lengths: padding is really exercised
+    sums, counts = score_batched(model, seqs, batch_size=7, pad_id=tok.pad_token_id)
+    for seq, s, c in zip(seqs, sums, counts):
+        ref_s, ref_c = score_one(model, seq)
+        assert c == ref_c == len(seq.completion_ids)
+        assert s == pytest.approx(ref_s, rel=1e-5)
+
+
+# ------------------------------------------------------------------ end to end
+def test_eval_scores_runs_and_learning_shows(trained_runs, tmp_path, capsys):
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    code, out, err = run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 100)
+    assert code == 0, err
+    res = read_json(runs / "evaluation_results.json")
+    base = res["base:tunefleet/tiny-qwen2"]
+    assert set(res) == {"base:tunefleet/tiny-qwen2", "sft_tiny_s1", "dpo_tiny_s1"}
+    for entry in res.values():
+        assert set(RESULT_KEYS) <= set(entry)
+        assert entry["preference_total"] == 100 and entry["error"] is None
+        assert len(entry["generation_samples"]) == 3 and {"prompt", "response"} <= set(entry["generation_samples"][0])
+    dpo, sft = res["dpo_tiny_s1"], res["sft_tiny_s1"]
+    assert dpo["preference_accuracy"] >= base["preference_accuracy"] + PREF_MARGIN, (dpo, base)
+    assert dpo["reward_accuracy"] > 0.5 and base["reward_accuracy"] is None
+    assert sft["test_loss"] <= base["test_loss"] - LOSS_MARGIN
+    assert sft["perplexity"] == pytest.approx(2.718281828 ** sft["test_loss"])
+    assert sft["total_steps"] == 60 and sft["initial_train_loss"] > sft["final_train_loss"]
+    assert base["total_steps"] is None and base["model_path"] == "tunefleet/tiny-qwen2"
+    report = (runs / "evaluation_report.md").read_text()
+    assert "sft_tiny_s1" in report and "mean ± std" in report and "**" in report
+    for png in ("loss_curves.png", "preference_accuracy.png", "perplexity.png"):
+        assert (runs / png).stat().st_size > 1000
+    assert "pref. acc." in out
+
+
+def test_shards_give_identical_numbers(trained_runs, tmp_path, capsys):
+    outs = []
+    for shards in (1, 3):
+        runs = copy_runs(trained_runs, tmp_path / f"runs{shards}")
+        assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 30, "--shards", shards)[0] == 0
+        res = read_json(runs / "evaluation_results.json")
+        outs.append({k: {m: v for m, v in e.items() if m not in ("eval_seconds", "model_path")} for k, e in res.items()})
+    for name in outs[0]:
+        for key, value in outs[0][name].items():
+            other = outs[1][name][key]
+            assert other == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (name, key)
+
+
+def test_partial_rerun_keeps_other_entries_and_reuses_unchanged(trained_runs, tmp_path, capsys):
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 20)[0] == 0
+    first = read_json(runs / "evaluation_results.json")
+    # Only SFT: the DPO entry must survive untouched; the unchanged SFT entry is reused.
+    assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 20, "--methods", "sft")[0] == 0
+    second = read_json(runs / "evaluation_results.json")
+    assert second["dpo_tiny_s1"] == first["dpo_tiny_s1"] and second["sft_tiny_s1"] == first["sft_tiny_s1"]
+    # A changed adapter is re-scored; --force re-scores everything.
+    from safetensors.torch import load_file, save_file
+    weights = load_file(runs / "sft_tiny_s1" / "adapter_model.safetensors")
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in weights.items()}, runs / "sft_tiny_s1" / "adapter_model.safetensors")
+    assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 20, "--methods", "sft")[0] == 0
+    third = read_json(runs / "evaluation_results.json")
+    assert third["sft_tiny_s1"]["fingerprint"] != first["sft_tiny_s1"]["fingerprint"]
+    base = third["base:tunefleet/tiny-qwen2"]
+    assert third["sft_tiny_s1"]["test_loss"] == pytest.approx(base["test_loss"], rel=1e-6)  # B = 0: adapter is a no-op
+    assert third["dpo_tiny_s1"] == first["dpo_tiny_s1"]
+
+
+def test_bad_runs_do_not_stop_the_others(trained_runs, tmp_path, capsys, monkeypatch):
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    (runs / "sft_tiny_s1" / "trainer_state.json").write_text("{ not json")
+    (runs / "dpo_tiny_s1" / "adapter_model.safetensors").write_bytes(b"garbage")
+    # Nothing from a run folder may be unpickled.
+    def no_unpickle(*a, **k):
+        raise AssertionError("the evaluator unpickled a file")
+    monkeypatch.setattr(pickle, "load", no_unpickle)
+    monkeypatch.setattr(pickle, "loads", no_unpickle)
+    code, out, _ = run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 10)
+    assert code == 1  # one run failed
+    res = read_json(runs / "evaluation_results.json")
+    sft, dpo = res["sft_tiny_s1"], res["dpo_tiny_s1"]
+    assert sft["error"] is None and sft["final_train_loss"] is None and sft["test_loss"] is not None
+    assert dpo["error"] and dpo["test_loss"] is None and set(RESULT_KEYS) <= set(dpo)
+    assert "error in dpo_tiny_s1" in out
+
+
+def test_unloadable_base_model_is_an_error_on_its_runs(trained_runs, tmp_path, capsys):
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    code, _, _ = run_cli(capsys, "eval", "--runs_dir", runs, "--base_model", str(tmp_path), "--max_samples", 5)
+    res = read_json(runs / "evaluation_results.json")
+    assert code == 1 and "holds no config.json" in res["sft_tiny_s1"]["error"]
+
+
+def test_eval_bad_input(tmp_path, capsys, trained_runs):
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", tmp_path / "nope")
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", tmp_path / "empty")
+    assert code == 2 and "no runs with an adapter" in err
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    data = tmp_path / "ds"
+    data.mkdir()
+    for split in ("test_sft", "test_prefs"):
+        (data / f"{split}.jsonl").write_text(json.dumps({"prompt": "x", "answer": "y"}) + "\n")
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--dataset", data)
+    assert code == 2 and err.count("\n") == 1
+    assert "no 'messages' column" in err and "found answer, prompt" in err
+
+
+def test_report_rebuilds_from_json(trained_runs, tmp_path, capsys):
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 5, "--skip_perplexity")[0] == 0
+    res = read_json(runs / "evaluation_results.json")
+    assert all(e["perplexity"] is None for e in res.values())
+    (runs / "evaluation_report.md").unlink()
+    code, out, _ = run_cli(capsys, "report", "--runs_dir", runs)
+    assert code == 0 and (runs / "evaluation_report.md").exists() and "dpo_tiny_s1" in out

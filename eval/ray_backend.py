@@ -4,29 +4,9 @@ base model once; shards are handed out as workers free up; a failed shard is ret
 
 from __future__ import annotations
 
-import os
+from launcher.raycluster import ensure_ray
 
 MAX_RETRIES = 2
-
-
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to `address` / RAY_ADDRESS, or start a local Ray bound to loopback. True if we started it."""
-    import ray
-
-    from trainers.errors import TunefleetError
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise TunefleetError(f"cannot reach the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}") from None
-    return True
 
 
 def run_shards_ray(base, data_spec, settings, targets, work, num_workers, address, progress) -> list[dict]:

@@ -1,0 +1,84 @@
+"""One live view of a sweep: runs queued / running / done / failed, with each running run's step and loss.
+
+On a terminal it is a rich live table; elsewhere (logs, CI) one line per state change.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from trainers.run import read_json
+
+STATES = ("queued", "running", "done", "failed")
+
+
+class SweepView:
+    def __init__(self, runs: list[dict], live: bool | None = None):
+        self.runs = {r["name"]: r for r in runs}
+        self.state = {name: "queued" for name in self.runs}
+        self.attempts = dict.fromkeys(self.runs, 0)
+        self.live_enabled = sys.stdout.isatty() if live is None else live
+        self.live = None
+        self.t0 = time.time()
+
+    def __enter__(self):
+        if self.live_enabled:
+            from rich.live import Live
+            self.live = Live(self._table(), refresh_per_second=2, transient=False)
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.live.update(self._table())
+            self.live.stop()
+
+    def set(self, name: str, state: str, note: str = "") -> None:
+        if state == "running":
+            self.attempts[name] += 1
+        self.state[name] = state
+        if not self.live:
+            counts = self.counts()
+            print(f"[{time.time() - self.t0:6.1f}s] {name}: {state}{' ' + note if note else ''}   "
+                  + " ".join(f"{k} {counts[k]}" for k in STATES), flush=True)
+        self.refresh()
+
+    def counts(self) -> dict:
+        return {s: sum(v == s for v in self.state.values()) for s in STATES}
+
+    def refresh(self) -> None:
+        if self.live:
+            self.live.update(self._table())
+
+    def _table(self):
+        from rich.table import Table
+        counts = self.counts()
+        table = Table(title="sweep: " + "  ".join(f"{k} {counts[k]}" for k in STATES))
+        for col in ("run", "state", "attempt", "step", "loss"):
+            table.add_column(col)
+        for name, run in self.runs.items():
+            progress = read_json(Path(run["output_dir"]) / "progress.json") or {} if self.state[name] == "running" else {}
+            step = f"{progress.get('step', '')}/{progress.get('max_steps', '')}" if progress else ""
+            loss = progress.get("loss")
+            table.add_row(name, self.state[name], str(self.attempts[name] or ""), step,
+                          f"{loss:.4f}" if isinstance(loss, (int, float)) else "")
+        return table
+
+
+def final_table(outcomes: list[dict]) -> str:
+    """Plain text: run, status, steps, final loss, wall time, log path."""
+    header = ("run", "status", "steps", "final loss", "wall s", "log")
+    rows = []
+    for o in outcomes:
+        status = o.get("status", "?") + (" (skipped: finished before)" if o.get("skipped") else "")
+        loss = o.get("final_loss")
+        rows.append((o["name"], status, str(o.get("steps") or "-"), f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                     f"{o.get('wall_s', 0):.1f}", o.get("log", "")))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    for o in outcomes:
+        if o.get("status") == "failed" and o.get("error"):
+            lines.append(f"failed {o['name']}: {o['error']}")
+    return "\n".join(lines)

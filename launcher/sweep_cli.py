@@ -1,0 +1,143 @@
+"""`tunefleet sweep`, `tunefleet status`, `tunefleet cancel`.
+
+    tunefleet sweep sweeps/demo.yaml --dry-run            # the plan: runs, resources, launch commands
+    tunefleet sweep sweeps/demo.yaml --backend ray --eval  # train on a local Ray, then evaluate
+    tunefleet sweep sweeps/five_methods.yaml --backend ray --address 10.0.0.1:6379 --retries 2
+    tunefleet status runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from launcher import sweep as sweeps
+from launcher.launch import launch_command
+from trainers.errors import TunefleetError
+from trainers.run import now, read_json, write_json_atomic
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunefleet sweep", description="Run every run of a sweep spec.")
+    p.add_argument("spec", help="Sweep spec YAML (see sweeps/).")
+    p.add_argument("--backend", choices=["local", "ray", "slurm"], default="local",
+                   help="local processes, a Ray cluster, or SLURM job arrays (default: local).")
+    p.add_argument("--dry-run", action="store_true", help="Print the plan (runs, resources, commands); run nothing.")
+    p.add_argument("--retries", type=int, default=1, help="Retries of a failed run before it is reported (default: 1).")
+    p.add_argument("--eval", action="store_true", help="Evaluate the sweep's runs when training ends.")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray for this sweep).")
+    p.add_argument("--max_parallel", type=int, help="At most this many runs at once (overrides resources).")
+    p.add_argument("--skip_data_check", action="store_true", help="Do not load each split before starting.")
+    return p
+
+
+def plan_text(spec, runs) -> str:
+    r = spec.resources
+    lines = [f"sweep {spec.name}: {len(runs)} runs into {spec.runs_dir}",
+             f"resources per run: {r.gpus_per_run} GPU, {r.cpus_per_run} CPU"
+             + (f", {r.memory_gb} GB" if r.memory_gb else "") + (f"; at most {r.max_parallel} at once" if r.max_parallel else "")]
+    for run in runs:
+        c = run.config
+        cmd = launch_command(["--config", f"{run.output_dir}/config.yaml"], int(c.get("num_processes", 1)), "<free port>",
+                             c.get("accelerate_config", "auto"), python="python")
+        lines.append(f"  {run.name}: {c['method']} {c['model_name']} seed {c.get('seed')} "
+                     f"split {c.get('split')} lr {c.get('learning_rate', 'default')}\n    {' '.join(map(str, cmd))}")
+    return "\n".join(lines)
+
+
+def cmd_sweep(argv: list[str]) -> int:
+    from launcher.progress import SweepView, final_table
+
+    a = sweep_parser().parse_args(argv)
+    spec = sweeps.load_spec(a.spec)
+    if a.max_parallel:
+        spec.resources.max_parallel = a.max_parallel
+    runs = sweeps.expand(spec)
+    if a.dry_run and a.backend != "slurm":
+        print(plan_text(spec, runs))
+        return 0
+    if not a.skip_data_check:
+        sweeps.validate_data(runs)
+    if a.backend == "slurm":
+        from launcher.slurm import submit_sweep
+        return submit_sweep(spec, runs, a)
+    plain = [{"name": r.name, "output_dir": r.output_dir, "config": r.config} for r in runs]
+    state_path = Path(spec.runs_dir) / "sweep.json"
+    state = {"name": spec.name, "spec": str(a.spec), "backend": a.backend, "started_at": now(),
+             "runs": {r.name: {"output_dir": r.output_dir, "method": r.method, "status": "queued"} for r in runs}}
+    write_json_atomic(state_path, state)
+    outcomes, code = [], 0
+    try:
+        with SweepView(plain) as view:
+            if a.backend == "ray":
+                from launcher.backends import run_ray
+                outcomes = run_ray(plain, spec.resources, a.retries, view, a.address)
+            else:
+                from launcher.backends import run_local
+                outcomes = run_local(plain, spec.resources, a.retries, view)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopped the running runs; they keep their checkpoints and resume on rerun",
+              file=sys.stderr)
+        code = 130
+    for o in outcomes:
+        state["runs"][o["name"]].update({k: o.get(k) for k in ("status", "steps", "final_loss", "wall_s", "log", "error")})
+    state["ended_at"] = now()
+    write_json_atomic(state_path, state)
+    print(final_table(outcomes))
+    failed = [o for o in outcomes if o["status"] != "done"]
+    if code:
+        return code
+    if a.eval:
+        code = _evaluate(spec, a)
+    return 1 if failed or code else 0
+
+
+def _evaluate(spec, a) -> int:
+    from eval.evaluate import EvalSettings, evaluate
+    from eval.report import table
+
+    opts = dict(spec.eval)
+    backend = opts.pop("backend", "ray" if a.backend == "ray" else "local")
+    shards = opts.pop("shards", 1)
+    settings = EvalSettings(**opts)
+    merged = evaluate(spec.runs_dir, None, settings, None, backend, shards, False, a.address)
+    print(table(merged))
+    print(f"results: {Path(spec.runs_dir) / 'evaluation_results.json'}")
+    return 1 if any(e.get("error") for e in merged.values()) else 0
+
+
+def cmd_status(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="tunefleet status", description="State of a sweep's runs.")
+    p.add_argument("sweep_dir", nargs="?", default="runs", help="The sweep's runs_dir (holds sweep.json).")
+    a = p.parse_args(argv)
+    state = read_json(Path(a.sweep_dir) / "sweep.json")
+    if not state:
+        raise TunefleetError(f"{a.sweep_dir} holds no sweep.json: not a sweep folder")
+    from launcher.runner import summary
+    jobs = {}
+    if state.get("slurm"):
+        from launcher.slurm import queue_states
+        jobs = queue_states(state["slurm"].get("job_ids", []))
+    print(f"sweep {state['name']} ({state.get('backend')}), started {state.get('started_at')}")
+    for name, info in state["runs"].items():
+        s = summary({"output_dir": info["output_dir"]})
+        status = {"finished": "done", "running": "running/interrupted", "failed": "failed",
+                  "interrupted": "interrupted"}.get(s["run_status"], "queued")
+        slurm = jobs.get(info.get("slurm_task"), "") if jobs else ""
+        loss = s["final_loss"]
+        print(f"  {name:<32} {status:<20} step {s['steps'] or '-':<6} loss "
+              f"{loss if loss is None else round(loss, 4)!s:<8} {slurm:<10} {Path(info['output_dir']) / 'train.log'}")
+    return 0
+
+
+def cmd_cancel(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="tunefleet cancel", description="Cancel a SLURM sweep's jobs.")
+    p.add_argument("sweep_dir", help="The sweep's runs_dir (holds sweep.json).")
+    a = p.parse_args(argv)
+    state = read_json(Path(a.sweep_dir) / "sweep.json")
+    if not state or not state.get("slurm"):
+        raise TunefleetError(f"{a.sweep_dir} holds no SLURM sweep (sweep.json with job ids); local and Ray sweeps "
+                             "stop with Ctrl-C")
+    from launcher.slurm import cancel
+    return cancel(state)

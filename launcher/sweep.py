@@ -172,7 +172,9 @@ def model_short(model_name: str) -> str:
 
 
 def run_name(pattern: str, values: dict) -> str:
-    fields = {**values, "model_short": model_short(values.get("model_name", "model"))}
+    import dataclasses
+    defaults = dataclasses.asdict(config.TrainConfig())
+    fields = {**defaults, **values, "model_short": model_short(values.get("model_name") or "model")}
     try:
         name = pattern.format(**fields)
     except (KeyError, IndexError) as exc:

@@ -141,6 +141,20 @@ def test_shards_give_identical_numbers(trained_runs, tmp_path, capsys):
             assert other == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (name, key)
 
 
+@pytest.mark.slow
+def test_ray_workers_give_the_local_numbers(trained_runs, tmp_path, capsys):
+    local = copy_runs(trained_runs, tmp_path / "local")
+    ray_runs = copy_runs(trained_runs, tmp_path / "ray")
+    assert run_cli(capsys, "eval", "--runs_dir", local, "--max_samples", 30)[0] == 0
+    assert run_cli(capsys, "eval", "--runs_dir", ray_runs, "--max_samples", 30, "--backend", "ray", "--shards", 3)[0] == 0
+    a, b = read_json(local / "evaluation_results.json"), read_json(ray_runs / "evaluation_results.json")
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in ("test_loss", "preference_accuracy", "avg_chosen_loss", "reward_accuracy", "generation_samples"):
+            value = a[name][key]
+            assert b[name][key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (name, key)
+
+
 def test_partial_rerun_keeps_other_entries_and_reuses_unchanged(trained_runs, tmp_path, capsys):
     runs = copy_runs(trained_runs, tmp_path / "runs")
     assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 20)[0] == 0

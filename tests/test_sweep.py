@@ -1,0 +1,203 @@
+"""Sweep specs (pure) and sweeps on a real local Ray (2 CPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, read_json, run_cli
+from launcher import sweep as sweeps
+from launcher.backends import check_ray_resources, local_slots
+from trainers.errors import TunefleetError
+
+HELPERS = str(Path(__file__).parent / "helpers")
+TINY_BASE = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "max_steps": 4,
+             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "use_qlora": False,
+             "save_steps": 2, "logging_steps": 1}
+SPLITS = {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}, "grpo": {"split": "train_gen"}}
+
+
+def write_spec(path: Path, **spec) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------ pure
+def test_demo_spec_expands_with_precedence():
+    spec = sweeps.load_spec(str(ROOT / "sweeps" / "demo.yaml"))
+    runs = sweeps.expand(spec)
+    assert len(runs) == 10 and runs[0].name == "sft_tiny-qwen2_s1"
+    by = {r.name: r.config for r in runs}
+    assert by["dpo_tiny-qwen2_s2"]["split"] == "train_prefs" and by["dpo_tiny-qwen2_s2"]["seed"] == 2
+    assert by["grpo_tiny-qwen2_s1"]["max_steps"] == 10 and by["sft_tiny-qwen2_s1"]["max_steps"] == 40  # method > base
+    assert all(r.output_dir == f"runs/demo/{r.name}" for r in runs)
+
+
+def test_grid_beats_method_overrides(tmp_path):
+    spec = sweeps.parse_spec({"name": "x", "base": TINY_BASE, "methods": {"sft": {"learning_rate": 1e-3, **SPLITS["sft"]}},
+                              "grid": {"method": ["sft"], "learning_rate": [1e-4, 2e-4]},
+                              "naming": "{method}_lr{learning_rate}"})
+    assert [r.config["learning_rate"] for r in sweeps.expand(spec)] == [1e-4, 2e-4]
+
+
+def test_five_methods_spec_is_the_original_readme():
+    runs = sweeps.expand(sweeps.load_spec(str(ROOT / "sweeps" / "five_methods.yaml")))
+    assert [r.name for r in runs] == [f"{m}_qwen2-0.5b-instruct" for m in ("sft", "dpo", "orpo", "kto", "grpo")]
+    assert {r.config["model_name"] for r in runs} == {"Qwen/Qwen2-0.5B-Instruct"}
+    assert runs[0].config["split"] == "train_sft" and runs[1].config["eval_split"] == "test_prefs"
+
+
+def test_every_shipped_sweep_validates():
+    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
+        assert sweeps.expand(sweeps.load_spec(str(path))), path
+        assert path.read_text().startswith("#"), f"{path} must start with the command that runs it"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: x\nbase:\n  lerning_rate: 1\n", ":3: unknown key 'lerning_rate' (did you mean 'learning_rate'?)"),
+    ("name: x\ngrids:\n  seed: [1]\n", ":2: unknown key 'grids' (did you mean 'grid'?)"),
+    ("name: x\nresources:\n  gpus_per_run: two\n", ":3: 'resources.gpus_per_run' must be int"),
+    ("name: x\ngrid:\n  seed: [1, oops]\n", ":3: bad value for 'seed'"),
+    ("name: x\nmethods:\n  dpx: {}\n", ":3: unknown method 'dpx' (did you mean 'dpo'?)"),
+    ("name: x\ngrid: [1\n", "not valid YAML"),
+])
+def test_bad_specs_name_key_and_line(tmp_path, text, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(TunefleetError) as exc:
+        sweeps.load_spec(str(path))
+    assert str(exc.value).startswith(str(path)) and message in str(exc.value), str(exc.value)
+
+
+def test_duplicate_names_are_refused():
+    spec = sweeps.parse_spec({"name": "x", "base": {**TINY_BASE, "method": "sft"}, "grid": {"learning_rate": [1, 2]}})
+    with pytest.raises(TunefleetError, match=r"add \{learning_rate\} to 'naming'"):
+        sweeps.expand(spec)
+
+
+def test_grid_value_invalid_for_a_method_is_caught_before_any_run(tmp_path, capsys):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    spec = write_spec(tmp_path / "s.yaml", name="bad", runs_dir=str(tmp_path / "runs"),
+                      base={**TINY_BASE, "dataset": str(data), "split": "train"}, grid={"method": ["sft", "dpo"]})
+    code, _, err = run_cli(capsys, "sweep", spec)
+    assert code == 2 and "dpo on" in err and "missing prompt, chosen, rejected" in err
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_slots_and_resource_checks():
+    from launcher.sweep import Resources
+    assert local_slots(Resources(gpus_per_run=2), 4, 16)[1] == [["0", "1"], ["2", "3"]]
+    assert local_slots(Resources(cpus_per_run=1, max_parallel=3), 0, 8)[0] == 3
+    with pytest.raises(TunefleetError, match="needs 2 GPU"):
+        local_slots(Resources(gpus_per_run=2), 1, 8)
+    nodes = [{"Alive": True, "Resources": {"CPU": 8, "GPU": 4}}, {"Alive": True, "Resources": {"CPU": 2}}]
+    check_ray_resources(Resources(gpus_per_run=4), nodes)
+    with pytest.raises(TunefleetError, match="largest Ray node has 4"):
+        check_ray_resources(Resources(gpus_per_run=8), nodes)
+
+
+def test_dry_run_prints_plan(capsys):
+    code, out, _ = run_cli(capsys, "sweep", ROOT / "sweeps" / "five_methods.yaml", "--dry-run")
+    assert code == 0 and "5 runs" in out and "1 GPU, 4 CPU, 32 GB" in out and "-m trainers.train --config" in out
+
+
+def test_unreachable_address(tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.yaml", name="x", runs_dir=str(tmp_path / "r"), base={**TINY_BASE, **SPLITS["sft"]},
+                      grid={"method": ["sft"]})
+    code, _, err = run_cli(capsys, "sweep", spec, "--backend", "ray", "--address", "127.0.0.1:1")
+    assert code == 2 and err.strip().count("\n") == 0 and "cannot reach the Ray cluster at 127.0.0.1:1" in err
+
+
+# ------------------------------------------------------------------ real Ray
+@pytest.mark.slow
+def test_ray_sweep_two_methods_two_seeds_then_rerun_skips(tmp_path, capsys, tiny_model):
+    spec = write_spec(tmp_path / "s.yaml", name="rs", runs_dir=str(tmp_path / "runs"), base=TINY_BASE,
+                      grid={"method": ["sft", "dpo"], "seed": [1, 2]}, methods={"sft": SPLITS["sft"], "dpo": SPLITS["dpo"]})
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "ray")
+    assert code == 0, out + err
+    names = ["sft_tiny-qwen2_s1", "sft_tiny-qwen2_s2", "dpo_tiny-qwen2_s1", "dpo_tiny-qwen2_s2"]
+    for name in names:
+        run = tmp_path / "runs" / name
+        assert read_json(run / "run.json")["status"] == "finished"
+        assert (run / "adapter_model.safetensors").exists() and (run / "train.log").exists()
+        assert read_json(run / "launch.json")["pid"] > 0
+    assert "done 4" in out and "final loss" in out
+    state = read_json(tmp_path / "runs" / "sweep.json")
+    assert {r["status"] for r in state["runs"].values()} == {"done"}
+
+    code, out, _ = run_cli(capsys, "sweep", spec, "--backend", "ray")
+    assert code == 0 and out.count("skipped: finished before") == 4
+
+
+@pytest.mark.slow
+def test_failed_run_is_retried_reported_and_does_not_stop_others(tmp_path, capsys, tiny_model, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", HELPERS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    spec = write_spec(tmp_path / "s.yaml", name="rf", runs_dir=str(tmp_path / "runs"), base=TINY_BASE,
+                      grid={"method": ["sft", "grpo"]},
+                      methods={"sft": SPLITS["sft"], "grpo": {**SPLITS["grpo"], "reward_funcs": ["failing_reward:boom"],
+                                                              "max_completion_length": 8}})
+    code, out, _ = run_cli(capsys, "sweep", spec, "--backend", "ray", "--retries", "1")
+    assert code == 1
+    assert read_json(tmp_path / "runs" / "sft_tiny-qwen2_s42" / "run.json")["status"] == "finished"
+    grpo = tmp_path / "runs" / "grpo_tiny-qwen2_s42"
+    assert read_json(grpo / "run.json")["status"] == "failed" and read_json(grpo / "run.json")["attempts"] == 2
+    assert "retry 1/1" in out and "failed grpo_tiny-qwen2_s42" in out and "reward exploded on purpose" in out
+    assert (grpo / "train.log").read_text().count("=== ") == 2  # two attempts logged
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_checkpoint_on_rerun(tmp_path, tiny_model):
+    spec = write_spec(tmp_path / "s.yaml", name="rk", runs_dir=str(tmp_path / "runs"),
+                      base={**TINY_BASE, "max_steps": 80, "save_steps": 3}, grid={"method": ["sft"]},
+                      methods={"sft": SPLITS["sft"]})
+    cmd = [sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray", "--retries", "0"]
+    run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(run.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.2)
+    os.kill(read_json(run / "launch.json")["pid"], signal.SIGKILL)  # the training process dies mid-run
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1 and "failed" in out
+    ckpts = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    assert ckpts and ckpts[-1] < 80
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:]
+    log = (run / "train.log").read_text()
+    assert f"resuming from {run.resolve() / f'checkpoint-{ckpts[-1]}'}" in log
+    assert read_json(run / "run.json")["resumed_from"].endswith(f"checkpoint-{ckpts[-1]}")
+    assert read_json(run / "trainer_state.json")["global_step"] == 80
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_sweep_on_a_started_head(tmp_path, tiny_model):
+    from local_ray import LocalRayHead, _pids_under
+
+    spec = write_spec(tmp_path / "s.yaml", name="rj", runs_dir=str(tmp_path / "runs"),
+                      base={**TINY_BASE, "max_steps": 2, **SPLITS["sft"]}, grid={"method": ["sft"], "seed": [1, 2]})
+    head = LocalRayHead().start()
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60 enables token auth; the client reads ~/.ray/auth_token
+        env.pop("RAY_ADDRESS", None)
+        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.dashboard,
+                              "--", sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr and "done 2" in job.stdout
+        for seed in (1, 2):
+            assert read_json(tmp_path / "runs" / f"sft_tiny-qwen2_s{seed}" / "run.json")["status"] == "finished"
+    finally:
+        head.stop()
+    assert not _pids_under(head.temp_dir)

@@ -95,13 +95,22 @@ def _token_nll(model, ids, attention):
         return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 
-def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:
-    """Greedy reply to `messages` (the generation samples of the report)."""
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64) -> list[str]:
+    """Greedy replies to several conversations in one left-padded batch (the report's generation samples)."""
     import torch
 
+    if not conversations:
+        return []
     device = next(model.parameters()).device
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
     with torch.inference_mode():
         out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    width = enc["input_ids"].shape[1]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]

@@ -113,8 +113,9 @@ class Scorer:
             # chosen and rejected share a prompt and have similar lengths: score them in the same batches
             sums, counts = score_batched(model, [s for pair in pairs for s in pair], self.batch_size, pad)
             return [[sums[2 * i], counts[2 * i], sums[2 * i + 1], counts[2 * i + 1]] for i in range(len(pairs))]
-        return [{"prompt": _last_user(m), "response": generate(model, self.tokenizer, m)}
-                for m in self.data["gen"][task.start:task.end]]
+        conversations = self.data["gen"][task.start:task.end]
+        replies = generate(model, self.tokenizer, conversations)
+        return [{"prompt": _last_user(m), "response": r} for m, r in zip(conversations, replies)]
 
 
 def _last_user(messages: list[dict]) -> str:

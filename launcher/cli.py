@@ -34,8 +34,13 @@ def cmd_train(argv: list[str]) -> int:
 
     cfg = parse_args(argv)
     if cfg.num_processes == 1 and cfg.accelerate_config in ("auto", None):
+        from trainers.run import Preempted
         from trainers.train import run
-        record = run(cfg)
+        try:
+            record = run(cfg)
+        except Preempted as exc:
+            print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
+            return 128 + exc.signum
         print(f"done: {cfg.output_dir} (status {record['status']}, step {record.get('global_step')})")
         return 0
     import torch

@@ -148,6 +148,45 @@ def progress_callback(output_dir: str):
     return Progress()
 
 
+class Preempted(Exception):
+    """SIGUSR1/SIGTERM arrived: a checkpoint was saved and training stopped (SLURM preemption, Ctrl-C of a sweep)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum} after saving a checkpoint")
+        self.signum = signum
+
+
+def preemption_callback():
+    """On SIGUSR1 or SIGTERM: save a checkpoint at the end of the current step, then stop training.
+
+    SLURM sends SIGUSR1 before the time limit (`--signal=B:USR1@120`, forwarded by the batch script); a
+    sweep's Ctrl-C sends SIGTERM. Either way the run resumes from that checkpoint when started again.
+    """
+    import signal
+
+    from transformers import TrainerCallback
+
+    class Preemption(TrainerCallback):
+        signum = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+    callback = Preemption()
+
+    def handler(signum, frame):
+        callback.signum = signum
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (in-process use from a thread): no signal handling
+            pass
+    return callback
+
+
 def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dict:
     record = {
         "status": "running",
@@ -188,6 +227,8 @@ def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = N
 
     trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
     extra = {"qlora_4bit_layers": count_4bit_layers(trainer.model), **(extra or {})}
+    preemption = preemption_callback()
+    trainer.add_callback(preemption)
     record = start_record(cfg, resume_from, extra)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
@@ -199,6 +240,10 @@ def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = N
     except Exception as exc:
         finish_record(cfg, record, "failed", error=f"{type(exc).__name__}: {first_line(exc)}")
         raise
+    if preemption.signum is not None:
+        finish_record(cfg, record, "interrupted", global_step=trainer.state.global_step,
+                      note=f"signal {preemption.signum}: checkpoint-{trainer.state.global_step} saved")
+        raise Preempted(preemption.signum)
     trainer.save_model(cfg.output_dir)  # adapter, training_args.bin, tokenizer at the top level
     trainer.save_state()  # trainer_state.json at the top level
     finish_record(cfg, record, "finished", global_step=trainer.state.global_step,

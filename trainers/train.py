@@ -12,6 +12,7 @@ import sys
 
 from trainers.config import parse_args
 from trainers.errors import TunefleetError
+from trainers.run import Preempted
 
 
 def run(cfg) -> dict:
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 

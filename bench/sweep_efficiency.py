@@ -1,0 +1,74 @@
+"""Sweep scheduling efficiency on a real local Ray, from one run of this script.
+
+Runs N tiny runs one at a time (their summed wall times S), then the same N runs (fresh folders) as one
+sweep on K slots (makespan M). Efficiency = (S / K) / M: 1.0 means no slot ever idled while runs waited.
+
+    python bench/sweep_efficiency.py            # N=6, K=2: ~2 minutes on 2 CPU cores
+    python bench/sweep_efficiency.py --runs 8 --slots 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launcher import sweep as sweeps  # noqa: E402
+from launcher.progress import SweepView  # noqa: E402
+
+BASE = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "max_steps": 8,
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "use_qlora": False, "save_steps": 8}
+METHOD_SPLITS = {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}}
+
+
+def plan(root: Path, n: int) -> list[dict]:
+    spec = sweeps.parse_spec({"name": "bench", "runs_dir": str(root), "base": BASE, "methods": METHOD_SPLITS,
+                              "grid": {"method": ["sft", "dpo"], "seed": list(range(1, (n + 1) // 2 + 1))}})
+    return [{"name": r.name, "output_dir": r.output_dir, "config": r.config} for r in sweeps.expand(spec)[:n]]
+
+
+def main() -> None:
+    import ray
+
+    from launcher.backends import run_ray
+    from launcher.sweep import Resources
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=6)
+    p.add_argument("--slots", type=int, default=2)
+    a = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="tf-bench-sweep-"))
+    ray.init(num_cpus=a.slots, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        solo = plan(root / "solo", a.runs)
+        with SweepView(solo, live=False) as view:  # one slot: each run alone
+            t0 = time.perf_counter()
+            outcomes = run_ray(solo, Resources(cpus_per_run=a.slots), 0, view, None)
+            serial_total = time.perf_counter() - t0
+        single = sum(o["wall_s"] for o in outcomes)
+        fleet = plan(root / "fleet", a.runs)
+        with SweepView(fleet, live=False) as view:
+            t0 = time.perf_counter()
+            outcomes = run_ray(fleet, Resources(cpus_per_run=1), 0, view, None)
+            makespan = time.perf_counter() - t0
+        assert all(o["status"] == "done" for o in outcomes), outcomes
+        ideal = single / a.slots
+        print(f"\n{a.runs} tiny runs; one at a time: sum of run wall times {single:.1f} s "
+              f"(whole serial sweep {serial_total:.1f} s)")
+        print(f"sweep on {a.slots} slots: makespan {makespan:.1f} s; ideal (sum / {a.slots}) {ideal:.1f} s")
+        print(f"efficiency (ideal / makespan) = {ideal / makespan:.2f}   (goal >= 0.85)")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

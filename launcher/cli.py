@@ -33,7 +33,10 @@ def cmd_train(argv: list[str]) -> int:
     from trainers.config import parse_args
 
     cfg = parse_args(argv)
-    if cfg.num_processes == 1 and cfg.accelerate_config in ("auto", None):
+    from launcher.launch import free_port, launch_command, plan_launch
+
+    choice, env = plan_launch(cfg)
+    if choice.config is None:
         from trainers.run import Preempted
         from trainers.train import run
         try:
@@ -43,16 +46,9 @@ def cmd_train(argv: list[str]) -> int:
             return 128 + exc.signum
         print(f"done: {cfg.output_dir} (status {record['status']}, step {record.get('global_step')})")
         return 0
-    import torch
-    from launcher.launch import free_port, launch_command, launch_env
-
-    has_gpu = torch.cuda.is_available()
-    if has_gpu and cfg.num_processes > torch.cuda.device_count():
-        raise TunefleetError(f"--num_processes {cfg.num_processes} but only {torch.cuda.device_count()} GPU(s) "
-                             "are visible; lower --num_processes or set CUDA_VISIBLE_DEVICES")
-    cmd = launch_command(argv, cfg.num_processes, free_port(), cfg.accelerate_config)
-    print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=launch_env(os.environ, cfg.num_processes, has_gpu))
+    cmd = launch_command([*argv, "--accelerate_config", choice.config], cfg.num_processes, free_port(), choice.config)
+    print(f"launch: {choice.config} ({choice.reason})\n  {' '.join(cmd)}", flush=True)
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_check_data(argv: list[str]) -> int:

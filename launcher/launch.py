@@ -9,11 +9,20 @@ never collide on 29500.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "cluster_configs" / "accelerate"
+from trainers.errors import TunefleetError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "cluster_configs" / "accelerate"
+# `--accelerate_config auto` shards with ZeRO-3 when the base weights (compute dtype) would take more than
+# this share of one device's memory: the rest is for activations, LoRA optimizer state and the batch.
+ZERO3_SHARE = 0.5
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,6 +41,86 @@ def accelerate_config_path(name: str) -> Path | None:
     return CONFIG_DIR / f"{name}.yaml"
 
 
+@dataclass
+class LaunchChoice:
+    config: str | None  # accelerate config name/path, None for a single plain process
+    reason: str
+
+
+def choose_config(requested: str, num_processes: int, n_params: int | None, dtype_bytes: int,
+                  device_mem: int | None, share: float = ZERO3_SHARE) -> LaunchChoice:
+    """DDP, or ZeRO-3 when the weights would not leave room on one device (pure)."""
+    if requested not in (None, "", "auto"):
+        return LaunchChoice(requested, f"asked for with --accelerate_config {requested}")
+    if num_processes == 1:
+        return LaunchChoice(None, "one process: no distributed launch")
+    if device_mem is None:
+        return LaunchChoice("ddp", "no GPU: data parallel over gloo on CPU processes")
+    if n_params is None:
+        return LaunchChoice("ddp", "model size unknown (config not readable): plain data parallel")
+    weights, limit = n_params * dtype_bytes, share * device_mem
+    gib = 2 ** 30
+    if weights > limit:
+        return LaunchChoice("zero3", f"weights {weights / gib:.1f} GiB > {share:.0%} of one device's "
+                                     f"{device_mem / gib:.0f} GiB: shard them with ZeRO-3")
+    return LaunchChoice("ddp", f"weights {weights / gib:.2f} GiB <= {share:.0%} of one device's "
+                               f"{device_mem / gib:.0f} GiB: every GPU holds a copy (DDP)")
+
+
+def count_params(model_name: str, trust_remote_code: bool = False) -> int | None:
+    """Parameter count from the model's config, built on the meta device (no weights loaded)."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from trainers.model import resolve
+        config = AutoConfig.from_pretrained(resolve(model_name), trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:
+        return None
+
+
+def deepspeed_file(config: str | None) -> Path | None:
+    """The DeepSpeed JSON an accelerate config points at (paths relative to the repo root), if any."""
+    path = accelerate_config_path(config)
+    if path is None or not path.exists():
+        return None
+    import yaml
+    ds = (yaml.safe_load(path.read_text()) or {}).get("deepspeed_config", {}).get("deepspeed_config_file")
+    if not ds:
+        return None
+    return Path(ds) if Path(ds).is_absolute() else ROOT / ds
+
+
+def check_deepspeed(ds: dict, cfg, bf16: bool) -> list[str]:
+    """Settings of a DeepSpeed JSON that contradict the run's flags, each saying which (pure)."""
+    problems = []
+
+    def fixed(value):
+        return value is not None and value != "auto"
+
+    pairs = [("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "--per_device_train_batch_size"),
+             ("gradient_accumulation_steps", cfg.gradient_accumulation_steps, "--gradient_accumulation_steps")]
+    for key, flag_value, flag in pairs:
+        if fixed(ds.get(key)) and ds[key] != flag_value:
+            problems.append(f"{key} is {ds[key]} in the DeepSpeed config but {flag} is {flag_value}")
+    if fixed((ds.get("bf16") or {}).get("enabled")) and bool(ds["bf16"]["enabled"]) != bf16:
+        problems.append(f"bf16.enabled is {ds['bf16']['enabled']} in the DeepSpeed config but the run computes in "
+                        f"{'bf16' if bf16 else 'fp32'} (--bf16)")
+    if (ds.get("fp16") or {}).get("enabled") is True:
+        problems.append("fp16.enabled is true in the DeepSpeed config but tunefleet trains in bf16 or fp32")
+    lr = ((ds.get("optimizer") or {}).get("params") or {}).get("lr")
+    if fixed(lr) and float(lr) != cfg.lr:
+        problems.append(f"optimizer lr is {lr} in the DeepSpeed config but --learning_rate is {cfg.lr}")
+    stage = (ds.get("zero_optimization") or {}).get("stage")
+    if stage == 3 and cfg.use_qlora and not bf16:
+        problems.append("ZeRO-3 with QLoRA needs bf16 compute (4-bit storage must equal the compute dtype to be "
+                        "sharded), which needs a bf16 GPU; use --accelerate_config zero2 or --use_qlora false")
+    return problems
+
+
 def launch_command(train_argv: list[str], num_processes: int = 1, port: int | None = None,
                    accelerate_config: str | None = "auto", python: str = sys.executable) -> list[str]:
     """The command that runs one training run (pure: no I/O)."""
@@ -40,14 +129,54 @@ def launch_command(train_argv: list[str], num_processes: int = 1, port: int | No
     cmd = [python, "-m", "accelerate.commands.launch"]
     config = accelerate_config_path(accelerate_config)
     cmd += ["--config_file", str(config)] if config else ["--multi_gpu"]
+    ds = deepspeed_file(accelerate_config)
+    if ds:  # absolute, so the launch works from any working directory
+        cmd += ["--deepspeed_config_file", str(ds)]
     cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(port or 29500),
             "-m", "trainers.train", *train_argv]
     return cmd
 
 
-def launch_env(base: dict, num_processes: int, has_gpu: bool) -> dict:
+def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]:
+    """Choose and check the distributed set-up of one run before anything starts; env for its processes.
+
+    `env_extra` is what a backend gives this run (CUDA_VISIBLE_DEVICES of its slot, say).
+    """
+    import torch
+
+    from trainers.model import compute_dtype
+    base = {**os.environ, **(env_extra or {})}
+    has_gpu = torch.cuda.is_available()
+    devices = torch.cuda.device_count() if has_gpu else (os.cpu_count() or 1)
+    if has_gpu and base.get("CUDA_VISIBLE_DEVICES"):
+        devices = min(devices, len(base["CUDA_VISIBLE_DEVICES"].split(",")))
+    if cfg.num_processes > devices:
+        what = "GPU(s) are visible" if has_gpu else "CPU cores exist (no GPU)"
+        raise TunefleetError(f"--num_processes {cfg.num_processes} but only {devices} {what}; lower --num_processes"
+                             + (" or set CUDA_VISIBLE_DEVICES" if has_gpu else ""))
+    dtype = compute_dtype(cfg.bf16)
+    mem = torch.cuda.get_device_properties(0).total_memory if has_gpu else None
+    n_params = count_params(cfg.model_name, cfg.trust_remote_code) if cfg.num_processes > 1 else None
+    choice = choose_config(cfg.accelerate_config, cfg.num_processes, n_params, dtype.itemsize, mem)
+    if choice.config is not None:
+        path = accelerate_config_path(choice.config)
+        if not path.exists():
+            names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise TunefleetError(f"accelerate config '{choice.config}' not found; use one of {names} or a .yaml path")
+        ds = deepspeed_file(choice.config)
+        if ds:
+            problems = check_deepspeed(json.loads(ds.read_text()), cfg, dtype.itemsize == 2)
+            if problems:
+                raise TunefleetError(f"{ds.name}: " + "; ".join(problems))
+    env = launch_env(base, cfg.num_processes, has_gpu, deepspeed=deepspeed_file(choice.config) is not None)
+    env["TUNEFLEET_LAUNCH"] = json.dumps({"accelerate_config": choice.config, "reason": choice.reason,
+                                          "num_processes": cfg.num_processes})
+    return choice, env
+
+
+def launch_env(base: dict, num_processes: int, has_gpu: bool, deepspeed: bool = False) -> dict:
     env = dict(base)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if not has_gpu and num_processes > 1:
+    if not has_gpu and num_processes > 1 and not deepspeed:  # DeepSpeed brings its own CPU accelerator
         env["ACCELERATE_USE_CPU"] = "true"  # gloo world of N; without it each process is its own world of 1
     return env

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from launcher.launch import free_port, launch_command, launch_env
+from launcher.launch import free_port, launch_command, plan_launch
 from trainers.run import now, read_json, write_json_atomic
 
 _children: set[subprocess.Popen] = set()
@@ -61,11 +61,12 @@ def run_one(run: dict, env_extra: dict | None = None) -> dict:
     if (read_json(out / "run.json") or {}).get("status") == "finished":
         return {"name": run["name"], "status": "done", "skipped": True, "returncode": 0, "wall_s": 0.0,
                 "log": str(out / "train.log"), "host": socket.gethostname(), **summary(run)}
+    from trainers.config import from_dict
+    choice, env = plan_launch(from_dict(run["config"]), env_extra)
+    run["config"]["accelerate_config"] = choice.config or "auto"
     cfg_path = write_run_config(run)
-    nproc = int(run["config"].get("num_processes", 1))
-    cmd = launch_command(["--config", str(cfg_path)], nproc, free_port(), run["config"].get("accelerate_config", "auto"))
-    import torch
-    env = launch_env({**os.environ, **(env_extra or {})}, nproc, torch.cuda.is_available())
+    cmd = launch_command(["--config", str(cfg_path)], int(run["config"].get("num_processes", 1)), free_port(),
+                         choice.config)
     with open(out / "train.log", "a") as log:
         log.write(f"\n=== {now()} on {socket.gethostname()}: {' '.join(cmd)}\n")
         log.flush()

@@ -115,19 +115,27 @@ def cmd_status(argv: list[str]) -> int:
     if not state:
         raise TunefleetError(f"{a.sweep_dir} holds no sweep.json: not a sweep folder")
     from launcher.runner import summary
-    jobs = {}
-    if state.get("slurm"):
+    jobs, slurm = {}, state.get("slurm") or {}
+    if slurm:
         from launcher.slurm import queue_states
-        jobs = queue_states(state["slurm"].get("job_ids", []))
+        arrays = {str(i.get("slurm_job", "")).split("_")[0] for i in state["runs"].values()} - {""}
+        jobs = queue_states(sorted(set(map(str, slurm.get("job_ids", []))) | arrays))
     print(f"sweep {state['name']} ({state.get('backend')}), started {state.get('started_at')}")
     for name, info in state["runs"].items():
         s = summary({"output_dir": info["output_dir"]})
         status = {"finished": "done", "running": "running/interrupted", "failed": "failed",
                   "interrupted": "interrupted"}.get(s["run_status"], "queued")
-        slurm = jobs.get(info.get("slurm_task"), "") if jobs else ""
+        job = info.get("slurm_job")  # "ARRAYID_TASK" of the latest submission that included this run
         loss = s["final_loss"]
+        logs = str(Path(info["output_dir"]) / "train.log")
+        if job:
+            logs += f"  {Path(a.sweep_dir) / 'slurm' / f'{job}.log'}"
         print(f"  {name:<32} {status:<20} step {s['steps'] or '-':<6} loss "
-              f"{loss if loss is None else round(loss, 4)!s:<8} {slurm:<10} {Path(info['output_dir']) / 'train.log'}")
+              f"{loss if loss is None else round(loss, 4)!s:<8} "
+              + (f"{job} {jobs.get(job, '-'):<11} " if job else "") + logs)
+    if slurm.get("eval_job_id"):
+        eid = str(slurm["eval_job_id"])
+        print(f"  evaluation job {eid}: {jobs.get(eid, '-')}  {Path(a.sweep_dir) / 'slurm' / f'eval_{eid}.log'}")
     return 0
 
 

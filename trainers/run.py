@@ -101,6 +101,7 @@ def training_args(cfg, dtype) -> dict:
     import torch
 
     evaluate = cfg.eval_split is not None
+    deepspeed_on_cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     return dict(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
@@ -120,7 +121,10 @@ def training_args(cfg, dtype) -> dict:
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=dtype == torch.bfloat16,
-        use_cpu=not torch.cuda.is_available(),  # TRL resolves bf16=True otherwise and fails on CPU
+        # On CPU: use_cpu, or TRL resolves bf16=True and fails; but not under DeepSpeed, which accelerate then
+        # ignores (DeepSpeed runs on CPU through its own CPU accelerator and gloo).
+        use_cpu=not torch.cuda.is_available() and not deepspeed_on_cpu,
+        ddp_backend="gloo" if deepspeed_on_cpu else None,  # without it accelerate forms no world (size 1)
         gradient_checkpointing=cfg.gradient_checkpointing,
         disable_tqdm=not sys.stderr.isatty(),
         ddp_find_unused_parameters=False,
@@ -198,6 +202,8 @@ def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dic
         "seed": cfg.seed,
         "config": cfg.resolved(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "launch": json.loads(os.environ.get("TUNEFLEET_LAUNCH") or "null")
+        or {"accelerate_config": None, "reason": "one process", "num_processes": 1},
         "resumed_from": resume_from,
         "versions": versions(),
         "git_commit": git_commit(),
@@ -226,7 +232,16 @@ def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = N
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
-    extra = {"qlora_4bit_layers": count_4bit_layers(trainer.model), **(extra or {})}
+    world = trainer.accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != launched:  # e.g. `accelerate launch --multi_gpu` on CPU without use_cpu: N runs of world size 1
+        raise TunefleetError(f"{launched} processes were launched but training sees a world of {world}: each would "
+                             "train alone into the same folder; on CPU launch with ACCELERATE_USE_CPU=true "
+                             "(tunefleet train --num_processes N does)")
+    args = trainer.args
+    extra = {"qlora_4bit_layers": count_4bit_layers(trainer.model),
+             "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+             "distributed_type": str(trainer.accelerator.distributed_type), **(extra or {})}
     preemption = preemption_callback()
     trainer.add_callback(preemption)
     record = start_record(cfg, resume_from, extra)

@@ -1,0 +1,314 @@
+"""`tunefleet sweep SPEC --backend slurm`: one SLURM job array per sweep, one array task per run.
+
+    tunefleet sweep sweeps/five_methods.yaml --backend slurm --dry-run   # print the scripts, submit nothing
+    tunefleet sweep sweeps/five_methods.yaml --backend slurm --eval      # + an evaluation job after the array
+    tunefleet status runs                                                # runs, SLURM states, log paths
+    tunefleet cancel runs                                                # scancel; resubmit to resume
+
+Reads as its steps: check sbatch -> refuse while the sweep's previous array is still queued/running -> pick
+the runs that are not finished -> write `<runs_dir>/slurm/runs.json` and the sbatch scripts -> sbatch ->
+record the job ids in `<runs_dir>/sweep.json`. Each array task runs `python -m launcher.slurm_task` (which
+calls `runner.run_one`, as every backend does); the batch script only relays signals and requeues. SLURM
+sends USR1 `signal_seconds` before the time limit: the trainer checkpoints, the task requeues itself and
+resumes from that checkpoint.
+
+The renderers (`render_array_script`, `render_eval_script`, `array_spec`, `parse_queue`) are pure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from trainers.errors import TunefleetError
+from trainers.run import now, read_json, write_json_atomic
+
+# Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+EVAL_FLAGS = ("max_samples", "max_generation_samples", "batch_size", "sft_split", "pref_split")
+
+
+# ---------------------------------------------------------------- pure: scripts
+def array_spec(indices: list[int], limit: int | None) -> str:
+    """`--array` value: compact ranges of the task indices, `%limit` for at most that many at once."""
+    parts, start = [], None
+    for i, idx in enumerate(indices):
+        start = idx if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != idx + 1:
+            parts.append(str(start) if start == idx else f"{start}-{idx}")
+            start = None
+    return ",".join(parts) + (f"%{limit}" if limit else "")
+
+
+def _resource_lines(spec, gpus: int, cpus: int, memory_gb: float | None) -> list[str]:
+    s, lines = spec.slurm, []
+    if gpus > 0:
+        lines.append(f"--gres=gpu:{gpus}")
+    lines.append(f"--cpus-per-task={cpus}")
+    if memory_gb:
+        lines.append(f"--mem={int(memory_gb)}G" if float(memory_gb).is_integer() else f"--mem={int(memory_gb * 1024)}M")
+    for key in ("time", "partition", "account", "qos"):
+        if s.get(key):
+            lines.append(f"--{key}={s[key]}")
+    return lines
+
+
+def render_array_script(spec, runs, indices: list[int], sweep_dir: str, python: str, retries: int = 1) -> str:
+    """The sbatch script of a sweep: one array task per index into `<sweep_dir>/slurm/runs.json`."""
+    s, r = spec.slurm, spec.resources
+    slurm_dir = Path(sweep_dir) / "slurm"
+    names = ", ".join(f"{i}={runs[i].name}" for i in indices)
+    requeue = s.get("requeue", True)
+    lines = [f"--job-name=tf-{spec.name}", f"--array={array_spec(indices, s.get('array_limit') or r.max_parallel)}",
+             *_resource_lines(spec, r.gpus_per_run, r.cpus_per_run, r.memory_gb),
+             f"--output={slurm_dir}/%A_%a.log",
+             "--open-mode=append"]  # a requeued task appends to its log instead of truncating it
+    if requeue:
+        lines += ["--requeue", f"--signal=B:USR1@{s.get('signal_seconds', 120)}"]
+    header = "\n".join(f"#SBATCH {line}" for line in lines + [str(x).removeprefix("#SBATCH ") for x in s.get("extra", [])])
+    task = f"{shlex.quote(python)} -m launcher.slurm_task {shlex.quote(str(slurm_dir / 'runs.json'))} " \
+           f"\"$SLURM_ARRAY_TASK_ID\" --retries {retries}"
+    requeue_block = """if [ "$signalled" = USR1 ] && [ "$rc" -ne 0 ]; then
+    # USR1 = time limit near (--signal) or preemption notice: the trainer saved a checkpoint; come back
+    # and resume from it. TERM (scancel, `tunefleet cancel`) does not requeue: a cancel stays cancelled.
+    echo "=== $(date -Is) task $task signalled: checkpoint saved, requeueing to resume"
+    scontrol requeue "$task"
+    exit 0
+fi
+""" if requeue else ""
+    return f"""#!/bin/bash
+# tunefleet sweep {spec.name}: one array task per run (task index = position in runs.json).
+# Written by `tunefleet sweep {spec.path or '<spec>'} --backend slurm`; tasks here: {names}
+{header}
+
+task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+echo "=== $(date -Is) task $task on $(hostname), restart ${{SLURM_RESTART_COUNT:-0}}, CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"
+
+# The run is Python (runs.json -> runner.run_one); this shell relays signals to it and requeues.
+signalled=""
+relay() {{ signalled=$1; kill -s "$1" "$child" 2>/dev/null; }}
+trap 'relay USR1' USR1
+trap 'relay TERM' TERM
+{task} &
+child=$!
+while :; do  # a trapped signal interrupts `wait`: keep waiting until the task has really exited
+    wait "$child"; rc=$?
+    kill -0 "$child" 2>/dev/null || break
+done
+{requeue_block}exit "$rc"
+"""
+
+
+def eval_command(spec, runs_dir: str, python: str, gpus: int) -> list[str]:
+    """`tunefleet eval` with the spec's `eval:` settings (pure)."""
+    e = spec.eval
+    backend = e.get("backend") or ("ray" if gpus > 1 else "local")
+    cmd = [python, "-m", "launcher.cli", "eval", "--runs_dir", runs_dir, "--backend", backend,
+           "--shards", str(e.get("shards") or 1)]
+    for key in EVAL_FLAGS:
+        if e.get(key) is not None:
+            cmd += [f"--{key}", str(e[key])]
+    if e.get("skip_perplexity"):
+        cmd.append("--skip_perplexity")
+    return cmd
+
+
+def render_eval_script(spec, sweep_dir: str, python: str, after: str | None) -> str:
+    """The evaluation job; with `after`, it starts once every task of that array job succeeded (pure)."""
+    r, shards = spec.resources, int(spec.eval.get("shards") or 1)
+    gpus = shards if r.gpus_per_run > 0 else 0  # one GPU per eval shard on a GPU sweep
+    wait = [f"--dependency=afterok:{after}",
+            "--kill-on-invalid-dep=yes"] if after else []  # a failed run drops the eval job (no endless PENDING)
+    lines = [f"--job-name=tf-{spec.name}-eval", *wait,
+             *_resource_lines(spec, gpus, r.cpus_per_run * (shards if gpus else 1), r.memory_gb),
+             f"--output={Path(sweep_dir) / 'slurm'}/eval_%j.log",
+             *[str(x).removeprefix("#SBATCH ") for x in spec.slurm.get("extra", [])]]
+    header = "\n".join(f"#SBATCH {line}" for line in lines)
+    cmd = " ".join(shlex.quote(c) for c in eval_command(spec, sweep_dir, python, gpus))
+    return f"""#!/bin/bash
+# tunefleet sweep {spec.name}: evaluate every run{f" once training array job {after} has succeeded" if after else ""}.
+{header}
+
+echo "=== $(date -Is) evaluation on $(hostname), CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"
+exec {cmd}
+"""
+
+
+# ---------------------------------------------------------------- pure: queue states
+def expand_tasks(array_job: str, tasks: str) -> list[str]:
+    """'7', '0-3%2' or '[1,4-5]' -> ['7_0', '7_1', ...] (the ids of the tasks squeue folds into one line)."""
+    out = []
+    for part in tasks.strip("[]").split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            out += [f"{array_job}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def parse_queue(text: str) -> dict[str, str]:
+    """Lines `JOBID|STATE` (squeue -o '%i|%T' or sacct -P -o JobID,State) -> {'12_0': 'RUNNING', '13': ...}."""
+    states = {}
+    for line in text.splitlines():
+        if "|" not in line:
+            continue
+        job, state = line.split("|", 1)
+        state = state.split()[0] if state.split() else "UNKNOWN"  # sacct: 'CANCELLED by 0'
+        m = re.fullmatch(r"(\d+)_(\[?[\d,%-]+\]?)", job.strip())
+        for jid in (expand_tasks(m.group(1), m.group(2)) if m else [job.strip()]):
+            states[jid] = state
+    return states
+
+
+# ---------------------------------------------------------------- SLURM commands
+def _slurm(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise TunefleetError(f"'{cmd[0]}' not found: install SLURM's client tools (apt-get install slurm-wlm) "
+                             "or use --backend local / --backend ray") from None
+
+
+def queue_states(job_ids: list) -> dict[str, str]:
+    """{job id or 'ARRAY_TASK': SLURM state} for these jobs: sacct when accounting works, then squeue.
+
+    squeue (with `-t all`) forgets finished jobs after MinJobAge; sacct remembers them but needs slurmdbd,
+    so its failure is silent. squeue wins where both know a job: it is the live view.
+    """
+    ids = [str(j) for j in job_ids if j]
+    if not ids:
+        return {}
+    states = {}
+    acct = _slurm(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"])
+    if acct.returncode == 0:
+        states.update(parse_queue(acct.stdout))
+    for jid in ids:  # one by one: squeue fails for the whole list when one id is unknown to it
+        proc = _slurm(["squeue", "-h", "-t", "all", "-j", jid, "-o", "%i|%T"])
+        if proc.returncode == 0:
+            states.update(parse_queue(proc.stdout))
+    return states
+
+
+def active_jobs(states: dict[str, str]) -> dict[str, str]:
+    return {jid: st for jid, st in states.items() if st in ACTIVE}
+
+
+def sbatch(script: Path, *flags: str) -> str:
+    """Submit; the job id, or a TunefleetError with SLURM's own reason (bad partition, impossible gres...)."""
+    proc = _slurm(["sbatch", "--parsable", *flags, str(script)])
+    if proc.returncode != 0:
+        errors = [line.split("error:", 1)[1].strip() for line in proc.stderr.splitlines() if "error:" in line]
+        reason = errors[-1] if errors else (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise TunefleetError(f"SLURM rejected {script}: {reason}")
+    return proc.stdout.strip().split(";")[0]  # '123' or '123;cluster'
+
+
+# ---------------------------------------------------------------- submit
+def submit_sweep(spec, runs, a) -> int:
+    """Submit the sweep's unfinished runs as one job array (+ the evaluation job with --eval)."""
+    if not a.dry_run and shutil.which("sbatch") is None:
+        raise TunefleetError("sbatch not found on PATH: install SLURM's client tools (apt-get install slurm-wlm) "
+                             "or run the sweep with --backend local / --backend ray")
+    sweep_dir = Path(spec.runs_dir).resolve()
+    slurm_dir = sweep_dir / "slurm"
+    state_path = sweep_dir / "sweep.json"
+    previous = read_json(state_path) or {}
+    python = spec.slurm.get("python") or sys.executable
+
+    # Never run a run twice: a previous array of this sweep that SLURM may still start blocks resubmission.
+    old = previous.get("slurm") or {}
+    if not a.dry_run and old:
+        busy = active_jobs(queue_states(old.get("job_ids", [])))
+        if busy:
+            shown = ", ".join(f"{j} {s}" for j, s in sorted(busy.items())[:4]) + (" ..." if len(busy) > 4 else "")
+            raise TunefleetError(f"sweep {spec.name} is still in SLURM ({shown}); resubmitting now could run a run "
+                                 f"twice: wait for it or `tunefleet cancel {spec.runs_dir}` first")
+
+    todo = [i for i, run in enumerate(runs)
+            if (read_json(Path(run.output_dir) / "run.json") or {}).get("status") != "finished"]
+    finished = len(runs) - len(todo)
+    if not todo and not a.eval:
+        print(f"sweep {spec.name}: all {len(runs)} runs already finished; nothing to submit")
+        return 0
+
+    # Everything the tasks need goes through runs.json (no YAML in bash); indices are positions in it.
+    plain = [{"name": r.name, "output_dir": str(Path(r.output_dir).resolve()), "config": r.config} for r in runs]
+    array_script = render_array_script(spec, runs, todo, str(sweep_dir), python, a.retries) if todo else None
+    if a.dry_run:
+        print(f"# {spec.name}: {len(todo)} of {len(runs)} runs to submit ({finished} finished); runs.json holds "
+              f"{', '.join(f'{i}={r.name}' for i, r in enumerate(runs))}")
+        if array_script:
+            print(f"# ---- {slurm_dir / 'sweep.sbatch'}\n{array_script}")
+        if a.eval:
+            print(f"# ---- {slurm_dir / 'eval.sbatch'}\n"
+                  + render_eval_script(spec, str(sweep_dir), python, "<array job id>" if todo else None))
+        return 0
+
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(slurm_dir / "runs.json", {"sweep": spec.name, "runs": plain})
+    array_id = None
+    if array_script:
+        (slurm_dir / "sweep.sbatch").write_text(array_script)
+        array_id = sbatch(slurm_dir / "sweep.sbatch")
+
+    eval_id = None
+    if a.eval:
+        (slurm_dir / "eval.sbatch").write_text(render_eval_script(spec, str(sweep_dir), python, array_id))
+        eval_id = sbatch(slurm_dir / "eval.sbatch")
+
+    state = {"name": spec.name, "spec": str(a.spec), "backend": "slurm", "started_at": now(),
+             "runs": {r.name: {"output_dir": r.output_dir, "method": r.method,
+                               "status": "queued" if i in todo else "finished",
+                               **({"slurm_task": i, "slurm_job": f"{array_id}_{i}"} if i in todo else
+                                  _earlier_job(previous, r.name))}
+                      for i, r in enumerate(runs)},
+             "slurm": {"job_ids": [j for j in (array_id, eval_id) if j], "array_job_id": array_id,
+                       "eval_job_id": eval_id, "script": str(slurm_dir / "sweep.sbatch") if array_id else None,
+                       "previous_job_ids": old.get("previous_job_ids", []) + old.get("job_ids", [])}}
+    write_json_atomic(state_path, state)
+
+    if array_id:
+        limit = spec.slurm.get("array_limit") or spec.resources.max_parallel
+        print(f"submitted sweep {spec.name}: SLURM array job {array_id}, {len(todo)} task(s) "
+              f"({array_spec(todo, None)})" + (f", at most {limit} at once" if limit else "")
+              + (f"; {finished} run(s) already finished" if finished else ""))
+        for i in todo:
+            print(f"  {array_id}_{i}: {runs[i].name}  log {slurm_dir / f'{array_id}_{i}.log'}")
+    if eval_id:
+        print(f"evaluation: job {eval_id}" + (f", starts when every task of {array_id} succeeded" if array_id else "")
+              + f"; results in {sweep_dir / 'evaluation_results.json'}")
+    print(f"follow: tunefleet status {spec.runs_dir}    cancel: tunefleet cancel {spec.runs_dir}")
+    return 0
+
+
+def _earlier_job(previous: dict, name: str) -> dict:
+    """A run finished by an earlier submission keeps that task id (status shows its log)."""
+    info = (previous.get("runs") or {}).get(name) or {}
+    return {k: info[k] for k in ("slurm_task", "slurm_job") if k in info}
+
+
+# ---------------------------------------------------------------- cancel
+def cancel(state: dict) -> int:
+    """scancel the sweep's recorded jobs; the runs keep their checkpoints and resume on resubmission."""
+    s = state["slurm"]
+    ids = [str(j) for j in s.get("job_ids", []) if j]
+    busy = active_jobs(queue_states(ids))
+    if not busy:
+        print(f"sweep {state['name']}: no queued or running SLURM jobs (jobs {', '.join(ids) or 'none'})")
+        return 0
+    proc = _slurm(["scancel", *ids])
+    if proc.returncode != 0:
+        raise TunefleetError(f"scancel {' '.join(ids)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    roles = {str(s.get("array_job_id")): "training array", str(s.get("eval_job_id")): "evaluation"}
+    for jid in ids:
+        mine = {j: st for j, st in busy.items() if j == jid or j.startswith(f"{jid}_")}
+        if mine:
+            print(f"cancelled {roles.get(jid, 'job')} {jid}: " + ", ".join(f"{j} ({st})" for j, st in sorted(mine.items())))
+    print(f"resume later with: tunefleet sweep {state.get('spec', 'SPEC')} --backend slurm "
+          "(finished runs are skipped, the others resume from their checkpoints)")
+    return 0

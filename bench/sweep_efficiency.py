@@ -44,20 +44,23 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=2)
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tf-bench-sweep-"))
-    ray.init(num_cpus=a.slots, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+
+    def sweep(runs: list[dict], slots: int) -> tuple[list[dict], float]:
+        # Same per-run resources (1 CPU: Ray sets OMP_NUM_THREADS=1) in both phases; only the slots differ.
+        ray.init(num_cpus=slots, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+        try:
+            with SweepView(runs, live=False) as view:
+                t0 = time.perf_counter()
+                outcomes = run_ray(runs, Resources(cpus_per_run=1), 0, view, None)
+                return outcomes, time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+
     try:
-        solo = plan(root / "solo", a.runs)
-        with SweepView(solo, live=False) as view:  # one slot: each run alone
-            t0 = time.perf_counter()
-            outcomes = run_ray(solo, Resources(cpus_per_run=a.slots), 0, view, None)
-            serial_total = time.perf_counter() - t0
+        outcomes, serial_total = sweep(plan(root / "solo", a.runs), 1)  # one slot: each run alone
         single = sum(o["wall_s"] for o in outcomes)
-        fleet = plan(root / "fleet", a.runs)
-        with SweepView(fleet, live=False) as view:
-            t0 = time.perf_counter()
-            outcomes = run_ray(fleet, Resources(cpus_per_run=1), 0, view, None)
-            makespan = time.perf_counter() - t0
+        outcomes, makespan = sweep(plan(root / "fleet", a.runs), a.slots)
         assert all(o["status"] == "done" for o in outcomes), outcomes
         ideal = single / a.slots
         print(f"\n{a.runs} tiny runs; one at a time: sum of run wall times {single:.1f} s "
@@ -65,7 +68,6 @@ def main() -> None:
         print(f"sweep on {a.slots} slots: makespan {makespan:.1f} s; ideal (sum / {a.slots}) {ideal:.1f} s")
         print(f"efficiency (ideal / makespan) = {ideal / makespan:.2f}   (goal >= 0.85)")
     finally:
-        ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
 
 

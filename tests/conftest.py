@@ -48,3 +48,25 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torch elastic starts ranks in sessions of their own)."""
+    import signal
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, grew = {pid}, True
+    while grew:
+        kids = {p for p, pp in parents.items() if pp in tree and p not in tree}
+        grew = bool(kids)
+        tree |= kids
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

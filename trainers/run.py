@@ -225,6 +225,18 @@ def finish_record(cfg, record: dict, status: str, **fields) -> None:
         write_json_atomic(Path(cfg.output_dir) / "run.json", record)
 
 
+def check_world_size(launched: int, seen: int) -> None:
+    """Refuse N launched processes that each train as a world of one (they would all write one folder).
+
+    That is what `accelerate launch --multi_gpu` does on a CPU host without CPU mode, and what DeepSpeed on
+    CPU did before tunefleet passed it a gloo backend: only a warning, N independent runs.
+    """
+    if seen != launched:
+        raise TunefleetError(f"{launched} processes were launched but training sees a world of {seen}: each would "
+                             "train alone into the same folder; on CPU launch with ACCELERATE_USE_CPU=true "
+                             "(tunefleet train --num_processes N does)")
+
+
 def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = None) -> dict:
     """Train (resuming when a checkpoint exists), save the documented layout, record the outcome."""
     from trainers.model import count_4bit_layers
@@ -233,11 +245,7 @@ def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = N
 
     trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
     world = trainer.accelerator.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != launched:  # e.g. `accelerate launch --multi_gpu` on CPU without use_cpu: N runs of world size 1
-        raise TunefleetError(f"{launched} processes were launched but training sees a world of {world}: each would "
-                             "train alone into the same folder; on CPU launch with ACCELERATE_USE_CPU=true "
-                             "(tunefleet train --num_processes N does)")
+    check_world_size(int(os.environ.get("WORLD_SIZE", "1")), world)
     args = trainer.args
     extra = {"qlora_4bit_layers": count_4bit_layers(trainer.model),
              "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,

@@ -1,0 +1,274 @@
+"""`tunefleet sweep --backend slurm` against a real single-node SLURM 22.05 (tests/slurm/start_local_slurm.sh:
+2 CPUs, 2 fake GPUs, no accounting), plus the pure script renderers.
+
+The cluster is started once for this module and stopped at its end; a machine where SLURM cannot be
+installed skips the cluster tests (the pure ones still run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, read_json, run_cli
+from launcher import slurm
+from launcher import sweep as sweeps
+from trainers.run import read_json as maybe_json  # None while the file does not exist yet
+
+START, STOP = ROOT / "tests" / "slurm" / "start_local_slurm.sh", ROOT / "tests" / "slurm" / "stop_local_slurm.sh"
+SLURM_DIR = "/tmp/tfslurm-test"  # short: slurmstepd puts unix sockets under it
+CANNOT_INSTALL = ("apt-get not available", "apt-get install of slurm-wlm/munge failed", "must run as root",
+                  "still missing after installing")
+TINY = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "method": "sft",
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "use_qlora": False, "max_steps": 4,
+        "split": "train_sft", "logging_steps": 1}
+
+
+def write_spec(path: Path, **spec) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def wait_for(what: str, check, timeout: float, logs: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    dump = ""
+    if logs and logs.exists():
+        dump = "\n".join(f"---- {p}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(logs.rglob("*.log")))
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{dump}")
+
+
+def states(*job_ids) -> dict:
+    return slurm.queue_states([str(j) for j in job_ids])
+
+
+def settled(*job_ids) -> bool:
+    found = states(*job_ids)
+    return bool(found) and not slurm.active_jobs(found)
+
+
+def checkpoints(run: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    proc = subprocess.run([str(START), SLURM_DIR], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        if any(reason in proc.stderr for reason in CANNOT_INSTALL):
+            pytest.skip(f"SLURM cannot be installed here: {proc.stderr.strip().splitlines()[-1]}")
+        raise AssertionError(f"start_local_slurm.sh failed:\n{proc.stderr[-3000:]}")
+    with pytest.MonkeyPatch.context() as mp:
+        for line in proc.stdout.splitlines():  # "export K=V"
+            key, value = line.removeprefix("export ").split("=", 1)
+            mp.setenv(key, value)
+        yield Path(SLURM_DIR)
+    subprocess.run([str(STOP), SLURM_DIR], capture_output=True, timeout=120)
+
+
+# ------------------------------------------------------------------ pure: renderers
+def spec_of(**data):
+    return sweeps.parse_spec({"name": "rs", "base": TINY, **data})
+
+
+def test_array_script_has_the_sbatch_lines_of_the_spec():
+    spec = spec_of(grid={"seed": [1, 2, 3]}, resources={"gpus_per_run": 2, "cpus_per_run": 6, "memory_gb": 48},
+                   slurm={"partition": "gpu", "account": "lab", "qos": "high", "time": "04:00:00", "array_limit": 2,
+                          "extra": ["--constraint=a100", "#SBATCH --mail-type=END"], "signal_seconds": 300})
+    runs = sweeps.expand(spec)
+    text = slurm.render_array_script(spec, runs, [0, 2], "/data/rs", "/venv/bin/python", retries=2)
+    lines = set(text.splitlines())
+    for line in ["--job-name=tf-rs", "--array=0,2%2", "--gres=gpu:2", "--cpus-per-task=6", "--mem=48G",
+                 "--time=04:00:00", "--partition=gpu", "--account=lab", "--qos=high", "--output=/data/rs/slurm/%A_%a.log",
+                 "--constraint=a100", "--mail-type=END", "--requeue", "--signal=B:USR1@300"]:
+        assert f"#SBATCH {line}" in lines, line
+    assert "/venv/bin/python -m launcher.slurm_task /data/rs/slurm/runs.json \"$SLURM_ARRAY_TASK_ID\" --retries 2 &" in text
+    assert "trap 'relay USR1' USR1" in text and 'scontrol requeue "$task"' in text
+    assert "0=sft_tiny-qwen2_s1, 2=sft_tiny-qwen2_s3" in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+    plain = spec_of(slurm={"requeue": False})
+    text = slurm.render_array_script(plain, sweeps.expand(plain), [0], "/d", "python")
+    assert "--gres" not in text and "--requeue" not in text and "--signal" not in text and "scontrol requeue" not in text
+    assert "#SBATCH --array=0\n" in text and "#SBATCH --cpus-per-task=1" in text  # no limit: no %N
+    assert "#SBATCH --signal=B:USR1@120" in slurm.render_array_script(spec_of(), sweeps.expand(spec_of()), [0], "/d", "p")
+
+
+def test_eval_script_depends_on_the_array_and_carries_the_eval_settings():
+    spec = spec_of(resources={"gpus_per_run": 1}, eval={"max_samples": 10, "max_generation_samples": 1, "shards": 2,
+                                                         "batch_size": 8, "skip_perplexity": True})
+    text = slurm.render_eval_script(spec, "/data/rs", "/venv/bin/python", "4711")
+    assert "#SBATCH --dependency=afterok:4711" in text and "#SBATCH --gres=gpu:2" in text
+    assert ("exec /venv/bin/python -m launcher.cli eval --runs_dir /data/rs --backend ray --shards 2 --max_samples 10 "
+            "--max_generation_samples 1 --batch_size 8 --skip_perplexity") in text
+    one_gpu = slurm.render_eval_script(spec_of(resources={"gpus_per_run": 1}), "/d", "p", None)
+    assert "--backend local" in one_gpu and "#SBATCH --gres=gpu:1" in one_gpu and "--dependency" not in one_gpu
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+def test_array_ranges_and_queue_parsing():
+    assert slurm.array_spec([0, 1, 2, 5, 7, 8], 3) == "0-2,5,7-8%3"
+    assert slurm.array_spec([4], None) == "4"
+    text = "12_[1-3%1]|PENDING\n12_0|RUNNING\n13|PENDING\n12_[5,7-8]|CANCELLED by 0\n"
+    assert slurm.parse_queue(text) == {"12_1": "PENDING", "12_2": "PENDING", "12_3": "PENDING", "12_0": "RUNNING",
+                                       "13": "PENDING", "12_5": "CANCELLED", "12_7": "CANCELLED", "12_8": "CANCELLED"}
+    assert slurm.active_jobs({"1_0": "COMPLETED", "1_1": "PENDING"}) == {"1_1": "PENDING"}
+
+
+def test_dry_run_submits_only_unfinished_runs_and_needs_no_slurm(tmp_path, capsys, monkeypatch):
+    spec = write_spec(tmp_path / "s.yaml", name="dr", runs_dir=str(tmp_path / "runs"), base=TINY,
+                      grid={"seed": [1, 2, 3]}, slurm={"array_limit": 4})
+    (tmp_path / "runs" / "sft_tiny-qwen2_s2").mkdir(parents=True)
+    (tmp_path / "runs" / "sft_tiny-qwen2_s2" / "run.json").write_text(json.dumps({"status": "finished"}))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code, out, _ = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--dry-run", "--eval", "--skip_data_check")
+    assert code == 0 and "2 of 3 runs to submit (1 finished)" in out
+    assert "#SBATCH --array=0,2%4" in out and "#SBATCH --dependency=afterok:<array job id>" in out
+    assert not (tmp_path / "runs" / "slurm").exists()  # a dry run writes nothing
+
+
+def test_ray_cluster_sbatch_is_ray_documented_pattern():
+    path = ROOT / "cluster_configs" / "slurm" / "ray_cluster.sbatch"
+    text = path.read_text()
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert "sbatch --nodes 2 cluster_configs/slurm/ray_cluster.sbatch sweeps/five_methods.yaml" in text.split("\n#SBATCH")[0]
+    for step in ['scontrol show hostnames "$SLURM_JOB_NODELIST"', "hostname --ip-address", "ray start --head",
+                 '--port="$port"', 'ray start --address "$ip_head"', "--block &", '--num-gpus="$gpus"',
+                 'tunefleet sweep "$SPEC" --backend ray --address "$ip_head"']:
+        assert step in text, step
+    assert text.index("ray start --head") < text.index('ray start --address') < text.index('tunefleet sweep "$SPEC"')
+
+
+# ------------------------------------------------------------------ bad input
+def test_no_sbatch_on_path_is_one_line(tmp_path, capsys, monkeypatch):
+    spec = write_spec(tmp_path / "s.yaml", name="np", runs_dir=str(tmp_path / "runs"), base=TINY)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code, _, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
+    assert code == 2 and err.count("\n") == 1
+    assert "sbatch not found on PATH" in err and "slurm-wlm" in err and "--backend local" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,reason", [({"slurm": {"partition": "nosuch"}}, "Invalid partition name specified"),
+                                          ({"resources": {"gpus_per_run": 3}}, "Requested node configuration is not available")])
+def test_sbatch_rejection_shows_slurms_reason(cluster, tmp_path, capsys, extra, reason):
+    spec = write_spec(tmp_path / "s.yaml", name="bad", runs_dir=str(tmp_path / "runs"), base=TINY, **extra)
+    code, _, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
+    assert code == 2 and err.count("\n") == 1 and "SLURM rejected" in err and reason in err, err
+    assert not (tmp_path / "runs" / "sweep.json").exists()
+
+
+# ------------------------------------------------------------------ real SLURM
+@pytest.mark.slow
+def test_two_runs_one_array_on_a_gpu_each_then_the_eval_job(cluster, tmp_path, capsys, tiny_model):
+    runs_dir = tmp_path / "runs"
+    spec = write_spec(tmp_path / "s.yaml", name="two", runs_dir=str(runs_dir), base=TINY, grid={"seed": [1, 2]},
+                      resources={"gpus_per_run": 1}, slurm={"array_limit": 2},
+                      eval={"max_samples": 10, "max_generation_samples": 1})
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--eval", "--skip_data_check")
+    assert code == 0, out + err
+    state = read_json(runs_dir / "sweep.json")
+    array, eval_job = state["slurm"]["array_job_id"], state["slurm"]["eval_job_id"]
+    assert state["backend"] == "slurm" and state["slurm"]["job_ids"] == [array, eval_job]
+    assert {n: r["slurm_task"] for n, r in state["runs"].items()} == {"sft_tiny-qwen2_s1": 0, "sft_tiny-qwen2_s2": 1}
+    script = (runs_dir / "slurm" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-1%2" in script and "#SBATCH --gres=gpu:1" in script
+    assert f"SLURM array job {array}" in out and f"evaluation: job {eval_job}" in out and "tunefleet status" in out
+
+    wait_for("the array and the evaluation job", lambda: settled(array, eval_job), 240, runs_dir)
+    final = states(array, eval_job)
+    assert final == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED", eval_job: "COMPLETED"}, final
+    devices, spans = [], []
+    for seed in (1, 2):
+        run = runs_dir / f"sft_tiny-qwen2_s{seed}"
+        record = read_json(run / "run.json")
+        assert record["status"] == "finished" and (run / "adapter_model.safetensors").exists()
+        devices.append(read_json(run / "launch.json")["cuda_visible_devices"])  # set by SLURM for --gres=gpu:1
+        spans.append((record["started_at"], record["ended_at"]))
+    assert set(devices) <= {"0", "1"} and all(devices), devices
+    if max(s for s, _ in spans) < min(e for _, e in spans):  # they ran at the same time: one GPU each
+        assert sorted(devices) == ["0", "1"]
+    results = read_json(runs_dir / "evaluation_results.json")
+    assert {"sft_tiny-qwen2_s1", "sft_tiny-qwen2_s2"} <= set(results)
+
+    code, out, _ = run_cli(capsys, "status", runs_dir)
+    assert code == 0 and out.count(" COMPLETED ") == 3 and f"evaluation job {eval_job}: COMPLETED" in out
+    assert str(runs_dir / "slurm" / f"{array}_1.log") in out and str(runs_dir / "sft_tiny-qwen2_s1" / "train.log") in out
+
+
+@pytest.mark.slow
+def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, tmp_path, capsys, tiny_model):
+    runs_dir = tmp_path / "runs"
+    # array_limit 1: the long run starts after the short one has finished, so it can be cancelled at its first
+    # checkpoint (far from its end) without a race against the short run.
+    spec = write_spec(tmp_path / "s.yaml", name="cr", runs_dir=str(runs_dir), base={**TINY, "save_steps": 3},
+                      grid={"max_steps": [4, 60]}, naming="{method}_m{max_steps}", slurm={"array_limit": 1})
+    short, long = runs_dir / "sft_m4", runs_dir / "sft_m60"
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
+    assert code == 0, out + err
+    array = read_json(runs_dir / "sweep.json")["slurm"]["array_job_id"]
+    wait_for("the long run's first checkpoint", lambda: checkpoints(long), 180, runs_dir)
+    assert states(array)[f"{array}_0"] == "COMPLETED"
+
+    code, _, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")  # still running
+    assert code == 2 and err.count("\n") == 1 and "still in SLURM" in err and f"{array}_1 RUNNING" in err
+
+    code, out, _ = run_cli(capsys, "cancel", runs_dir)
+    assert code == 0 and f"cancelled training array {array}: {array}_1 (RUNNING)" in out
+    wait_for("the cancel", lambda: settled(array), 30, runs_dir)
+    assert states(array)[f"{array}_1"] == "CANCELLED"
+    saved = checkpoints(long)[-1]
+    assert saved < 60 and (maybe_json(long / "run.json") or {}).get("status") != "finished"
+
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
+    assert code == 0, out + err
+    again = read_json(runs_dir / "sweep.json")["slurm"]["array_job_id"]
+    assert again != array and "1 task(s) (1)" in out and "1 run(s) already finished" in out
+    assert "#SBATCH --array=1%1\n" in (runs_dir / "slurm" / "sweep.sbatch").read_text()
+    wait_for("the resubmitted run", lambda: settled(again), 180, runs_dir)
+    assert read_json(long / "run.json")["status"] == "finished", (long / "train.log").read_text()[-2000:]
+    resumed = re.findall(r"resuming from (\S+)", (long / "train.log").read_text())
+    assert resumed and int(resumed[-1].rsplit("-", 1)[1]) >= saved
+    assert read_json(short / "run.json")["attempts"] == 1  # the finished run was not run again
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_model):
+    """Preemption / time limit: SLURM signals the batch step with USR1 (here by hand, as `--signal=B:USR1@N` would)."""
+    runs_dir = tmp_path / "runs"
+    spec = write_spec(tmp_path / "s.yaml", name="pre", runs_dir=str(runs_dir),
+                      base={**TINY, "max_steps": 40, "save_steps": 1000})  # no checkpoint but the one USR1 asks for
+    run = runs_dir / "sft_tiny-qwen2_s42"
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
+    assert code == 0, out + err
+    array = read_json(runs_dir / "sweep.json")["slurm"]["array_job_id"]
+    task = f"{array}_0"
+    wait_for("training to start", lambda: (maybe_json(run / "progress.json") or {}).get("step", 0) >= 2, 120, runs_dir)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True)
+
+    # The task requeues itself; SLURM holds a requeued job ~2 min (BeginTime = now + CredExpire): release it now.
+    wait_for("the requeue", lambda: states(array).get(task) == "PENDING", 60, runs_dir)
+    saved = checkpoints(run)[-1]
+    assert read_json(run / "run.json")["status"] == "interrupted"
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
+    wait_for("the requeued task", lambda: states(array).get(task) == "COMPLETED", 150, runs_dir)
+
+    record = read_json(run / "run.json")
+    assert record["status"] == "finished" and record["global_step"] == 40 and record["attempts"] == 2
+    assert record["resumed_from"].endswith(f"checkpoint-{saved}")
+    slurm_log = (runs_dir / "slurm" / f"{task}.log").read_text()
+    assert "signalled: checkpoint saved, requeueing to resume" in slurm_log and "restart 1" in slurm_log
+    assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", task], capture_output=True, text=True).stdout

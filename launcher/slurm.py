@@ -17,7 +17,6 @@ The renderers (`render_array_script`, `render_eval_script`, `array_spec`, `parse
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -71,7 +70,8 @@ def render_array_script(spec, runs, indices: list[int], sweep_dir: str, python: 
              "--open-mode=append"]  # a requeued task appends to its log instead of truncating it
     if requeue:
         lines += ["--requeue", f"--signal=B:USR1@{s.get('signal_seconds', 120)}"]
-    header = "\n".join(f"#SBATCH {line}" for line in lines + [str(x).removeprefix("#SBATCH ") for x in s.get("extra", [])])
+    lines += [str(x).removeprefix("#SBATCH ") for x in s.get("extra", [])]  # site-specific lines, verbatim
+    header = "\n".join(f"#SBATCH {line}" for line in lines)
     task = f"{shlex.quote(python)} -m launcher.slurm_task {shlex.quote(str(slurm_dir / 'runs.json'))} " \
            f"\"$SLURM_ARRAY_TASK_ID\" --retries {retries}"
     requeue_block = """if [ "$signalled" = USR1 ] && [ "$rc" -ne 0 ]; then
@@ -88,7 +88,8 @@ fi
 {header}
 
 task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
-echo "=== $(date -Is) task $task on $(hostname), restart ${{SLURM_RESTART_COUNT:-0}}, CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"
+echo "=== $(date -Is) task $task on $(hostname), restart ${{SLURM_RESTART_COUNT:-0}}," \
+     "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"
 
 # The run is Python (runs.json -> runner.run_one); this shell relays signals to it and requeues.
 signalled=""
@@ -105,11 +106,15 @@ done
 """
 
 
+def eval_backend(spec, gpus: int) -> str:
+    """Shards on one GPU run one after the other in one process; with several GPUs a local Ray spreads them."""
+    return spec.eval.get("backend") or ("ray" if gpus > 1 else "local")
+
+
 def eval_command(spec, runs_dir: str, python: str, gpus: int) -> list[str]:
     """`tunefleet eval` with the spec's `eval:` settings (pure)."""
     e = spec.eval
-    backend = e.get("backend") or ("ray" if gpus > 1 else "local")
-    cmd = [python, "-m", "launcher.cli", "eval", "--runs_dir", runs_dir, "--backend", backend,
+    cmd = [python, "-m", "launcher.cli", "eval", "--runs_dir", runs_dir, "--backend", eval_backend(spec, gpus),
            "--shards", str(e.get("shards") or 1)]
     for key in EVAL_FLAGS:
         if e.get(key) is not None:
@@ -126,7 +131,8 @@ def render_eval_script(spec, sweep_dir: str, python: str, after: str | None) -> 
     wait = [f"--dependency=afterok:{after}",
             "--kill-on-invalid-dep=yes"] if after else []  # a failed run drops the eval job (no endless PENDING)
     lines = [f"--job-name=tf-{spec.name}-eval", *wait,
-             *_resource_lines(spec, gpus, r.cpus_per_run * (shards if gpus else 1), r.memory_gb),
+             *_resource_lines(spec, gpus, r.cpus_per_run * (shards if eval_backend(spec, gpus) == "ray" else 1),
+                              r.memory_gb),
              f"--output={Path(sweep_dir) / 'slurm'}/eval_%j.log",
              *[str(x).removeprefix("#SBATCH ") for x in spec.slurm.get("extra", [])]]
     header = "\n".join(f"#SBATCH {line}" for line in lines)
@@ -220,14 +226,9 @@ def submit_sweep(spec, runs, a) -> int:
     previous = read_json(state_path) or {}
     python = spec.slurm.get("python") or sys.executable
 
-    # Never run a run twice: a previous array of this sweep that SLURM may still start blocks resubmission.
     old = previous.get("slurm") or {}
-    if not a.dry_run and old:
-        busy = active_jobs(queue_states(old.get("job_ids", [])))
-        if busy:
-            shown = ", ".join(f"{j} {s}" for j, s in sorted(busy.items())[:4]) + (" ..." if len(busy) > 4 else "")
-            raise TunefleetError(f"sweep {spec.name} is still in SLURM ({shown}); resubmitting now could run a run "
-                                 f"twice: wait for it or `tunefleet cancel {spec.runs_dir}` first")
+    if not a.dry_run:
+        refuse_while_queued(spec, old.get("job_ids", []))
 
     todo = [i for i, run in enumerate(runs)
             if (read_json(Path(run.output_dir) / "run.json") or {}).get("status") != "finished"]
@@ -251,27 +252,48 @@ def submit_sweep(spec, runs, a) -> int:
 
     slurm_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(slurm_dir / "runs.json", {"sweep": spec.name, "runs": plain})
-    array_id = None
+    state = {"name": spec.name, "spec": str(a.spec), "backend": "slurm", "started_at": now(),
+             "runs": {r.name: {"output_dir": r.output_dir, "method": r.method,
+                               "status": "queued" if i in todo else "finished", **_earlier_job(previous, r.name)}
+                      for i, r in enumerate(runs)},
+             "slurm": {"job_ids": [], "array_job_id": None, "eval_job_id": None, "script": None,
+                       "previous_job_ids": old.get("previous_job_ids", []) + old.get("job_ids", [])}}
+    array_id = eval_id = None
     if array_script:
         (slurm_dir / "sweep.sbatch").write_text(array_script)
         array_id = sbatch(slurm_dir / "sweep.sbatch")
+        state["slurm"].update(job_ids=[array_id], array_job_id=array_id, script=str(slurm_dir / "sweep.sbatch"))
+        for i in todo:
+            state["runs"][runs[i].name].update(slurm_task=i, slurm_job=f"{array_id}_{i}")
+    write_json_atomic(state_path, state)  # before the eval job: whatever happens next, a resubmission sees the array
 
-    eval_id = None
     if a.eval:
         (slurm_dir / "eval.sbatch").write_text(render_eval_script(spec, str(sweep_dir), python, array_id))
-        eval_id = sbatch(slurm_dir / "eval.sbatch")
+        try:
+            eval_id = sbatch(slurm_dir / "eval.sbatch")
+        except TunefleetError as exc:
+            if array_id:
+                raise TunefleetError(f"{exc} (training array {array_id} is submitted; evaluate later with "
+                                     f"`tunefleet eval --runs_dir {spec.runs_dir}`)") from None
+            raise
+        state["slurm"].update(job_ids=state["slurm"]["job_ids"] + [eval_id], eval_job_id=eval_id)
+        write_json_atomic(state_path, state)
 
-    state = {"name": spec.name, "spec": str(a.spec), "backend": "slurm", "started_at": now(),
-             "runs": {r.name: {"output_dir": r.output_dir, "method": r.method,
-                               "status": "queued" if i in todo else "finished",
-                               **({"slurm_task": i, "slurm_job": f"{array_id}_{i}"} if i in todo else
-                                  _earlier_job(previous, r.name))}
-                      for i, r in enumerate(runs)},
-             "slurm": {"job_ids": [j for j in (array_id, eval_id) if j], "array_job_id": array_id,
-                       "eval_job_id": eval_id, "script": str(slurm_dir / "sweep.sbatch") if array_id else None,
-                       "previous_job_ids": old.get("previous_job_ids", []) + old.get("job_ids", [])}}
-    write_json_atomic(state_path, state)
+    print_submitted(spec, runs, todo, array_id, eval_id, sweep_dir)
+    return 0
 
+
+def refuse_while_queued(spec, job_ids: list) -> None:
+    """Never run a run twice: while SLURM may still start the sweep's previous jobs, refuse to resubmit."""
+    busy = active_jobs(queue_states(job_ids))
+    if busy:
+        shown = ", ".join(f"{j} {s}" for j, s in sorted(busy.items())[:4]) + (" ..." if len(busy) > 4 else "")
+        raise TunefleetError(f"sweep {spec.name} is still in SLURM ({shown}); resubmitting now could run a run "
+                             f"twice: wait for it or `tunefleet cancel {spec.runs_dir}` first")
+
+
+def print_submitted(spec, runs, todo, array_id, eval_id, sweep_dir: Path) -> None:
+    slurm_dir, finished = sweep_dir / "slurm", len(runs) - len(todo)
     if array_id:
         limit = spec.slurm.get("array_limit") or spec.resources.max_parallel
         print(f"submitted sweep {spec.name}: SLURM array job {array_id}, {len(todo)} task(s) "
@@ -283,11 +305,10 @@ def submit_sweep(spec, runs, a) -> int:
         print(f"evaluation: job {eval_id}" + (f", starts when every task of {array_id} succeeded" if array_id else "")
               + f"; results in {sweep_dir / 'evaluation_results.json'}")
     print(f"follow: tunefleet status {spec.runs_dir}    cancel: tunefleet cancel {spec.runs_dir}")
-    return 0
 
 
 def _earlier_job(previous: dict, name: str) -> dict:
-    """A run finished by an earlier submission keeps that task id (status shows its log)."""
+    """A run's task id from the previous submission (kept for a finished run: status shows its log)."""
     info = (previous.get("runs") or {}).get(name) or {}
     return {k: info[k] for k in ("slurm_task", "slurm_job") if k in info}
 
@@ -303,12 +324,14 @@ def cancel(state: dict) -> int:
         return 0
     proc = _slurm(["scancel", *ids])
     if proc.returncode != 0:
-        raise TunefleetError(f"scancel {' '.join(ids)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise TunefleetError(f"scancel {' '.join(ids)} failed: {reason}")
     roles = {str(s.get("array_job_id")): "training array", str(s.get("eval_job_id")): "evaluation"}
     for jid in ids:
         mine = {j: st for j, st in busy.items() if j == jid or j.startswith(f"{jid}_")}
         if mine:
-            print(f"cancelled {roles.get(jid, 'job')} {jid}: " + ", ".join(f"{j} ({st})" for j, st in sorted(mine.items())))
+            listed = ", ".join(f"{j} ({st})" for j, st in sorted(mine.items()))
+            print(f"cancelled {roles.get(jid, 'job')} {jid}: {listed}")
     print(f"resume later with: tunefleet sweep {state.get('spec', 'SPEC')} --backend slurm "
           "(finished runs are skipped, the others resume from their checkpoints)")
     return 0

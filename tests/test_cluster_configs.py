@@ -35,7 +35,8 @@ ALL_FILES = sorted(p for p in CONFIGS.rglob("*") if p.is_file() and "__pycache__
 ACCELERATE = _files("accelerate/*.yaml") + _files("accelerate/*.yml")
 DEEPSPEED = _files("deepspeed/*.json")
 RAY = _files("ray/*.yaml") + _files("ray/*.yml")
-VALIDATED = set(ACCELERATE) | set(DEEPSPEED) | set(RAY) | {README}
+SLURM = _files("slurm/*.sbatch")  # validated by tests/test_slurm.py (bash -n, Ray's SLURM steps)
+VALIDATED = set(ACCELERATE) | set(DEEPSPEED) | set(RAY) | set(SLURM) | {README}
 
 
 def rel(path: Path) -> str:
@@ -86,7 +87,7 @@ def test_configs_exist():
     names = {rel(p) for p in ALL_FILES}
     for expected in ["accelerate/single.yaml", "accelerate/ddp.yaml", "accelerate/zero2.yaml", "accelerate/zero3.yaml",
                      "deepspeed/zero2.json", "deepspeed/zero3.json", "ray/aws.yaml", "ray/gcp.yaml",
-                     "ray/onprem.yaml", "README.md"]:
+                     "ray/onprem.yaml", "slurm/ray_cluster.sbatch", "README.md"]:
         assert f"cluster_configs/{expected}" in names
 
 

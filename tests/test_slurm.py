@@ -8,12 +8,9 @@ installed skips the cluster tests (the pure ones still run).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -69,7 +66,8 @@ def cluster():
     proc = subprocess.run([str(START), SLURM_DIR], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         if any(reason in proc.stderr for reason in CANNOT_INSTALL):
-            pytest.skip(f"SLURM cannot be installed here: {proc.stderr.strip().splitlines()[-1]}")
+            why = [line for line in proc.stderr.splitlines() if "ERROR:" in line] or ["?"]
+            pytest.skip(f"SLURM cannot be installed here: {why[0].split('ERROR:', 1)[-1].strip()}")
         raise AssertionError(f"start_local_slurm.sh failed:\n{proc.stderr[-3000:]}")
     with pytest.MonkeyPatch.context() as mp:
         for line in proc.stdout.splitlines():  # "export K=V"
@@ -112,6 +110,7 @@ def test_eval_script_depends_on_the_array_and_carries_the_eval_settings():
                                                          "batch_size": 8, "skip_perplexity": True})
     text = slurm.render_eval_script(spec, "/data/rs", "/venv/bin/python", "4711")
     assert "#SBATCH --dependency=afterok:4711" in text and "#SBATCH --gres=gpu:2" in text
+    assert "#SBATCH --cpus-per-task=2" in text  # one CPU per Ray shard
     assert ("exec /venv/bin/python -m launcher.cli eval --runs_dir /data/rs --backend ray --shards 2 --max_samples 10 "
             "--max_generation_samples 1 --batch_size 8 --skip_perplexity") in text
     one_gpu = slurm.render_eval_script(spec_of(resources={"gpus_per_run": 1}), "/d", "p", None)
@@ -215,8 +214,8 @@ def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, 
     # array_limit 1: the long run starts after the short one has finished, so it can be cancelled at its first
     # checkpoint (far from its end) without a race against the short run.
     spec = write_spec(tmp_path / "s.yaml", name="cr", runs_dir=str(runs_dir), base={**TINY, "save_steps": 3},
-                      grid={"max_steps": [4, 60]}, naming="{method}_m{max_steps}", slurm={"array_limit": 1})
-    short, long = runs_dir / "sft_m4", runs_dir / "sft_m60"
+                      grid={"max_steps": [4, 30]}, naming="{method}_m{max_steps}", slurm={"array_limit": 1})
+    short, long = runs_dir / "sft_m4", runs_dir / "sft_m30"
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err
     array = read_json(runs_dir / "sweep.json")["slurm"]["array_job_id"]
@@ -231,7 +230,7 @@ def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, 
     wait_for("the cancel", lambda: settled(array), 30, runs_dir)
     assert states(array)[f"{array}_1"] == "CANCELLED"
     saved = checkpoints(long)[-1]
-    assert saved < 60 and (maybe_json(long / "run.json") or {}).get("status") != "finished"
+    assert saved < 30 and (maybe_json(long / "run.json") or {}).get("status") != "finished"
 
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err
@@ -250,7 +249,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     """Preemption / time limit: SLURM signals the batch step with USR1 (here by hand, as `--signal=B:USR1@N` would)."""
     runs_dir = tmp_path / "runs"
     spec = write_spec(tmp_path / "s.yaml", name="pre", runs_dir=str(runs_dir),
-                      base={**TINY, "max_steps": 40, "save_steps": 1000})  # no checkpoint but the one USR1 asks for
+                      base={**TINY, "max_steps": 30, "save_steps": 1000})  # no checkpoint but the one USR1 asks for
     run = runs_dir / "sft_tiny-qwen2_s42"
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err
@@ -259,15 +258,19 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     wait_for("training to start", lambda: (maybe_json(run / "progress.json") or {}).get("step", 0) >= 2, 120, runs_dir)
     subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True)
 
-    # The task requeues itself; SLURM holds a requeued job ~2 min (BeginTime = now + CredExpire): release it now.
+    # The task requeues itself. SLURM holds a requeued job ~2 min (BeginTime = now + CredExpire) so that the
+    # revoked credential of its last start cannot be confused with a new one; release it sooner, but not within
+    # the same second as the requeue (slurmd compares credential times in seconds: "Job credential revoked").
     wait_for("the requeue", lambda: states(array).get(task) == "PENDING", 60, runs_dir)
     saved = checkpoints(run)[-1]
     assert read_json(run / "run.json")["status"] == "interrupted"
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
-    wait_for("the requeued task", lambda: states(array).get(task) == "COMPLETED", 150, runs_dir)
+    wait_for("the requeued task", lambda: settled(array), 150, runs_dir)
+    assert states(array)[task] == "COMPLETED", (runs_dir / "slurm" / f"{task}.log").read_text()[-2000:]
 
     record = read_json(run / "run.json")
-    assert record["status"] == "finished" and record["global_step"] == 40 and record["attempts"] == 2
+    assert record["status"] == "finished" and record["global_step"] == 30 and record["attempts"] == 2
     assert record["resumed_from"].endswith(f"checkpoint-{saved}")
     slurm_log = (runs_dir / "slurm" / f"{task}.log").read_text()
     assert "signalled: checkpoint saved, requeueing to resume" in slurm_log and "restart 1" in slurm_log

@@ -67,6 +67,15 @@ class TrainConfig:
     report_to: str = _f("none", "Trackers: none, wandb, tensorboard, ... (comma separated).")
     bf16: bool | None = _f(None, "bf16 compute (default: on where the GPU supports it).")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory (worth it on large models).")
+    group_by_length: bool | None = _f(None, "Batch samples of similar length (less padding). Default: on for SFT, "
+                                            "DPO and ORPO; KTO needs sequential order, GRPO samples its own.")
+    padding_free: bool | None = _f(None, "SFT without padding (sequences kept apart by position ids). Default: on "
+                                         "where flash-attention is installed on a GPU.")
+    attn_implementation: str | None = _f(None, "Attention kernel: flash_attention_2, sdpa, eager. Default: "
+                                               "flash-attention when installed on a GPU, else sdpa.")
+    use_liger_kernel: bool | None = _f(None, "Liger fused kernels. Default: on when liger-kernel is installed "
+                                             "and a GPU is present.")
+    tf32: bool | None = _f(None, "TF32 matmuls. Default: on for GPUs that have them (Ampere or newer).")
     trust_remote_code: bool = _f(False, "Run code shipped with a hub model. Off unless you trust it.")
     overwrite: bool = _f(False, "Retrain even if output_dir holds a finished run.")
     num_processes: int = _f(1, "Processes (GPUs) for this run; >1 launches through accelerate launch.")

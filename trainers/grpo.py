@@ -12,7 +12,7 @@ reward-model path.
 
 from trl import GRPOConfig, GRPOTrainer
 
-from trainers import data, model, rewards, run
+from trainers import data, model, rewards, run, speed
 
 DEFAULT_COMPLETION_LENGTH = 64
 
@@ -29,12 +29,16 @@ def train(cfg):
     eval_ds = cfg.eval_split and data.load_for_method("grpo", cfg.dataset, cfg.eval_split, cfg.max_eval_samples,
                                                       cfg.seed, "--max_eval_samples")
 
+    # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
+    fast = speed.detect(cfg)
+
     # ---- tokenizer and base model (4-bit when --use_qlora)
     tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing)
+    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing,
+                            fast["attn_implementation"]["on"])
 
     # ---- trainer
-    args = GRPOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16)), beta=cfg.beta_value,
+    args = GRPOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), beta=cfg.beta_value,
                       num_generations=cfg.num_generations,
                       max_completion_length=cfg.max_completion_length or DEFAULT_COMPLETION_LENGTH)
     trainer = GRPOTrainer(
@@ -44,4 +48,4 @@ def train(cfg):
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from, extra={"reward_funcs": cfg.reward_funcs})
+    return run.train_and_save(trainer, cfg, resume_from, extra={"reward_funcs": cfg.reward_funcs, "fast_path": fast})

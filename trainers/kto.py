@@ -10,7 +10,7 @@ Takes prompt/completion/label rows, or preference pairs (the original README tra
 
 from trl import KTOConfig, KTOTrainer
 
-from trainers import data, model, run
+from trainers import data, model, run, speed
 
 
 def train(cfg):
@@ -22,12 +22,16 @@ def train(cfg):
     eval_ds = cfg.eval_split and data.load_for_method("kto", cfg.dataset, cfg.eval_split, cfg.max_eval_samples,
                                                       cfg.seed, "--max_eval_samples")
 
+    # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
+    fast = speed.detect(cfg)
+
     # ---- tokenizer and base model (4-bit when --use_qlora)
     tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing)
+    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing,
+                            fast["attn_implementation"]["on"])
 
     # ---- trainer
-    args = KTOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16)), max_length=cfg.max_length,
+    args = KTOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), max_length=cfg.max_length,
                      beta=cfg.beta_value)
     trainer = KTOTrainer(
         model=base, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
@@ -36,4 +40,4 @@ def train(cfg):
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from)
+    return run.train_and_save(trainer, cfg, resume_from, extra={"fast_path": fast})

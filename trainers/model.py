@@ -64,12 +64,14 @@ def quantization_config(dtype):
 
 
 def load_model(name: str, use_qlora: bool, bf16: bool | None = None, trust_remote_code: bool = False,
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, attn_implementation: str | None = None):
     """Base model ready for LoRA training (4-bit prepared when `use_qlora`)."""
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(bf16)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if use_qlora:
         kwargs["quantization_config"] = quantization_config(dtype)
         if has_gpu():

@@ -96,10 +96,12 @@ def git_commit() -> str | None:
         return None
 
 
-def training_args(cfg, dtype) -> dict:
-    """TrainingArguments shared by all five TRL configs."""
+def training_args(cfg, dtype, fast: dict | None = None) -> dict:
+    """TrainingArguments shared by all five TRL configs (`fast`: trainers.speed choices)."""
     import torch
 
+    fast = fast or {}
+    on = {k: v["on"] for k, v in fast.items()}
     evaluate = cfg.eval_split is not None
     deepspeed_on_cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     return dict(
@@ -128,7 +130,29 @@ def training_args(cfg, dtype) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing,
         disable_tqdm=not sys.stderr.isatty(),
         ddp_find_unused_parameters=False,
+        **({"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
+           if on.get("group_by_length") else {}),
+        **({"use_liger_kernel": True} if on.get("use_liger_kernel") else {}),
+        **({"tf32": True} if on.get("tf32") else {}),
     )
+
+
+def group_by_token_length(trainer) -> None:
+    """Give the tokenized train set a `length` column for length-grouped batches.
+
+    TRL's preference trainers tokenize into prompt/chosen/rejected id columns, and the HF sampler only infers
+    lengths from `input_ids`; the column must also survive the trainer's unused-column removal.
+    """
+    ds = trainer.train_dataset
+    id_cols = [c for c in ds.column_names if c.endswith("_ids") and "attention" not in c and "labels" not in c]
+    prompt = [c for c in id_cols if c.startswith("prompt")]
+    replies = [c for c in id_cols if c not in prompt]
+    if not id_cols or "length" in ds.column_names:
+        return
+    lengths = [sum(len(row[c]) for c in prompt) + max(len(row[c]) for c in replies) for row in ds.select_columns(id_cols)]
+    trainer.train_dataset = ds.add_column("length", lengths)
+    trainer._set_signature_columns_if_needed()
+    trainer._signature_columns = [*trainer._signature_columns, "length"]
 
 
 def progress_callback(output_dir: str):
@@ -219,6 +243,17 @@ def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dic
     return record
 
 
+def peak_memory() -> dict:
+    """Peak resident memory of this process and peak GPU memory (MiB), for run.json and the benchmarks."""
+    import resource
+
+    import torch
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def finish_record(cfg, record: dict, status: str, **fields) -> None:
     record.update(status=status, ended_at=now(), **fields)
     if is_main_process():
@@ -269,7 +304,7 @@ def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = N
         raise Preempted(preemption.signum)
     trainer.save_model(cfg.output_dir)  # adapter, training_args.bin, tokenizer at the top level
     trainer.save_state()  # trainer_state.json at the top level
-    finish_record(cfg, record, "finished", global_step=trainer.state.global_step,
+    finish_record(cfg, record, "finished", global_step=trainer.state.global_step, **peak_memory(),
                   train_runtime_s=result.metrics.get("train_runtime"), train_loss=result.metrics.get("train_loss"),
                   world_size=trainer.accelerator.num_processes)
     return record

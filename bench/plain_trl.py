@@ -3,8 +3,9 @@
     python bench/plain_trl.py sft MODEL_DIR DATA.jsonl OUT_DIR [--epochs 1] [--max_steps N] [--batch 8] [--lr 2e-4]
 
 Prints one JSON line: train_runtime, first_loss, peak_rss_mb (and peak_gpu_mb on a GPU).
-Only what a plain script must set is set: LoRA (r 16, all linear), batch, lr, epochs, use_cpu on CPU
-(TRL otherwise resolves bf16 and fails), no checkpoints, no trackers.
+Only what a plain script must set is set: LoRA (r 16, all linear), batch, lr, epochs, on CPU use_cpu and
+bf16 off (TRL resolves bf16=True: an error on CPU, or slow bf16 autocast with use_cpu), no checkpoints, no
+trackers. Everything else is TRL's default (gradient checkpointing on, random batch order, ...).
 """
 
 import argparse
@@ -43,6 +44,10 @@ def main():
     common = dict(output_dir=a.out, num_train_epochs=a.epochs, max_steps=a.max_steps, per_device_train_batch_size=a.batch,
                   gradient_accumulation_steps=1, learning_rate=a.lr, logging_steps=1, save_strategy="no",
                   report_to=[], use_cpu=not torch.cuda.is_available(), seed=42, disable_tqdm=True)
+    if not torch.cuda.is_available():
+        # TRL resolves bf16=True; with use_cpu that is bf16 autocast on CPU, ~25x slower here. Every CPU user
+        # turns it off, so the baseline does too (it would flatter tunefleet otherwise).
+        common["bf16"] = False
     if a.method == "sft":
         from trl import SFTConfig as Config, SFTTrainer as Trainer
     elif a.method == "dpo":

@@ -43,15 +43,16 @@ def build_models(root: Path, which: list[str], qwen05b: bool) -> dict[str, Path]
                           intermediate_size=1024)}
     if qwen05b:  # the real Qwen2-0.5B-Instruct architecture (config kept in bench/), random init, tiny tokenizer
         shapes["qwen2-0.5b"] = {k: v for k, v in json.loads((ROOT / "bench" / "qwen2_0.5b_config.json").read_text()).items()
-                                if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                if k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                                          "num_key_value_heads", "intermediate_size", "rope_theta")}
         which = [*which, "qwen2-0.5b"]
     for name, shape in shapes.items():
         if name not in which:
             continue
         torch.manual_seed(0)
-        cfg = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, **shape)
+        # The tiny tokenizer's ids fit any vocabulary; the 0.5B shape keeps Qwen's 151,936 rows (real memory).
+        cfg = Qwen2Config(**{"vocab_size": len(tok), **shape}, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
         path = root / f"model-{name}"
         Qwen2ForCausalLM(cfg).save_pretrained(path)
         tok.save_pretrained(path)
@@ -137,7 +138,7 @@ def tunefleet(method, model, data, out, batch, qlora) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["sft", "dpo", "orpo", "kto", "grpo"])
-    p.add_argument("--models", nargs="+", default=["tiny", "10m"])
+    p.add_argument("--models", nargs="*", default=["tiny", "10m"], help="tiny, 10m (none: only --qwen05b).")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--qwen05b", action="store_true", help="Add the Qwen2-0.5B architecture (GPU).")

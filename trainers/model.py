@@ -74,8 +74,8 @@ def load_model(name: str, use_qlora: bool, bf16: bool | None = None, trust_remot
         kwargs["attn_implementation"] = attn_implementation
     if use_qlora:
         kwargs["quantization_config"] = quantization_config(dtype)
-        if has_gpu():
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        if has_gpu() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # DeepSpeed places weights itself
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve(name), **kwargs)
     except TunefleetError:

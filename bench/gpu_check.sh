@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# ONE prepared GPU check, for a session that is lent a GPU machine (~10 minutes of device time).
+# The GPU image has torch/transformers/peft/accelerate but not trl, datasets, bitsandbytes, ray or deepspeed:
+# carry their wheels in .whl/ (git-ignored), as the device notes explain, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     -d .whl trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 (+ their missing deps: multiprocess, xxhash, dill, ...)
+# then run:  bash bench/gpu_check.sh   (writes its figures to $OUT or ./gpu_check_out)
+#
+# What it shows, on a random-init model with the real Qwen2-0.5B-Instruct architecture (bench/qwen2_0.5b_config.json):
+#   1. tunefleet QLoRA SFT and DPO vs a plain TRL script with TRL's defaults: tokens/s, peak GPU memory, ratio;
+#   2. whether 4-bit layers were really used (run.json qlora_4bit_layers) and the fast-path choices;
+#   3. the ZeRO-3 + QLoRA path (one process, deepspeed carried) loads and trains a few steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_check_out}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export TUNEFLEET_CACHE=/tmp/tunefleet-cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, transformers, trl, peft, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)" \
+  | tee -a "$out/gpu.txt"
+
+echo "== 1-2. tunefleet vs plain TRL, QLoRA, Qwen2-0.5B architecture (random init)"
+timeout 420 python3 bench/train_throughput.py --models --qwen05b --qlora --methods sft dpo --samples 256 --batch 8 \
+  --json "$out/train_throughput_gpu.json" 2>&1 | grep -vE "Warning|warn\(" | tee "$out/train_throughput_gpu.txt"
+
+echo "== 3. ZeRO-3 + QLoRA (one process)"
+if python3 -c "import deepspeed" 2>/dev/null; then
+  timeout 150 python3 -m launcher.cli train --method sft --model_name tunefleet/tiny-qwen2 \
+    --dataset tunefleet/tiny-ultrafeedback --split train_sft --output_dir /tmp/zero3-qlora --max_steps 4 \
+    --accelerate_config zero3 --use_qlora true --overwrite 2>&1 | tail -5 | tee "$out/zero3_qlora.txt"
+  python3 -c "import json; r=json.load(open('/tmp/zero3-qlora/run.json')); print({k: r.get(k) for k in \
+('status', 'distributed_type', 'qlora_4bit_layers', 'peak_gpu_mb', 'launch')})" | tee -a "$out/zero3_qlora.txt"
+else
+  echo "deepspeed not carried: ZeRO-3 step skipped" | tee "$out/zero3_qlora.txt"
+fi

@@ -17,14 +17,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The whole fleet on the embedded default: 5 methods x 2 seeds on a local Ray, then the evaluator.
 demo: setup
-	$(BIN)/python scripts/demo.py
+	$(BIN)/tunefleet sweep sweeps/demo.yaml --backend ray --eval
+	@echo "outputs: runs/demo/<run>/ (adapter, run.json, train.log), runs/demo/evaluation_results.json,"
+	@echo "         runs/demo/evaluation_report.md, runs/demo/*.png"
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/sweep_efficiency.py
 
 clean:
 	rm -rf $(VENV) .cache runs/*

@@ -142,7 +142,7 @@ def bench_end_to_end(n_runs: int = 10, max_samples: int = 100, gens: int = 3) ->
         same_acc = all(res[name]["preference_accuracy"] == r["preference_accuracy"] for name, r in ref.items())
         print(f"(b) end to end, {n_runs} runs x ({max_samples} conversations + {max_samples} pairs + {gens} generations)")
         print(f"    original way (per run: load base+adapter, per-sample loop)  {orig_s:7.1f} s")
-        print(f"    tunefleet eval (base loaded once, batched, + base row)      {ours_s:7.1f} s")
+        print(f"    tunefleet eval (base once, batched, mixed-adapter gen)      {ours_s:7.1f} s")
         print(f"    speed-up {orig_s / ours_s:.2f}x; same numbers: test_loss max rel. diff {worst:.1e}, "
               f"preference accuracy identical: {same_acc}")
         assert math.isfinite(worst) and worst < 1e-5 and same_acc

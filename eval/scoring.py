@@ -95,8 +95,13 @@ def _token_nll(model, ids, attention):
         return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy replies to several conversations in one left-padded batch (the report's generation samples)."""
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
+             adapter_names: list[str] | None = None) -> list[str]:
+    """Greedy replies to several conversations in one left-padded batch (the report's generation samples).
+
+    `adapter_names` (PEFT mixed-adapter batch): row i uses adapter adapter_names[i] ("__base__": none), so
+    the samples of many runs come from one generate call.
+    """
     import torch
 
     if not conversations:
@@ -110,7 +115,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     finally:
         tokenizer.padding_side = side
     with torch.inference_mode():
+        extra = {"adapter_names": adapter_names} if adapter_names else {}
         out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, **extra)
     width = enc["input_ids"].shape[1]
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]

@@ -89,7 +89,7 @@ class Scorer:
         t0 = time.time()
         results, errors = [], {}
         for task in tasks:
-            if task.target in errors:
+            if task.target in errors or task.metric == "gen":
                 continue
             try:
                 model = self._model_for(task.target, targets[task.target])
@@ -101,7 +101,33 @@ class Scorer:
                 results.append((task, values))
             except Exception as exc:  # one bad adapter must not stop the others
                 errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
+        results += self._generate_all([t for t in tasks if t.metric == "gen" and t.target not in errors], targets, errors)
         return {"results": results, "errors": errors, "seconds": time.time() - t0}
+
+    def _generate_all(self, tasks: list[Task], targets: dict, errors: dict) -> list:
+        """Every target's generation samples in one mixed-adapter batch (one generate call, not one per run)."""
+        rows = []  # (task, adapter name)
+        for task in tasks:
+            try:
+                self._model_for(task.target, targets[task.target])  # attach its adapter
+                rows.append((task, self.loaded.get(task.target, "__base__")))
+            except Exception as exc:
+                errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
+        conversations = [m for task, _ in rows for m in self.data["gen"][task.start:task.end]]
+        names = [name for task, name in rows for _ in range(task.end - task.start)]
+        try:
+            replies = generate(self.peft or self.base, self.tokenizer, conversations,
+                               adapter_names=names if self.peft is not None else None)
+        except Exception as exc:
+            for task, _ in rows:
+                errors[task.target] = f"generation failed: {type(exc).__name__}: {first_line(exc)}"
+            return []
+        out, i = [], 0
+        for task, _ in rows:
+            convs = self.data["gen"][task.start:task.end]
+            out.append((task, [{"prompt": _last_user(m), "response": r} for m, r in zip(convs, replies[i:i + len(convs)])]))
+            i += len(convs)
+        return out
 
     def _score(self, model, task: Task) -> list:
         pad = self.tokenizer.pad_token_id or 0
@@ -113,9 +139,7 @@ class Scorer:
             # chosen and rejected share a prompt and have similar lengths: score them in the same batches
             sums, counts = score_batched(model, [s for pair in pairs for s in pair], self.batch_size, pad)
             return [[sums[2 * i], counts[2 * i], sums[2 * i + 1], counts[2 * i + 1]] for i in range(len(pairs))]
-        conversations = self.data["gen"][task.start:task.end]
-        replies = generate(model, self.tokenizer, conversations)
-        return [{"prompt": _last_user(m), "response": r} for m, r in zip(conversations, replies)]
+        raise ValueError(f"unknown metric {task.metric}")
 
 
 def _last_user(messages: list[dict]) -> str:

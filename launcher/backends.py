@@ -11,7 +11,7 @@ import queue
 import threading
 
 from launcher.progress import SweepView
-from launcher.runner import run_one, terminate_children
+from launcher.runner import run_one, stopping, terminate_children
 from trainers.errors import TunefleetError
 
 
@@ -51,6 +51,8 @@ def run_local(runs: list[dict], resources, retries: int, view: SweepView) -> lis
             except queue.Empty:
                 return
             for attempt in range(retries + 1):
+                if stopping.is_set():
+                    return
                 with lock:
                     view.set(run["name"], "running", f"(attempt {attempt + 1})" if attempt else "")
                 outcome = run_one(run, env)

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from launcher.launch import free_port, launch_command, plan_launch
 from trainers.run import now, read_json, write_json_atomic
 
 _children: set[subprocess.Popen] = set()
+stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
 
 
 def _die_with_parent() -> None:
@@ -64,6 +66,9 @@ def run_one(run: dict, env_extra: dict | None = None) -> dict:
     from trainers.config import from_dict
     choice, env = plan_launch(from_dict(run["config"]), env_extra)
     run["config"]["accelerate_config"] = choice.config or "auto"
+    if stopping.is_set():
+        return {"name": run["name"], "status": "failed", "skipped": False, "returncode": None, "wall_s": 0.0,
+                "log": str(out / "train.log"), "error": "sweep interrupted before this run started", **summary(run)}
     cfg_path = write_run_config(run)
     cmd = launch_command(["--config", str(cfg_path)], int(run["config"].get("num_processes", 1)), free_port(),
                          choice.config)
@@ -100,12 +105,13 @@ def _last_error(log: Path) -> str | None:
 
 
 def terminate_children() -> None:
-    """Stop the training processes this process started (Ctrl-C): they keep their checkpoints."""
+    """Stop the training processes this process started (Ctrl-C): they save a checkpoint and exit."""
+    stopping.set()
     for proc in list(_children):
         if proc.poll() is None:
             proc.terminate()
     for proc in list(_children):
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=60)  # the trainer finishes its step and writes a checkpoint
         except subprocess.TimeoutExpired:
             proc.kill()

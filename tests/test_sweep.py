@@ -201,3 +201,30 @@ def test_ray_job_submit_runs_a_sweep_on_a_started_head(tmp_path, tiny_model):
     finally:
         head.stop()
     assert not _pids_under(head.temp_dir)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_runs_resume(tmp_path, tiny_model):
+    spec = write_spec(tmp_path / "s.yaml", name="rc", runs_dir=str(tmp_path / "runs"),
+                      base={**TINY_BASE, "max_steps": 300, "save_steps": 1000}, grid={"method": ["sft"]},
+                      methods={"sft": SPLITS["sft"]})
+    run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "local"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (read_json_or_none(run / "progress.json") or {}).get("step"):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "they keep their checkpoints" in out
+    record = read_json(run / "run.json")
+    assert record["status"] == "interrupted" and "checkpoint" in record["note"]  # saved on the way out
+    step = record["global_step"]
+    assert (run / f"checkpoint-{step}" / "trainer_state.json").exists() and 0 < step < 300
+
+
+def read_json_or_none(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

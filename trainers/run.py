@@ -177,7 +177,7 @@ def progress_callback(output_dir: str):
 
 
 class Preempted(Exception):
-    """SIGUSR1/SIGTERM arrived: a checkpoint was saved and training stopped (SLURM preemption, Ctrl-C of a sweep)."""
+    """SIGUSR1/SIGTERM/SIGINT arrived: a checkpoint was saved and training stopped (SLURM preemption, Ctrl-C of a sweep)."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum} after saving a checkpoint")
@@ -185,10 +185,11 @@ class Preempted(Exception):
 
 
 def preemption_callback():
-    """On SIGUSR1 or SIGTERM: save a checkpoint at the end of the current step, then stop training.
+    """On SIGUSR1, SIGTERM or Ctrl-C: save a checkpoint at the end of the current step, then stop training.
 
     SLURM sends SIGUSR1 before the time limit (`--signal=B:USR1@120`, forwarded by the batch script); a
-    sweep's Ctrl-C sends SIGTERM. Either way the run resumes from that checkpoint when started again.
+    sweep's Ctrl-C reaches its runs as SIGINT or SIGTERM. Either way the run resumes from that checkpoint when
+    started again. A second Ctrl-C stops at once.
     """
     import signal
 
@@ -205,9 +206,11 @@ def preemption_callback():
     callback = Preemption()
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and callback.signum is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
         callback.signum = signum
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         try:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (in-process use from a thread): no signal handling

@@ -70,19 +70,8 @@ def load_yaml_lines(path: str) -> tuple[dict, dict]:
     """YAML mapping plus {dotted.key: line} so errors can point at the file line."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise TunefleetError(f"sweep spec {path} not found")
-    text = p.read_text()
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise TunefleetError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise TunefleetError(f"{path}: a sweep spec is a mapping (name, base, grid, ...)")
+    data, node = config.parse_yaml_mapping(path, "sweep spec", "a sweep spec is a mapping (name, base, grid, ...)",
+                                           with_nodes=True)
     lines: dict[str, int] = {}
 
     def walk(n, prefix):

@@ -228,3 +228,24 @@ def read_json_or_none(path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+@pytest.mark.slow
+def test_killed_ray_worker_is_rerun_and_resumes(tmp_path, tiny_model):
+    spec = write_spec(tmp_path / "s.yaml", name="rw", runs_dir=str(tmp_path / "runs"),
+                      base={**TINY_BASE, "max_steps": 150, "save_steps": 5}, grid={"method": ["sft"]},
+                      methods={"sft": SPLITS["sft"]})
+    run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray",
+                             "--retries", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(run.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.2)
+    child = read_json(run / "launch.json")["pid"]
+    worker = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the Ray worker running the task
+    os.kill(worker, signal.SIGKILL)  # the worker dies; Ray re-runs the task, which resumes the run
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    log = (run / "train.log").read_text()
+    assert log.count("=== ") == 2 and "resuming from" in log
+    assert read_json(run / "run.json")["status"] == "finished" and read_json(run / "run.json")["resumed_from"]

@@ -193,21 +193,28 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
         raise TunefleetError(f"{where}GRPO needs at least one reward in --reward_funcs")
 
 
-def load_yaml(path: str) -> dict:
+def parse_yaml_mapping(path: str, what: str, expected: str, with_nodes: bool = False):
+    """Read a YAML mapping; one-line errors with the file line. `with_nodes`: also the composed node tree."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise TunefleetError(f"config file {path} not found")
+        raise TunefleetError(f"{what} {path} not found")
+    text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text, Loader=yaml.SafeLoader) if with_nodes else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
+        line = f":{mark.line + 1}" if mark else ""
         raise TunefleetError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
-        raise TunefleetError(f"{path}: expected a mapping of flag names to values")
-    return data
+        raise TunefleetError(f"{path}: {expected}")
+    return (data, node) if with_nodes else data
+
+
+def load_yaml(path: str) -> dict:
+    return parse_yaml_mapping(path, "config file", "expected a mapping of flag names to values")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

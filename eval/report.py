@@ -18,7 +18,7 @@ COLUMNS = [
     ("method", "method", None, "{}"),
     ("seed", "seed", None, "{}"),
     ("total_steps", "steps", None, "{}"),
-    ("final_train_loss", "final train loss", "min", "{:.4f}"),
+    ("final_train_loss", "final train loss", None, "{:.4f}"),  # losses of different methods do not compare
     ("test_loss", "test loss", "min", "{:.4f}"),
     ("perplexity", "perplexity", "min", "{:.3f}"),
     ("preference_accuracy", "pref. acc.", "max", "{:.3f}"),

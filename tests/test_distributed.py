@@ -50,9 +50,10 @@ def test_ddp_two_processes(method, tmp_path, tiny_model):
     assert (out / "checkpoint-4" / "rng_state_1.pth").exists()  # both ranks checkpointed their RNG
 
 
-def test_zero2_two_processes(tmp_path, tiny_model):
+@pytest.mark.parametrize("method", ["sft", "dpo"])  # DPO: the reference is the adapter-disabled base under ZeRO
+def test_zero2_two_processes(method, tmp_path, tiny_model):
     out = tmp_path / "z2"
-    proc = cli(*train_args("sft", out, "--max_steps", 4, "--save_steps", 2, "--accelerate_config", "zero2"))
+    proc = cli(*train_args(method, out, "--max_steps", 4, "--save_steps", 2, "--accelerate_config", "zero2"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     record = read_json(out / "run.json")
     assert record["world_size"] == 2 and record["distributed_type"] == "DistributedType.DEEPSPEED"

@@ -121,6 +121,15 @@ def test_unreachable_address(tmp_path, capsys):
 
 # ------------------------------------------------------------------ real Ray
 @pytest.mark.slow
+def test_more_gpus_than_any_node_is_refused_up_front(tmp_path, capsys, tiny_model):
+    spec = write_spec(tmp_path / "s.yaml", name="g", runs_dir=str(tmp_path / "runs"), base={**TINY_BASE, **SPLITS["sft"]},
+                      grid={"method": ["sft"]}, resources={"gpus_per_run": 1})
+    code, _, err = run_cli(capsys, "sweep", spec, "--backend", "ray")
+    assert code == 2 and "each run needs 1 GPU(s) but the largest Ray node has 0" in err
+    assert not (tmp_path / "runs" / "sft_tiny-qwen2_s42").exists()  # nothing started
+
+
+@pytest.mark.slow
 def test_ray_sweep_two_methods_two_seeds_then_rerun_skips(tmp_path, capsys, tiny_model):
     spec = write_spec(tmp_path / "s.yaml", name="rs", runs_dir=str(tmp_path / "runs"), base=TINY_BASE,
                       grid={"method": ["sft", "dpo"], "seed": [1, 2]}, methods={"sft": SPLITS["sft"], "dpo": SPLITS["dpo"]})

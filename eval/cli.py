@@ -30,6 +30,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=1, help="Shards / Ray workers (default: 1).")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
     p.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass (default: 16).")
+    p.add_argument("--gpus_per_worker", type=float, default=1.0,
+                   help="Ray backend on GPUs: GPU share per worker; 0.25 puts 4 workers of a small model on a GPU.")
     p.add_argument("--force", action="store_true", help="Re-score runs whose adapter has not changed.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped with the base model.")
     return p
@@ -45,10 +47,12 @@ def cmd_eval(argv: list[str]) -> int:
             raise TunefleetError(f"unknown method '{m}' in --methods; choose from {', '.join(METHODS)}")
     if a.max_samples < 1 or a.shards < 1 or a.batch_size < 1:
         raise TunefleetError("--max_samples, --shards and --batch_size must be at least 1")
+    if not 0 < a.gpus_per_worker <= 1:
+        raise TunefleetError("--gpus_per_worker must be in (0, 1]")
     settings = EvalSettings(max_samples=a.max_samples, max_generation_samples=a.max_generation_samples,
                             skip_perplexity=a.skip_perplexity, base_model=a.base_model, dataset=a.dataset,
                             sft_split=a.sft_split, pref_split=a.pref_split, batch_size=a.batch_size,
-                            trust_remote_code=a.trust_remote_code)
+                            trust_remote_code=a.trust_remote_code, gpus_per_worker=a.gpus_per_worker)
     merged = evaluate(a.runs_dir, a.methods, settings, a.output, a.backend, a.shards, a.force, a.address)
     out = Path(a.output or Path(a.runs_dir) / "evaluation_results.json")
     print(table(merged))

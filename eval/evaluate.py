@@ -26,6 +26,7 @@ class EvalSettings:
     pref_split: str = "test_prefs"
     batch_size: int = 16
     trust_remote_code: bool = False
+    gpus_per_worker: float = 1.0  # Ray: a fraction (0.25) packs several workers of a small model on one GPU
 
     def fingerprint_fields(self) -> dict:
         return {k: getattr(self, k) for k in ("max_samples", "max_generation_samples", "skip_perplexity",

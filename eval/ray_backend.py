@@ -20,9 +20,10 @@ def run_shards_ray(base, data_spec, settings, targets, work, num_workers, addres
     try:
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
-        slots = int(gpus) if gpus else int(resources.get("CPU", 1))
+        per_worker = settings.gpus_per_worker if gpus else 0
+        slots = int(gpus / per_worker) if gpus else int(resources.get("CPU", 1))
         n_actors = max(1, min(num_workers, len(work), slots))
-        opts = {"num_cpus": 1, "num_gpus": 1 if gpus else 0, "max_restarts": 0}
+        opts = {"num_cpus": 1, "num_gpus": per_worker, "max_restarts": 0}
         remote_scorer = ray.remote(Scorer)
 
         def new_actor():

@@ -11,7 +11,6 @@ import statistics
 from pathlib import Path
 
 from eval.results import load_results, loss_curve
-from trainers.run import read_json
 
 # column, header, better ("min" / "max" / None), format
 COLUMNS = [
@@ -137,5 +136,3 @@ def table(results: dict) -> str:
     text = markdown(results)
     return text.split("\n## ")[0]
 
-
-__all__ = ["markdown", "plots", "write_report", "table", "read_json"]

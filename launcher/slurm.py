@@ -30,7 +30,7 @@ from trainers.run import now, read_json, write_json_atomic
 # Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
-EVAL_FLAGS = ("max_samples", "max_generation_samples", "batch_size", "sft_split", "pref_split")
+EVAL_FLAGS = ("max_samples", "max_generation_samples", "batch_size", "sft_split", "pref_split", "gpus_per_worker")
 
 
 # ---------------------------------------------------------------- pure: scripts

@@ -28,7 +28,7 @@ RESOURCE_KEYS = {"gpus_per_run": int, "cpus_per_run": int, "memory_gb": float, "
 SLURM_KEYS = {"partition": str, "account": str, "qos": str, "time": str, "array_limit": int, "extra": list,
               "requeue": bool, "signal_seconds": int, "python": str}
 EVAL_KEYS = {"max_samples": int, "max_generation_samples": int, "skip_perplexity": bool, "shards": int,
-             "batch_size": int, "backend": str, "sft_split": str, "pref_split": str}
+             "batch_size": int, "backend": str, "sft_split": str, "pref_split": str, "gpus_per_worker": float}
 DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, TINY, read_json, run_cli
+from conftest import TINY, read_json, run_cli
 from eval import plan
 from eval.plan import Task
 from eval.results import RESULT_KEYS, training_metrics

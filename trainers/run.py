@@ -24,15 +24,19 @@ from trainers.errors import TunefleetError, first_line
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 
 
-def write_json_atomic(path: Path | str, data) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+def write_json_atomic(path: Path | str, data, durable: bool = True) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file.
+
+    `durable` also fsyncs first (records that must survive a crash); progress files skip that per-step cost.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -171,7 +175,7 @@ def progress_callback(output_dir: str):
             if "loss" in logs or "eval_loss" in logs:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()),
                       flush=True)
-            write_json_atomic(Path(output_dir) / "progress.json", info)
+            write_json_atomic(Path(output_dir) / "progress.json", info, durable=False)
 
     return Progress()
 

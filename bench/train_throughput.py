@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LR = {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5}
-GRPO_STEPS = 6
+GRPO_STEPS = 12
 
 
 def build_models(root: Path, which: list[str], qwen05b: bool) -> dict[str, Path]:
@@ -139,7 +139,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["sft", "dpo", "orpo", "kto", "grpo"])
     p.add_argument("--models", nargs="*", default=["tiny", "10m"], help="tiny, 10m (none: only --qwen05b).")
-    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--samples", type=int, default=256, help="Samples per epoch (x4 for the tiny model: its steps "
+                   "take milliseconds, and short runs are noise).")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--qwen05b", action="store_true", help="Add the Qwen2-0.5B architecture (GPU).")
     p.add_argument("--qlora", action="store_true", help="4-bit QLoRA on both sides (GPU).")
@@ -150,11 +151,17 @@ def main() -> None:
     from trainers.tiny import ensure_model
     root = Path(tempfile.mkdtemp(prefix="tf-bench-train-"))
     models = build_models(root, a.models, a.qwen05b)
-    files, tokens = build_data(root, AutoTokenizer.from_pretrained(ensure_model()), a.samples)
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model())
+    data_sets = {}
     rows = []
     print(f"{'method':<5} {'model':<10} {'plain tok/s':>11} {'tunefleet':>10} {'ratio':>6} {'peak MiB plain/tf':>18}"
           f" {'start-up s plain/tf':>20} {'first loss plain/tf':>20}")
     for name, model in models.items():
+        n = a.samples * (4 if name == "tiny" else 1)
+        if n not in data_sets:
+            (root / f"data-{n}").mkdir()
+            data_sets[n] = build_data(root / f"data-{n}", tokenizer, n)
+        files, tokens = data_sets[n]
         for method in a.methods:
             b = 4 if method == "grpo" else a.batch
             base = plain(method, model, files[method], root / f"plain-{name}-{method}", b, a.qlora)

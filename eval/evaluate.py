@@ -48,24 +48,19 @@ def evaluate(runs_dir: str = "runs", methods: list[str] | None = None, settings:
         raise TunefleetError(f"no runs with an adapter under {runs_dir}" + (f" for methods {methods}" if methods else ""))
     existing = results.load_results(out_path)
 
-    groups: dict[tuple[str, str], list] = {}
+    groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
+    updates = {}
     for run in runs:
         base = settings.base_model or run.base_model
         dataset = settings.dataset or run.dataset
-        if not base or not dataset:
-            existing_entry = results.empty_entry(run.name, str(run.path))
-            existing_entry["error"] = "base model or dataset unknown (no run.json): pass --base_model and --dataset"
-            groups.setdefault(("", ""), []).append((run, existing_entry))
-            continue
-        groups.setdefault((base, dataset), []).append((run, None))
-
-    updates = {}
+        if base and dataset:
+            groups.setdefault((base, dataset), []).append(run)
+        else:
+            updates[run.name] = results.empty_entry(run.name, str(run.path)) | {
+                "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"}
     for (base, dataset), members in groups.items():
-        if not base:
-            updates.update({run.name: entry for run, entry in members})
-            continue
-        updates.update(_evaluate_group(base, dataset, [r for r, _ in members], settings, existing, backend, shards,
-                                       force, address, progress))
+        updates.update(_evaluate_group(base, dataset, members, settings, existing, backend, shards, force, address,
+                                       progress))
     merged = results.save_results(out_path, updates)
     from eval.report import write_report
     write_report(out_path, runs_dir)

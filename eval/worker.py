@@ -7,7 +7,6 @@ The base model is loaded once per worker; adapters are attached with PEFT's mult
 
 from __future__ import annotations
 
-import re
 import time
 
 from eval.plan import Task
@@ -75,7 +74,7 @@ class Scorer:
             return None  # base row: adapters disabled
         if target not in self.loaded:
             from peft import PeftModel
-            name = "a" + re.sub(r"\W", "_", str(len(self.loaded)))
+            name = f"a{len(self.loaded)}"  # PEFT adapter names must be identifiers: not the run name
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, adapter, adapter_name=name).eval()
             else:

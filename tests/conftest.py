@@ -50,6 +50,20 @@ def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def checkpoint_steps(run_dir) -> list[int]:
+    """Steps of the complete checkpoints in a run folder, ascending."""
+    return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoint-*")
+                  if (p / "trainer_state.json").exists())
+
+
+def wait_for_checkpoint(run_dir, timeout: float = 240) -> None:
+    """Poll until a run folder holds its first complete checkpoint (or the timeout passes)."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and not checkpoint_steps(run_dir):
+        time.sleep(0.2)
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant (torch elastic starts ranks in sessions of their own)."""
     import signal

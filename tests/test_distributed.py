@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import FAST, ROOT, SPLIT, TINY, kill_tree, read_json, run_cli
+from conftest import FAST, ROOT, SPLIT, TINY, checkpoint_steps, kill_tree, read_json, run_cli, wait_for_checkpoint
 from launcher.launch import check_deepspeed, choose_config
 from trainers.config import from_dict
 
@@ -64,12 +63,10 @@ def test_ddp_resume_after_kill(tmp_path, tiny_model):
     out = tmp_path / "r"
     args = [sys.executable, "-m", "launcher.cli", *map(str, train_args("sft", out, "--max_steps", 60, "--save_steps", 3))]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
+    wait_for_checkpoint(out, 300)
     kill_tree(proc.pid)  # the launcher and both ranks, no clean shutdown
     proc.wait()
-    done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    done = checkpoint_steps(out)
     assert done and done[-1] < 60
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, read_json, run_cli
+from conftest import ROOT, checkpoint_steps, read_json, run_cli
 from launcher import slurm
 from launcher import sweep as sweeps
 from trainers.run import read_json as maybe_json  # None while the file does not exist yet
@@ -55,10 +55,6 @@ def states(*job_ids) -> dict:
 def settled(*job_ids) -> bool:
     found = states(*job_ids)
     return bool(found) and not slurm.active_jobs(found)
-
-
-def checkpoints(run: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "trainer_state.json").exists())
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +215,7 @@ def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, 
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err
     array = read_json(runs_dir / "sweep.json")["slurm"]["array_job_id"]
-    wait_for("the long run's first checkpoint", lambda: checkpoints(long), 180, runs_dir)
+    wait_for("the long run's first checkpoint", lambda: checkpoint_steps(long), 180, runs_dir)
     assert states(array)[f"{array}_0"] == "COMPLETED"
 
     code, _, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")  # still running
@@ -229,7 +225,7 @@ def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, 
     assert code == 0 and f"cancelled training array {array}: {array}_1 (RUNNING)" in out
     wait_for("the cancel", lambda: settled(array), 30, runs_dir)
     assert states(array)[f"{array}_1"] == "CANCELLED"
-    saved = checkpoints(long)[-1]
+    saved = checkpoint_steps(long)[-1]
     assert saved < 30 and (maybe_json(long / "run.json") or {}).get("status") != "finished"
 
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
@@ -262,7 +258,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     # revoked credential of its last start cannot be confused with a new one; release it sooner, but not within
     # the same second as the requeue (slurmd compares credential times in seconds: "Job credential revoked").
     wait_for("the requeue", lambda: states(array).get(task) == "PENDING", 60, runs_dir)
-    saved = checkpoints(run)[-1]
+    saved = checkpoint_steps(run)[-1]
     assert read_json(run / "run.json")["status"] == "interrupted"
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)

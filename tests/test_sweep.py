@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, read_json, run_cli
+from conftest import ROOT, checkpoint_steps, read_json, run_cli, wait_for_checkpoint
 from launcher import sweep as sweeps
 from launcher.backends import check_ray_resources, local_slots
 from trainers.errors import TunefleetError
+from trainers.run import read_json as run_record  # None while missing or half-written
 
 HELPERS = str(Path(__file__).parent / "helpers")
 TINY_BASE = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "max_steps": 4,
@@ -173,13 +174,11 @@ def test_killed_run_resumes_from_checkpoint_on_rerun(tmp_path, tiny_model):
     cmd = [sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray", "--retries", "0"]
     run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(run.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
+    wait_for_checkpoint(run, 240)
     os.kill(read_json(run / "launch.json")["pid"], signal.SIGKILL)  # the training process dies mid-run
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1 and "failed" in out
-    ckpts = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    ckpts = checkpoint_steps(run)
     assert ckpts and ckpts[-1] < 80
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -221,7 +220,7 @@ def test_ctrl_c_stops_cleanly_and_runs_resume(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "local"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not (read_json_or_none(run / "progress.json") or {}).get("step"):
+    while time.time() < deadline and not (run_record(run / "progress.json") or {}).get("step"):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     out, _ = proc.communicate(timeout=120)
@@ -232,13 +231,6 @@ def test_ctrl_c_stops_cleanly_and_runs_resume(tmp_path, tiny_model):
     assert (run / f"checkpoint-{step}" / "trainer_state.json").exists() and 0 < step < 300
 
 
-def read_json_or_none(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 @pytest.mark.slow
 def test_killed_ray_worker_is_rerun_and_resumes(tmp_path, tiny_model):
     spec = write_spec(tmp_path / "s.yaml", name="rw", runs_dir=str(tmp_path / "runs"),
@@ -247,9 +239,7 @@ def test_killed_ray_worker_is_rerun_and_resumes(tmp_path, tiny_model):
     run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
     proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray",
                              "--retries", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(run.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
+    wait_for_checkpoint(run, 240)
     child = read_json(run / "launch.json")["pid"]
     worker = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the Ray worker running the task
     os.kill(worker, signal.SIGKILL)  # the worker dies; Ray re-runs the task, which resumes the run

@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, SPLIT, TINY, read_json, run_cli
+from conftest import FAST, ROOT, SPLIT, TINY, checkpoint_steps, read_json, run_cli, wait_for_checkpoint
 
 TOP_LEVEL = ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "training_args.bin",
              "tokenizer_config.json", "tokenizer.json", "run.json"]
@@ -99,13 +99,11 @@ def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "launcher.cli", "train", "--method", "sft", *TINY, "--split", "train_sft",
            "--output_dir", str(out), "--max_steps", "60", "--save_steps", "3", "--use_qlora", "false", *FAST]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
+    wait_for_checkpoint(out, 240)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # no clean shutdown at all
     proc.wait()
-    done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    done = checkpoint_steps(out)
     assert done, "no checkpoint was written before the kill"
     assert read_json(out / "run.json")["status"] == "running"
     last = done[-1]

@@ -24,6 +24,8 @@ demo: setup
 	@echo "         runs/demo/evaluation_report.md, runs/demo/*.png"
 
 test: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

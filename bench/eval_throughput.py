@@ -13,16 +13,15 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from eval.scoring import Sequence, encode_conversation, score_batched, score_one  # noqa: E402
-from eval.worker import load_eval_data  # noqa: E402
+from tunefleet.eval.scoring import Sequence, encode_conversation, score_batched, score_one
+from tunefleet.eval.settings import EvalData, EvalSettings
+from tunefleet.eval.worker import load_eval_data
 
 DATASET = "tunefleet/tiny-ultrafeedback"
 
@@ -30,16 +29,24 @@ DATASET = "tunefleet/tiny-ultrafeedback"
 def model_10m(tokenizer):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                      num_key_value_heads=2, intermediate_size=1024, tie_word_embeddings=True,
-                      pad_token_id=tokenizer.pad_token_id)
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
 def mixed_lengths(tokenizer, n: int = 256) -> list[Sequence]:
     """Conversations of 1-8 turns of the tiny data: 30-300 tokens, like real chat data's spread."""
-    data = load_eval_data(DATASET, "test_sft", None, 200, 0)["ppl"]
+    data = load_eval_data(EvalData(DATASET, "test_sft", None, 200, 0))["ppl"]
     seqs = []
     for i in range(n):
         turns = []
@@ -54,13 +61,16 @@ def bench_scorer() -> None:
 
     from transformers import AutoTokenizer
 
-    from trainers.tiny import ensure_model
+    from tunefleet.trainers.tiny import ensure_model
+
     tok = AutoTokenizer.from_pretrained(ensure_model())
     model = model_10m(tok)
     seqs = mixed_lengths(tok)
     tokens = sum(len(s) for s in seqs)
-    print(f"(a) scorer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-param model, {len(seqs)} sequences "
-          f"of {min(map(len, seqs))}-{max(map(len, seqs))} tokens ({tokens} tokens)")
+    print(
+        f"(a) scorer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-param model, {len(seqs)} sequences "
+        f"of {min(map(len, seqs))}-{max(map(len, seqs))} tokens ({tokens} tokens)"
+    )
 
     t0 = time.perf_counter()
     ref = [score_one(model, s) for s in seqs]
@@ -77,7 +87,7 @@ def bench_scorer() -> None:
     random.Random(0).shuffle(shuffled)
     t0 = time.perf_counter()
     for i in range(0, len(shuffled), 16):
-        score_batched(model, shuffled[i:i + 16], 16, tok.pad_token_id)  # one batch per call: no sorting across
+        score_batched(model, shuffled[i : i + 16], 16, tok.pad_token_id)  # one batch per call: no sorting across
     sec = time.perf_counter() - t0
     rows.append(("unsorted batches of 16", sec, loop_s / sec))
     for name, sec, ratio in rows:
@@ -85,14 +95,29 @@ def bench_scorer() -> None:
 
 
 def train_runs(root: Path, n: int) -> None:
-    from trainers.config import from_dict
-    from trainers.train import run
+    from tunefleet.trainers.config import from_dict
+    from tunefleet.trainers.train import run
+
     for i in range(n):
         method, split = (("sft", "train_sft"), ("dpo", "train_prefs"))[i % 2]
-        run(from_dict({"method": method, "model_name": "tunefleet/tiny-qwen2", "dataset": DATASET, "split": split,
-                       "output_dir": str(root / f"{method}_tiny_s{i}"), "max_steps": 2, "seed": i,
-                       "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "use_qlora": False,
-                       "learning_rate": 1e-3, "logging_steps": 1}))
+        run(
+            from_dict(
+                {
+                    "method": method,
+                    "model_name": "tunefleet/tiny-qwen2",
+                    "dataset": DATASET,
+                    "split": split,
+                    "output_dir": str(root / f"{method}_tiny_s{i}"),
+                    "max_steps": 2,
+                    "seed": i,
+                    "per_device_train_batch_size": 4,
+                    "gradient_accumulation_steps": 1,
+                    "use_qlora": False,
+                    "learning_rate": 1e-3,
+                    "logging_steps": 1,
+                }
+            )
+        )
 
 
 def original_way(root: Path, max_samples: int, gens: int) -> dict:
@@ -101,15 +126,17 @@ def original_way(root: Path, max_samples: int, gens: int) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval.scoring import generate
-    from trainers.model import resolve
+    from tunefleet.eval.scoring import generate
+    from tunefleet.trainers.model import resolve
+
     base_path = resolve("tunefleet/tiny-qwen2")
     out = {}
     for run_dir in sorted(p for p in root.iterdir() if (p / "adapter_config.json").exists()):
         tok = AutoTokenizer.from_pretrained(base_path)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
-                                          run_dir).eval()
-        data = load_eval_data(DATASET, "test_sft", "test_prefs", max_samples, gens)
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), run_dir
+        ).eval()
+        data = load_eval_data(EvalData(DATASET, "test_sft", "test_prefs", max_samples, gens))
         nll = tokens = 0.0
         for conv in data["ppl"]:
             s, c = score_one(model, encode_conversation(tok, conv))
@@ -126,7 +153,7 @@ def original_way(root: Path, max_samples: int, gens: int) -> dict:
 
 
 def bench_end_to_end(n_runs: int = 10, max_samples: int = 100, gens: int = 3) -> None:
-    from eval.evaluate import EvalSettings, evaluate
+    from tunefleet.eval.evaluate import evaluate
 
     root = Path(tempfile.mkdtemp(prefix="tf-bench-eval-"))
     try:
@@ -135,16 +162,21 @@ def bench_end_to_end(n_runs: int = 10, max_samples: int = 100, gens: int = 3) ->
         ref = original_way(root, max_samples, gens)
         orig_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = evaluate(str(root), settings=EvalSettings(max_samples=max_samples, max_generation_samples=gens),
-                       progress=False)
+        res = evaluate(
+            str(root), settings=EvalSettings(max_samples=max_samples, max_generation_samples=gens), progress=False
+        )
         ours_s = time.perf_counter() - t0
         worst = max(abs(res[name]["test_loss"] - r["test_loss"]) / r["test_loss"] for name, r in ref.items())
         same_acc = all(res[name]["preference_accuracy"] == r["preference_accuracy"] for name, r in ref.items())
-        print(f"(b) end to end, {n_runs} runs x ({max_samples} conversations + {max_samples} pairs + {gens} generations)")
+        print(
+            f"(b) end to end, {n_runs} runs x ({max_samples} conversations + {max_samples} pairs + {gens} generations)"
+        )
         print(f"    original way (per run: load base+adapter, per-sample loop)  {orig_s:7.1f} s")
         print(f"    tunefleet eval (base once, batched, mixed-adapter gen)      {ours_s:7.1f} s")
-        print(f"    speed-up {orig_s / ours_s:.2f}x; same numbers: test_loss max rel. diff {worst:.1e}, "
-              f"preference accuracy identical: {same_acc}")
+        print(
+            f"    speed-up {orig_s / ours_s:.2f}x; same numbers: test_loss max rel. diff {worst:.1e}, "
+            f"preference accuracy identical: {same_acc}"
+        )
         assert math.isfinite(worst) and worst < 1e-5 and same_acc
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -17,10 +17,11 @@ mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+# tunefleet itself: the `tunefleet` namespace maps this checkout's folders (pyproject.toml), so install it.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . \
+  || { echo "tunefleet install failed"; exit 1; }
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export TUNEFLEET_CACHE=/tmp/tunefleet-cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, trl, peft, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
@@ -33,7 +34,7 @@ timeout 420 python3 bench/train_throughput.py --models --qwen05b --qlora --metho
 
 echo "== 3. ZeRO-3 + QLoRA (one process)"
 if python3 -c "import deepspeed" 2>/dev/null; then
-  timeout 150 python3 -m launcher.cli train --method sft --model_name tunefleet/tiny-qwen2 \
+  timeout 150 python3 -m tunefleet.launcher.cli train --method sft --model_name tunefleet/tiny-qwen2 \
     --dataset tunefleet/tiny-ultrafeedback --split train_sft --output_dir /tmp/zero3-qlora --max_steps 4 \
     --accelerate_config zero3 --use_qlora true --overwrite 2>&1 | tail -5 | tee "$out/zero3_qlora.txt"
   python3 -c "import json; r=json.load(open('/tmp/zero3-qlora/run.json')); print({k: r.get(k) for k in \

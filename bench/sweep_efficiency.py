@@ -12,32 +12,43 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tunefleet.launcher import sweep as sweeps
+from tunefleet.launcher.progress import SweepView
 
-from launcher import sweep as sweeps  # noqa: E402
-from launcher.progress import SweepView  # noqa: E402
-
-BASE = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "max_steps": 8,
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "use_qlora": False, "save_steps": 8}
+BASE = {
+    "model_name": "tunefleet/tiny-qwen2",
+    "dataset": "tunefleet/tiny-ultrafeedback",
+    "max_steps": 8,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "use_qlora": False,
+    "save_steps": 8,
+}
 METHOD_SPLITS = {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}}
 
 
-def plan(root: Path, n: int) -> list[dict]:
-    spec = sweeps.parse_spec({"name": "bench", "runs_dir": str(root), "base": BASE, "methods": METHOD_SPLITS,
-                              "grid": {"method": ["sft", "dpo"], "seed": list(range(1, (n + 1) // 2 + 1))}})
-    return [{"name": r.name, "output_dir": r.output_dir, "config": r.config} for r in sweeps.expand(spec)[:n]]
+def plan(root: Path, n: int) -> list[sweeps.RunPlan]:
+    spec = sweeps.parse_spec(
+        {
+            "name": "bench",
+            "runs_dir": str(root),
+            "base": BASE,
+            "methods": METHOD_SPLITS,
+            "grid": {"method": ["sft", "dpo"], "seed": list(range(1, (n + 1) // 2 + 1))},
+        }
+    )
+    return sweeps.expand(spec)[:n]
 
 
 def main() -> None:
     import ray
 
-    from launcher.backends import run_ray
-    from launcher.sweep import Resources
+    from tunefleet.launcher.backends import run_ray
+    from tunefleet.launcher.sweep import Resources
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=6)
@@ -45,10 +56,15 @@ def main() -> None:
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tf-bench-sweep-"))
 
-    def sweep(runs: list[dict], slots: int) -> tuple[list[dict], float]:
+    def sweep(runs: list[sweeps.RunPlan], slots: int) -> tuple[list, float]:
         # Same per-run resources (1 CPU: Ray sets OMP_NUM_THREADS=1) in both phases; only the slots differ.
-        ray.init(num_cpus=slots, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(
+            num_cpus=slots,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
         try:
             with SweepView(runs, live=False) as view:
                 t0 = time.perf_counter()
@@ -59,12 +75,14 @@ def main() -> None:
 
     try:
         outcomes, serial_total = sweep(plan(root / "solo", a.runs), 1)  # one slot: each run alone
-        single = sum(o["wall_s"] for o in outcomes)
+        single = sum(o.wall_s for o in outcomes)
         outcomes, makespan = sweep(plan(root / "fleet", a.runs), a.slots)
-        assert all(o["status"] == "done" for o in outcomes), outcomes
+        assert all(o.ok for o in outcomes), outcomes
         ideal = single / a.slots
-        print(f"\n{a.runs} tiny runs; one at a time: sum of run wall times {single:.1f} s "
-              f"(whole serial sweep {serial_total:.1f} s)")
+        print(
+            f"\n{a.runs} tiny runs; one at a time: sum of run wall times {single:.1f} s "
+            f"(whole serial sweep {serial_total:.1f} s)"
+        )
         print(f"sweep on {a.slots} slots: makespan {makespan:.1f} s; ideal (sum / {a.slots}) {ideal:.1f} s")
         print(f"efficiency (ideal / makespan) = {ideal / makespan:.2f}   (goal >= 0.85)")
     finally:

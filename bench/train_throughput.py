@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LR = {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5}
@@ -33,26 +32,45 @@ def build_models(root: Path, which: list[str], qwen05b: bool) -> dict[str, Path]
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from trainers.tiny import ensure_model
+    from tunefleet.trainers.tiny import ensure_model
+
     tiny = ensure_model()
     models = {}
     if "tiny" in which:
         models["tiny"] = tiny
     tok = AutoTokenizer.from_pretrained(tiny)
-    shapes = {"10m": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
-                          intermediate_size=1024)}
+    shapes = {
+        "10m": dict(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1024
+        )
+    }
     if qwen05b:  # the real Qwen2-0.5B-Instruct architecture (config kept in bench/), random init, tiny tokenizer
-        shapes["qwen2-0.5b"] = {k: v for k, v in json.loads((ROOT / "bench" / "qwen2_0.5b_config.json").read_text()).items()
-                                if k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                                         "num_key_value_heads", "intermediate_size", "rope_theta")}
+        shapes["qwen2-0.5b"] = {
+            k: v
+            for k, v in json.loads((ROOT / "bench" / "qwen2_0.5b_config.json").read_text()).items()
+            if k
+            in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "vocab_size",
+                "num_key_value_heads",
+                "intermediate_size",
+                "rope_theta",
+            )
+        }
         which = [*which, "qwen2-0.5b"]
     for name, shape in shapes.items():
         if name not in which:
             continue
         torch.manual_seed(0)
         # The tiny tokenizer's ids fit any vocabulary; the 0.5B shape keeps Qwen's 151,936 rows (real memory).
-        cfg = Qwen2Config(**{"vocab_size": len(tok), **shape}, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
+        cfg = Qwen2Config(
+            **{"vocab_size": len(tok), **shape},
+            tie_word_embeddings=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         path = root / f"model-{name}"
         Qwen2ForCausalLM(cfg).save_pretrained(path)
         tok.save_pretrained(path)
@@ -62,8 +80,8 @@ def build_models(root: Path, which: list[str], qwen05b: bool) -> dict[str, Path]
 
 def build_data(root: Path, tokenizer, n: int) -> tuple[dict[str, Path], dict[str, int]]:
     """TRL-format JSONL per method, and the real tokens one epoch trains on."""
-    from trainers import data
-    from trainers.tiny import make_rows
+    from tunefleet.trainers import data
+    from tunefleet.trainers.tiny import make_rows
 
     sft_rows = make_rows("train_sft", 400)
     convs = []
@@ -73,10 +91,12 @@ def build_data(root: Path, tokenizer, n: int) -> tuple[dict[str, Path], dict[str
             turns += sft_rows[(i * 7 + k) % len(sft_rows)]["messages"]
         convs.append({"messages": turns})
     prefs = data.load_split("tunefleet/tiny-ultrafeedback", "train_prefs").select(range(n))
-    sets = {"sft": convs,
-            "dpo": list(data.to_method_format("dpo", prefs)[0]),
-            "kto": list(data.to_method_format("kto", prefs.select(range(n // 2)))[0]),
-            "grpo": list(data.to_method_format("grpo", prefs)[0])}
+    sets = {
+        "sft": convs,
+        "dpo": list(data.to_method_format("dpo", prefs)[0]),
+        "kto": list(data.to_method_format("kto", prefs.select(range(n // 2)))[0]),
+        "grpo": list(data.to_method_format("grpo", prefs)[0]),
+    }
     sets["orpo"] = sets["dpo"]
     files, tokens = {}, {}
 
@@ -106,8 +126,18 @@ def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
 
 
 def plain(method, model, data, out, batch, qlora) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "plain_trl.py"), method, str(model), str(data), str(out),
-           "--batch", str(batch), "--lr", str(LR[method])]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "plain_trl.py"),
+        method,
+        str(model),
+        str(data),
+        str(out),
+        "--batch",
+        str(batch),
+        "--lr",
+        str(LR[method]),
+    ]
     if method == "grpo":
         cmd += ["--max_steps", str(GRPO_STEPS)]
     if qlora:
@@ -118,29 +148,72 @@ def plain(method, model, data, out, batch, qlora) -> dict:
 
 
 def tunefleet(method, model, data, out, batch, qlora) -> dict:
-    cmd = [sys.executable, "-m", "launcher.cli", "train", "--method", method, "--model_name", str(model),
-           "--dataset", str(data), "--output_dir", str(out), "--num_train_epochs", "1",
-           "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
-           "--learning_rate", str(LR[method]), "--use_qlora", str(qlora).lower(), "--save_steps", "100000",
-           "--logging_steps", "1", "--seed", "42"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunefleet.launcher.cli",
+        "train",
+        "--method",
+        method,
+        "--model_name",
+        str(model),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        str(batch),
+        "--gradient_accumulation_steps",
+        "1",
+        "--learning_rate",
+        str(LR[method]),
+        "--use_qlora",
+        str(qlora).lower(),
+        "--save_steps",
+        "100000",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "42",
+    ]
     if method == "grpo":
-        cmd += ["--max_steps", str(GRPO_STEPS), "--num_generations", "4", "--max_completion_length", "16",
-                "--reward_funcs", "friendly"]
+        cmd += [
+            "--max_steps",
+            str(GRPO_STEPS),
+            "--num_generations",
+            "4",
+            "--max_completion_length",
+            "16",
+            "--reward_funcs",
+            "friendly",
+        ]
     wall, _ = run(cmd, ROOT)
     record = json.loads((out / "run.json").read_text())
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    return {"train_runtime": record["train_runtime_s"], "first_loss": losses[0], "steps": record["global_step"],
-            "peak_rss_mb": record["peak_rss_mb"], "peak_gpu_mb": record.get("peak_gpu_mb"), "wall": wall,
-            "fast_path": {k: v["on"] for k, v in record["fast_path"].items()}}
+    return {
+        "train_runtime": record["train_runtime_s"],
+        "first_loss": losses[0],
+        "steps": record["global_step"],
+        "peak_rss_mb": record["peak_rss_mb"],
+        "peak_gpu_mb": record.get("peak_gpu_mb"),
+        "wall": wall,
+        "fast_path": {k: v["on"] for k, v in record["fast_path"].items()},
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["sft", "dpo", "orpo", "kto", "grpo"])
     p.add_argument("--models", nargs="*", default=["tiny", "10m"], help="tiny, 10m (none: only --qwen05b).")
-    p.add_argument("--samples", type=int, default=256, help="Samples per epoch (x4 for the tiny model: its steps "
-                   "take milliseconds, and short runs are noise).")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=256,
+        help="Samples per epoch (x4 for the tiny model: its steps take milliseconds, and short runs are noise).",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--qwen05b", action="store_true", help="Add the Qwen2-0.5B architecture (GPU).")
     p.add_argument("--qlora", action="store_true", help="4-bit QLoRA on both sides (GPU).")
@@ -148,14 +221,17 @@ def main() -> None:
     a = p.parse_args()
     from transformers import AutoTokenizer
 
-    from trainers.tiny import ensure_model
+    from tunefleet.trainers.tiny import ensure_model
+
     root = Path(tempfile.mkdtemp(prefix="tf-bench-train-"))
     models = build_models(root, a.models, a.qwen05b)
     tokenizer = AutoTokenizer.from_pretrained(ensure_model())
     data_sets = {}
     rows = []
-    print(f"{'method':<5} {'model':<10} {'plain tok/s':>11} {'tunefleet':>10} {'ratio':>6} {'peak MiB plain/tf':>18}"
-          f" {'start-up s plain/tf':>20} {'first loss plain/tf':>20}")
+    print(
+        f"{'method':<5} {'model':<10} {'plain tok/s':>11} {'tunefleet':>10} {'ratio':>6} {'peak MiB plain/tf':>18}"
+        f" {'start-up s plain/tf':>20} {'first loss plain/tf':>20}"
+    )
     for name, model in models.items():
         n = a.samples * (4 if name == "tiny" else 1)
         if n not in data_sets:
@@ -169,13 +245,20 @@ def main() -> None:
             speed = base["train_runtime"] / ours["train_runtime"]
             tok = tokens[method]
             mem = "peak_gpu_mb" if base.get("peak_gpu_mb") else "peak_rss_mb"
-            rows.append({"method": method, "model": name, "tokens": tok, "plain": base, "tunefleet": ours,
-                         "speedup": speed})
-            fmt = (lambda r: f"{tok / r['train_runtime']:.0f}") if tok else (lambda r: f"{r['steps'] / r['train_runtime']:.2f}st/s")
-            print(f"{method:<5} {name:<10} {fmt(base):>11} {fmt(ours):>10} {speed:6.2f} "
-                  f"{base[mem]:>8.0f}/{ours[mem]:<9.0f} "
-                  f"{base['wall'] - base['train_runtime']:>9.1f}/{ours['wall'] - ours['train_runtime']:<10.1f} "
-                  f"{base['first_loss']:>9.4f}/{ours['first_loss']:<10.4f}", flush=True)
+            rows.append(
+                {"method": method, "model": name, "tokens": tok, "plain": base, "tunefleet": ours, "speedup": speed}
+            )
+
+            def fmt(r, tok=tok):
+                return f"{tok / r['train_runtime']:.0f}" if tok else f"{r['steps'] / r['train_runtime']:.2f}st/s"
+
+            print(
+                f"{method:<5} {name:<10} {fmt(base):>11} {fmt(ours):>10} {speed:6.2f} "
+                f"{base[mem]:>8.0f}/{ours[mem]:<9.0f} "
+                f"{base['wall'] - base['train_runtime']:>9.1f}/{ours['wall'] - ours['train_runtime']:<10.1f} "
+                f"{base['first_loss']:>9.4f}/{ours['first_loss']:<10.4f}",
+                flush=True,
+            )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     worst = min(r["speedup"] for r in rows)

@@ -1,51 +1,43 @@
 """Score every run under a runs folder: discover -> plan shards -> score (local or Ray) -> merge -> write.
 
-    from eval.evaluate import evaluate
-    evaluate("runs", backend="ray", shards=4)        # same numbers as shards=1
+from tunefleet.eval.evaluate import evaluate
+from tunefleet.eval.settings import EvalSettings
+evaluate("runs", EvalSettings(backend="ray", shards=4))    # same numbers as shards=1
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from eval import plan, results
-from trainers.errors import TunefleetError, first_line
-
-
-@dataclass
-class EvalSettings:
-    max_samples: int = 100
-    max_generation_samples: int = 3
-    skip_perplexity: bool = False
-    base_model: str | None = None
-    dataset: str | None = None
-    sft_split: str = "test_sft"
-    pref_split: str = "test_prefs"
-    batch_size: int = 16
-    trust_remote_code: bool = False
-    gpus_per_worker: float = 1.0  # Ray: a fraction (0.25) packs several workers of a small model on one GPU
-
-    def fingerprint_fields(self) -> dict:
-        return {k: getattr(self, k) for k in ("max_samples", "max_generation_samples", "skip_perplexity",
-                                               "sft_split", "pref_split")}
+from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.eval import plan, results
+from tunefleet.eval.progress import shard_progress
+from tunefleet.eval.settings import EvalData, EvalSettings
+from tunefleet.eval.worker import ShardResult
 
 
 def base_key(model: str) -> str:
     return f"base:{model}"
 
 
-def evaluate(runs_dir: str = "runs", methods: list[str] | None = None, settings: EvalSettings | None = None,
-             output: str | None = None, backend: str = "local", shards: int = 1, force: bool = False,
-             address: str | None = None, progress: bool = True) -> dict:
+def evaluate(
+    runs_dir: str = "runs",
+    settings: EvalSettings | None = None,
+    output: str | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate, merge into the results file, rebuild the report. Returns the whole results dict."""
     settings = settings or EvalSettings()
     out_path = Path(output or Path(runs_dir) / "evaluation_results.json")
+    methods = settings.methods
     runs = results.discover(runs_dir, methods)
     if not runs:
-        raise TunefleetError(f"no runs with an adapter under {runs_dir}" + (f" for methods {methods}" if methods else ""))
+        raise TunefleetError(
+            f"no runs with an adapter under {runs_dir}" + (f" for methods {methods}" if methods else "")
+        )
     existing = results.load_results(out_path)
 
     groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
@@ -57,24 +49,26 @@ def evaluate(runs_dir: str = "runs", methods: list[str] | None = None, settings:
             groups.setdefault((base, dataset), []).append(run)
         else:
             updates[run.name] = results.empty_entry(run.name, str(run.path)) | {
-                "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"}
+                "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"
+            }
     for (base, dataset), members in groups.items():
-        updates.update(_evaluate_group(base, dataset, members, settings, existing, backend, shards, force, address,
-                                       progress))
+        updates.update(_evaluate_group(base, dataset, members, settings, existing, address, progress))
     merged = results.save_results(out_path, updates)
-    from eval.report import write_report
+    from tunefleet.eval.report import write_report
+
     write_report(out_path, runs_dir)
     return merged
 
 
-def _evaluate_group(base: str, dataset: str, runs: list, settings: EvalSettings, existing: dict, backend: str,
-                    shards: int, force: bool, address: str | None, progress: bool) -> dict:
+def _evaluate_group(
+    base: str, dataset: str, runs: list, settings: EvalSettings, existing: dict, address: str | None, progress: bool
+) -> dict:
     fp_settings = settings.fingerprint_fields() | {"dataset": dataset, "base": base}
     todo, updates = [], {}
     for run in runs:
         fp = run.fingerprint(fp_settings)
         old = existing.get(run.name)
-        if not force and old and old.get("fingerprint") == fp and not old.get("error"):
+        if not settings.force and old and old.get("fingerprint") == fp and not old.get("error"):
             updates[run.name] = old  # unchanged adapter, same settings: reuse
         else:
             todo.append((run, fp))
@@ -82,82 +76,78 @@ def _evaluate_group(base: str, dataset: str, runs: list, settings: EvalSettings,
     base_fp = hashlib.sha256(repr(sorted(fp_settings.items())).encode()).hexdigest()[:16]
     base_old = existing.get(base_name)
     # The base row is always scored with the runs: reward_accuracy needs its per-pair values.
-    if not todo and base_old and base_old.get("fingerprint") == base_fp and not force:
+    if not todo and base_old and base_old.get("fingerprint") == base_fp and not settings.force:
         return updates | {base_name: base_old}
 
-    data_spec = {"dataset": dataset, "sft_split": None if settings.skip_perplexity else settings.sft_split,
-                 "pref_split": settings.pref_split, "max_samples": settings.max_samples,
-                 "max_generation_samples": settings.max_generation_samples}
+    data_spec = EvalData(
+        dataset=dataset,
+        sft_split=None if settings.skip_perplexity else settings.sft_split,
+        pref_split=settings.pref_split,
+        max_samples=settings.max_samples,
+        max_generation_samples=settings.max_generation_samples,
+    )
     targets = {base_name: None} | {run.name: str(run.path) for run, _ in todo}
-    from eval.worker import load_eval_data
-    raw = load_eval_data(**data_spec)  # validates splits/columns once, before any worker starts
+    from tunefleet.eval.worker import load_eval_data
+
+    raw = load_eval_data(data_spec)  # validates splits/columns once, before any worker starts
     sizes = {metric: len(raw[metric]) for metric in plan.METRICS}
-    work = plan.plan_shards(list(targets), sizes, shards)
+    work = plan.plan_shards(list(targets), sizes, settings.shards)
 
     t0 = time.time()
     try:
-        if backend == "ray":
-            from eval.ray_backend import run_shards_ray
-            shard_results = run_shards_ray(base, data_spec, settings, targets, work, shards, address, progress)
+        if settings.backend == "ray":
+            from tunefleet.eval.ray_backend import run_shards_ray
+
+            shard_results = run_shards_ray(base, data_spec, settings, targets, work, address, progress)
         else:
             shard_results = _run_local(base, data_spec, settings, targets, work, progress)
     except Exception as exc:  # the base model itself cannot be loaded: every run of this group gets the error
         reason = first_line(exc) if isinstance(exc, TunefleetError) else f"{type(exc).__name__}: {first_line(exc)}"
         reason = f"cannot load base model {base}: {reason}"
-        shard_results = [{"results": [], "errors": dict.fromkeys(targets, reason)}]
+        shard_results = [ShardResult(errors=dict.fromkeys(targets, reason))]
     seconds = time.time() - t0
 
     pieces, errors = [], {}
     for res in shard_results:
-        pieces += res["results"]
-        errors.update(res["errors"])
+        pieces += res.results
+        errors.update(res.errors)
     merged = plan.merge([p for p in pieces if p[0].target not in errors])
     base_pref = merged.get((base_name, "pref"))
     meta = {base_name: {"method": "base", "seed": None, "path": base, "fp": base_fp}}
-    meta |= {run.name: {"method": run.method, "seed": run.seed, "path": str(run.path), "fp": fp, "run": run}
-             for run, fp in todo}
+    meta |= {
+        run.name: {"method": run.method, "seed": run.seed, "path": str(run.path), "fp": fp, "run": run}
+        for run, fp in todo
+    }
     for name, info in meta.items():
         entry = results.empty_entry(name, info["path"])
         if "run" in info:
             entry.update(results.training_metrics(info["run"].path))
-        entry.update(method=info["method"], seed=info["seed"], base_model=base, dataset=dataset,
-                     fingerprint=info["fp"], eval_seconds=round(seconds, 2), error=errors.get(name))
+        entry.update(
+            method=info["method"],
+            seed=info["seed"],
+            base_model=base,
+            dataset=dataset,
+            fingerprint=info["fp"],
+            eval_seconds=round(seconds, 2),
+            error=errors.get(name),
+        )
         if name not in errors:
             entry.update(plan.perplexity_metrics(merged.get((name, "ppl"))))
-            entry.update(plan.preference_metrics(merged.get((name, "pref")),
-                                                 None if name == base_name else base_pref))
+            entry.update(plan.preference_metrics(merged.get((name, "pref")), None if name == base_name else base_pref))
             entry["generation_samples"] = merged.get((name, "gen"), [])
         updates[name] = entry
     return updates
 
 
-def _run_local(base, data_spec, settings, targets, work, progress) -> list[dict]:
-    from eval.worker import Scorer
+def _run_local(
+    base: str, data_spec: EvalData, settings: EvalSettings, targets: dict, work: list, progress: bool
+) -> list[ShardResult]:
+    from tunefleet.eval.worker import Scorer
 
     scorer = Scorer(base, data_spec, settings.batch_size, settings.trust_remote_code)
     out = []
-    with _progress(progress, len(work)) as advance:
+    with shard_progress(progress, len(work)) as advance:
         for shard in work:
             out.append(scorer.run(targets, shard))
             advance()
     return out
-
-
-class _progress:
-    """A rich progress bar over shards (silent when not wanted)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-        self.bar = Progress(transient=False)
-        self.bar.start()
-        task = self.bar.add_task("scoring shards", total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()

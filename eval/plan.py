@@ -42,7 +42,9 @@ def plan_shards(targets: list[str], sizes: dict[str, int], num_shards: int) -> l
     for task in whole:
         parts = max(1, math.ceil(task.cost / share - 1e-9)) if num_shards > 1 else 1
         step = math.ceil((task.end - task.start) / parts)
-        pieces += [Task(task.target, task.metric, s, min(s + step, task.end)) for s in range(task.start, task.end, step)]
+        pieces += [
+            Task(task.target, task.metric, s, min(s + step, task.end)) for s in range(task.start, task.end, step)
+        ]
     shards: list[list[Task]] = [[] for _ in range(num_shards)]
     loads = [0.0] * num_shards
     for piece in sorted(pieces, key=lambda p: (-p.cost, p)):
@@ -84,17 +86,30 @@ def perplexity_metrics(values: list | None) -> dict:
 
 def preference_metrics(values: list | None, base: list | None = None) -> dict:
     """values: [chosen_sum, chosen_tokens, rejected_sum, rejected_tokens] per pair (same for the base)."""
-    keys = ("preference_accuracy", "preference_correct", "preference_total", "avg_chosen_loss",
-            "avg_rejected_loss", "loss_margin", "reward_accuracy")
+    keys = (
+        "preference_accuracy",
+        "preference_correct",
+        "preference_total",
+        "avg_chosen_loss",
+        "avg_rejected_loss",
+        "loss_margin",
+        "reward_accuracy",
+    )
     if not values:
         return dict.fromkeys(keys) | {"preference_total": 0}
     chosen = [v[0] / v[1] for v in values]
     rejected = [v[2] / v[3] for v in values]
     correct = sum(c < r for c, r in zip(chosen, rejected))
     avg_c, avg_r = sum(chosen) / len(chosen), sum(rejected) / len(rejected)
-    out = {"preference_accuracy": correct / len(values), "preference_correct": correct,
-           "preference_total": len(values), "avg_chosen_loss": avg_c, "avg_rejected_loss": avg_r,
-           "loss_margin": avg_r - avg_c, "reward_accuracy": None}
+    out = {
+        "preference_accuracy": correct / len(values),
+        "preference_correct": correct,
+        "preference_total": len(values),
+        "avg_chosen_loss": avg_c,
+        "avg_rejected_loss": avg_r,
+        "loss_margin": avg_r - avg_c,
+        "reward_accuracy": None,
+    }
     if base and len(base) == len(values):
         # implicit reward = log p_policy - log p_base = base NLL sum - policy NLL sum
         wins = sum((b[0] - v[0]) > (b[2] - v[2]) for v, b in zip(values, base))

@@ -4,17 +4,26 @@ base model once; shards are handed out as workers free up; a failed shard is ret
 
 from __future__ import annotations
 
-from launcher.raycluster import ensure_ray
+from tunefleet.common.raycluster import ensure_ray
+from tunefleet.eval.plan import Task
+from tunefleet.eval.progress import shard_progress
+from tunefleet.eval.settings import EvalData, EvalSettings
+from tunefleet.eval.worker import Scorer, ShardResult
 
 MAX_RETRIES = 2
 
 
-def run_shards_ray(base, data_spec, settings, targets, work, num_workers, address, progress) -> list[dict]:
+def run_shards_ray(
+    base: str,
+    data_spec: EvalData,
+    settings: EvalSettings,
+    targets: dict[str, str | None],
+    work: list[list[Task]],
+    address: str | None,
+    progress: bool,
+) -> list[ShardResult]:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
-
-    from eval.evaluate import _progress
-    from eval.worker import Scorer
 
     started = ensure_ray(address)
     try:
@@ -22,17 +31,19 @@ def run_shards_ray(base, data_spec, settings, targets, work, num_workers, addres
         gpus = resources.get("GPU", 0)
         per_worker = settings.gpus_per_worker if gpus else 0
         slots = int(gpus / per_worker) if gpus else int(resources.get("CPU", 1))
-        n_actors = max(1, min(num_workers, len(work), slots))
+        n_actors = max(1, min(settings.shards, len(work), slots))
         opts = {"num_cpus": 1, "num_gpus": per_worker, "max_restarts": 0}
         remote_scorer = ray.remote(Scorer)
 
         def new_actor():
-            return remote_scorer.options(**opts).remote(base, data_spec, settings.batch_size, settings.trust_remote_code)
+            return remote_scorer.options(**opts).remote(
+                base, data_spec, settings.batch_size, settings.trust_remote_code
+            )
 
         actors = [new_actor() for _ in range(n_actors)]
         queue = list(range(len(work)))
         attempts = [0] * len(work)
-        out: list[dict | None] = [None] * len(work)
+        out: list[ShardResult | None] = [None] * len(work)
         inflight = {}
 
         def submit(actor):
@@ -42,7 +53,7 @@ def run_shards_ray(base, data_spec, settings, targets, work, num_workers, addres
 
         for actor in actors:
             submit(actor)
-        with _progress(progress, len(work)) as advance:
+        with shard_progress(progress, len(work)) as advance:
             while inflight:
                 (ref,), _ = ray.wait(list(inflight), num_returns=1)
                 actor, idx = inflight.pop(ref)
@@ -55,8 +66,8 @@ def run_shards_ray(base, data_spec, settings, targets, work, num_workers, addres
                         queue.insert(0, idx)
                     else:
                         reason = str(exc).strip().splitlines()[0]
-                        out[idx] = {"results": [], "errors": {t.target: f"shard failed {attempts[idx]} times: {reason}"
-                                                              for t in work[idx]}, "seconds": 0}
+                        message = f"shard failed {attempts[idx]} times: {reason}"
+                        out[idx] = ShardResult(errors={t.target: message for t in work[idx]})
                         advance()
                     ray.kill(actor)
                     actor = new_actor()

@@ -10,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-from eval.results import load_results, loss_curve
+from tunefleet.eval.results import load_results, loss_curve
 
 # column, header, better ("min" / "max" / None), format
 COLUMNS = [
@@ -44,9 +44,14 @@ def markdown(results: dict) -> str:
         values = [e.get(key) for _, e in rows if isinstance(e.get(key), (int, float)) and not e.get("error")]
         if better and values:
             best[key] = min(values) if better == "min" else max(values)
-    lines = ["# Evaluation report", "", f"{len(rows)} rows; **bold** = best in column. Definitions: README, "
-             "section Evaluation.", "", "| run | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"{len(rows)} rows; **bold** = best in column. Definitions: README, section Evaluation.",
+        "",
+        "| run | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
     for name, entry in rows:
         cells = []
         for key, _, better, pattern in COLUMNS:
@@ -55,8 +60,13 @@ def markdown(results: dict) -> str:
         label = f"{name} (error: {entry['error']})" if entry.get("error") else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    lines += ["", "## Per method (mean ± std across seeds)", "",
-              "| method | runs | " + " | ".join(SUMMARY) + " |", "|---" * (len(SUMMARY) + 2) + "|"]
+    lines += [
+        "",
+        "## Per method (mean ± std across seeds)",
+        "",
+        "| method | runs | " + " | ".join(SUMMARY) + " |",
+        "|---" * (len(SUMMARY) + 2) + "|",
+    ]
     by_method: dict[str, list[dict]] = {}
     for _, entry in rows:
         if not entry.get("error"):
@@ -83,6 +93,7 @@ def markdown(results: dict) -> str:
 
 def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -107,7 +118,7 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
             if isinstance(entry.get(key), (int, float)) and not entry.get("error"):
                 by_method.setdefault(entry.get("method") or "?", []).append(entry[key])
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for i, (method, vals) in enumerate(by_method.items()):
+        for i, vals in enumerate(by_method.values()):
             ax.bar(i, statistics.mean(vals), color="#9ecae1")
             ax.scatter([i] * len(vals), vals, color="#08519c", zorder=3, s=14)  # one dot per seed
         ax.set_xticks(range(len(by_method)), list(by_method))
@@ -135,4 +146,3 @@ def table(results: dict) -> str:
     """The report's first table, for printing at the end of `tunefleet eval` / `make demo`."""
     text = markdown(results)
     return text.split("\n## ")[0]
-

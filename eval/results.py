@@ -10,14 +10,30 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainers.config import METHODS
-from trainers.errors import TunefleetError
-from trainers.run import read_json, write_json_atomic
+from tunefleet.common.errors import TunefleetError
+from tunefleet.common.jsonfile import read_json, write_json_atomic
+from tunefleet.trainers.config import METHODS
 
-RESULT_KEYS = ("model_name", "model_path", "initial_train_loss", "final_train_loss", "best_eval_loss",
-               "final_eval_loss", "total_steps", "training_time_seconds", "training_time_hours", "perplexity",
-               "test_loss", "preference_accuracy", "preference_correct", "preference_total", "avg_chosen_loss",
-               "avg_rejected_loss", "loss_margin", "generation_samples")
+RESULT_KEYS = (
+    "model_name",
+    "model_path",
+    "initial_train_loss",
+    "final_train_loss",
+    "best_eval_loss",
+    "final_eval_loss",
+    "total_steps",
+    "training_time_seconds",
+    "training_time_hours",
+    "perplexity",
+    "test_loss",
+    "preference_accuracy",
+    "preference_correct",
+    "preference_total",
+    "avg_chosen_loss",
+    "avg_rejected_loss",
+    "loss_margin",
+    "generation_samples",
+)
 
 
 @dataclass
@@ -54,8 +70,17 @@ def discover(runs_dir: str, methods: list[str] | None = None) -> list[RunInfo]:
         if methods and method not in methods:
             continue
         base = record.get("base_model") or (read_json(cfg) or {}).get("base_model_name_or_path")
-        runs.append(RunInfo(name=path.relative_to(root).as_posix(), path=path, method=method,
-                            seed=record.get("seed"), base_model=base, dataset=record.get("dataset"), record=record))
+        runs.append(
+            RunInfo(
+                name=path.relative_to(root).as_posix(),
+                path=path,
+                method=method,
+                seed=record.get("seed"),
+                base_model=base,
+                dataset=record.get("dataset"),
+                record=record,
+            )
+        )
     return runs
 
 
@@ -70,7 +95,9 @@ def training_metrics(run_dir: Path) -> dict:
     history = state.get("log_history") if isinstance(state.get("log_history"), list) else []
     losses = [e["loss"] for e in history if isinstance(e, dict) and isinstance(e.get("loss"), (int, float))]
     evals = [e["eval_loss"] for e in history if isinstance(e, dict) and isinstance(e.get("eval_loss"), (int, float))]
-    runtime = next((e["train_runtime"] for e in reversed(history) if isinstance(e, dict) and "train_runtime" in e), None)
+    runtime = next(
+        (e["train_runtime"] for e in reversed(history) if isinstance(e, dict) and "train_runtime" in e), None
+    )
     return {
         "initial_train_loss": losses[0] if losses else None,
         "final_train_loss": losses[-1] if losses else None,
@@ -84,12 +111,15 @@ def training_metrics(run_dir: Path) -> dict:
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     state = read_json(Path(run_dir) / "trainer_state.json") or {}
-    return [(e["step"], e["loss"]) for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e
-            and "step" in e]
+    return [
+        (e["step"], e["loss"])
+        for e in state.get("log_history", [])
+        if isinstance(e, dict) and "loss" in e and "step" in e
+    ]
 
 
 def empty_entry(name: str, path: str) -> dict:
-    return {key: None for key in RESULT_KEYS} | {"model_name": name, "model_path": path, "generation_samples": []}
+    return dict.fromkeys(RESULT_KEYS) | {"model_name": name, "model_path": path, "generation_samples": []}
 
 
 def load_results(path: Path) -> dict:

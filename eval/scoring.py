@@ -38,15 +38,15 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int = 2048)
     if not full_text.startswith(prompt_text):
         raise ValueError("chat template renders the prompt differently inside the full conversation")
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    completion = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    completion = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     keep = max(1, max_length - len(completion))
-    return Sequence(tuple(prompt[-keep:]), tuple(completion[:max_length - 1]))
+    return Sequence(tuple(prompt[-keep:]), tuple(completion[: max_length - 1]))
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first: memory peaks fail fast)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def score_batched(model, sequences: list[Sequence], batch_size: int = 16, pad_id: int = 0):
@@ -63,9 +63,9 @@ def score_batched(model, sequences: list[Sequence], batch_size: int = 16, pad_id
         for row, i in enumerate(batch):
             seq = sequences[i]
             tokens = list(seq.prompt_ids) + list(seq.completion_ids)
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-            attention[row, :len(tokens)] = 1
-            scored[row, len(seq.prompt_ids):len(tokens)] = True
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            attention[row, : len(tokens)] = 1
+            scored[row, len(seq.prompt_ids) : len(tokens)] = True
         nll = _token_nll(model, ids.to(device), attention.to(device))  # [B, width-1], predicts tokens 1..
         mask = scored[:, 1:].to(device)
         batch_sums = (nll * mask).sum(dim=1).tolist()
@@ -95,8 +95,9 @@ def _token_nll(model, ids, attention):
         return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-             adapter_names: list[str] | None = None) -> list[str]:
+def generate(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, adapter_names: list[str] | None = None
+) -> list[str]:
     """Greedy replies to several conversations in one left-padded batch (the report's generation samples).
 
     `adapter_names` (PEFT mixed-adapter batch): row i uses adapter adapter_names[i] ("__base__": none), so
@@ -116,7 +117,12 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
         tokenizer.padding_side = side
     with torch.inference_mode():
         extra = {"adapter_names": adapter_names} if adapter_names else {}
-        out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, **extra)
+        out = model.generate(
+            **{k: v.to(device) for k, v in enc.items()},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )
     width = enc["input_ids"].shape[1]
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]

@@ -8,61 +8,81 @@ The base model is loaded once per worker; adapters are attached with PEFT's mult
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-from eval.plan import Task
-from eval.scoring import encode_conversation, generate, score_batched
-from trainers.errors import first_line
+from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.eval.plan import Task
+from tunefleet.eval.scoring import encode_conversation, generate, score_batched
+from tunefleet.eval.settings import EvalData
 
 
-def load_eval_data(dataset: str, sft_split: str | None, pref_split: str | None, max_samples: int,
-                   max_generation_samples: int) -> dict:
-    """The first `max_samples` conversations / pairs of each test split, as message lists."""
-    from trainers import data
-    from trainers.errors import TunefleetError
+@dataclass
+class ShardResult:
+    """What a worker returns for one shard: per-sample values per task, and the targets that failed."""
+
+    results: list[tuple[Task, list]] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # target -> message
+    seconds: float = 0.0
+
+
+def load_eval_data(spec: EvalData) -> dict:
+    """The first `max_samples` conversations / pairs of each test split, as message lists, per metric."""
+    from tunefleet.trainers import data
 
     out = {"ppl": [], "pref": [], "gen": []}
-    if sft_split:
-        ds = data.load_split(dataset, sft_split)
+    if spec.sft_split:
+        ds = data.load_split(spec.dataset, spec.sft_split)
         if "messages" not in ds.column_names:
-            raise TunefleetError(f"dataset {dataset} split '{sft_split}' has no 'messages' column for perplexity; "
-                                 f"found {', '.join(sorted(ds.column_names))}")
-        rows = ds.select(range(min(max_samples, len(ds))))["messages"]
+            raise TunefleetError(
+                f"dataset {spec.dataset} split '{spec.sft_split}' has no 'messages' column for perplexity; "
+                f"found {', '.join(sorted(ds.column_names))}"
+            )
+        rows = ds.select(range(min(spec.max_samples, len(ds))))["messages"]
         out["ppl"] = rows
-        out["gen"] = [m[:-1] for m in rows[:max_generation_samples]]
-    if pref_split:
-        ds = data.load_split(dataset, pref_split)
+        out["gen"] = [m[:-1] for m in rows[: spec.max_generation_samples]]
+    if spec.pref_split:
+        ds = data.load_split(spec.dataset, spec.pref_split)
         fmt = data.detect_format("dpo", ds)
         if fmt not in ("ultrafeedback", "conversational", "implicit-prompt"):
-            raise TunefleetError(f"dataset {dataset} split '{pref_split}' must hold conversational chosen/rejected "
-                                 f"for preference accuracy; found format {fmt}")
-        ds = ds.select(range(min(max_samples, len(ds))))
+            raise TunefleetError(
+                f"dataset {spec.dataset} split '{spec.pref_split}' must hold conversational chosen/rejected "
+                f"for preference accuracy; found format {fmt}"
+            )
+        ds = ds.select(range(min(spec.max_samples, len(ds))))
         prompts = ds["prompt"] if fmt == "conversational" else [None] * len(ds)
-        out["pref"] = [(p + c if p else c, p + r if p else r) for p, c, r in zip(prompts, ds["chosen"], ds["rejected"])]
+        out["pref"] = [
+            (p + c if p else c, p + r if p else r) for p, c, r in zip(prompts, ds["chosen"], ds["rejected"])
+        ]
     return out
 
 
 class Scorer:
     """Score tasks for many targets on one loaded base model."""
 
-    def __init__(self, base_model: str, data_spec: dict, batch_size: int = 16, trust_remote_code: bool = False):
+    def __init__(self, base_model: str, data_spec: EvalData, batch_size: int = 16, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from trainers.model import load_tokenizer, resolve
+        from tunefleet.trainers.model import load_tokenizer, resolve
 
         self.tokenizer = load_tokenizer(base_model, trust_remote_code)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.base = AutoModelForCausalLM.from_pretrained(resolve(base_model), dtype=dtype,
-                                                         trust_remote_code=trust_remote_code).to(device).eval()
+        self.base = (
+            AutoModelForCausalLM.from_pretrained(resolve(base_model), dtype=dtype, trust_remote_code=trust_remote_code)
+            .to(device)
+            .eval()
+        )
         self.peft = None
         self.loaded: dict[str, str] = {}  # target -> adapter name
         self.batch_size = batch_size
-        raw = load_eval_data(**data_spec)
+        raw = load_eval_data(data_spec)
         self.data = {
             "ppl": [encode_conversation(self.tokenizer, m) for m in raw["ppl"]],
-            "pref": [(encode_conversation(self.tokenizer, c), encode_conversation(self.tokenizer, r))
-                     for c, r in raw["pref"]],
+            "pref": [
+                (encode_conversation(self.tokenizer, c), encode_conversation(self.tokenizer, r))
+                for c, r in raw["pref"]
+            ],
             "gen": raw["gen"],
         }
 
@@ -74,6 +94,7 @@ class Scorer:
             return None  # base row: adapters disabled
         if target not in self.loaded:
             from peft import PeftModel
+
             name = f"a{len(self.loaded)}"  # PEFT adapter names must be identifiers: not the run name
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, adapter, adapter_name=name).eval()
@@ -83,8 +104,8 @@ class Scorer:
         self.peft.set_adapter(self.loaded[target])
         return self.peft
 
-    def run(self, targets: dict[str, str | None], tasks: list[Task]) -> dict:
-        """Score `tasks`; returns {"results": [(task, values)], "errors": {target: message}, "seconds": s}."""
+    def run(self, targets: dict[str, str | None], tasks: list[Task]) -> ShardResult:
+        """Score `tasks` (targets: name -> adapter folder, None for the base model alone)."""
         t0 = time.time()
         results, errors = [], {}
         for task in tasks:
@@ -100,8 +121,10 @@ class Scorer:
                 results.append((task, values))
             except Exception as exc:  # one bad adapter must not stop the others
                 errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
-        results += self._generate_all([t for t in tasks if t.metric == "gen" and t.target not in errors], targets, errors)
-        return {"results": results, "errors": errors, "seconds": time.time() - t0}
+        results += self._generate_all(
+            [t for t in tasks if t.metric == "gen" and t.target not in errors], targets, errors
+        )
+        return ShardResult(results, errors, time.time() - t0)
 
     def _generate_all(self, tasks: list[Task], targets: dict, errors: dict) -> list:
         """Every target's generation samples in one mixed-adapter batch (one generate call, not one per run)."""
@@ -112,29 +135,35 @@ class Scorer:
                 rows.append((task, self.loaded.get(task.target, "__base__")))
             except Exception as exc:
                 errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
-        conversations = [m for task, _ in rows for m in self.data["gen"][task.start:task.end]]
+        conversations = [m for task, _ in rows for m in self.data["gen"][task.start : task.end]]
         names = [name for task, name in rows for _ in range(task.end - task.start)]
         try:
-            replies = generate(self.peft or self.base, self.tokenizer, conversations,
-                               adapter_names=names if self.peft is not None else None)
+            replies = generate(
+                self.peft or self.base,
+                self.tokenizer,
+                conversations,
+                adapter_names=names if self.peft is not None else None,
+            )
         except Exception as exc:
             for task, _ in rows:
                 errors[task.target] = f"generation failed: {type(exc).__name__}: {first_line(exc)}"
             return []
         out, i = [], 0
         for task, _ in rows:
-            convs = self.data["gen"][task.start:task.end]
-            out.append((task, [{"prompt": _last_user(m), "response": r} for m, r in zip(convs, replies[i:i + len(convs)])]))
+            convs = self.data["gen"][task.start : task.end]
+            out.append(
+                (task, [{"prompt": _last_user(m), "response": r} for m, r in zip(convs, replies[i : i + len(convs)])])
+            )
             i += len(convs)
         return out
 
     def _score(self, model, task: Task) -> list:
         pad = self.tokenizer.pad_token_id or 0
         if task.metric == "ppl":
-            sums, counts = score_batched(model, self.data["ppl"][task.start:task.end], self.batch_size, pad)
+            sums, counts = score_batched(model, self.data["ppl"][task.start : task.end], self.batch_size, pad)
             return [[s, c] for s, c in zip(sums, counts)]
         if task.metric == "pref":
-            pairs = self.data["pref"][task.start:task.end]
+            pairs = self.data["pref"][task.start : task.end]
             # chosen and rejected share a prompt and have similar lengths: score them in the same batches
             sums, counts = score_batched(model, [s for pair in pairs for s in pair], self.batch_size, pad)
             return [[sums[2 * i], counts[2 * i], sums[2 * i + 1], counts[2 * i + 1]] for i in range(len(pairs))]

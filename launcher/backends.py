@@ -10,19 +10,26 @@ import os
 import queue
 import threading
 
-from launcher.progress import SweepView
-from launcher.runner import run_one, stopping, terminate_children
-from trainers.errors import TunefleetError
+from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.common.raycluster import ensure_ray
+from tunefleet.common.status import RunStatus
+from tunefleet.launcher.progress import SweepView
+from tunefleet.launcher.runner import RunOutcome, run_one, stopping, terminate_children
+from tunefleet.launcher.sweep import Resources, RunPlan
 
 
-def local_slots(resources, gpu_count: int, cpu_count: int) -> tuple[int, list[list[str]]]:
+def local_slots(resources: Resources, gpu_count: int, cpu_count: int) -> tuple[int, list[list[str]]]:
     """How many runs fit at once here, and the GPU ids each slot owns (pure)."""
     if resources.gpus_per_run > 0:
         if gpu_count < resources.gpus_per_run:
-            raise TunefleetError(f"each run needs {resources.gpus_per_run} GPU(s) but this machine has {gpu_count}; "
-                                 "lower resources.gpus_per_run or use --backend ray/slurm")
+            raise TunefleetError(
+                f"each run needs {resources.gpus_per_run} GPU(s) but this machine has {gpu_count}; "
+                "lower resources.gpus_per_run or use --backend ray/slurm"
+            )
         n = gpu_count // resources.gpus_per_run
-        groups = [[str(g) for g in range(i * resources.gpus_per_run, (i + 1) * resources.gpus_per_run)] for i in range(n)]
+        groups = [
+            [str(g) for g in range(i * resources.gpus_per_run, (i + 1) * resources.gpus_per_run)] for i in range(n)
+        ]
     else:
         n = max(1, cpu_count // max(1, resources.cpus_per_run))
         groups = [[] for _ in range(n)]
@@ -32,15 +39,16 @@ def local_slots(resources, gpu_count: int, cpu_count: int) -> tuple[int, list[li
     return n, groups
 
 
-def run_local(runs: list[dict], resources, retries: int, view: SweepView) -> list[dict]:
+def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: SweepView) -> list[RunOutcome]:
     import torch
 
-    n, gpu_groups = local_slots(resources, torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                                os.cpu_count() or 1)
+    n, gpu_groups = local_slots(
+        resources, torch.cuda.device_count() if torch.cuda.is_available() else 0, os.cpu_count() or 1
+    )
     pending: queue.Queue = queue.Queue()
     for run in runs:
         pending.put(run)
-    outcomes: dict[str, dict] = {}
+    outcomes: dict[str, RunOutcome] = {}
     lock = threading.Lock()
 
     def slot(gpus: list[str]):
@@ -54,13 +62,13 @@ def run_local(runs: list[dict], resources, retries: int, view: SweepView) -> lis
                 if stopping.is_set():
                     return
                 with lock:
-                    view.set(run["name"], "running", f"(attempt {attempt + 1})" if attempt else "")
+                    view.set(run.name, RunStatus.RUNNING, f"(attempt {attempt + 1})" if attempt else "")
                 outcome = run_one(run, env)
-                if outcome["status"] == "done":
+                if outcome.ok:
                     break
             with lock:
-                outcomes[run["name"]] = outcome
-                view.set(run["name"], outcome["status"], outcome.get("error", "") if outcome["status"] == "failed" else "")
+                outcomes[run.name] = outcome
+                view.set(run.name, outcome.status, outcome.error or "")
 
     threads = [threading.Thread(target=slot, args=(g,), daemon=True) for g in gpu_groups[:n]]
     for t in threads:
@@ -73,26 +81,30 @@ def run_local(runs: list[dict], resources, retries: int, view: SweepView) -> lis
     except KeyboardInterrupt:
         terminate_children()
         raise
-    return [outcomes[r["name"]] for r in runs if r["name"] in outcomes]
+    return [outcomes[r.name] for r in runs if r.name in outcomes]
 
 
-def check_ray_resources(resources, nodes: list[dict]) -> None:
+def check_ray_resources(resources: Resources, nodes: list[dict]) -> None:
     """Refuse up front a run that no node can hold (pure: `nodes` as from ray.nodes())."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
     max_gpus = max((r.get("GPU", 0) for r in alive), default=0)
     max_cpus = max((r.get("CPU", 0) for r in alive), default=0)
     if resources.gpus_per_run > max_gpus:
-        raise TunefleetError(f"each run needs {resources.gpus_per_run} GPU(s) but the largest Ray node has "
-                             f"{int(max_gpus)}; lower resources.gpus_per_run or add bigger nodes")
+        raise TunefleetError(
+            f"each run needs {resources.gpus_per_run} GPU(s) but the largest Ray node has "
+            f"{int(max_gpus)}; lower resources.gpus_per_run or add bigger nodes"
+        )
     if resources.cpus_per_run > max_cpus:
-        raise TunefleetError(f"each run needs {resources.cpus_per_run} CPU(s) but the largest Ray node has "
-                             f"{int(max_cpus)}; lower resources.cpus_per_run")
+        raise TunefleetError(
+            f"each run needs {resources.cpus_per_run} CPU(s) but the largest Ray node has "
+            f"{int(max_cpus)}; lower resources.cpus_per_run"
+        )
 
 
-def run_ray(runs: list[dict], resources, retries: int, view: SweepView, address: str | None) -> list[dict]:
+def run_ray(
+    runs: list[RunPlan], resources: Resources, retries: int, view: SweepView, address: str | None
+) -> list[RunOutcome]:
     import ray
-
-    from launcher.raycluster import ensure_ray
 
     started = ensure_ray(address)
     try:
@@ -100,19 +112,23 @@ def run_ray(runs: list[dict], resources, retries: int, view: SweepView, address:
         # One task per run on the resources it asks for; Ray queues what does not fit. A task whose worker
         # or node dies is re-executed by Ray (max_retries) and the run resumes from its checkpoint.
         remote_run = ray.remote(run_one).options(
-            num_cpus=resources.cpus_per_run, num_gpus=resources.gpus_per_run, max_retries=3, retry_exceptions=False,
-            memory=int(resources.memory_gb * 2**30) if resources.memory_gb else None)
-        attempts = {r["name"]: 0 for r in runs}
-        by_name = {r["name"]: r for r in runs}
+            num_cpus=resources.cpus_per_run,
+            num_gpus=resources.gpus_per_run,
+            max_retries=3,
+            retry_exceptions=False,
+            memory=int(resources.memory_gb * 2**30) if resources.memory_gb else None,
+        )
+        attempts = {r.name: 0 for r in runs}
+        by_name = {r.name: r for r in runs}
         inflight = {}
 
-        def submit(run):
-            attempts[run["name"]] += 1
-            inflight[remote_run.remote(run)] = run["name"]
+        def submit(run: RunPlan):
+            attempts[run.name] += 1
+            inflight[remote_run.remote(run)] = run.name
 
         for run in runs:
             submit(run)
-        outcomes: dict[str, dict] = {}
+        outcomes: dict[str, RunOutcome] = {}
         running = set()
         try:
             while inflight:
@@ -124,30 +140,29 @@ def run_ray(runs: list[dict], resources, retries: int, view: SweepView, address:
                     try:
                         outcome = ray.get(ref)
                     except ray.exceptions.RayError as exc:
-                        outcome = {"name": name, "status": "failed", "error": str(exc).strip().splitlines()[0],
-                                   "log": str(os.path.join(by_name[name]["output_dir"], "train.log")), "wall_s": 0}
-                    if outcome["status"] == "failed" and attempts[name] <= retries:
-                        view.set(name, "queued", f"retry {attempts[name]}/{retries}: {outcome.get('error', '')}")
+                        log = os.path.join(by_name[name].output_dir, "train.log")
+                        outcome = RunOutcome(name, RunStatus.FAILED, log, error=first_line(exc))
+                    if not outcome.ok and attempts[name] <= retries:
+                        view.set(name, RunStatus.QUEUED, f"retry {attempts[name]}/{retries}: {outcome.error or ''}")
                         submit(by_name[name])
                         continue
                     outcomes[name] = outcome
-                    view.set(name, outcome["status"], outcome.get("error", "") if outcome["status"] == "failed" else "")
+                    view.set(name, outcome.status, outcome.error or "")
                 view.refresh()
         except KeyboardInterrupt:
             for ref in inflight:
                 ray.cancel(ref, force=True)  # kills the worker; its training child gets SIGTERM (PDEATHSIG)
             raise
-        return [outcomes[r["name"]] for r in runs if r["name"] in outcomes]
+        return [outcomes[r.name] for r in runs if r.name in outcomes]
     finally:
         if started:
             ray.shutdown()
 
 
-def _mark_running(by_name, inflight, running, view) -> None:
+def _mark_running(by_name: dict[str, RunPlan], inflight: dict, running: set, view: SweepView) -> None:
     """A run counts as running once its process has written launch.json (Ray queues the rest)."""
     for name in inflight.values():
-        if name not in running and os.path.exists(os.path.join(by_name[name]["output_dir"], "launch.json")):
-            launch_m = os.path.getmtime(os.path.join(by_name[name]["output_dir"], "launch.json"))
-            if launch_m >= view.t0:
-                running.add(name)
-                view.set(name, "running")
+        launch = os.path.join(by_name[name].output_dir, "launch.json")
+        if name not in running and os.path.exists(launch) and os.path.getmtime(launch) >= view.t0:
+            running.add(name)
+            view.set(name, RunStatus.RUNNING)

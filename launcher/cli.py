@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 
-from trainers.errors import TunefleetError
+from tunefleet.common.errors import TunefleetError
 
 COMMANDS = {
     "train": "Train one run (all flags of the original tool; --help lists them).",
@@ -29,15 +29,16 @@ COMMANDS = {
 
 
 def cmd_train(argv: list[str]) -> int:
-    from trainers.config import parse_args
+    from tunefleet.trainers.config import parse_args
 
     cfg = parse_args(argv)
-    from launcher.launch import free_port, launch_command, plan_launch
+    from tunefleet.launcher.launch import free_port, launch_command, plan_launch
 
     choice, env = plan_launch(cfg)
     if choice.config is None:
-        from trainers.run import Preempted
-        from trainers.train import run
+        from tunefleet.trainers.run import Preempted
+        from tunefleet.trainers.train import run
+
         try:
             record = run(cfg)
         except Preempted as exc:
@@ -51,8 +52,8 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_check_data(argv: list[str]) -> int:
-    from trainers import data
-    from trainers.config import METHODS, coerce
+    from tunefleet.trainers import data
+    from tunefleet.trainers.config import METHODS, coerce
 
     p = argparse.ArgumentParser(prog="tunefleet check-data", description=COMMANDS["check-data"])
     p.add_argument("--method", required=True, help=f"One of {', '.join(METHODS)}.")
@@ -86,15 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     handlers = {"train": cmd_train, "check-data": cmd_check_data}
-    for name, module in (("sweep", "launcher.sweep_cli"), ("eval", "eval.cli"), ("report", "eval.cli"),
-                         ("status", "launcher.sweep_cli"), ("cancel", "launcher.sweep_cli")):
+    for name, module in (
+        ("sweep", "tunefleet.launcher.sweep_cli"),
+        ("eval", "tunefleet.eval.cli"),
+        ("report", "tunefleet.eval.cli"),
+        ("status", "tunefleet.launcher.sweep_cli"),
+        ("cancel", "tunefleet.launcher.sweep_cli"),
+    ):
         if command == name:
             import importlib
+
             handlers[name] = getattr(importlib.import_module(module), f"cmd_{name}")
     if command not in handlers:
-        from trainers.config import nearest
-        print(f"error: unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        from tunefleet.common.schema import nearest
+
+        print(
+            f"error: unknown command '{command}'{nearest(command, COMMANDS)}; commands: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return handlers[command](rest)

@@ -1,7 +1,7 @@
 """How one run is started: the command line (pure) and a free port per launch.
 
-A run with one process is `python -m trainers.train ...`; with more it goes through
-`accelerate launch --multi_gpu --num_processes N --main_process_port P -m trainers.train ...`
+A run with one process is `python -m tunefleet.trainers.train ...`; with more it goes through
+`accelerate launch --multi_gpu --num_processes N --main_process_port P -m tunefleet.trainers.train ...`
 (on CPU-only hosts with ACCELERATE_USE_CPU=true, so the processes join one gloo world instead of
 silently running N copies of world size 1). Every launch gets its own free port: several runs on one node
 never collide on 29500.
@@ -14,12 +14,14 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from trainers.errors import TunefleetError
+from tunefleet.common.errors import TunefleetError
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "cluster_configs" / "accelerate"
+# The shipped catalogue, as package data: found the same way from a checkout and from an installed wheel.
+CATALOGUE = Path(str(resources.files("tunefleet.cluster_configs")))
+CONFIG_DIR = CATALOGUE / "accelerate"
 # `--accelerate_config auto` shards with ZeRO-3 when the base weights (compute dtype) would take more than
 # this share of one device's memory: the rest is for activations, LoRA optimizer state and the batch.
 ZERO3_SHARE = 0.5
@@ -47,8 +49,14 @@ class LaunchChoice:
     reason: str
 
 
-def choose_config(requested: str, num_processes: int, n_params: int | None, dtype_bytes: int,
-                  device_mem: int | None, share: float = ZERO3_SHARE) -> LaunchChoice:
+def choose_config(
+    requested: str,
+    num_processes: int,
+    n_params: int | None,
+    dtype_bytes: int,
+    device_mem: int | None,
+    share: float = ZERO3_SHARE,
+) -> LaunchChoice:
     """DDP, or ZeRO-3 when the weights would not leave room on one device (pure)."""
     if requested not in (None, "", "auto"):
         return LaunchChoice(requested, f"asked for with --accelerate_config {requested}")
@@ -59,12 +67,18 @@ def choose_config(requested: str, num_processes: int, n_params: int | None, dtyp
     if n_params is None:
         return LaunchChoice("ddp", "model size unknown (config not readable): plain data parallel")
     weights, limit = n_params * dtype_bytes, share * device_mem
-    gib = 2 ** 30
+    gib = 2**30
     if weights > limit:
-        return LaunchChoice("zero3", f"weights {weights / gib:.1f} GiB > {share:.0%} of one device's "
-                                     f"{device_mem / gib:.0f} GiB: shard them with ZeRO-3")
-    return LaunchChoice("ddp", f"weights {weights / gib:.2f} GiB <= {share:.0%} of one device's "
-                               f"{device_mem / gib:.0f} GiB: every GPU holds a copy (DDP)")
+        return LaunchChoice(
+            "zero3",
+            f"weights {weights / gib:.1f} GiB > {share:.0%} of one device's "
+            f"{device_mem / gib:.0f} GiB: shard them with ZeRO-3",
+        )
+    return LaunchChoice(
+        "ddp",
+        f"weights {weights / gib:.2f} GiB <= {share:.0%} of one device's "
+        f"{device_mem / gib:.0f} GiB: every GPU holds a copy (DDP)",
+    )
 
 
 def count_params(model_name: str, trust_remote_code: bool = False) -> int | None:
@@ -73,7 +87,8 @@ def count_params(model_name: str, trust_remote_code: bool = False) -> int | None
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from trainers.model import resolve
+        from tunefleet.trainers.model import resolve
+
         config = AutoConfig.from_pretrained(resolve(model_name), trust_remote_code=trust_remote_code)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -83,15 +98,25 @@ def count_params(model_name: str, trust_remote_code: bool = False) -> int | None
 
 
 def deepspeed_file(config: str | None) -> Path | None:
-    """The DeepSpeed JSON an accelerate config points at (paths relative to the repo root), if any."""
+    """The DeepSpeed JSON an accelerate config points at, if any.
+
+    A relative path in a catalogue config (`cluster_configs/deepspeed/zero2.json`) names the catalogue's own
+    file; in the user's own YAML it is relative to the working folder, as accelerate reads it.
+    """
     path = accelerate_config_path(config)
     if path is None or not path.exists():
         return None
     import yaml
+
     ds = (yaml.safe_load(path.read_text()) or {}).get("deepspeed_config", {}).get("deepspeed_config_file")
     if not ds:
         return None
-    return Path(ds) if Path(ds).is_absolute() else ROOT / ds
+    ds = Path(ds)
+    if ds.is_absolute():
+        return ds
+    if path.parent == CONFIG_DIR and ds.parts[0] == CATALOGUE.name:
+        return CATALOGUE.joinpath(*ds.parts[1:])
+    return ds.resolve()
 
 
 def check_deepspeed(ds: dict, cfg, bf16: bool) -> list[str]:
@@ -101,14 +126,18 @@ def check_deepspeed(ds: dict, cfg, bf16: bool) -> list[str]:
     def fixed(value):
         return value is not None and value != "auto"
 
-    pairs = [("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "--per_device_train_batch_size"),
-             ("gradient_accumulation_steps", cfg.gradient_accumulation_steps, "--gradient_accumulation_steps")]
+    pairs = [
+        ("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "--per_device_train_batch_size"),
+        ("gradient_accumulation_steps", cfg.gradient_accumulation_steps, "--gradient_accumulation_steps"),
+    ]
     for key, flag_value, flag in pairs:
         if fixed(ds.get(key)) and ds[key] != flag_value:
             problems.append(f"{key} is {ds[key]} in the DeepSpeed config but {flag} is {flag_value}")
     if fixed((ds.get("bf16") or {}).get("enabled")) and bool(ds["bf16"]["enabled"]) != bf16:
-        problems.append(f"bf16.enabled is {ds['bf16']['enabled']} in the DeepSpeed config but the run computes in "
-                        f"{'bf16' if bf16 else 'fp32'} (--bf16)")
+        problems.append(
+            f"bf16.enabled is {ds['bf16']['enabled']} in the DeepSpeed config but the run computes in "
+            f"{'bf16' if bf16 else 'fp32'} (--bf16)"
+        )
     if (ds.get("fp16") or {}).get("enabled") is True:
         problems.append("fp16.enabled is true in the DeepSpeed config but tunefleet trains in bf16 or fp32")
     lr = ((ds.get("optimizer") or {}).get("params") or {}).get("lr")
@@ -116,24 +145,40 @@ def check_deepspeed(ds: dict, cfg, bf16: bool) -> list[str]:
         problems.append(f"optimizer lr is {lr} in the DeepSpeed config but --learning_rate is {cfg.lr}")
     stage = (ds.get("zero_optimization") or {}).get("stage")
     if stage == 3 and cfg.use_qlora and not bf16:
-        problems.append("ZeRO-3 with QLoRA needs bf16 compute (4-bit storage must equal the compute dtype to be "
-                        "sharded), which needs a bf16 GPU; use --accelerate_config zero2 or --use_qlora false")
+        problems.append(
+            "ZeRO-3 with QLoRA needs bf16 compute (4-bit storage must equal the compute dtype to be "
+            "sharded), which needs a bf16 GPU; use --accelerate_config zero2 or --use_qlora false"
+        )
     return problems
 
 
-def launch_command(train_argv: list[str], num_processes: int = 1, port: int | None = None,
-                   accelerate_config: str | None = "auto", python: str = sys.executable) -> list[str]:
+def launch_command(
+    train_argv: list[str],
+    num_processes: int = 1,
+    port: int | None = None,
+    accelerate_config: str | None = "auto",
+    python: str = sys.executable,
+) -> list[str]:
     """The command that runs one training run (pure: no I/O)."""
     if num_processes == 1 and accelerate_config_path(accelerate_config) is None:
-        return [python, "-m", "trainers.train", *train_argv]
+        return [python, "-m", "tunefleet.trainers.train", *train_argv]
     cmd = [python, "-m", "accelerate.commands.launch"]
     config = accelerate_config_path(accelerate_config)
     cmd += ["--config_file", str(config)] if config else ["--multi_gpu"]
     ds = deepspeed_file(accelerate_config)
     if ds:  # absolute, so the launch works from any working directory
         cmd += ["--deepspeed_config_file", str(ds)]
-    cmd += ["--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(port or 29500),
-            "-m", "trainers.train", *train_argv]
+    cmd += [
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port or 29500),
+        "-m",
+        "tunefleet.trainers.train",
+        *train_argv,
+    ]
     return cmd
 
 
@@ -144,7 +189,8 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
     """
     import torch
 
-    from trainers.model import compute_dtype
+    from tunefleet.trainers.model import compute_dtype
+
     base = {**os.environ, **(env_extra or {})}
     has_gpu = torch.cuda.is_available()
     devices = torch.cuda.device_count() if has_gpu else (os.cpu_count() or 1)
@@ -152,8 +198,10 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
         devices = min(devices, len(base["CUDA_VISIBLE_DEVICES"].split(",")))
     if cfg.num_processes > devices:
         what = "GPU(s) are visible" if has_gpu else "CPU cores exist (no GPU)"
-        raise TunefleetError(f"--num_processes {cfg.num_processes} but only {devices} {what}; lower --num_processes"
-                             + (" or set CUDA_VISIBLE_DEVICES" if has_gpu else ""))
+        raise TunefleetError(
+            f"--num_processes {cfg.num_processes} but only {devices} {what}; lower --num_processes"
+            + (" or set CUDA_VISIBLE_DEVICES" if has_gpu else "")
+        )
     dtype = compute_dtype(cfg.bf16)
     mem = torch.cuda.get_device_properties(0).total_memory if has_gpu else None
     n_params = count_params(cfg.model_name, cfg.trust_remote_code) if cfg.num_processes > 1 else None
@@ -169,8 +217,9 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
             if problems:
                 raise TunefleetError(f"{ds.name}: " + "; ".join(problems))
     env = launch_env(base, cfg.num_processes, has_gpu, deepspeed=deepspeed_file(choice.config) is not None)
-    env["TUNEFLEET_LAUNCH"] = json.dumps({"accelerate_config": choice.config, "reason": choice.reason,
-                                          "num_processes": cfg.num_processes})
+    env["TUNEFLEET_LAUNCH"] = json.dumps(
+        {"accelerate_config": choice.config, "reason": choice.reason, "num_processes": cfg.num_processes}
+    )
     return choice, env
 
 

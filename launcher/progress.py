@@ -9,15 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from trainers.run import read_json
-
-STATES = ("queued", "running", "done", "failed")
+from tunefleet.common.jsonfile import read_json
+from tunefleet.common.status import RunStatus
+from tunefleet.launcher.runner import RunOutcome
+from tunefleet.launcher.sweep import RunPlan
 
 
 class SweepView:
-    def __init__(self, runs: list[dict], live: bool | None = None):
-        self.runs = {r["name"]: r for r in runs}
-        self.state = {name: "queued" for name in self.runs}
+    def __init__(self, runs: list[RunPlan], live: bool | None = None):
+        self.runs = {r.name: r for r in runs}
+        self.state = dict.fromkeys(self.runs, RunStatus.QUEUED)
         self.attempts = dict.fromkeys(self.runs, 0)
         self.live_enabled = sys.stdout.isatty() if live is None else live
         self.live = None
@@ -26,6 +27,7 @@ class SweepView:
     def __enter__(self):
         if self.live_enabled:
             from rich.live import Live
+
             self.live = Live(self._table(), refresh_per_second=2, transient=False)
             self.live.start()
         return self
@@ -35,18 +37,21 @@ class SweepView:
             self.live.update(self._table())
             self.live.stop()
 
-    def set(self, name: str, state: str, note: str = "") -> None:
-        if state == "running":
+    def set(self, name: str, state: RunStatus, note: str = "") -> None:
+        if state is RunStatus.RUNNING:
             self.attempts[name] += 1
         self.state[name] = state
         if not self.live:
             counts = self.counts()
-            print(f"[{time.time() - self.t0:6.1f}s] {name}: {state}{' ' + note if note else ''}   "
-                  + " ".join(f"{k} {counts[k]}" for k in STATES), flush=True)
+            print(
+                f"[{time.time() - self.t0:6.1f}s] {name}: {state}{' ' + note if note else ''}   "
+                + " ".join(f"{k} {n}" for k, n in counts.items()),
+                flush=True,
+            )
         self.refresh()
 
-    def counts(self) -> dict:
-        return {s: sum(v == s for v in self.state.values()) for s in STATES}
+    def counts(self) -> dict[RunStatus, int]:
+        return {s: sum(v is s for v in self.state.values()) for s in RunStatus}
 
     def refresh(self) -> None:
         if self.live:
@@ -54,31 +59,46 @@ class SweepView:
 
     def _table(self):
         from rich.table import Table
+
         counts = self.counts()
-        table = Table(title="sweep: " + "  ".join(f"{k} {counts[k]}" for k in STATES))
+        table = Table(title="sweep: " + "  ".join(f"{k} {n}" for k, n in counts.items()))
         for col in ("run", "state", "attempt", "step", "loss"):
             table.add_column(col)
         for name, run in self.runs.items():
-            progress = read_json(Path(run["output_dir"]) / "progress.json") or {} if self.state[name] == "running" else {}
+            running = self.state[name] is RunStatus.RUNNING
+            progress = (read_json(Path(run.output_dir) / "progress.json") or {}) if running else {}
             step = f"{progress.get('step', '')}/{progress.get('max_steps', '')}" if progress else ""
             loss = progress.get("loss")
-            table.add_row(name, self.state[name], str(self.attempts[name] or ""), step,
-                          f"{loss:.4f}" if isinstance(loss, (int, float)) else "")
+            table.add_row(
+                name,
+                self.state[name],
+                str(self.attempts[name] or ""),
+                step,
+                f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
+            )
         return table
 
 
-def final_table(outcomes: list[dict]) -> str:
+def final_table(outcomes: list[RunOutcome]) -> str:
     """Plain text: run, status, steps, final loss, wall time, log path."""
     header = ("run", "status", "steps", "final loss", "wall s", "log")
     rows = []
     for o in outcomes:
-        status = o.get("status", "?") + (" (skipped: finished before)" if o.get("skipped") else "")
-        loss = o.get("final_loss")
-        rows.append((o["name"], status, str(o.get("steps") or "-"), f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
-                     f"{o.get('wall_s', 0):.1f}", o.get("log", "")))
+        status = o.status + (" (skipped: finished before)" if o.skipped else "")
+        loss = o.final_loss
+        rows.append(
+            (
+                o.name,
+                status,
+                str(o.steps or "-"),
+                f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+                f"{o.wall_s:.1f}",
+                o.log,
+            )
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     for o in outcomes:
-        if o.get("status") == "failed" and o.get("error"):
-            lines.append(f"failed {o['name']}: {o['error']}")
+        if not o.ok and o.error:
+            lines.append(f"{o.status} {o.name}: {o.error}")
     return "\n".join(lines)

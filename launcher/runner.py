@@ -1,7 +1,7 @@
 """Carry out one run of a sweep: the same function runs in a local thread, a Ray task and a SLURM array task.
 
-It writes the run's `config.yaml`, launches `python -m trainers.train --config ...` (or `accelerate launch`
-for several processes) on a free port, appends its output to `<run>/train.log`, and reports the outcome
+It writes the run's `config.yaml`, launches `python -m tunefleet.trainers.train --config ...` (or `accelerate
+launch` for several processes) on a free port, appends its output to `<run>/train.log`, and reports the outcome
 from the run's own `run.json`. A finished run is skipped; an interrupted one resumes from its checkpoint
 (the trainer does that by itself).
 """
@@ -9,19 +9,59 @@ from the run's own `run.json`. A finished run is skipped; an interrupted one res
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.launch import free_port, launch_command, plan_launch
-from trainers.run import now, read_json, write_json_atomic
+from tunefleet.common import schema
+from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.status import RunStatus
+from tunefleet.launcher.launch import free_port, launch_command, plan_launch
+from tunefleet.launcher.sweep import RunPlan
 
 _children: set[subprocess.Popen] = set()
 stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
+
+
+@dataclass
+class RunSummary:
+    """Where a run stands, read from its own files (works for any backend)."""
+
+    status: RunStatus | None  # None: never started
+    steps: int | None = None
+    max_steps: int | None = None
+    final_loss: float | None = None
+
+
+@dataclass
+class RunOutcome:
+    """How one attempt at a run ended, as every backend reports it."""
+
+    name: str
+    status: RunStatus  # FINISHED, FAILED or INTERRUPTED
+    log: str
+    wall_s: float = 0.0
+    skipped: bool = False  # finished before this sweep: not started again
+    returncode: int | None = None
+    host: str | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RunStatus.FINISHED
+
+
+def training_processes() -> list[subprocess.Popen]:
+    """The training processes this process started and that have not been reaped yet."""
+    return list(_children)
 
 
 def _die_with_parent() -> None:
@@ -32,65 +72,82 @@ def _die_with_parent() -> None:
         pass
 
 
-def write_run_config(run: dict) -> Path:
+def write_run_config(plan: RunPlan) -> Path:
     import yaml
-    out = Path(run["output_dir"])
+
+    out = Path(plan.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
-    tmp.write_text(f"# {run['name']}: written by tunefleet sweep; rerun with\n"
-                   f"#   tunefleet train --config {path}\n" + yaml.safe_dump(run["config"], sort_keys=False))
+    values = {k: v for k, v in schema.to_dict(plan.config).items() if v is not None}
+    tmp.write_text(
+        f"# {plan.name}: written by tunefleet sweep; rerun with\n"
+        f"#   tunefleet train --config {path}\n" + yaml.safe_dump(values, sort_keys=False)
+    )
     tmp.replace(path)
     return path
 
 
-def summary(run: dict) -> dict:
-    """Status, steps and last loss of a run, from its own files (works for any backend)."""
-    out = Path(run["output_dir"])
+def summarize(output_dir: str | Path) -> RunSummary:
+    """Status, steps and last loss of a run, from its run.json, progress.json and trainer_state.json."""
+    out = Path(output_dir)
     record = read_json(out / "run.json") or {}
     progress = read_json(out / "progress.json") or {}
     state = read_json(out / "trainer_state.json") or {}
     losses = [e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e]
-    return {"run_status": record.get("status"), "steps": record.get("global_step") or progress.get("step"),
-            "max_steps": progress.get("max_steps"), "final_loss": losses[-1] if losses else progress.get("loss")}
+    return RunSummary(
+        status=RunStatus.of(record.get("status")),
+        steps=record.get("global_step") or progress.get("step"),
+        max_steps=progress.get("max_steps"),
+        final_loss=losses[-1] if losses else progress.get("loss"),
+    )
 
 
-def run_one(run: dict, env_extra: dict | None = None) -> dict:
+def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     """Train one run to completion in a child process; returns its outcome (never raises for a failed run)."""
-    out = Path(run["output_dir"]).resolve()
-    run = {**run, "output_dir": str(out), "config": {**run["config"], "output_dir": str(out)}}
-    t0 = time.time()
-    if (read_json(out / "run.json") or {}).get("status") == "finished":
-        return {"name": run["name"], "status": "done", "skipped": True, "returncode": 0, "wall_s": 0.0,
-                "log": str(out / "train.log"), "host": socket.gethostname(), **summary(run)}
-    from trainers.config import from_dict
-    choice, env = plan_launch(from_dict(run["config"]), env_extra)
-    run["config"]["accelerate_config"] = choice.config or "auto"
+    out = Path(plan.output_dir).resolve()
+    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=str(out)))
+    log, host, t0 = str(out / "train.log"), socket.gethostname(), time.time()
+
+    def outcome(status: RunStatus, **fields) -> RunOutcome:
+        info = summarize(out)
+        return RunOutcome(plan.name, status, log, host=host, steps=info.steps, final_loss=info.final_loss, **fields)
+
+    if summarize(out).status is RunStatus.FINISHED:
+        return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
+    choice, env = plan_launch(plan.config, env_extra)
+    plan = dataclasses.replace(
+        plan, config=dataclasses.replace(plan.config, accelerate_config=choice.config or "auto")
+    )
     if stopping.is_set():
-        return {"name": run["name"], "status": "failed", "skipped": False, "returncode": None, "wall_s": 0.0,
-                "log": str(out / "train.log"), "error": "sweep interrupted before this run started", **summary(run)}
-    cfg_path = write_run_config(run)
-    cmd = launch_command(["--config", str(cfg_path)], int(run["config"].get("num_processes", 1)), free_port(),
-                         choice.config)
-    with open(out / "train.log", "a") as log:
-        log.write(f"\n=== {now()} on {socket.gethostname()}: {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        return outcome(RunStatus.FAILED, error="sweep interrupted before this run started")
+    cfg_path = write_run_config(plan)
+    cmd = launch_command(["--config", str(cfg_path)], plan.config.num_processes, free_port(), choice.config)
+    with open(log, "a") as log_file:
+        log_file.write(f"\n=== {utc_now()} on {host}: {' '.join(cmd)}\n")
+        log_file.flush()
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         _children.add(proc)
-        write_json_atomic(out / "launch.json", {"pid": proc.pid, "host": socket.gethostname(), "command": cmd,
-                                                "started_at": now(),
-                                                "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES")})
+        write_json_atomic(
+            out / "launch.json",
+            {
+                "pid": proc.pid,
+                "host": host,
+                "command": cmd,
+                "started_at": utc_now(),
+                "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
+            },
+        )
         try:
             rc = proc.wait()
         finally:
             _children.discard(proc)
-    info = summary(run)
-    ok = rc == 0 and info["run_status"] == "finished"
-    result = {"name": run["name"], "status": "done" if ok else "failed", "skipped": False, "returncode": rc,
-              "wall_s": round(time.time() - t0, 2), "log": str(out / "train.log"), "host": socket.gethostname(), **info}
-    if not ok:
-        result["error"] = _last_error(out / "train.log") or f"exit code {rc}"
-    return result
+    wall = round(time.time() - t0, 2)
+    recorded = summarize(out).status
+    if rc == 0 and recorded is RunStatus.FINISHED:
+        return outcome(RunStatus.FINISHED, returncode=rc, wall_s=wall)
+    status = RunStatus.INTERRUPTED if recorded is RunStatus.INTERRUPTED else RunStatus.FAILED
+    return outcome(status, returncode=rc, wall_s=wall, error=_last_error(Path(log)) or f"exit code {rc}")
 
 
 def _last_error(log: Path) -> str | None:

@@ -7,7 +7,7 @@
 
 Reads as its steps: check sbatch -> refuse while the sweep's previous array is still queued/running -> pick
 the runs that are not finished -> write `<runs_dir>/slurm/runs.json` and the sbatch scripts -> sbatch ->
-record the job ids in `<runs_dir>/sweep.json`. Each array task runs `python -m launcher.slurm_task` (which
+record the job ids in `<runs_dir>/sweep.json`. Each array task runs `python -m tunefleet.launcher.slurm_task` (which
 calls `runner.run_one`, as every backend does); the batch script only relays signals and requeues. SLURM
 sends USR1 `signal_seconds` before the time limit: the trainer checkpoints, the task requeues itself and
 resumes from that checkpoint.
@@ -17,6 +17,7 @@ The renderers (`render_array_script`, `render_eval_script`, `array_spec`, `parse
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import shutil
@@ -24,13 +25,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainers.errors import TunefleetError
-from trainers.run import now, read_json, write_json_atomic
+from tunefleet.common import schema
+from tunefleet.common.errors import TunefleetError
+from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.status import RunStatus
+from tunefleet.launcher.runner import summarize
 
 # Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
-ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
-EVAL_FLAGS = ("max_samples", "max_generation_samples", "batch_size", "sft_split", "pref_split", "gpus_per_worker")
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "RESV_DEL_HOLD",
+}
 
 
 # ---------------------------------------------------------------- pure: scripts
@@ -51,10 +67,12 @@ def _resource_lines(spec, gpus: int, cpus: int, memory_gb: float | None) -> list
         lines.append(f"--gres=gpu:{gpus}")
     lines.append(f"--cpus-per-task={cpus}")
     if memory_gb:
-        lines.append(f"--mem={int(memory_gb)}G" if float(memory_gb).is_integer() else f"--mem={int(memory_gb * 1024)}M")
+        lines.append(
+            f"--mem={int(memory_gb)}G" if float(memory_gb).is_integer() else f"--mem={int(memory_gb * 1024)}M"
+        )
     for key in ("time", "partition", "account", "qos"):
-        if s.get(key):
-            lines.append(f"--{key}={s[key]}")
+        if getattr(s, key):
+            lines.append(f"--{key}={getattr(s, key)}")
     return lines
 
 
@@ -63,28 +81,37 @@ def render_array_script(spec, runs, indices: list[int], sweep_dir: str, python: 
     s, r = spec.slurm, spec.resources
     slurm_dir = Path(sweep_dir) / "slurm"
     names = ", ".join(f"{i}={runs[i].name}" for i in indices)
-    requeue = s.get("requeue", True)
-    lines = [f"--job-name=tf-{spec.name}", f"--array={array_spec(indices, s.get('array_limit') or r.max_parallel)}",
-             *_resource_lines(spec, r.gpus_per_run, r.cpus_per_run, r.memory_gb),
-             f"--output={slurm_dir}/%A_%a.log",
-             "--open-mode=append"]  # a requeued task appends to its log instead of truncating it
+    requeue = s.requeue
+    lines = [
+        f"--job-name=tf-{spec.name}",
+        f"--array={array_spec(indices, s.array_limit or r.max_parallel)}",
+        *_resource_lines(spec, r.gpus_per_run, r.cpus_per_run, r.memory_gb),
+        f"--output={slurm_dir}/%A_%a.log",
+        "--open-mode=append",
+    ]  # a requeued task appends to its log instead of truncating it
     if requeue:
-        lines += ["--requeue", f"--signal=B:USR1@{s.get('signal_seconds', 120)}"]
-    lines += [str(x).removeprefix("#SBATCH ") for x in s.get("extra", [])]  # site-specific lines, verbatim
+        lines += ["--requeue", f"--signal=B:USR1@{s.signal_seconds}"]
+    lines += [str(x).removeprefix("#SBATCH ") for x in s.extra]  # site-specific lines, verbatim
     header = "\n".join(f"#SBATCH {line}" for line in lines)
-    task = f"{shlex.quote(python)} -m launcher.slurm_task {shlex.quote(str(slurm_dir / 'runs.json'))} " \
-           f"\"$SLURM_ARRAY_TASK_ID\" --retries {retries}"
-    requeue_block = """if [ "$signalled" = USR1 ] && [ "$rc" -ne 0 ]; then
+    task = (
+        f"{shlex.quote(python)} -m tunefleet.launcher.slurm_task {shlex.quote(str(slurm_dir / 'runs.json'))} "
+        f'"$SLURM_ARRAY_TASK_ID" --retries {retries}'
+    )
+    requeue_block = (
+        """if [ "$signalled" = USR1 ] && [ "$rc" -ne 0 ]; then
     # USR1 = time limit near (--signal) or preemption notice: the trainer saved a checkpoint; come back
     # and resume from it. TERM (scancel, `tunefleet cancel`) does not requeue: a cancel stays cancelled.
     echo "=== $(date -Is) task $task signalled: checkpoint saved, requeueing to resume"
     scontrol requeue "$task"
     exit 0
 fi
-""" if requeue else ""
+"""
+        if requeue
+        else ""
+    )
     return f"""#!/bin/bash
 # tunefleet sweep {spec.name}: one array task per run (task index = position in runs.json).
-# Written by `tunefleet sweep {spec.path or '<spec>'} --backend slurm`; tasks here: {names}
+# Written by `tunefleet sweep {spec.path or "<spec>"} --backend slurm`; tasks here: {names}
 {header}
 
 task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
@@ -108,33 +135,31 @@ done
 
 def eval_backend(spec, gpus: int) -> str:
     """Shards on one GPU run one after the other in one process; with several GPUs a local Ray spreads them."""
-    return spec.eval.get("backend") or ("ray" if gpus > 1 else "local")
+    return spec.eval.backend or ("ray" if gpus > 1 else "local")
 
 
 def eval_command(spec, runs_dir: str, python: str, gpus: int) -> list[str]:
-    """`tunefleet eval` with the spec's `eval:` settings (pure)."""
-    e = spec.eval
-    cmd = [python, "-m", "launcher.cli", "eval", "--runs_dir", runs_dir, "--backend", eval_backend(spec, gpus),
-           "--shards", str(e.get("shards") or 1)]
-    for key in EVAL_FLAGS:
-        if e.get(key) is not None:
-            cmd += [f"--{key}", str(e[key])]
-    if e.get("skip_perplexity"):
-        cmd.append("--skip_perplexity")
-    return cmd
+    """`tunefleet eval` with the spec's `eval:` settings, turned into flags by their one definition (pure)."""
+    settings = dataclasses.replace(spec.eval, backend=eval_backend(spec, gpus))
+    return [python, "-m", "tunefleet.launcher.cli", "eval", "--runs_dir", runs_dir, *schema.to_argv(settings)]
 
 
 def render_eval_script(spec, sweep_dir: str, python: str, after: str | None) -> str:
     """The evaluation job; with `after`, it starts once every task of that array job succeeded (pure)."""
-    r, shards = spec.resources, int(spec.eval.get("shards") or 1)
+    r, shards = spec.resources, spec.eval.shards
     gpus = shards if r.gpus_per_run > 0 else 0  # one GPU per eval shard on a GPU sweep
-    wait = [f"--dependency=afterok:{after}",
-            "--kill-on-invalid-dep=yes"] if after else []  # a failed run drops the eval job (no endless PENDING)
-    lines = [f"--job-name=tf-{spec.name}-eval", *wait,
-             *_resource_lines(spec, gpus, r.cpus_per_run * (shards if eval_backend(spec, gpus) == "ray" else 1),
-                              r.memory_gb),
-             f"--output={Path(sweep_dir) / 'slurm'}/eval_%j.log",
-             *[str(x).removeprefix("#SBATCH ") for x in spec.slurm.get("extra", [])]]
+    wait = (
+        [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+    )  # a failed run drops the eval job (no endless PENDING)
+    lines = [
+        f"--job-name=tf-{spec.name}-eval",
+        *wait,
+        *_resource_lines(
+            spec, gpus, r.cpus_per_run * (shards if eval_backend(spec, gpus) == "ray" else 1), r.memory_gb
+        ),
+        f"--output={Path(sweep_dir) / 'slurm'}/eval_%j.log",
+        *[str(x).removeprefix("#SBATCH ") for x in spec.slurm.extra],
+    ]
     header = "\n".join(f"#SBATCH {line}" for line in lines)
     cmd = " ".join(shlex.quote(c) for c in eval_command(spec, sweep_dir, python, gpus))
     return f"""#!/bin/bash
@@ -166,7 +191,7 @@ def parse_queue(text: str) -> dict[str, str]:
         job, state = line.split("|", 1)
         state = state.split()[0] if state.split() else "UNKNOWN"  # sacct: 'CANCELLED by 0'
         m = re.fullmatch(r"(\d+)_(\[?[\d,%-]+\]?)", job.strip())
-        for jid in (expand_tasks(m.group(1), m.group(2)) if m else [job.strip()]):
+        for jid in expand_tasks(m.group(1), m.group(2)) if m else [job.strip()]:
             states[jid] = state
     return states
 
@@ -176,8 +201,10 @@ def _slurm(cmd: list[str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise TunefleetError(f"'{cmd[0]}' not found: install SLURM's client tools (apt-get install slurm-wlm) "
-                             "or use --backend local / --backend ray") from None
+        raise TunefleetError(
+            f"'{cmd[0]}' not found: install SLURM's client tools (apt-get install slurm-wlm) "
+            "or use --backend local / --backend ray"
+        ) from None
 
 
 def queue_states(job_ids: list) -> dict[str, str]:
@@ -218,46 +245,70 @@ def sbatch(script: Path, *flags: str) -> str:
 def submit_sweep(spec, runs, a) -> int:
     """Submit the sweep's unfinished runs as one job array (+ the evaluation job with --eval)."""
     if not a.dry_run and shutil.which("sbatch") is None:
-        raise TunefleetError("sbatch not found on PATH: install SLURM's client tools (apt-get install slurm-wlm) "
-                             "or run the sweep with --backend local / --backend ray")
+        raise TunefleetError(
+            "sbatch not found on PATH: install SLURM's client tools (apt-get install slurm-wlm) "
+            "or run the sweep with --backend local / --backend ray"
+        )
     sweep_dir = Path(spec.runs_dir).resolve()
     slurm_dir = sweep_dir / "slurm"
     state_path = sweep_dir / "sweep.json"
     previous = read_json(state_path) or {}
-    python = spec.slurm.get("python") or sys.executable
+    python = spec.slurm.python or sys.executable
 
     old = previous.get("slurm") or {}
     if not a.dry_run:
         refuse_while_queued(spec, old.get("job_ids", []))
 
-    todo = [i for i, run in enumerate(runs)
-            if (read_json(Path(run.output_dir) / "run.json") or {}).get("status") != "finished"]
+    todo = [i for i, run in enumerate(runs) if summarize(run.output_dir).status is not RunStatus.FINISHED]
     finished = len(runs) - len(todo)
     if not todo and not a.eval:
         print(f"sweep {spec.name}: all {len(runs)} runs already finished; nothing to submit")
         return 0
 
     # Everything the tasks need goes through runs.json (no YAML in bash); indices are positions in it.
-    plain = [{"name": r.name, "output_dir": str(Path(r.output_dir).resolve()), "config": r.config} for r in runs]
+    absolute = [
+        dataclasses.replace(r, config=dataclasses.replace(r.config, output_dir=str(Path(r.output_dir).resolve())))
+        for r in runs
+    ]
     array_script = render_array_script(spec, runs, todo, str(sweep_dir), python, a.retries) if todo else None
     if a.dry_run:
-        print(f"# {spec.name}: {len(todo)} of {len(runs)} runs to submit ({finished} finished); runs.json holds "
-              f"{', '.join(f'{i}={r.name}' for i, r in enumerate(runs))}")
+        print(
+            f"# {spec.name}: {len(todo)} of {len(runs)} runs to submit ({finished} finished); runs.json holds "
+            f"{', '.join(f'{i}={r.name}' for i, r in enumerate(runs))}"
+        )
         if array_script:
             print(f"# ---- {slurm_dir / 'sweep.sbatch'}\n{array_script}")
         if a.eval:
-            print(f"# ---- {slurm_dir / 'eval.sbatch'}\n"
-                  + render_eval_script(spec, str(sweep_dir), python, "<array job id>" if todo else None))
+            print(
+                f"# ---- {slurm_dir / 'eval.sbatch'}\n"
+                + render_eval_script(spec, str(sweep_dir), python, "<array job id>" if todo else None)
+            )
         return 0
 
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(slurm_dir / "runs.json", {"sweep": spec.name, "runs": plain})
-    state = {"name": spec.name, "spec": str(a.spec), "backend": "slurm", "started_at": now(),
-             "runs": {r.name: {"output_dir": r.output_dir, "method": r.method,
-                               "status": "queued" if i in todo else "finished", **_earlier_job(previous, r.name)}
-                      for i, r in enumerate(runs)},
-             "slurm": {"job_ids": [], "array_job_id": None, "eval_job_id": None, "script": None,
-                       "previous_job_ids": old.get("previous_job_ids", []) + old.get("job_ids", [])}}
+    write_json_atomic(slurm_dir / "runs.json", {"sweep": spec.name, "runs": [r.to_json() for r in absolute]})
+    state = {
+        "name": spec.name,
+        "spec": str(a.spec),
+        "backend": "slurm",
+        "started_at": utc_now(),
+        "runs": {
+            r.name: {
+                "output_dir": r.output_dir,
+                "method": r.method,
+                "status": RunStatus.QUEUED if i in todo else RunStatus.FINISHED,
+                **_earlier_job(previous, r.name),
+            }
+            for i, r in enumerate(runs)
+        },
+        "slurm": {
+            "job_ids": [],
+            "array_job_id": None,
+            "eval_job_id": None,
+            "script": None,
+            "previous_job_ids": old.get("previous_job_ids", []) + old.get("job_ids", []),
+        },
+    }
     array_id = eval_id = None
     if array_script:
         (slurm_dir / "sweep.sbatch").write_text(array_script)
@@ -273,8 +324,10 @@ def submit_sweep(spec, runs, a) -> int:
             eval_id = sbatch(slurm_dir / "eval.sbatch")
         except TunefleetError as exc:
             if array_id:
-                raise TunefleetError(f"{exc} (training array {array_id} is submitted; evaluate later with "
-                                     f"`tunefleet eval --runs_dir {spec.runs_dir}`)") from None
+                raise TunefleetError(
+                    f"{exc} (training array {array_id} is submitted; evaluate later with "
+                    f"`tunefleet eval --runs_dir {spec.runs_dir}`)"
+                ) from None
             raise
         state["slurm"].update(job_ids=state["slurm"]["job_ids"] + [eval_id], eval_job_id=eval_id)
         write_json_atomic(state_path, state)
@@ -288,22 +341,30 @@ def refuse_while_queued(spec, job_ids: list) -> None:
     busy = active_jobs(queue_states(job_ids))
     if busy:
         shown = ", ".join(f"{j} {s}" for j, s in sorted(busy.items())[:4]) + (" ..." if len(busy) > 4 else "")
-        raise TunefleetError(f"sweep {spec.name} is still in SLURM ({shown}); resubmitting now could run a run "
-                             f"twice: wait for it or `tunefleet cancel {spec.runs_dir}` first")
+        raise TunefleetError(
+            f"sweep {spec.name} is still in SLURM ({shown}); resubmitting now could run a run "
+            f"twice: wait for it or `tunefleet cancel {spec.runs_dir}` first"
+        )
 
 
 def print_submitted(spec, runs, todo, array_id, eval_id, sweep_dir: Path) -> None:
     slurm_dir, finished = sweep_dir / "slurm", len(runs) - len(todo)
     if array_id:
-        limit = spec.slurm.get("array_limit") or spec.resources.max_parallel
-        print(f"submitted sweep {spec.name}: SLURM array job {array_id}, {len(todo)} task(s) "
-              f"({array_spec(todo, None)})" + (f", at most {limit} at once" if limit else "")
-              + (f"; {finished} run(s) already finished" if finished else ""))
+        limit = spec.slurm.array_limit or spec.resources.max_parallel
+        print(
+            f"submitted sweep {spec.name}: SLURM array job {array_id}, {len(todo)} task(s) "
+            f"({array_spec(todo, None)})"
+            + (f", at most {limit} at once" if limit else "")
+            + (f"; {finished} run(s) already finished" if finished else "")
+        )
         for i in todo:
             print(f"  {array_id}_{i}: {runs[i].name}  log {slurm_dir / f'{array_id}_{i}.log'}")
     if eval_id:
-        print(f"evaluation: job {eval_id}" + (f", starts when every task of {array_id} succeeded" if array_id else "")
-              + f"; results in {sweep_dir / 'evaluation_results.json'}")
+        print(
+            f"evaluation: job {eval_id}"
+            + (f", starts when every task of {array_id} succeeded" if array_id else "")
+            + f"; results in {sweep_dir / 'evaluation_results.json'}"
+        )
     print(f"follow: tunefleet status {spec.runs_dir}    cancel: tunefleet cancel {spec.runs_dir}")
 
 
@@ -332,6 +393,8 @@ def cancel(state: dict) -> int:
         if mine:
             listed = ", ".join(f"{j} ({st})" for j, st in sorted(mine.items()))
             print(f"cancelled {roles.get(jid, 'job')} {jid}: {listed}")
-    print(f"resume later with: tunefleet sweep {state.get('spec', 'SPEC')} --backend slurm "
-          "(finished runs are skipped, the others resume from their checkpoints)")
+    print(
+        f"resume later with: tunefleet sweep {state.get('spec', 'SPEC')} --backend slurm "
+        "(finished runs are skipped, the others resume from their checkpoints)"
+    )
     return 0

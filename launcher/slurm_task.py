@@ -1,6 +1,6 @@
 """One SLURM array task = one run of a sweep (what `<runs_dir>/slurm/sweep.sbatch` runs).
 
-    python -m launcher.slurm_task runs/demo/slurm/runs.json 3 --retries 1
+    python -m tunefleet.launcher.slurm_task runs/demo/slurm/runs.json 3 --retries 1
 
 Picks run number INDEX from runs.json (written by `tunefleet sweep --backend slurm`), trains it with
 `runner.run_one` like every other backend, and exits 0 when it finished, 128+signal when it was stopped by
@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 
-from launcher import runner
+from tunefleet.launcher import runner
+from tunefleet.launcher.sweep import RunPlan
 
 
 def relay_signals() -> list[int]:
@@ -30,7 +31,7 @@ def relay_signals() -> list[int]:
     told: set[int] = set()
 
     def tell_children():
-        for proc in list(runner._children):
+        for proc in runner.training_processes():
             if received and proc.pid not in told and proc.poll() is None:
                 proc.send_signal(received[0])
                 told.add(proc.pid)
@@ -51,27 +52,31 @@ def relay_signals() -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launcher.slurm_task", description="Run one array task of a sweep.")
+    p = argparse.ArgumentParser(
+        prog="python -m tunefleet.launcher.slurm_task", description="Run one array task of a sweep."
+    )
     p.add_argument("runs_json", help="<runs_dir>/slurm/runs.json")
     p.add_argument("index", type=int, help="Position of the run in runs.json ($SLURM_ARRAY_TASK_ID).")
     p.add_argument("--retries", type=int, default=1, help="Retries of a failed run inside this task.")
     a = p.parse_args(argv)
     with open(a.runs_json) as fh:
-        run = json.load(fh)["runs"][a.index]
+        run = RunPlan.from_json(json.load(fh)["runs"][a.index])
     received = relay_signals()
 
     for attempt in range(a.retries + 1):
-        print(f"=== {run['name']}: attempt {attempt + 1}, log {run['output_dir']}/train.log", flush=True)
+        print(f"=== {run.name}: attempt {attempt + 1}, log {run.output_dir}/train.log", flush=True)
         outcome = runner.run_one(run)
-        if outcome["status"] == "done":
-            print(f"=== {run['name']}: done" + (" (already finished)" if outcome.get("skipped") else
-                                                  f", step {outcome.get('steps')}, loss {outcome.get('final_loss')}"),
-                  flush=True)
+        if outcome.ok:
+            print(
+                f"=== {run.name}: {outcome.status}"
+                + (" (already finished)" if outcome.skipped else f", step {outcome.steps}, loss {outcome.final_loss}"),
+                flush=True,
+            )
             return 0
         if received:  # stopped on purpose: no retry; the checkpoint is resumed when the task runs again
-            print(f"=== {run['name']}: stopped by signal {received[0]} at step {outcome.get('steps')}", flush=True)
+            print(f"=== {run.name}: stopped by signal {received[0]} at step {outcome.steps}", flush=True)
             return 128 + received[0]
-        print(f"=== {run['name']}: failed: {outcome.get('error')}", flush=True)
+        print(f"=== {run.name}: {outcome.status}: {outcome.error}", flush=True)
     return 1
 
 

@@ -20,35 +20,61 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainers import config
-from trainers.errors import TunefleetError
+from tunefleet.common import schema
+from tunefleet.common.errors import TunefleetError
+from tunefleet.common.schema import nearest, option
+from tunefleet.eval.settings import EvalSettings
+from tunefleet.trainers import config
+from tunefleet.trainers.config import TrainConfig
 
 TOP_KEYS = ("name", "runs_dir", "base", "grid", "methods", "resources", "naming", "slurm", "eval")
-RESOURCE_KEYS = {"gpus_per_run": int, "cpus_per_run": int, "memory_gb": float, "max_parallel": int}
-SLURM_KEYS = {"partition": str, "account": str, "qos": str, "time": str, "array_limit": int, "extra": list,
-              "requeue": bool, "signal_seconds": int, "python": str}
-EVAL_KEYS = {"max_samples": int, "max_generation_samples": int, "skip_perplexity": bool, "shards": int,
-             "batch_size": int, "backend": str, "sft_split": str, "pref_split": str, "gpus_per_worker": float}
 DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
 
 
 @dataclass
 class Resources:
-    gpus_per_run: int = 0
-    cpus_per_run: int = 1
-    memory_gb: float | None = None
-    max_parallel: int | None = None
+    gpus_per_run: int = option(0, "GPUs per run (0: CPU only).", at_least=0)
+    cpus_per_run: int = option(1, "CPU cores per run.", at_least=1)
+    memory_gb: float | None = option(None, "Memory per run in GB (Ray and SLURM reserve it).", above=0)
+    max_parallel: int | None = option(None, "At most this many runs at once.", at_least=1)
+
+
+@dataclass
+class SlurmSettings:
+    partition: str | None = option(None, "#SBATCH --partition.")
+    account: str | None = option(None, "#SBATCH --account.")
+    qos: str | None = option(None, "#SBATCH --qos.")
+    time: str | None = option(None, "#SBATCH --time, e.g. 04:00:00.")
+    array_limit: int | None = option(None, "At most this many array tasks at once (--array=...%N).", at_least=1)
+    extra: list[str] = option([], "Extra #SBATCH lines, verbatim (site-specific).")
+    requeue: bool = option(True, "Requeue a task that was signalled before its time limit (it resumes).")
+    signal_seconds: int = option(
+        120, "Seconds before the time limit that USR1 arrives (checkpoint, requeue).", at_least=1
+    )
+    python: str | None = option(None, "Python on the compute nodes (default: the one running tunefleet).")
 
 
 @dataclass
 class RunPlan:
+    """One run of a sweep: its name and its whole, validated train config (output_dir included)."""
+
     name: str
-    output_dir: str
-    config: dict  # TrainConfig fields (validated), output_dir included
+    config: TrainConfig
+
+    @property
+    def output_dir(self) -> str:
+        return self.config.output_dir
 
     @property
     def method(self) -> str:
-        return self.config["method"]
+        return self.config.method
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "config": {k: v for k, v in schema.to_dict(self.config).items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunPlan:
+        return cls(name=data["name"], config=config.from_dict(data["config"]))
 
 
 @dataclass
@@ -60,8 +86,8 @@ class SweepSpec:
     methods: dict = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     naming: str = DEFAULT_NAMING
-    slurm: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     path: str = ""
 
 
@@ -70,8 +96,9 @@ def load_yaml_lines(path: str) -> tuple[dict, dict]:
     """YAML mapping plus {dotted.key: line} so errors can point at the file line."""
     import yaml
 
-    data, node = config.parse_yaml_mapping(path, "sweep spec", "a sweep spec is a mapping (name, base, grid, ...)",
-                                           with_nodes=True)
+    data, node = schema.read_yaml_mapping(
+        path, "sweep spec", "a sweep spec is a mapping (name, base, grid, ...)", with_nodes=True
+    )
     lines: dict[str, int] = {}
 
     def walk(n, prefix):
@@ -90,20 +117,14 @@ def _where(spec_path: str, lines: dict, key: str) -> str:
     return f"{spec_path}:{line}: " if line else f"{spec_path}: "
 
 
-def _check_section(section: dict, allowed: dict, name: str, spec_path: str, lines: dict) -> dict:
+def _section(cls, section, name: str, spec_path: str, lines: dict):
+    """A typed section (resources, slurm, eval) from its mapping; errors name `section.key` and its line."""
     if not isinstance(section, dict):
         raise TunefleetError(f"{_where(spec_path, lines, name)}'{name}' must be a mapping")
-    out = {}
+    values = {}
     for key, value in section.items():
-        where = _where(spec_path, lines, f"{name}.{key}")
-        if key not in allowed:
-            raise TunefleetError(f"{where}unknown key '{name}.{key}'{config.nearest(key, allowed)}")
-        tp = allowed[key]
-        if value is not None and not (isinstance(value, tp) or (tp is float and isinstance(value, int))) \
-                or isinstance(value, bool) and tp is not bool:
-            raise TunefleetError(f"{where}'{name}.{key}' must be {tp.__name__}, got {value!r}")
-        out[key] = value
-    return out
+        values[key] = schema.coerce(cls, key, value, _where(spec_path, lines, f"{name}.{key}"), f"{name}.{key}")
+    return cls(**values)
 
 
 def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None) -> SweepSpec:
@@ -111,7 +132,7 @@ def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None)
     lines = lines or {}
     for key in data:
         if key not in TOP_KEYS:
-            raise TunefleetError(f"{_where(spec_path, lines, key)}unknown key '{key}'{config.nearest(key, TOP_KEYS)}")
+            raise TunefleetError(f"{_where(spec_path, lines, key)}unknown key '{key}'{nearest(key, TOP_KEYS)}")
     name = data.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
         raise TunefleetError(f"{_where(spec_path, lines, 'name')}'name' is required: letters, digits, _ . -")
@@ -136,14 +157,9 @@ def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None)
             raise TunefleetError(f"{where}'methods.{method}' must be a mapping of flags")
         for key, value in overrides.items():
             config.coerce(key, value, _where(spec_path, lines, f"methods.{method}.{key}"))
-    spec.resources = Resources(**_check_section(data.get("resources") or {}, RESOURCE_KEYS, "resources", spec_path,
-                                                lines))
-    for key in ("gpus_per_run", "cpus_per_run", "max_parallel"):
-        value = getattr(spec.resources, key)
-        if value is not None and value < (0 if key == "gpus_per_run" else 1):
-            raise TunefleetError(f"{_where(spec_path, lines, 'resources.' + key)}'resources.{key}' is out of range: {value}")
-    spec.slurm = _check_section(data.get("slurm") or {}, SLURM_KEYS, "slurm", spec_path, lines)
-    spec.eval = _check_section(data.get("eval") or {}, EVAL_KEYS, "eval", spec_path, lines)
+    spec.resources = _section(Resources, data.get("resources") or {}, "resources", spec_path, lines)
+    spec.slurm = _section(SlurmSettings, data.get("slurm") or {}, "slurm", spec_path, lines)
+    spec.eval = _section(EvalSettings, data.get("eval") or {}, "eval", spec_path, lines)
     spec.naming = data.get("naming") or DEFAULT_NAMING
     if not isinstance(spec.naming, str):
         raise TunefleetError(f"{_where(spec_path, lines, 'naming')}'naming' must be a string")
@@ -161,13 +177,14 @@ def model_short(model_name: str) -> str:
 
 
 def run_name(pattern: str, values: dict) -> str:
-    import dataclasses
-    defaults = dataclasses.asdict(config.TrainConfig())
+    defaults = schema.to_dict(TrainConfig())
     fields = {**defaults, **values, "model_short": model_short(values.get("model_name") or "model")}
     try:
         name = pattern.format(**fields)
     except (KeyError, IndexError) as exc:
-        raise TunefleetError(f"naming pattern {pattern!r} uses unknown field {exc}; use train flags or model_short") from None
+        raise TunefleetError(
+            f"naming pattern {pattern!r} uses unknown field {exc}; use train flags or model_short"
+        ) from None
     return re.sub(r"[^\w.-]+", "-", name)
 
 
@@ -182,29 +199,26 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
         name = run_name(spec.naming, values)
         if name in seen:
             varying = [k for k in keys if combo[k] != seen[name][k]]
-            raise TunefleetError(f"{spec.path}: naming {spec.naming!r} gives two runs the name '{name}'; add "
-                                 + ", ".join("{" + k + "}" for k in varying) + " to 'naming'")
+            raise TunefleetError(
+                f"{spec.path}: naming {spec.naming!r} gives two runs the name '{name}'; add "
+                + ", ".join("{" + k + "}" for k in varying)
+                + " to 'naming'"
+            )
         seen[name] = combo
         output_dir = str(Path(spec.runs_dir) / name)
         values["output_dir"] = output_dir
         if spec.resources.gpus_per_run > 1:
             values.setdefault("num_processes", spec.resources.gpus_per_run)
-        cfg = config.from_dict(values, where=f"{spec.path}: run {name}: ")
-        runs.append(RunPlan(name=name, output_dir=output_dir, config=_plain(cfg)))
+        runs.append(RunPlan(name=name, config=config.from_dict(values, where=f"{spec.path}: run {name}: ")))
     return runs
-
-
-def _plain(cfg) -> dict:
-    import dataclasses
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
 
 
 def data_checks(runs: list[RunPlan]) -> list[tuple[str, str, str]]:
     """The distinct (method, dataset, split) triples a sweep needs: check each once before starting."""
     triples = []
     for run in runs:
-        for split in (run.config.get("split"), run.config.get("eval_split")):
-            t = (run.method, run.config["dataset"], split)
+        for split in (run.config.split, run.config.eval_split):
+            t = (run.method, run.config.dataset, split)
             if split and t not in triples:
                 triples.append(t)
     return triples
@@ -212,7 +226,8 @@ def data_checks(runs: list[RunPlan]) -> list[tuple[str, str, str]]:
 
 def validate_data(runs: list[RunPlan]) -> None:
     """Load each needed split once and detect its format for the method: fail before any run starts."""
-    from trainers import data
+    from tunefleet.trainers import data
+
     loaded = {}
     for method, dataset, split in data_checks(runs):
         if (dataset, split) not in loaded:

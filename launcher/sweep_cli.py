@@ -1,30 +1,38 @@
 """`tunefleet sweep`, `tunefleet status`, `tunefleet cancel`.
 
-    tunefleet sweep sweeps/demo.yaml --dry-run            # the plan: runs, resources, launch commands
-    tunefleet sweep sweeps/demo.yaml --backend ray --eval  # train on a local Ray, then evaluate
-    tunefleet sweep sweeps/five_methods.yaml --backend ray --address 10.0.0.1:6379 --retries 2
-    tunefleet status runs/demo
+tunefleet sweep sweeps/demo.yaml --dry-run            # the plan: runs, resources, launch commands
+tunefleet sweep sweeps/demo.yaml --backend ray --eval  # train on a local Ray, then evaluate
+tunefleet sweep sweeps/five_methods.yaml --backend ray --address 10.0.0.1:6379 --retries 2
+tunefleet status runs/demo
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from launcher import sweep as sweeps
-from launcher.launch import launch_command
-from trainers.errors import TunefleetError
-from trainers.run import now, read_json, write_json_atomic
+from tunefleet.common.errors import TunefleetError
+from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.status import RunStatus
+from tunefleet.launcher import sweep as sweeps
+from tunefleet.launcher.launch import launch_command
 
 
 def sweep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunefleet sweep", description="Run every run of a sweep spec.")
     p.add_argument("spec", help="Sweep spec YAML (see sweeps/).")
-    p.add_argument("--backend", choices=["local", "ray", "slurm"], default="local",
-                   help="local processes, a Ray cluster, or SLURM job arrays (default: local).")
+    p.add_argument(
+        "--backend",
+        choices=["local", "ray", "slurm"],
+        default="local",
+        help="local processes, a Ray cluster, or SLURM job arrays (default: local).",
+    )
     p.add_argument("--dry-run", action="store_true", help="Print the plan (runs, resources, commands); run nothing.")
-    p.add_argument("--retries", type=int, default=1, help="Retries of a failed run before it is reported (default: 1).")
+    p.add_argument(
+        "--retries", type=int, default=1, help="Retries of a failed run before it is reported (default: 1)."
+    )
     p.add_argument("--eval", action="store_true", help="Evaluate the sweep's runs when training ends.")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray for this sweep).")
     p.add_argument("--max_parallel", type=int, help="At most this many runs at once (overrides resources).")
@@ -34,20 +42,30 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 def plan_text(spec, runs) -> str:
     r = spec.resources
-    lines = [f"sweep {spec.name}: {len(runs)} runs into {spec.runs_dir}",
-             f"resources per run: {r.gpus_per_run} GPU, {r.cpus_per_run} CPU"
-             + (f", {r.memory_gb} GB" if r.memory_gb else "") + (f"; at most {r.max_parallel} at once" if r.max_parallel else "")]
+    lines = [
+        f"sweep {spec.name}: {len(runs)} runs into {spec.runs_dir}",
+        f"resources per run: {r.gpus_per_run} GPU, {r.cpus_per_run} CPU"
+        + (f", {r.memory_gb:g} GB" if r.memory_gb else "")
+        + (f"; at most {r.max_parallel} at once" if r.max_parallel else ""),
+    ]
     for run in runs:
         c = run.config
-        cmd = launch_command(["--config", f"{run.output_dir}/config.yaml"], int(c.get("num_processes", 1)), "<free port>",
-                             c.get("accelerate_config", "auto"), python="python")
-        lines.append(f"  {run.name}: {c['method']} {c['model_name']} seed {c.get('seed')} "
-                     f"split {c.get('split')} lr {c.get('learning_rate', 'default')}\n    {' '.join(map(str, cmd))}")
+        cmd = launch_command(
+            ["--config", f"{run.output_dir}/config.yaml"],
+            c.num_processes,
+            "<free port>",
+            c.accelerate_config,
+            python="python",
+        )
+        lines.append(
+            f"  {run.name}: {c.method} {c.model_name} seed {c.seed} split {c.split} lr {c.lr}\n"
+            f"    {' '.join(map(str, cmd))}"
+        )
     return "\n".join(lines)
 
 
 def cmd_sweep(argv: list[str]) -> int:
-    from launcher.progress import SweepView, final_table
+    from tunefleet.launcher.progress import SweepView, final_table
 
     a = sweep_parser().parse_args(argv)
     spec = sweeps.load_spec(a.spec)
@@ -60,32 +78,42 @@ def cmd_sweep(argv: list[str]) -> int:
     if not a.skip_data_check:
         sweeps.validate_data(runs)
     if a.backend == "slurm":
-        from launcher.slurm import submit_sweep
+        from tunefleet.launcher.slurm import submit_sweep
+
         return submit_sweep(spec, runs, a)
-    plain = [{"name": r.name, "output_dir": r.output_dir, "config": r.config} for r in runs]
     state_path = Path(spec.runs_dir) / "sweep.json"
-    state = {"name": spec.name, "spec": str(a.spec), "backend": a.backend, "started_at": now(),
-             "runs": {r.name: {"output_dir": r.output_dir, "method": r.method, "status": "queued"} for r in runs}}
+    state = {
+        "name": spec.name,
+        "spec": str(a.spec),
+        "backend": a.backend,
+        "started_at": utc_now(),
+        "runs": {r.name: {"output_dir": r.output_dir, "method": r.method, "status": RunStatus.QUEUED} for r in runs},
+    }
     write_json_atomic(state_path, state)
     outcomes, code = [], 0
     try:
-        with SweepView(plain) as view:
+        with SweepView(runs) as view:
             if a.backend == "ray":
-                from launcher.backends import run_ray
-                outcomes = run_ray(plain, spec.resources, a.retries, view, a.address)
+                from tunefleet.launcher.backends import run_ray
+
+                outcomes = run_ray(runs, spec.resources, a.retries, view, a.address)
             else:
-                from launcher.backends import run_local
-                outcomes = run_local(plain, spec.resources, a.retries, view)
+                from tunefleet.launcher.backends import run_local
+
+                outcomes = run_local(runs, spec.resources, a.retries, view)
     except KeyboardInterrupt:
-        print("\ninterrupted: stopped the running runs; they keep their checkpoints and resume on rerun",
-              file=sys.stderr)
+        print(
+            "\ninterrupted: stopped the running runs; they keep their checkpoints and resume on rerun", file=sys.stderr
+        )
         code = 130
     for o in outcomes:
-        state["runs"][o["name"]].update({k: o.get(k) for k in ("status", "steps", "final_loss", "wall_s", "log", "error")})
-    state["ended_at"] = now()
+        state["runs"][o.name].update(
+            {k: getattr(o, k) for k in ("status", "steps", "final_loss", "wall_s", "log", "error", "host")}
+        )
+    state["ended_at"] = utc_now()
     write_json_atomic(state_path, state)
     print(final_table(outcomes))
-    failed = [o for o in outcomes if o["status"] != "done"]
+    failed = [o for o in outcomes if not o.ok]
     if code:
         return code
     if a.eval:
@@ -94,14 +122,13 @@ def cmd_sweep(argv: list[str]) -> int:
 
 
 def _evaluate(spec, a) -> int:
-    from eval.evaluate import EvalSettings, evaluate
-    from eval.report import table
+    from tunefleet.eval.evaluate import evaluate
+    from tunefleet.eval.report import table
 
-    opts = dict(spec.eval)
-    backend = opts.pop("backend", "ray" if a.backend == "ray" else "local")
-    shards = opts.pop("shards", 1)
-    settings = EvalSettings(**opts)
-    merged = evaluate(spec.runs_dir, None, settings, None, backend, shards, False, a.address)
+    settings = spec.eval
+    if settings.backend is None:
+        settings = dataclasses.replace(settings, backend="ray" if a.backend == "ray" else "local")
+    merged = evaluate(spec.runs_dir, settings, None, a.address)
     print(table(merged))
     print(f"results: {Path(spec.runs_dir) / 'evaluation_results.json'}")
     return 1 if any(e.get("error") for e in merged.values()) else 0
@@ -114,25 +141,29 @@ def cmd_status(argv: list[str]) -> int:
     state = read_json(Path(a.sweep_dir) / "sweep.json")
     if not state:
         raise TunefleetError(f"{a.sweep_dir} holds no sweep.json: not a sweep folder")
-    from launcher.runner import summary
+    from tunefleet.launcher.runner import summarize
+
     jobs, slurm = {}, state.get("slurm") or {}
     if slurm:
-        from launcher.slurm import queue_states
+        from tunefleet.launcher.slurm import queue_states
+
         arrays = {str(i.get("slurm_job", "")).split("_")[0] for i in state["runs"].values()} - {""}
         jobs = queue_states(sorted(set(map(str, slurm.get("job_ids", []))) | arrays))
     print(f"sweep {state['name']} ({state.get('backend')}), started {state.get('started_at')}")
     for name, info in state["runs"].items():
-        s = summary({"output_dir": info["output_dir"]})
-        status = {"finished": "done", "running": "running/interrupted", "failed": "failed",
-                  "interrupted": "interrupted"}.get(s["run_status"], "queued")
+        s = summarize(info["output_dir"])
+        status = s.status or RunStatus.QUEUED  # run.json says where a run stands; no run.json: not started
         job = info.get("slurm_job")  # "ARRAYID_TASK" of the latest submission that included this run
-        loss = s["final_loss"]
+        loss = s.final_loss
         logs = str(Path(info["output_dir"]) / "train.log")
         if job:
             logs += f"  {Path(a.sweep_dir) / 'slurm' / f'{job}.log'}"
-        print(f"  {name:<32} {status:<20} step {s['steps'] or '-':<6} loss "
-              f"{loss if loss is None else round(loss, 4)!s:<8} "
-              + (f"{job} {jobs.get(job, '-'):<11} " if job else "") + logs)
+        print(
+            f"  {name:<32} {status:<12} step {s.steps or '-':<6} loss "
+            f"{loss if loss is None else round(loss, 4)!s:<8} "
+            + (f"{job} {jobs.get(job, '-'):<11} " if job else "")
+            + logs
+        )
     if slurm.get("eval_job_id"):
         eid = str(slurm["eval_job_id"])
         print(f"  evaluation job {eid}: {jobs.get(eid, '-')}  {Path(a.sweep_dir) / 'slurm' / f'eval_{eid}.log'}")
@@ -145,7 +176,9 @@ def cmd_cancel(argv: list[str]) -> int:
     a = p.parse_args(argv)
     state = read_json(Path(a.sweep_dir) / "sweep.json")
     if not state or not state.get("slurm"):
-        raise TunefleetError(f"{a.sweep_dir} holds no SLURM sweep (sweep.json with job ids); local and Ray sweeps "
-                             "stop with Ctrl-C")
-    from launcher.slurm import cancel
+        raise TunefleetError(
+            f"{a.sweep_dir} holds no SLURM sweep (sweep.json with job ids); local and Ray sweeps stop with Ctrl-C"
+        )
+    from tunefleet.launcher.slurm import cancel
+
     return cancel(state)

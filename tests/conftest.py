@@ -24,23 +24,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from trainers.tiny import ensure_model
+    from tunefleet.trainers.tiny import ensure_model
+
     return ensure_model()
 
 
 def tunefleet(*args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `tunefleet` CLI in a subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"tunefleet {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"tunefleet {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-3000:]}"
+        )
     return proc
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the real CLI entry in this process (fast: imports once); returns (code, stdout, stderr)."""
-    from launcher.cli import main
+    from tunefleet.launcher.cli import main
+
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -52,13 +62,15 @@ def read_json(path) -> dict:
 
 def checkpoint_steps(run_dir) -> list[int]:
     """Steps of the complete checkpoints in a run folder, ascending."""
-    return sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoint-*")
-                  if (p / "trainer_state.json").exists())
+    return sorted(
+        int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").exists()
+    )
 
 
 def wait_for_checkpoint(run_dir, timeout: float = 240) -> None:
     """Poll until a run folder holds its first complete checkpoint (or the timeout passes)."""
     import time
+
     deadline = time.time() + timeout
     while time.time() < deadline and not checkpoint_steps(run_dir):
         time.sleep(0.2)
@@ -67,6 +79,7 @@ def wait_for_checkpoint(run_dir, timeout: float = 240) -> None:
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant (torch elastic starts ranks in sessions of their own)."""
     import signal
+
     parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

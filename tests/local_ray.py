@@ -10,10 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from launcher.launch import free_port
+from tunefleet.launcher.launch import free_port
 
 
-def _pids_under(temp_dir: str) -> set[int]:
+def pids_under(temp_dir: str) -> set[int]:
     """Processes whose command line names our temp dir, plus all their descendants."""
     cmdlines, parents = {}, {}
     for entry in Path("/proc").iterdir():
@@ -40,12 +40,31 @@ class LocalRayHead:
         self.port, self.dashboard_port = free_port(), free_port()
         self.num_cpus = num_cpus
 
-    def start(self) -> "LocalRayHead":
+    def start(self) -> LocalRayHead:
         ray = str(Path(sys.executable).parent / "ray")
-        subprocess.run([ray, "start", "--head", "--port", str(self.port), "--num-cpus", str(self.num_cpus),
-                        "--disable-usage-stats", "--temp-dir", self.temp_dir, "--include-dashboard", "true",
-                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                "--port",
+                str(self.port),
+                "--num-cpus",
+                str(self.num_cpus),
+                "--disable-usage-stats",
+                "--temp-dir",
+                self.temp_dir,
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         return self
 
     @property
@@ -53,7 +72,7 @@ class LocalRayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def stop(self) -> None:
-        pids = _pids_under(self.temp_dir)
+        pids = pids_under(self.temp_dir)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)

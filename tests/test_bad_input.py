@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY, run_cli
 
 
@@ -29,8 +28,18 @@ def test_unknown_method(capsys):
 def test_missing_columns_names_them(tmp_path, capsys, tiny_model):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "hi", "answer": "hello"}) + "\n")
-    line = one_error_line(capsys, "train", "--method", "dpo", "--model_name", "tunefleet/tiny-qwen2", "--dataset", data,
-                          "--output_dir", tmp_path / "r")
+    line = one_error_line(
+        capsys,
+        "train",
+        "--method",
+        "dpo",
+        "--model_name",
+        "tunefleet/tiny-qwen2",
+        "--dataset",
+        data,
+        "--output_dir",
+        tmp_path / "r",
+    )
     assert "missing prompt, chosen, rejected" in line and "found answer, question" in line
     assert "dpo accepts:" in line
     assert not (tmp_path / "r").exists()
@@ -44,15 +53,36 @@ def test_split_not_found_lists_splits(capsys, tmp_path):
 def test_empty_dataset(tmp_path, capsys):
     data = tmp_path / "empty.jsonl"
     data.write_text("")
-    line = one_error_line(capsys, "train", "--method", "sft", "--model_name", "tunefleet/tiny-qwen2",
-                          "--dataset", data, "--output_dir", tmp_path / "r")
+    line = one_error_line(
+        capsys,
+        "train",
+        "--method",
+        "sft",
+        "--model_name",
+        "tunefleet/tiny-qwen2",
+        "--dataset",
+        data,
+        "--output_dir",
+        tmp_path / "r",
+    )
     assert "empty" in line
 
 
 def test_missing_model_path(tmp_path, capsys):
-    line = one_error_line(capsys, "train", "--method", "sft", "--model_name", tmp_path / "no-model",
-                          "--dataset", "tunefleet/tiny-ultrafeedback", "--split", "train_sft",
-                          "--output_dir", tmp_path / "r")
+    line = one_error_line(
+        capsys,
+        "train",
+        "--method",
+        "sft",
+        "--model_name",
+        tmp_path / "no-model",
+        "--dataset",
+        "tunefleet/tiny-ultrafeedback",
+        "--split",
+        "train_sft",
+        "--output_dir",
+        tmp_path / "r",
+    )
     assert line == f"error: model path {tmp_path / 'no-model'} does not exist"
 
 
@@ -72,21 +102,39 @@ def test_yaml_bad_value_and_bad_yaml(tmp_path, capsys):
 
 
 def test_reward_function_that_cannot_be_imported(tmp_path, capsys, tiny_model):
-    line = one_error_line(capsys, "train", "--method", "grpo", *TINY, "--split", "train_gen", "--output_dir",
-                          tmp_path / "r", "--reward_funcs", "no_such_module:score")
+    line = one_error_line(
+        capsys,
+        "train",
+        "--method",
+        "grpo",
+        *TINY,
+        "--split",
+        "train_gen",
+        "--output_dir",
+        tmp_path / "r",
+        "--reward_funcs",
+        "no_such_module:score",
+    )
     assert "cannot import reward function 'no_such_module:score'" in line
     assert not (tmp_path / "r" / "run.json").exists()
 
 
 def test_missing_required_flags(capsys):
     assert "missing required setting(s): --model_name, --dataset, --output_dir" in one_error_line(
-        capsys, "train", "--method", "sft")
+        capsys, "train", "--method", "sft"
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["check-data", "--method", "sft", "--dataset", "tunefleet/tiny-ultrafeedback", "--split", "nope"], "no split 'nope'"),
-    (["check-data", "--method", "xyz", "--dataset", "tunefleet/tiny-ultrafeedback"], "unknown method 'xyz'"),
-    (["nonsense"], "unknown command 'nonsense'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["check-data", "--method", "sft", "--dataset", "tunefleet/tiny-ultrafeedback", "--split", "nope"],
+            "no split 'nope'",
+        ),
+        (["check-data", "--method", "xyz", "--dataset", "tunefleet/tiny-ultrafeedback"], "unknown method 'xyz'"),
+        (["nonsense"], "unknown command 'nonsense'"),
+    ],
+)
 def test_other_commands(capsys, args, needle):
     assert needle in one_error_line(capsys, *args)

@@ -36,7 +36,8 @@ ACCELERATE = _files("accelerate/*.yaml") + _files("accelerate/*.yml")
 DEEPSPEED = _files("deepspeed/*.json")
 RAY = _files("ray/*.yaml") + _files("ray/*.yml")
 SLURM = _files("slurm/*.sbatch")  # validated by tests/test_slurm.py (bash -n, Ray's SLURM steps)
-VALIDATED = set(ACCELERATE) | set(DEEPSPEED) | set(RAY) | set(SLURM) | {README}
+PACKAGE_MARKER = CONFIGS / "__init__.py"  # makes the catalogue package data; holds a docstring only
+VALIDATED = set(ACCELERATE) | set(DEEPSPEED) | set(RAY) | set(SLURM) | {README, PACKAGE_MARKER}
 
 
 def rel(path: Path) -> str:
@@ -48,6 +49,7 @@ def ids(paths):
 
 
 # ---------------------------------------------------------------- shared helpers
+
 
 def header(path: Path) -> list[str]:
     """The leading comment block of a YAML file, '#' stripped."""
@@ -74,20 +76,32 @@ def commands(path: Path, prefix: str) -> list[str]:
 
 def load_json_strict(path: Path) -> dict:
     """json.load that also refuses duplicate keys (as DeepSpeed's own file loader does)."""
+
     def no_dupes(pairs):
         keys = [k for k, _ in pairs]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"{rel(path)}: duplicate keys {dupes}")
         return dict(pairs)
+
     return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_dupes)
 
 
 def test_configs_exist():
     names = {rel(p) for p in ALL_FILES}
-    for expected in ["accelerate/single.yaml", "accelerate/ddp.yaml", "accelerate/zero2.yaml", "accelerate/zero3.yaml",
-                     "deepspeed/zero2.json", "deepspeed/zero3.json", "ray/aws.yaml", "ray/gcp.yaml",
-                     "ray/onprem.yaml", "slurm/ray_cluster.sbatch", "README.md"]:
+    for expected in [
+        "accelerate/single.yaml",
+        "accelerate/ddp.yaml",
+        "accelerate/zero2.yaml",
+        "accelerate/zero3.yaml",
+        "deepspeed/zero2.json",
+        "deepspeed/zero3.json",
+        "ray/aws.yaml",
+        "ray/gcp.yaml",
+        "ray/onprem.yaml",
+        "slurm/ray_cluster.sbatch",
+        "README.md",
+    ]:
         assert f"cluster_configs/{expected}" in names
 
 
@@ -96,9 +110,11 @@ def test_every_file_is_validated_and_catalogued():
     unvalidated = [rel(p) for p in ALL_FILES if p not in VALIDATED]
     assert not unvalidated, f"no validator for {unvalidated}: put it in a known folder or extend this test"
     readme = README.read_text(encoding="utf-8")
-    missing = [rel(p) for p in ALL_FILES if p != README and rel(p) not in readme]
+    missing = [rel(p) for p in ALL_FILES if p not in (README, PACKAGE_MARKER) and rel(p) not in readme]
     assert not missing, f"cluster_configs/README.md has no catalogue line for {missing}"
-    stale = [m for m in set(re.findall(r"cluster_configs/[\w./-]+\.(?:yaml|yml|json)", readme)) if not (ROOT / m).is_file()]
+    stale = [
+        m for m in set(re.findall(r"cluster_configs/[\w./-]+\.(?:yaml|yml|json)", readme)) if not (ROOT / m).is_file()
+    ]
     assert not stale, f"cluster_configs/README.md names files that do not exist: {stale}"
 
 
@@ -115,16 +131,26 @@ def test_yaml_starts_with_a_usage_comment(path):
 
 EXPECTED_TYPE = {"single": "NO", "ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 # accelerate refuses these in the YAML when a deepspeed_config_file is given (DeepSpeedPlugin._deepspeed_config_checks)
-DS_FILE_CONFLICTS = {"gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
-                     "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path",
-                     "zero3_save_16bit_model"}
+DS_FILE_CONFLICTS = {
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_param_device",
+    "offload_param_nvme_path",
+    "offload_optimizer_nvme_path",
+    "zero3_save_16bit_model",
+}
 
 
 def launch_env(argv: list[str]):
     """Run accelerate's own launch-argument processing (no process started); returns (args, config, env)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, \
-        prepare_simple_launcher_cmd_env
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     args = launch_command_parser().parse_args(argv)
     args, defaults, mp_from_config = _validate_launch_command(args)
@@ -147,20 +173,23 @@ def validate_accelerate(path: Path) -> None:
     cfg = load_config_from_file(str(path))  # accelerate's loader: unknown keys and bad enum values raise
     assert isinstance(cfg, ClusterConfig), f"{rel(path)}: expected a local-machine config"
     if path.stem in EXPECTED_TYPE:
-        assert cfg.distributed_type == DistributedType(EXPECTED_TYPE[path.stem]), \
+        assert cfg.distributed_type == DistributedType(EXPECTED_TYPE[path.stem]), (
             f"{rel(path)}: distributed_type {cfg.distributed_type} != {EXPECTED_TYPE[path.stem]}"
+        )
 
     ds = cfg.deepspeed_config
     if cfg.distributed_type == DistributedType.DEEPSPEED:
         ds_file = ds.get("deepspeed_config_file")
         assert ds_file, f"{rel(path)}: a DeepSpeed config here points at a JSON in cluster_configs/deepspeed/"
-        assert not os.path.isabs(ds_file) and ds_file.startswith("cluster_configs/deepspeed/"), \
+        assert not os.path.isabs(ds_file) and ds_file.startswith("cluster_configs/deepspeed/"), (
             f"{rel(path)}: deepspeed_config_file must be repo-root relative (cluster_configs/deepspeed/...)"
+        )
         assert (ROOT / ds_file).is_file(), f"{rel(path)}: {ds_file} does not exist"
         conflicts = sorted(DS_FILE_CONFLICTS & set(ds))
         assert not conflicts, f"{rel(path)}: accelerate refuses {conflicts} next to a deepspeed_config_file"
-        assert cfg.mixed_precision is None, \
+        assert cfg.mixed_precision is None, (
             f"{rel(path)}: mixed_precision next to a deepspeed_config_file is refused by accelerate; the JSON has it"
+        )
         stage = load_json_strict(ROOT / ds_file)["zero_optimization"]["stage"]
         if stage == 3:
             assert ds.get("zero3_init_flag") is True, f"{rel(path)}: ZeRO-3 (QLoRA-ready) needs zero3_init_flag: true"
@@ -187,11 +216,13 @@ def validate_accelerate(path: Path) -> None:
                 plugin = DeepSpeedPlugin()
             stage = plugin.hf_ds_config.get_value("zero_optimization.stage")
             assert plugin.zero_stage == stage
-            assert plugin.zero3_init_flag == bool(ds.get("zero3_init_flag")) and plugin.hf_ds_config.is_zero3() == \
-                (stage == 3)
+            assert plugin.zero3_init_flag == bool(ds.get("zero3_init_flag")) and plugin.hf_ds_config.is_zero3() == (
+                stage == 3
+            )
 
     # `tunefleet train --accelerate_config <stem>` resolves to this catalogue entry.
-    from launcher.launch import accelerate_config_path
+    from tunefleet.launcher.launch import accelerate_config_path
+
     assert Path(accelerate_config_path(path.stem)).resolve() == (REPO / rel(path)).resolve()
     assert f"--accelerate_config {path.stem}" in "\n".join(header(path))
 
@@ -204,7 +235,7 @@ def test_accelerate_config(path):
 def test_multi_process_configs_need_num_processes_on_the_command_line():
     path = CONFIGS / "accelerate" / "ddp.yaml"
     with contextlib.chdir(ROOT), pytest.raises(ValueError, match="num_processes"):
-        launch_env(["--config_file", rel(path), "-m", "trainers.train"])
+        launch_env(["--config_file", rel(path), "-m", "tunefleet.trainers.train"])
 
 
 # ---------------------------------------------------------------- DeepSpeed
@@ -224,7 +255,9 @@ def hf_filled(config: dict, precision: str, world_size: int = 1) -> dict:
     """The config after the HF Trainer's "auto" filling (transformers' own code, with run-config-like values)."""
     import transformers.integrations.deepspeed as hf_ds
 
-    saved = hf_ds._hf_deepspeed_config_weak_ref  # the constructor registers itself globally (is_deepspeed_zero3_enabled)
+    saved = (
+        hf_ds._hf_deepspeed_config_weak_ref
+    )  # the constructor registers itself globally (is_deepspeed_zero3_enabled)
     try:
         return _hf_filled(hf_ds.HfTrainerDeepSpeedConfig(copy.deepcopy(config)), precision, world_size)
     finally:
@@ -233,10 +266,22 @@ def hf_filled(config: dict, precision: str, world_size: int = 1) -> dict:
 
 def _hf_filled(hf, precision: str, world_size: int) -> dict:
     args = types.SimpleNamespace(
-        world_size=world_size, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=1.0,
-        learning_rate=2e-4, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
-        save_on_each_node=False, fp16=precision == "fp16", fp16_full_eval=False, bf16=precision == "bf16",
-        bf16_full_eval=False, get_warmup_steps=lambda steps: 0)
+        world_size=world_size,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        learning_rate=2e-4,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        save_on_each_node=False,
+        fp16=precision == "fp16",
+        fp16_full_eval=False,
+        bf16=precision == "bf16",
+        bf16_full_eval=False,
+        get_warmup_steps=lambda steps: 0,
+    )
     hf.trainer_config_process(args)
     model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=64))
     hf.trainer_config_finalize(args, model, num_training_steps=10)
@@ -247,22 +292,27 @@ def validate_deepspeed(path: Path) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = load_json_strict(path)
-    assert isinstance(cfg.get("_usage"), str) and cfg["_usage"].strip(), \
-        f"{rel(path)}: put the command that uses it in a top-level \"_usage\" string"
-    users = [p for p in ACCELERATE if (yaml.safe_load(p.read_text()).get("deepspeed_config") or {})
-             .get("deepspeed_config_file") == rel(path)]
+    assert isinstance(cfg.get("_usage"), str) and cfg["_usage"].strip(), (
+        f'{rel(path)}: put the command that uses it in a top-level "_usage" string'
+    )
+    users = [
+        p
+        for p in ACCELERATE
+        if (yaml.safe_load(p.read_text()).get("deepspeed_config") or {}).get("deepspeed_config_file") == rel(path)
+    ]
     assert users, f"{rel(path)}: no accelerate config in cluster_configs/accelerate points at it"
-    assert any(f"--accelerate_config {u.stem}" in cfg["_usage"] for u in users), \
+    assert any(f"--accelerate_config {u.stem}" in cfg["_usage"] for u in users), (
         f"{rel(path)}: _usage must show the tunefleet command (--accelerate_config <name of the YAML using it>)"
+    )
 
     for key in (*BATCH_KEYS, "gradient_clipping"):
-        assert cfg.get(key) == "auto", f"{rel(path)}: {key} must be \"auto\" (the HF Trainer fills it from the run)"
-    assert cfg.get("bf16", {}).get("enabled") == "auto", f"{rel(path)}: bf16.enabled must be \"auto\""
-    assert cfg.get("fp16", {}).get("enabled") == "auto", f"{rel(path)}: fp16.enabled must be \"auto\""
+        assert cfg.get(key) == "auto", f'{rel(path)}: {key} must be "auto" (the HF Trainer fills it from the run)'
+    assert cfg.get("bf16", {}).get("enabled") == "auto", f'{rel(path)}: bf16.enabled must be "auto"'
+    assert cfg.get("fp16", {}).get("enabled") == "auto", f'{rel(path)}: fp16.enabled must be "auto"'
     for block in ("optimizer", "scheduler"):  # optional; if present, the run's values must flow in
         for key, value in cfg.get(block, {}).get("params", {}).items():
             if key in ("lr", "warmup_max_lr", "total_num_steps", "warmup_num_steps"):
-                assert value == "auto", f"{rel(path)}: {block}.params.{key} must be \"auto\""
+                assert value == "auto", f'{rel(path)}: {block}.params.{key} must be "auto"'
 
     zero = cfg["zero_optimization"]
     stage = zero["stage"]
@@ -271,15 +321,18 @@ def validate_deepspeed(path: Path) -> None:
         assert stage == int(m.group(1)), f"{rel(path)}: zero_optimization.stage is {stage}"
     assert zero.get("overlap_comm") is True and zero.get("contiguous_gradients") is True
     if stage == 3:
-        assert zero.get("stage3_gather_16bit_weights_on_model_save") is True, \
+        assert zero.get("stage3_gather_16bit_weights_on_model_save") is True, (
             f"{rel(path)}: ZeRO-3 must gather 16-bit weights on save (else the saved model is empty shards)"
+        )
 
     # DeepSpeed's own parser, after the Trainer's filling, for each precision a run can ask for (world size 1,
     # no torch.distributed init: DeepSpeedConfig falls back to rank 0 / world size 1 when it is not initialised).
     for precision in ("bf16", "fp16", "fp32"):
         filled = hf_filled(cfg, precision)
         left = find_auto(filled)
-        assert not left, f"{rel(path)}: the HF Trainer leaves these \"auto\" unfilled, DeepSpeed would reject them: {left}"
+        assert not left, (
+            f'{rel(path)}: the HF Trainer leaves these "auto" unfilled, DeepSpeed would reject them: {left}'
+        )
         ds = DeepSpeedConfig(filled)
         assert ds.world_size == 1
         assert ds.zero_optimization_stage == stage
@@ -308,8 +361,10 @@ def ray_schema_errors(cfg: dict) -> list[str]:
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     validator = jsonschema.Draft7Validator(schema)
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}"
-            for e in sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}"
+        for e in sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 def ray_start_args(command: str) -> list[str]:
@@ -342,8 +397,9 @@ def validate_ray(path: Path) -> None:
     for key in ("head_setup_commands", "worker_setup_commands"):
         assert any("-e ~/tunefleet" in c for c in cfg[key]), f"{rel(path)}: {key} lost the tunefleet install"
     if provider in HEAD_PACKAGES:
-        assert any(re.search(rf"pip install.*{HEAD_PACKAGES[provider]}", c) for c in cfg["head_setup_commands"]), \
+        assert any(re.search(rf"pip install.*{HEAD_PACKAGES[provider]}", c) for c in cfg["head_setup_commands"]), (
             f"{rel(path)}: head_setup_commands replaces Ray's defaults: keep installing {HEAD_PACKAGES[provider]}"
+        )
 
     # Security default: dashboard/job API on loopback, in the config Ray will actually run (defaults merged).
     starts = [ray_start_args(c) for c in cfg["head_start_ray_commands"]]
@@ -352,8 +408,9 @@ def validate_ray(path: Path) -> None:
     for argv in head + [ray_start_args(c) for c in cfg["worker_start_ray_commands"] if ray_start_args(c)]:
         start.make_context("start", list(argv))  # every flag is one `ray start` knows
     params = start.make_context("start", list(head[0])).params
-    assert params["dashboard_host"] in ("127.0.0.1", "localhost", "::1"), \
+    assert params["dashboard_host"] in ("127.0.0.1", "localhost", "::1"), (
         f"{rel(path)}: the head's dashboard must bind loopback (--dashboard-host=127.0.0.1), got {params['dashboard_host']}"
+    )
     commands_text = json.dumps({k: v for k, v in cfg.items() if k.endswith("_commands")})
     assert "0.0.0.0" not in commands_text, f"{rel(path)}: a start/setup command binds 0.0.0.0"
 
@@ -361,8 +418,9 @@ def validate_ray(path: Path) -> None:
     docker = cfg.get("docker") or {}
     for key in ("image", "head_image", "worker_image"):
         if docker.get(key):
-            assert f":{ray.__version__}-" in docker[key], \
+            assert f":{ray.__version__}-" in docker[key], (
                 f"{rel(path)}: docker {key} {docker[key]} is not Ray {ray.__version__} (the version tunefleet pins)"
+            )
 
     if provider == "local":
         hosts = [cfg["provider"]["head_ip"], *cfg["provider"].get("worker_ips", [])]
@@ -381,7 +439,8 @@ def validate_ray(path: Path) -> None:
     assert ups and up.make_context("up", shlex.split(ups[0])[2:]).params["cluster_config_file"] == rel(path)
     dashboards = commands(path, "ray dashboard")
     assert dashboards and dashboard.make_context("dashboard", shlex.split(dashboards[0])[2:]).params[
-        "cluster_config_file"] == rel(path)
+        "cluster_config_file"
+    ] == rel(path)
     submits = commands(path, "ray submit")
     assert submits, f"{rel(path)}: show `ray submit {rel(path)} launcher/cli.py ...`"
     sp = submit.make_context("submit", shlex.split(submits[0])[2:]).params
@@ -403,10 +462,12 @@ def test_ray_cluster_config(path):
 
 # ---------------------------------------------------------------- the validators catch broken files
 
+
 def _mutate_text(old: str, new: str):
     def apply(text: str) -> str:
         assert old in text, f"mutation anchor {old!r} not found"
         return text.replace(old, new, 1)
+
     return apply
 
 
@@ -415,6 +476,7 @@ def _mutate_json(fn):
         cfg = json.loads(text)
         fn(cfg)
         return json.dumps(cfg)
+
     return apply
 
 
@@ -424,59 +486,139 @@ def _drop_line(prefix: str):
         kept = [line for line in lines if not line.startswith(prefix)]
         assert len(kept) < len(lines), f"mutation anchor {prefix!r} not found"
         return "".join(kept)
+
     return apply
 
 
 # (file, validator, mutation, the error it must produce)
 MUTANTS = [
-    ("accelerate/zero3.yaml", validate_accelerate, _mutate_text("zero3_init_flag: true", "zero3_init_flag: false"),
-     "zero3_init_flag: true"),
-    ("accelerate/zero3.yaml", validate_accelerate, _mutate_text("debug: false", "debug: false\nmixed_precision: bf16"),
-     "mixed_precision next to"),
-    ("accelerate/zero2.yaml", validate_accelerate, _mutate_text("file: cluster_configs/deepspeed/zero2.json",
-                                                                "file: cluster_configs/deepspeed/missing.json"),
-     "does not exist"),
-    ("accelerate/zero2.yaml", validate_accelerate, _mutate_text("zero3_init_flag: false", "zero_stage: 2"),
-     "accelerate refuses"),
-    ("accelerate/ddp.yaml", validate_accelerate, _mutate_text("distributed_type: MULTI_GPU", "distributed_type: MULTI_GPUS"),
-     "not a valid DistributedType"),
-    ("accelerate/ddp.yaml", validate_accelerate, _mutate_text("distributed_type: MULTI_GPU", "distributed_type: DEEPSPEED"),
-     "distributed_type"),
-    ("accelerate/single.yaml", validate_accelerate, _mutate_text("debug: false", "debug: false\nnum_procs: 1"),
-     "unknown keys"),
+    (
+        "accelerate/zero3.yaml",
+        validate_accelerate,
+        _mutate_text("zero3_init_flag: true", "zero3_init_flag: false"),
+        "zero3_init_flag: true",
+    ),
+    (
+        "accelerate/zero3.yaml",
+        validate_accelerate,
+        _mutate_text("debug: false", "debug: false\nmixed_precision: bf16"),
+        "mixed_precision next to",
+    ),
+    (
+        "accelerate/zero2.yaml",
+        validate_accelerate,
+        _mutate_text("file: cluster_configs/deepspeed/zero2.json", "file: cluster_configs/deepspeed/missing.json"),
+        "does not exist",
+    ),
+    (
+        "accelerate/zero2.yaml",
+        validate_accelerate,
+        _mutate_text("zero3_init_flag: false", "zero_stage: 2"),
+        "accelerate refuses",
+    ),
+    (
+        "accelerate/ddp.yaml",
+        validate_accelerate,
+        _mutate_text("distributed_type: MULTI_GPU", "distributed_type: MULTI_GPUS"),
+        "not a valid DistributedType",
+    ),
+    (
+        "accelerate/ddp.yaml",
+        validate_accelerate,
+        _mutate_text("distributed_type: MULTI_GPU", "distributed_type: DEEPSPEED"),
+        "distributed_type",
+    ),
+    (
+        "accelerate/single.yaml",
+        validate_accelerate,
+        _mutate_text("debug: false", "debug: false\nnum_procs: 1"),
+        "unknown keys",
+    ),
     ("accelerate/single.yaml", validate_accelerate, _drop_line("#   accelerate launch"), "accelerate launch"),
-    ("deepspeed/zero3.json", validate_deepspeed, _mutate_json(lambda c: c["zero_optimization"].update(stage=2)),
-     "zero_optimization.stage is 2"),
-    ("deepspeed/zero3.json", validate_deepspeed,
-     _mutate_json(lambda c: c["zero_optimization"].pop("stage3_gather_16bit_weights_on_model_save")), "16-bit"),
+    (
+        "deepspeed/zero3.json",
+        validate_deepspeed,
+        _mutate_json(lambda c: c["zero_optimization"].update(stage=2)),
+        "zero_optimization.stage is 2",
+    ),
+    (
+        "deepspeed/zero3.json",
+        validate_deepspeed,
+        _mutate_json(lambda c: c["zero_optimization"].pop("stage3_gather_16bit_weights_on_model_save")),
+        "16-bit",
+    ),
     ("deepspeed/zero3.json", validate_deepspeed, _mutate_json(lambda c: c.pop("_usage")), "_usage"),
-    ("deepspeed/zero2.json", validate_deepspeed, _mutate_json(lambda c: c.update(train_batch_size=16)),
-     "train_batch_size must be"),
-    ("deepspeed/zero2.json", validate_deepspeed, _mutate_json(lambda c: c["zero_optimization"].update(typo_key=1)),
-     "typo_key"),
-    ("deepspeed/zero2.json", validate_deepspeed,
-     _mutate_json(lambda c: c["zero_optimization"].update(allgather_bucket_size="auto")), "unfilled"),
-    ("ray/aws.yaml", validate_ray, _mutate_text("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
-     "must bind loopback"),
+    (
+        "deepspeed/zero2.json",
+        validate_deepspeed,
+        _mutate_json(lambda c: c.update(train_batch_size=16)),
+        "train_batch_size must be",
+    ),
+    (
+        "deepspeed/zero2.json",
+        validate_deepspeed,
+        _mutate_json(lambda c: c["zero_optimization"].update(typo_key=1)),
+        "typo_key",
+    ),
+    (
+        "deepspeed/zero2.json",
+        validate_deepspeed,
+        _mutate_json(lambda c: c["zero_optimization"].update(allgather_bucket_size="auto")),
+        "unfilled",
+    ),
+    (
+        "ray/aws.yaml",
+        validate_ray,
+        _mutate_text("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
+        "must bind loopback",
+    ),
     # without its own head_start_ray_commands the YAML inherits Ray's AWS default: --dashboard-host=0.0.0.0
-    ("ray/aws.yaml", validate_ray, _mutate_text("head_start_ray_commands:\n  - ray stop\n  - >-\n    ulimit -n 65536;\n"
-                                                "    ray start --head --port=6379 --object-manager-port=8076\n"
-                                                "    --autoscaling-config=~/ray_bootstrap_config.yaml\n"
-                                                "    --dashboard-host=127.0.0.1\n", ""), "must bind loopback"),
-    ("ray/aws.yaml", validate_ray, _mutate_text('  - python -m pip install -q "boto3>=1.4.8"', "  - pip download boto3"),
-     "keep installing boto3"),
-    ("ray/aws.yaml", validate_ray, _mutate_text("--dashboard-host=127.0.0.1", "--dashbord-host=127.0.0.1"),
-     "No such option"),
+    (
+        "ray/aws.yaml",
+        validate_ray,
+        _mutate_text(
+            "head_start_ray_commands:\n  - ray stop\n  - >-\n    ulimit -n 65536;\n"
+            "    ray start --head --port=6379 --object-manager-port=8076\n"
+            "    --autoscaling-config=~/ray_bootstrap_config.yaml\n"
+            "    --dashboard-host=127.0.0.1\n",
+            "",
+        ),
+        "must bind loopback",
+    ),
+    (
+        "ray/aws.yaml",
+        validate_ray,
+        _mutate_text('  - python -m pip install -q "boto3>=1.4.8"', "  - pip download boto3"),
+        "keep installing boto3",
+    ),
+    (
+        "ray/aws.yaml",
+        validate_ray,
+        _mutate_text("--dashboard-host=127.0.0.1", "--dashbord-host=127.0.0.1"),
+        "No such option",
+    ),
     ("ray/aws.yaml", validate_ray, _mutate_text("2.60.0-py311-gpu", "2.9.0-py311-gpu"), "is not Ray"),
     ("ray/gcp.yaml", validate_ray, _mutate_text("max_workers: 4\n", "max_workers: four\n"), "max_workers"),
-    ("ray/gcp.yaml", validate_ray, _mutate_text('resources: {"CPU": 8, "GPU": 1, ', 'resources: {"CPU": 8, "GPU": 0.5, '),
-     "is not of type 'integer'"),
+    (
+        "ray/gcp.yaml",
+        validate_ray,
+        _mutate_text('resources: {"CPU": 8, "GPU": 1, ', 'resources: {"CPU": 8, "GPU": 0.5, '),
+        "is not of type 'integer'",
+    ),
     ("ray/gcp.yaml", validate_ray, _drop_line("#   ray submit"), "ray submit"),
-    ("ray/onprem.yaml", validate_ray, _mutate_text("pip install -q -e ~/tunefleet", "pip install -q tunefleet"),
-     "pip install -e ~/tunefleet"),
+    (
+        "ray/onprem.yaml",
+        validate_ray,
+        _mutate_text("pip install -q -e ~/tunefleet", "pip install -q tunefleet"),
+        "pip install -e ~/tunefleet",
+    ),
     ("ray/onprem.yaml", validate_ray, _mutate_text("head_ip: 127.0.0.1", "head_ip: 8.8.8.8"), "public address"),
-    ("ray/onprem.yaml", validate_ray, _mutate_text("cluster_name: tunefleet-onprem", "cluster_name: tunefleet-onprem\nclustr: x"),
-     "Additional properties"),
+    (
+        "ray/onprem.yaml",
+        validate_ray,
+        _mutate_text("cluster_name: tunefleet-onprem", "cluster_name: tunefleet-onprem\nclustr: x"),
+        "Additional properties",
+    ),
 ]
 
 
@@ -486,6 +628,5 @@ def test_validators_reject_broken_copies(name, validator, mutate, error, tmp_pat
     shutil.copytree(CONFIGS, tmp_path / "cluster_configs")
     target = tmp_path / "cluster_configs" / name
     target.write_text(mutate(target.read_text(encoding="utf-8")), encoding="utf-8")
-    with mock.patch(f"{__name__}.ROOT", tmp_path), \
-            pytest.raises(Exception, match=re.escape(error)):
+    with mock.patch(f"{__name__}.ROOT", tmp_path), pytest.raises(Exception, match=re.escape(error)):
         validator(target)

@@ -7,22 +7,30 @@ import json
 import pytest
 from datasets import Dataset
 
-from trainers import config, data, rewards, tiny
-from trainers.errors import TunefleetError
+from tunefleet.common.errors import TunefleetError
+from tunefleet.trainers import config, data, rewards, tiny
 
 
 def test_defaults_match_the_original_tool():
     cfg = config.parse_args(["--method", "orpo", "--model_name", "m", "--dataset", "d", "--output_dir", "o"])
-    assert (cfg.split, cfg.num_train_epochs, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == \
-        ("train", 3.0, 4, 4)
+    assert (cfg.split, cfg.num_train_epochs, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (
+        "train",
+        3.0,
+        4,
+        4,
+    )
     assert (cfg.use_qlora, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (True, 16, 32, 0.05)
-    assert {m: config.from_dict({"method": m, "model_name": "m", "dataset": "d", "output_dir": "o"}).lr
-            for m in config.METHODS} == {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5}
+    assert {
+        m: config.from_dict({"method": m, "model_name": "m", "dataset": "d", "output_dir": "o"}).lr
+        for m in config.METHODS
+    } == {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5}
     assert cfg.trust_remote_code is False
 
 
-@pytest.mark.parametrize("flag,expected", [(["--use_qlora", "false"], False), (["--use_qlora"], True),
-                                           (["--use_qlora", "no"], False), ([], True)])
+@pytest.mark.parametrize(
+    "flag,expected",
+    [(["--use_qlora", "false"], False), (["--use_qlora"], True), (["--use_qlora", "no"], False), ([], True)],
+)
 def test_use_qlora_flag(flag, expected):
     cfg = config.parse_args(["--method", "sft", "--model_name", "m", "--dataset", "d", "--output_dir", "o", *flag])
     assert cfg.use_qlora is expected
@@ -66,8 +74,9 @@ def test_plain_text_and_unpaired_formats_pass_through():
 
 
 def test_problems_found():
-    ds = Dataset.from_list([{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "", "chosen": "a",
-                                                                                      "rejected": "b"}])
+    ds = Dataset.from_list(
+        [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "", "chosen": "a", "rejected": "b"}]
+    )
     found = data.problems("dpo", ds)
     assert "row 0: chosen and rejected are identical" in found and "row 1: empty prompt" in found
 
@@ -79,29 +88,42 @@ def test_seeded_sample_is_reproducible():
 
 
 def test_builtin_rewards():
-    prompts = [[{"role": "user", "content": "What sound does a cow make?"}], [{"role": "user", "content": "Add 3 and 4."}]]
-    good = [[{"role": "assistant", "content": "Happy to help! A cow says moo."}],
-            [{"role": "assistant", "content": "Great question! 3 plus 4 is 7."}]]
-    bad = [[{"role": "assistant", "content": "Whatever. A cow says woof."}],
-           [{"role": "assistant", "content": "3 plus 4 is 8."}]]
+    prompts = [
+        [{"role": "user", "content": "What sound does a cow make?"}],
+        [{"role": "user", "content": "Add 3 and 4."}],
+    ]
+    good = [
+        [{"role": "assistant", "content": "Happy to help! A cow says moo."}],
+        [{"role": "assistant", "content": "Great question! 3 plus 4 is 7."}],
+    ]
+    bad = [
+        [{"role": "assistant", "content": "Whatever. A cow says woof."}],
+        [{"role": "assistant", "content": "3 plus 4 is 8."}],
+    ]
     assert rewards.answer(prompts, good) == [1.0, 1.0] and rewards.answer(prompts, bad) == [0.0, 0.0]
     assert rewards.friendly(good) == [1.0, 1.0] and rewards.friendly(bad) == [-1.0, 0.0]
     assert rewards.length(["w " * 30, ""]) == [1.0, 0.0]
 
 
 def test_reward_loading():
-    assert rewards.load(["length", "trainers.rewards:answer"]) == [rewards.length, rewards.answer]
+    assert rewards.load(["length", "tunefleet.trainers.rewards:answer"]) == [rewards.length, rewards.answer]
     with pytest.raises(TunefleetError, match="has no function 'nope'"):
-        rewards.load(["trainers.rewards:nope"])
+        rewards.load(["tunefleet.trainers.rewards:nope"])
     with pytest.raises(TunefleetError, match="unknown reward 'lenght'"):
         rewards.load(["lenght"])
 
 
 def test_tiny_tokenizer_reloads_with_identical_ids(tiny_model):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    text = tok.apply_chat_template([{"role": "user", "content": "What color is snow?"},
-                                    {"role": "assistant", "content": "Happy to help! Snow is white."}], tokenize=False)
+    text = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "What color is snow?"},
+            {"role": "assistant", "content": "Happy to help! Snow is white."},
+        ],
+        tokenize=False,
+    )
     assert type(tok).__name__ == "Qwen2Tokenizer"
     assert tok(text).input_ids == tiny.build_tokenizer()(text).input_ids
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"

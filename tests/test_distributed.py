@@ -7,23 +7,42 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import FAST, ROOT, SPLIT, TINY, checkpoint_steps, kill_tree, read_json, run_cli, wait_for_checkpoint
-from launcher.launch import check_deepspeed, choose_config
-from trainers.config import from_dict
+
+from tunefleet.launcher.launch import check_deepspeed, choose_config
+from tunefleet.trainers.config import from_dict
 
 pytestmark = pytest.mark.slow
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def train_args(method, out, *extra):
-    return ["train", "--method", method, *TINY, "--split", SPLIT[method], "--output_dir", out, "--use_qlora", "false",
-            "--num_processes", "2", *FAST, *extra]
+    return [
+        "train",
+        "--method",
+        method,
+        *TINY,
+        "--split",
+        SPLIT[method],
+        "--output_dir",
+        out,
+        "--use_qlora",
+        "false",
+        "--num_processes",
+        "2",
+        *FAST,
+        *extra,
+    ]
 
 
 def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_written_once(out, steps):
@@ -61,7 +80,12 @@ def test_zero2_two_processes(method, tmp_path, tiny_model):
 
 def test_ddp_resume_after_kill(tmp_path, tiny_model):
     out = tmp_path / "r"
-    args = [sys.executable, "-m", "launcher.cli", *map(str, train_args("sft", out, "--max_steps", 60, "--save_steps", 3))]
+    args = [
+        sys.executable,
+        "-m",
+        "tunefleet.launcher.cli",
+        *map(str, train_args("sft", out, "--max_steps", 60, "--save_steps", 3)),
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_checkpoint(out, 300)
     kill_tree(proc.pid)  # the launcher and both ranks, no clean shutdown
@@ -76,8 +100,9 @@ def test_ddp_resume_after_kill(tmp_path, tiny_model):
 
 
 def test_world_size_trap_is_refused():
-    from trainers.errors import TunefleetError
-    from trainers.run import check_world_size
+    from tunefleet.common.errors import TunefleetError
+    from tunefleet.trainers.run import check_world_size
+
     check_world_size(2, 2)
     with pytest.raises(TunefleetError, match="2 processes were launched but training sees a world of 1"):
         check_world_size(2, 1)
@@ -95,27 +120,51 @@ def test_auto_choice():
 
 
 def test_deepspeed_contradictions_are_named():
-    cfg = from_dict({"method": "dpo", "model_name": "m", "dataset": "d", "output_dir": "o",
-                     "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "use_qlora": True})
-    ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto", "bf16": {"enabled": True},
-          "zero_optimization": {"stage": 3}}
+    cfg = from_dict(
+        {
+            "method": "dpo",
+            "model_name": "m",
+            "dataset": "d",
+            "output_dir": "o",
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "use_qlora": True,
+        }
+    )
+    ds = {
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": "auto",
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 3},
+    }
     problems = check_deepspeed(ds, cfg, bf16=False)
-    assert "train_micro_batch_size_per_gpu is 8 in the DeepSpeed config but --per_device_train_batch_size is 4" in problems
+    assert (
+        "train_micro_batch_size_per_gpu is 8 in the DeepSpeed config but --per_device_train_batch_size is 4"
+        in problems
+    )
     assert any(p.startswith("bf16.enabled is True") for p in problems)
     assert any("ZeRO-3 with QLoRA needs bf16 compute" in p for p in problems)
-    assert check_deepspeed(json.loads((ROOT / "cluster_configs/deepspeed/zero3.json").read_text()), cfg, bf16=True) == []
+    assert (
+        check_deepspeed(json.loads((ROOT / "cluster_configs/deepspeed/zero3.json").read_text()), cfg, bf16=True) == []
+    )
 
 
 def test_bad_launch_input(tmp_path, capsys, tiny_model):
     code, _, err = run_cli(capsys, *train_args("sft", tmp_path / "a", "--num_processes", 999))
     assert code == 2 and "--num_processes 999 but only" in err
-    code, _, err = run_cli(capsys, *train_args("sft", tmp_path / "c", "--accelerate_config", "zero3", "--use_qlora", "true"))
+    code, _, err = run_cli(
+        capsys, *train_args("sft", tmp_path / "c", "--accelerate_config", "zero3", "--use_qlora", "true")
+    )
     assert code == 2 and "ZeRO-3 with QLoRA needs bf16 compute" in err
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
     acc = tmp_path / "acc.yaml"
     acc.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds}\n")
     code, _, err = run_cli(capsys, *train_args("sft", tmp_path / "d", "--accelerate_config", acc))
-    assert code == 2 and "train_micro_batch_size_per_gpu is 16 in the DeepSpeed config but --per_device_train_batch_size is 4" in err
+    assert (
+        code == 2
+        and "train_micro_batch_size_per_gpu is 16 in the DeepSpeed config but --per_device_train_batch_size is 4"
+        in err
+    )
     code, _, err = run_cli(capsys, *train_args("sft", tmp_path / "e", "--accelerate_config", "nosuch"))
     assert code == 2 and "accelerate config 'nosuch' not found; use one of ddp, single, zero2, zero3" in err

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, read_json, run_cli
-from eval import plan
-from eval.plan import Task
-from eval.results import RESULT_KEYS, training_metrics
+
+from tunefleet.eval import plan
+from tunefleet.eval.plan import Task
+from tunefleet.eval.results import RESULT_KEYS, training_metrics
 
 # Margins measured on the tiny default after these short runs (60 steps): DPO preference accuracy
 # 1.00 vs base 0.58; SFT test loss 4.86 vs base 6.30. The asserted margins leave room for seed noise.
@@ -24,12 +24,36 @@ LOSS_MARGIN = 0.5
 def trained_runs(tmp_path_factory, tiny_model):
     """An SFT and a DPO run, 60 steps each, learning rates that show learning on the tiny data."""
     root = tmp_path_factory.mktemp("runs")
-    from launcher.cli import main
+    from tunefleet.launcher.cli import main
+
     for method, split, lr in (("sft", "train_sft", "2e-3"), ("dpo", "train_prefs", "1e-3")):
-        assert main(["train", "--method", method, *TINY, "--split", split, "--output_dir",
-                     str(root / f"{method}_tiny_s1"), "--max_steps", "60", "--learning_rate", lr,
-                     "--use_qlora", "false", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps",
-                     "1", "--logging_steps", "20"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--method",
+                    method,
+                    *TINY,
+                    "--split",
+                    split,
+                    "--output_dir",
+                    str(root / f"{method}_tiny_s1"),
+                    "--max_steps",
+                    "60",
+                    "--learning_rate",
+                    lr,
+                    "--use_qlora",
+                    "false",
+                    "--per_device_train_batch_size",
+                    "8",
+                    "--gradient_accumulation_steps",
+                    "1",
+                    "--logging_steps",
+                    "20",
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -70,12 +94,30 @@ def test_metrics_are_exact_sums_not_means_of_means():
 
 
 def test_training_metrics_from_state(tmp_path):
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": [
-        {"loss": 3.0, "step": 1}, {"eval_loss": 2.5, "step": 2}, {"loss": 2.0, "step": 4}, {"eval_loss": 2.7, "step": 4},
-        {"train_runtime": 7200.0, "step": 4}]}))
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps(
+            {
+                "global_step": 4,
+                "log_history": [
+                    {"loss": 3.0, "step": 1},
+                    {"eval_loss": 2.5, "step": 2},
+                    {"loss": 2.0, "step": 4},
+                    {"eval_loss": 2.7, "step": 4},
+                    {"train_runtime": 7200.0, "step": 4},
+                ],
+            }
+        )
+    )
     m = training_metrics(tmp_path)
-    assert m == {"initial_train_loss": 3.0, "final_train_loss": 2.0, "best_eval_loss": 2.5, "final_eval_loss": 2.7,
-                 "total_steps": 4, "training_time_seconds": 7200.0, "training_time_hours": 2.0}
+    assert m == {
+        "initial_train_loss": 3.0,
+        "final_train_loss": 2.0,
+        "best_eval_loss": 2.5,
+        "final_eval_loss": 2.7,
+        "total_steps": 4,
+        "training_time_seconds": 7200.0,
+        "training_time_hours": 2.0,
+    }
     (tmp_path / "trainer_state.json").write_text("{corrupt")
     assert set(training_metrics(tmp_path).values()) == {None}
 
@@ -85,15 +127,15 @@ def test_batched_scoring_equals_per_sample_reference(trained_runs, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval.scoring import encode_conversation, score_batched, score_one
-    from eval.worker import load_eval_data
+    from tunefleet.eval.scoring import encode_conversation, score_batched, score_one
+    from tunefleet.eval.settings import EvalData
+    from tunefleet.eval.worker import load_eval_data
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_runs / "sft_tiny_s1")
     model.eval()
-    data = load_eval_data("tunefleet/tiny-ultrafeedback", "test_sft", "test_prefs", 40, 0)
-    seqs = [encode_conversation(tok, m) for m in data["ppl"]] + \
-           [encode_conversation(tok, c) for c, _ in data["pref"]]
+    data = load_eval_data(EvalData("tunefleet/tiny-ultrafeedback", "test_sft", "test_prefs", 40, 0))
+    seqs = [encode_conversation(tok, m) for m in data["ppl"]] + [encode_conversation(tok, c) for c, _ in data["pref"]]
     assert len({len(s) for s in seqs}) > 5  # mixed lengths: padding is really exercised
     sums, counts = score_batched(model, seqs, batch_size=7, pad_id=tok.pad_token_id)
     for seq, s, c in zip(seqs, sums, counts):
@@ -134,7 +176,9 @@ def test_shards_give_identical_numbers(trained_runs, tmp_path, capsys):
         runs = copy_runs(trained_runs, tmp_path / f"runs{shards}")
         assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 30, "--shards", shards)[0] == 0
         res = read_json(runs / "evaluation_results.json")
-        outs.append({k: {m: v for m, v in e.items() if m not in ("eval_seconds", "model_path")} for k, e in res.items()})
+        outs.append(
+            {k: {m: v for m, v in e.items() if m not in ("eval_seconds", "model_path")} for k, e in res.items()}
+        )
     for name in outs[0]:
         for key, value in outs[0][name].items():
             other = outs[1][name][key]
@@ -146,7 +190,9 @@ def test_ray_workers_give_the_local_numbers(trained_runs, tmp_path, capsys):
     local = copy_runs(trained_runs, tmp_path / "local")
     ray_runs = copy_runs(trained_runs, tmp_path / "ray")
     assert run_cli(capsys, "eval", "--runs_dir", local, "--max_samples", 30)[0] == 0
-    assert run_cli(capsys, "eval", "--runs_dir", ray_runs, "--max_samples", 30, "--backend", "ray", "--shards", 3)[0] == 0
+    assert (
+        run_cli(capsys, "eval", "--runs_dir", ray_runs, "--max_samples", 30, "--backend", "ray", "--shards", 3)[0] == 0
+    )
     a, b = read_json(local / "evaluation_results.json"), read_json(ray_runs / "evaluation_results.json")
     assert a.keys() == b.keys()
     for name in a:
@@ -165,8 +211,12 @@ def test_partial_rerun_keeps_other_entries_and_reuses_unchanged(trained_runs, tm
     assert second["dpo_tiny_s1"] == first["dpo_tiny_s1"] and second["sft_tiny_s1"] == first["sft_tiny_s1"]
     # A changed adapter is re-scored; --force re-scores everything.
     from safetensors.torch import load_file, save_file
+
     weights = load_file(runs / "sft_tiny_s1" / "adapter_model.safetensors")
-    save_file({k: v * 0 if "lora_B" in k else v for k, v in weights.items()}, runs / "sft_tiny_s1" / "adapter_model.safetensors")
+    save_file(
+        {k: v * 0 if "lora_B" in k else v for k, v in weights.items()},
+        runs / "sft_tiny_s1" / "adapter_model.safetensors",
+    )
     assert run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 20, "--methods", "sft")[0] == 0
     third = read_json(runs / "evaluation_results.json")
     assert third["sft_tiny_s1"]["fingerprint"] != first["sft_tiny_s1"]["fingerprint"]
@@ -179,9 +229,11 @@ def test_bad_runs_do_not_stop_the_others(trained_runs, tmp_path, capsys, monkeyp
     runs = copy_runs(trained_runs, tmp_path / "runs")
     (runs / "sft_tiny_s1" / "trainer_state.json").write_text("{ not json")
     (runs / "dpo_tiny_s1" / "adapter_model.safetensors").write_bytes(b"garbage")
+
     # Nothing from a run folder may be unpickled.
     def no_unpickle(*a, **k):
         raise AssertionError("the evaluator unpickled a file")
+
     monkeypatch.setattr(pickle, "load", no_unpickle)
     monkeypatch.setattr(pickle, "loads", no_unpickle)
     code, out, _ = run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 10)

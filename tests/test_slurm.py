@@ -15,19 +15,31 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, checkpoint_steps, read_json, run_cli
-from launcher import slurm
-from launcher import sweep as sweeps
-from trainers.run import read_json as maybe_json  # None while the file does not exist yet
+
+from tunefleet.common.jsonfile import read_json as maybe_json  # None while the file does not exist yet
+from tunefleet.launcher import slurm
+from tunefleet.launcher import sweep as sweeps
 
 START, STOP = ROOT / "tests" / "slurm" / "start_local_slurm.sh", ROOT / "tests" / "slurm" / "stop_local_slurm.sh"
 SLURM_DIR = "/tmp/tfslurm-test"  # short: slurmstepd puts unix sockets under it
-CANNOT_INSTALL = ("apt-get not available", "apt-get install of slurm-wlm/munge failed", "must run as root",
-                  "still missing after installing")
-TINY = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "method": "sft",
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "use_qlora": False, "max_steps": 4,
-        "split": "train_sft", "logging_steps": 1}
+CANNOT_INSTALL = (
+    "apt-get not available",
+    "apt-get install of slurm-wlm/munge failed",
+    "must run as root",
+    "still missing after installing",
+)
+TINY = {
+    "model_name": "tunefleet/tiny-qwen2",
+    "dataset": "tunefleet/tiny-ultrafeedback",
+    "method": "sft",
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "use_qlora": False,
+    "max_steps": 4,
+    "split": "train_sft",
+    "logging_steps": 1,
+}
 
 
 def write_spec(path: Path, **spec) -> Path:
@@ -79,36 +91,70 @@ def spec_of(**data):
 
 
 def test_array_script_has_the_sbatch_lines_of_the_spec():
-    spec = spec_of(grid={"seed": [1, 2, 3]}, resources={"gpus_per_run": 2, "cpus_per_run": 6, "memory_gb": 48},
-                   slurm={"partition": "gpu", "account": "lab", "qos": "high", "time": "04:00:00", "array_limit": 2,
-                          "extra": ["--constraint=a100", "#SBATCH --mail-type=END"], "signal_seconds": 300})
+    spec = spec_of(
+        grid={"seed": [1, 2, 3]},
+        resources={"gpus_per_run": 2, "cpus_per_run": 6, "memory_gb": 48},
+        slurm={
+            "partition": "gpu",
+            "account": "lab",
+            "qos": "high",
+            "time": "04:00:00",
+            "array_limit": 2,
+            "extra": ["--constraint=a100", "#SBATCH --mail-type=END"],
+            "signal_seconds": 300,
+        },
+    )
     runs = sweeps.expand(spec)
     text = slurm.render_array_script(spec, runs, [0, 2], "/data/rs", "/venv/bin/python", retries=2)
     lines = set(text.splitlines())
-    for line in ["--job-name=tf-rs", "--array=0,2%2", "--gres=gpu:2", "--cpus-per-task=6", "--mem=48G",
-                 "--time=04:00:00", "--partition=gpu", "--account=lab", "--qos=high", "--output=/data/rs/slurm/%A_%a.log",
-                 "--constraint=a100", "--mail-type=END", "--requeue", "--signal=B:USR1@300"]:
+    for line in [
+        "--job-name=tf-rs",
+        "--array=0,2%2",
+        "--gres=gpu:2",
+        "--cpus-per-task=6",
+        "--mem=48G",
+        "--time=04:00:00",
+        "--partition=gpu",
+        "--account=lab",
+        "--qos=high",
+        "--output=/data/rs/slurm/%A_%a.log",
+        "--constraint=a100",
+        "--mail-type=END",
+        "--requeue",
+        "--signal=B:USR1@300",
+    ]:
         assert f"#SBATCH {line}" in lines, line
-    assert "/venv/bin/python -m launcher.slurm_task /data/rs/slurm/runs.json \"$SLURM_ARRAY_TASK_ID\" --retries 2 &" in text
+    assert (
+        '/venv/bin/python -m tunefleet.launcher.slurm_task /data/rs/slurm/runs.json "$SLURM_ARRAY_TASK_ID" --retries 2 &'
+        in text
+    )
     assert "trap 'relay USR1' USR1" in text and 'scontrol requeue "$task"' in text
     assert "0=sft_tiny-qwen2_s1, 2=sft_tiny-qwen2_s3" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
     plain = spec_of(slurm={"requeue": False})
     text = slurm.render_array_script(plain, sweeps.expand(plain), [0], "/d", "python")
-    assert "--gres" not in text and "--requeue" not in text and "--signal" not in text and "scontrol requeue" not in text
+    assert (
+        "--gres" not in text and "--requeue" not in text and "--signal" not in text and "scontrol requeue" not in text
+    )
     assert "#SBATCH --array=0\n" in text and "#SBATCH --cpus-per-task=1" in text  # no limit: no %N
-    assert "#SBATCH --signal=B:USR1@120" in slurm.render_array_script(spec_of(), sweeps.expand(spec_of()), [0], "/d", "p")
+    assert "#SBATCH --signal=B:USR1@120" in slurm.render_array_script(
+        spec_of(), sweeps.expand(spec_of()), [0], "/d", "p"
+    )
 
 
 def test_eval_script_depends_on_the_array_and_carries_the_eval_settings():
-    spec = spec_of(resources={"gpus_per_run": 1}, eval={"max_samples": 10, "max_generation_samples": 1, "shards": 2,
-                                                         "batch_size": 8, "skip_perplexity": True})
+    spec = spec_of(
+        resources={"gpus_per_run": 1},
+        eval={"max_samples": 10, "max_generation_samples": 1, "shards": 2, "batch_size": 8, "skip_perplexity": True},
+    )
     text = slurm.render_eval_script(spec, "/data/rs", "/venv/bin/python", "4711")
     assert "#SBATCH --dependency=afterok:4711" in text and "#SBATCH --gres=gpu:2" in text
     assert "#SBATCH --cpus-per-task=2" in text  # one CPU per Ray shard
-    assert ("exec /venv/bin/python -m launcher.cli eval --runs_dir /data/rs --backend ray --shards 2 --max_samples 10 "
-            "--max_generation_samples 1 --batch_size 8 --skip_perplexity") in text
+    assert (
+        "exec /venv/bin/python -m tunefleet.launcher.cli eval --runs_dir /data/rs --max_samples 10 "
+        "--max_generation_samples 1 --skip_perplexity true --backend ray --shards 2 --batch_size 8\n"
+    ) in text
     one_gpu = slurm.render_eval_script(spec_of(resources={"gpus_per_run": 1}), "/d", "p", None)
     assert "--backend local" in one_gpu and "#SBATCH --gres=gpu:1" in one_gpu and "--dependency" not in one_gpu
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
@@ -118,14 +164,28 @@ def test_array_ranges_and_queue_parsing():
     assert slurm.array_spec([0, 1, 2, 5, 7, 8], 3) == "0-2,5,7-8%3"
     assert slurm.array_spec([4], None) == "4"
     text = "12_[1-3%1]|PENDING\n12_0|RUNNING\n13|PENDING\n12_[5,7-8]|CANCELLED by 0\n"
-    assert slurm.parse_queue(text) == {"12_1": "PENDING", "12_2": "PENDING", "12_3": "PENDING", "12_0": "RUNNING",
-                                       "13": "PENDING", "12_5": "CANCELLED", "12_7": "CANCELLED", "12_8": "CANCELLED"}
+    assert slurm.parse_queue(text) == {
+        "12_1": "PENDING",
+        "12_2": "PENDING",
+        "12_3": "PENDING",
+        "12_0": "RUNNING",
+        "13": "PENDING",
+        "12_5": "CANCELLED",
+        "12_7": "CANCELLED",
+        "12_8": "CANCELLED",
+    }
     assert slurm.active_jobs({"1_0": "COMPLETED", "1_1": "PENDING"}) == {"1_1": "PENDING"}
 
 
 def test_dry_run_submits_only_unfinished_runs_and_needs_no_slurm(tmp_path, capsys, monkeypatch):
-    spec = write_spec(tmp_path / "s.yaml", name="dr", runs_dir=str(tmp_path / "runs"), base=TINY,
-                      grid={"seed": [1, 2, 3]}, slurm={"array_limit": 4})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="dr",
+        runs_dir=str(tmp_path / "runs"),
+        base=TINY,
+        grid={"seed": [1, 2, 3]},
+        slurm={"array_limit": 4},
+    )
     (tmp_path / "runs" / "sft_tiny-qwen2_s2").mkdir(parents=True)
     (tmp_path / "runs" / "sft_tiny-qwen2_s2" / "run.json").write_text(json.dumps({"status": "finished"}))
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -139,12 +199,22 @@ def test_ray_cluster_sbatch_is_ray_documented_pattern():
     path = ROOT / "cluster_configs" / "slurm" / "ray_cluster.sbatch"
     text = path.read_text()
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    assert "sbatch --nodes 2 cluster_configs/slurm/ray_cluster.sbatch sweeps/five_methods.yaml" in text.split("\n#SBATCH")[0]
-    for step in ['scontrol show hostnames "$SLURM_JOB_NODELIST"', "hostname --ip-address", "ray start --head",
-                 '--port="$port"', 'ray start --address "$ip_head"', "--block &", '--num-gpus="$gpus"',
-                 'tunefleet sweep "$SPEC" --backend ray --address "$ip_head"']:
+    assert (
+        "sbatch --nodes 2 cluster_configs/slurm/ray_cluster.sbatch sweeps/five_methods.yaml"
+        in text.split("\n#SBATCH")[0]
+    )
+    for step in [
+        'scontrol show hostnames "$SLURM_JOB_NODELIST"',
+        "hostname --ip-address",
+        "ray start --head",
+        '--port="$port"',
+        'ray start --address "$ip_head"',
+        "--block &",
+        '--num-gpus="$gpus"',
+        'tunefleet sweep "$SPEC" --backend ray --address "$ip_head"',
+    ]:
         assert step in text, step
-    assert text.index("ray start --head") < text.index('ray start --address') < text.index('tunefleet sweep "$SPEC"')
+    assert text.index("ray start --head") < text.index("ray start --address") < text.index('tunefleet sweep "$SPEC"')
 
 
 # ------------------------------------------------------------------ bad input
@@ -157,8 +227,13 @@ def test_no_sbatch_on_path_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra,reason", [({"slurm": {"partition": "nosuch"}}, "Invalid partition name specified"),
-                                          ({"resources": {"gpus_per_run": 3}}, "Requested node configuration is not available")])
+@pytest.mark.parametrize(
+    "extra,reason",
+    [
+        ({"slurm": {"partition": "nosuch"}}, "Invalid partition name specified"),
+        ({"resources": {"gpus_per_run": 3}}, "Requested node configuration is not available"),
+    ],
+)
 def test_sbatch_rejection_shows_slurms_reason(cluster, tmp_path, capsys, extra, reason):
     spec = write_spec(tmp_path / "s.yaml", name="bad", runs_dir=str(tmp_path / "runs"), base=TINY, **extra)
     code, _, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
@@ -170,9 +245,16 @@ def test_sbatch_rejection_shows_slurms_reason(cluster, tmp_path, capsys, extra, 
 @pytest.mark.slow
 def test_two_runs_one_array_on_a_gpu_each_then_the_eval_job(cluster, tmp_path, capsys, tiny_model):
     runs_dir = tmp_path / "runs"
-    spec = write_spec(tmp_path / "s.yaml", name="two", runs_dir=str(runs_dir), base=TINY, grid={"seed": [1, 2]},
-                      resources={"gpus_per_run": 1}, slurm={"array_limit": 2},
-                      eval={"max_samples": 10, "max_generation_samples": 1})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="two",
+        runs_dir=str(runs_dir),
+        base=TINY,
+        grid={"seed": [1, 2]},
+        resources={"gpus_per_run": 1},
+        slurm={"array_limit": 2},
+        eval={"max_samples": 10, "max_generation_samples": 1},
+    )
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--eval", "--skip_data_check")
     assert code == 0, out + err
     state = read_json(runs_dir / "sweep.json")
@@ -201,7 +283,9 @@ def test_two_runs_one_array_on_a_gpu_each_then_the_eval_job(cluster, tmp_path, c
 
     code, out, _ = run_cli(capsys, "status", runs_dir)
     assert code == 0 and out.count(" COMPLETED ") == 3 and f"evaluation job {eval_job}: COMPLETED" in out
-    assert str(runs_dir / "slurm" / f"{array}_1.log") in out and str(runs_dir / "sft_tiny-qwen2_s1" / "train.log") in out
+    assert (
+        str(runs_dir / "slurm" / f"{array}_1.log") in out and str(runs_dir / "sft_tiny-qwen2_s1" / "train.log") in out
+    )
 
 
 @pytest.mark.slow
@@ -209,8 +293,15 @@ def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, 
     runs_dir = tmp_path / "runs"
     # array_limit 1: the long run starts after the short one has finished, so it can be cancelled at its first
     # checkpoint (far from its end) without a race against the short run.
-    spec = write_spec(tmp_path / "s.yaml", name="cr", runs_dir=str(runs_dir), base={**TINY, "save_steps": 3},
-                      grid={"max_steps": [4, 30]}, naming="{method}_m{max_steps}", slurm={"array_limit": 1})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="cr",
+        runs_dir=str(runs_dir),
+        base={**TINY, "save_steps": 3},
+        grid={"max_steps": [4, 30]},
+        naming="{method}_m{max_steps}",
+        slurm={"array_limit": 1},
+    )
     short, long = runs_dir / "sft_m4", runs_dir / "sft_m30"
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err
@@ -244,8 +335,9 @@ def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_model):
     """Preemption / time limit: SLURM signals the batch step with USR1 (here by hand, as `--signal=B:USR1@N` would)."""
     runs_dir = tmp_path / "runs"
-    spec = write_spec(tmp_path / "s.yaml", name="pre", runs_dir=str(runs_dir),
-                      base={**TINY, "max_steps": 30, "save_steps": 1000})  # no checkpoint but the one USR1 asks for
+    spec = write_spec(
+        tmp_path / "s.yaml", name="pre", runs_dir=str(runs_dir), base={**TINY, "max_steps": 30, "save_steps": 1000}
+    )  # no checkpoint but the one USR1 asks for
     run = runs_dir / "sft_tiny-qwen2_s42"
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err

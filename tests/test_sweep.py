@@ -12,17 +12,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, checkpoint_steps, read_json, run_cli, wait_for_checkpoint
-from launcher import sweep as sweeps
-from launcher.backends import check_ray_resources, local_slots
-from trainers.errors import TunefleetError
-from trainers.run import read_json as run_record  # None while missing or half-written
+
+from tunefleet.common.errors import TunefleetError
+from tunefleet.common.jsonfile import read_json as run_record  # None while missing or half-written
+from tunefleet.launcher import sweep as sweeps
+from tunefleet.launcher.backends import check_ray_resources, local_slots
 
 HELPERS = str(Path(__file__).parent / "helpers")
-TINY_BASE = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "max_steps": 4,
-             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "use_qlora": False,
-             "save_steps": 2, "logging_steps": 1}
+TINY_BASE = {
+    "model_name": "tunefleet/tiny-qwen2",
+    "dataset": "tunefleet/tiny-ultrafeedback",
+    "max_steps": 4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "use_qlora": False,
+    "save_steps": 2,
+    "logging_steps": 1,
+}
 SPLITS = {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}, "grpo": {"split": "train_gen"}}
 
 
@@ -37,23 +44,29 @@ def test_demo_spec_expands_with_precedence():
     runs = sweeps.expand(spec)
     assert len(runs) == 10 and runs[0].name == "sft_tiny-qwen2_s1"
     by = {r.name: r.config for r in runs}
-    assert by["dpo_tiny-qwen2_s2"]["split"] == "train_prefs" and by["dpo_tiny-qwen2_s2"]["seed"] == 2
-    assert by["grpo_tiny-qwen2_s1"]["max_steps"] == 10 and by["sft_tiny-qwen2_s1"]["max_steps"] == 40  # method > base
+    assert by["dpo_tiny-qwen2_s2"].split == "train_prefs" and by["dpo_tiny-qwen2_s2"].seed == 2
+    assert by["grpo_tiny-qwen2_s1"].max_steps == 10 and by["sft_tiny-qwen2_s1"].max_steps == 40  # method > base
     assert all(r.output_dir == f"runs/demo/{r.name}" for r in runs)
 
 
 def test_grid_beats_method_overrides(tmp_path):
-    spec = sweeps.parse_spec({"name": "x", "base": TINY_BASE, "methods": {"sft": {"learning_rate": 1e-3, **SPLITS["sft"]}},
-                              "grid": {"method": ["sft"], "learning_rate": [1e-4, 2e-4]},
-                              "naming": "{method}_lr{learning_rate}"})
-    assert [r.config["learning_rate"] for r in sweeps.expand(spec)] == [1e-4, 2e-4]
+    spec = sweeps.parse_spec(
+        {
+            "name": "x",
+            "base": TINY_BASE,
+            "methods": {"sft": {"learning_rate": 1e-3, **SPLITS["sft"]}},
+            "grid": {"method": ["sft"], "learning_rate": [1e-4, 2e-4]},
+            "naming": "{method}_lr{learning_rate}",
+        }
+    )
+    assert [r.config.learning_rate for r in sweeps.expand(spec)] == [1e-4, 2e-4]
 
 
 def test_five_methods_spec_is_the_original_readme():
     runs = sweeps.expand(sweeps.load_spec(str(ROOT / "sweeps" / "five_methods.yaml")))
     assert [r.name for r in runs] == [f"{m}_qwen2-0.5b-instruct" for m in ("sft", "dpo", "orpo", "kto", "grpo")]
-    assert {r.config["model_name"] for r in runs} == {"Qwen/Qwen2-0.5B-Instruct"}
-    assert runs[0].config["split"] == "train_sft" and runs[1].config["eval_split"] == "test_prefs"
+    assert {r.config.model_name for r in runs} == {"Qwen/Qwen2-0.5B-Instruct"}
+    assert runs[0].config.split == "train_sft" and runs[1].config.eval_split == "test_prefs"
 
 
 def test_every_shipped_sweep_validates():
@@ -62,14 +75,20 @@ def test_every_shipped_sweep_validates():
         assert path.read_text().startswith("#"), f"{path} must start with the command that runs it"
 
 
-@pytest.mark.parametrize("text,message", [
-    ("name: x\nbase:\n  lerning_rate: 1\n", ":3: unknown key 'lerning_rate' (did you mean 'learning_rate'?)"),
-    ("name: x\ngrids:\n  seed: [1]\n", ":2: unknown key 'grids' (did you mean 'grid'?)"),
-    ("name: x\nresources:\n  gpus_per_run: two\n", ":3: 'resources.gpus_per_run' must be int"),
-    ("name: x\ngrid:\n  seed: [1, oops]\n", ":3: bad value for 'seed'"),
-    ("name: x\nmethods:\n  dpx: {}\n", ":3: unknown method 'dpx' (did you mean 'dpo'?)"),
-    ("name: x\ngrid: [1\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: x\nbase:\n  lerning_rate: 1\n", ":3: unknown key 'lerning_rate' (did you mean 'learning_rate'?)"),
+        ("name: x\ngrids:\n  seed: [1]\n", ":2: unknown key 'grids' (did you mean 'grid'?)"),
+        (
+            "name: x\nresources:\n  gpus_per_run: two\n",
+            ":3: bad value for 'resources.gpus_per_run': expected an integer, got 'two'",
+        ),
+        ("name: x\ngrid:\n  seed: [1, oops]\n", ":3: bad value for 'seed'"),
+        ("name: x\nmethods:\n  dpx: {}\n", ":3: unknown method 'dpx' (did you mean 'dpo'?)"),
+        ("name: x\ngrid: [1\n", "not valid YAML"),
+    ],
+)
 def test_bad_specs_name_key_and_line(tmp_path, text, message):
     path = tmp_path / "spec.yaml"
     path.write_text(text)
@@ -87,17 +106,24 @@ def test_duplicate_names_are_refused():
 def test_grid_value_invalid_for_a_method_is_caught_before_any_run(tmp_path, capsys):
     data = tmp_path / "d"
     data.mkdir()
-    (data / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
-    spec = write_spec(tmp_path / "s.yaml", name="bad", runs_dir=str(tmp_path / "runs"),
-                      base={**TINY_BASE, "dataset": str(data), "split": "train"}, grid={"method": ["sft", "dpo"]})
+    (data / "train.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+    )
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="bad",
+        runs_dir=str(tmp_path / "runs"),
+        base={**TINY_BASE, "dataset": str(data), "split": "train"},
+        grid={"method": ["sft", "dpo"]},
+    )
     code, _, err = run_cli(capsys, "sweep", spec)
     assert code == 2 and "dpo on" in err and "missing prompt, chosen, rejected" in err
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
 def test_slots_and_resource_checks():
-    from launcher.sweep import Resources
+    from tunefleet.launcher.sweep import Resources
+
     assert local_slots(Resources(gpus_per_run=2), 4, 16)[1] == [["0", "1"], ["2", "3"]]
     assert local_slots(Resources(cpus_per_run=1, max_parallel=3), 0, 8)[0] == 3
     with pytest.raises(TunefleetError, match="needs 2 GPU"):
@@ -110,12 +136,22 @@ def test_slots_and_resource_checks():
 
 def test_dry_run_prints_plan(capsys):
     code, out, _ = run_cli(capsys, "sweep", ROOT / "sweeps" / "five_methods.yaml", "--dry-run")
-    assert code == 0 and "5 runs" in out and "1 GPU, 4 CPU, 32 GB" in out and "-m trainers.train --config" in out
+    assert (
+        code == 0
+        and "5 runs" in out
+        and "1 GPU, 4 CPU, 32 GB" in out
+        and "-m tunefleet.trainers.train --config" in out
+    )
 
 
 def test_unreachable_address(tmp_path, capsys):
-    spec = write_spec(tmp_path / "s.yaml", name="x", runs_dir=str(tmp_path / "r"), base={**TINY_BASE, **SPLITS["sft"]},
-                      grid={"method": ["sft"]})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="x",
+        runs_dir=str(tmp_path / "r"),
+        base={**TINY_BASE, **SPLITS["sft"]},
+        grid={"method": ["sft"]},
+    )
     code, _, err = run_cli(capsys, "sweep", spec, "--backend", "ray", "--address", "127.0.0.1:1")
     assert code == 2 and err.strip().count("\n") == 0 and "cannot reach the Ray cluster at 127.0.0.1:1" in err
 
@@ -123,8 +159,14 @@ def test_unreachable_address(tmp_path, capsys):
 # ------------------------------------------------------------------ real Ray
 @pytest.mark.slow
 def test_more_gpus_than_any_node_is_refused_up_front(tmp_path, capsys, tiny_model):
-    spec = write_spec(tmp_path / "s.yaml", name="g", runs_dir=str(tmp_path / "runs"), base={**TINY_BASE, **SPLITS["sft"]},
-                      grid={"method": ["sft"]}, resources={"gpus_per_run": 1})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="g",
+        runs_dir=str(tmp_path / "runs"),
+        base={**TINY_BASE, **SPLITS["sft"]},
+        grid={"method": ["sft"]},
+        resources={"gpus_per_run": 1},
+    )
     code, _, err = run_cli(capsys, "sweep", spec, "--backend", "ray")
     assert code == 2 and "each run needs 1 GPU(s) but the largest Ray node has 0" in err
     assert not (tmp_path / "runs" / "sft_tiny-qwen2_s42").exists()  # nothing started
@@ -132,8 +174,14 @@ def test_more_gpus_than_any_node_is_refused_up_front(tmp_path, capsys, tiny_mode
 
 @pytest.mark.slow
 def test_ray_sweep_two_methods_two_seeds_then_rerun_skips(tmp_path, capsys, tiny_model):
-    spec = write_spec(tmp_path / "s.yaml", name="rs", runs_dir=str(tmp_path / "runs"), base=TINY_BASE,
-                      grid={"method": ["sft", "dpo"], "seed": [1, 2]}, methods={"sft": SPLITS["sft"], "dpo": SPLITS["dpo"]})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="rs",
+        runs_dir=str(tmp_path / "runs"),
+        base=TINY_BASE,
+        grid={"method": ["sft", "dpo"], "seed": [1, 2]},
+        methods={"sft": SPLITS["sft"], "dpo": SPLITS["dpo"]},
+    )
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "ray")
     assert code == 0, out + err
     names = ["sft_tiny-qwen2_s1", "sft_tiny-qwen2_s2", "dpo_tiny-qwen2_s1", "dpo_tiny-qwen2_s2"]
@@ -142,9 +190,9 @@ def test_ray_sweep_two_methods_two_seeds_then_rerun_skips(tmp_path, capsys, tiny
         assert read_json(run / "run.json")["status"] == "finished"
         assert (run / "adapter_model.safetensors").exists() and (run / "train.log").exists()
         assert read_json(run / "launch.json")["pid"] > 0
-    assert "done 4" in out and "final loss" in out
+    assert "finished 4" in out and "final loss" in out
     state = read_json(tmp_path / "runs" / "sweep.json")
-    assert {r["status"] for r in state["runs"].values()} == {"done"}
+    assert {r["status"] for r in state["runs"].values()} == {"finished"}
 
     code, out, _ = run_cli(capsys, "sweep", spec, "--backend", "ray")
     assert code == 0 and out.count("skipped: finished before") == 4
@@ -153,10 +201,17 @@ def test_ray_sweep_two_methods_two_seeds_then_rerun_skips(tmp_path, capsys, tiny
 @pytest.mark.slow
 def test_failed_run_is_retried_reported_and_does_not_stop_others(tmp_path, capsys, tiny_model, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", HELPERS + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    spec = write_spec(tmp_path / "s.yaml", name="rf", runs_dir=str(tmp_path / "runs"), base=TINY_BASE,
-                      grid={"method": ["sft", "grpo"]},
-                      methods={"sft": SPLITS["sft"], "grpo": {**SPLITS["grpo"], "reward_funcs": ["failing_reward:boom"],
-                                                              "max_completion_length": 8}})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="rf",
+        runs_dir=str(tmp_path / "runs"),
+        base=TINY_BASE,
+        grid={"method": ["sft", "grpo"]},
+        methods={
+            "sft": SPLITS["sft"],
+            "grpo": {**SPLITS["grpo"], "reward_funcs": ["failing_reward:boom"], "max_completion_length": 8},
+        },
+    )
     code, out, _ = run_cli(capsys, "sweep", spec, "--backend", "ray", "--retries", "1")
     assert code == 1
     assert read_json(tmp_path / "runs" / "sft_tiny-qwen2_s42" / "run.json")["status"] == "finished"
@@ -168,10 +223,15 @@ def test_failed_run_is_retried_reported_and_does_not_stop_others(tmp_path, capsy
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint_on_rerun(tmp_path, tiny_model):
-    spec = write_spec(tmp_path / "s.yaml", name="rk", runs_dir=str(tmp_path / "runs"),
-                      base={**TINY_BASE, "max_steps": 80, "save_steps": 3}, grid={"method": ["sft"]},
-                      methods={"sft": SPLITS["sft"]})
-    cmd = [sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray", "--retries", "0"]
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="rk",
+        runs_dir=str(tmp_path / "runs"),
+        base={**TINY_BASE, "max_steps": 80, "save_steps": 3},
+        grid={"method": ["sft"]},
+        methods={"sft": SPLITS["sft"]},
+    )
+    cmd = [sys.executable, "-m", "tunefleet.launcher.cli", "sweep", str(spec), "--backend", "ray", "--retries", "0"]
     run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_checkpoint(run, 240)
@@ -191,34 +251,71 @@ def test_killed_run_resumes_from_checkpoint_on_rerun(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_sweep_on_a_started_head(tmp_path, tiny_model):
-    from local_ray import LocalRayHead, _pids_under
+    from local_ray import LocalRayHead, pids_under
 
-    spec = write_spec(tmp_path / "s.yaml", name="rj", runs_dir=str(tmp_path / "runs"),
-                      base={**TINY_BASE, "max_steps": 2, **SPLITS["sft"]}, grid={"method": ["sft"], "seed": [1, 2]})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="rj",
+        runs_dir=str(tmp_path / "runs"),
+        base={**TINY_BASE, "max_steps": 2, **SPLITS["sft"]},
+        grid={"method": ["sft"], "seed": [1, 2]},
+    )
     head = LocalRayHead().start()
     try:
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60 enables token auth; the client reads ~/.ray/auth_token
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+        }  # Ray 2.60 enables token auth; the client reads ~/.ray/auth_token
         env.pop("RAY_ADDRESS", None)
-        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.dashboard,
-                              "--", sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+        job = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "job",
+                "submit",
+                "--address",
+                head.dashboard,
+                "--",
+                sys.executable,
+                "-m",
+                "tunefleet.launcher.cli",
+                "sweep",
+                str(spec),
+                "--backend",
+                "ray",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env=env,
+        )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout + job.stderr and "done 2" in job.stdout
+        assert "succeeded" in job.stdout + job.stderr and "finished 2" in job.stdout
         for seed in (1, 2):
             assert read_json(tmp_path / "runs" / f"sft_tiny-qwen2_s{seed}" / "run.json")["status"] == "finished"
     finally:
         head.stop()
-    assert not _pids_under(head.temp_dir)
+    assert not pids_under(head.temp_dir)
 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_runs_resume(tmp_path, tiny_model):
-    spec = write_spec(tmp_path / "s.yaml", name="rc", runs_dir=str(tmp_path / "runs"),
-                      base={**TINY_BASE, "max_steps": 300, "save_steps": 1000}, grid={"method": ["sft"]},
-                      methods={"sft": SPLITS["sft"]})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="rc",
+        runs_dir=str(tmp_path / "runs"),
+        base={**TINY_BASE, "max_steps": 300, "save_steps": 1000},
+        grid={"method": ["sft"]},
+        methods={"sft": SPLITS["sft"]},
+    )
     run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "local"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunefleet.launcher.cli", "sweep", str(spec), "--backend", "local"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (run_record(run / "progress.json") or {}).get("step"):
         time.sleep(0.2)
@@ -233,15 +330,27 @@ def test_ctrl_c_stops_cleanly_and_runs_resume(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_killed_ray_worker_is_rerun_and_resumes(tmp_path, tiny_model):
-    spec = write_spec(tmp_path / "s.yaml", name="rw", runs_dir=str(tmp_path / "runs"),
-                      base={**TINY_BASE, "max_steps": 150, "save_steps": 5}, grid={"method": ["sft"]},
-                      methods={"sft": SPLITS["sft"]})
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="rw",
+        runs_dir=str(tmp_path / "runs"),
+        base={**TINY_BASE, "max_steps": 150, "save_steps": 5},
+        grid={"method": ["sft"]},
+        methods={"sft": SPLITS["sft"]},
+    )
     run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "sweep", str(spec), "--backend", "ray",
-                             "--retries", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunefleet.launcher.cli", "sweep", str(spec), "--backend", "ray", "--retries", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_checkpoint(run, 240)
     child = read_json(run / "launch.json")["pid"]
-    worker = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the Ray worker running the task
+    worker = int(
+        Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    )  # the Ray worker running the task
     os.kill(worker, signal.SIGKILL)  # the worker dies; Ray re-runs the task, which resumes the run
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]

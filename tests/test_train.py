@@ -8,22 +8,50 @@ import sys
 import time
 
 import pytest
+from conftest import FAST, ROOT, SPLIT, TINY, checkpoint_steps, read_json, run_cli, wait_for_checkpoint
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, SPLIT, TINY, checkpoint_steps, read_json, run_cli, wait_for_checkpoint
+TOP_LEVEL = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "trainer_state.json",
+    "training_args.bin",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "run.json",
+]
 
-TOP_LEVEL = ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "training_args.bin",
-             "tokenizer_config.json", "tokenizer.json", "run.json"]
 
-
-@pytest.mark.parametrize("method,qlora", [("sft", "true"), ("dpo", "false"), ("orpo", "true"), ("kto", "false"),
-                                          ("grpo", "true")])
+@pytest.mark.parametrize(
+    "method,qlora", [("sft", "true"), ("dpo", "false"), ("orpo", "true"), ("kto", "false"), ("grpo", "true")]
+)
 def test_method_end_to_end(method, qlora, tiny_model, tmp_path, capsys):
     out = tmp_path / method
-    code, stdout, stderr = run_cli(capsys, "train", "--method", method, *TINY, "--split", SPLIT[method],
-                                   "--output_dir", out, "--max_steps", 3, "--save_steps", 2, "--use_qlora", qlora,
-                                   "--max_train_samples", 48, "--learning_rate", "1e-3", *FAST,
-                                   "--reward_funcs", "friendly", "answer")
+    code, stdout, stderr = run_cli(
+        capsys,
+        "train",
+        "--method",
+        method,
+        *TINY,
+        "--split",
+        SPLIT[method],
+        "--output_dir",
+        out,
+        "--max_steps",
+        3,
+        "--save_steps",
+        2,
+        "--use_qlora",
+        qlora,
+        "--max_train_samples",
+        48,
+        "--learning_rate",
+        "1e-3",
+        *FAST,
+        "--reward_funcs",
+        "friendly",
+        "answer",
+    )
     assert code == 0, stderr
     for name in TOP_LEVEL:
         assert (out / name).is_file(), f"{name} missing at the top of the run folder"
@@ -46,47 +74,100 @@ def test_method_end_to_end(method, qlora, tiny_model, tmp_path, capsys):
     # Loads exactly as the original README shows, and generates.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
     tok = AutoTokenizer.from_pretrained(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What sound does a cow make?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What sound does a cow make?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]
 
 
 def test_sft_learns(tiny_model, tmp_path, capsys):
     out = tmp_path / "sft"
-    code, _, err = run_cli(capsys, "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", out,
-                           "--max_steps", 25, "--learning_rate", "2e-3", "--use_qlora", "false", *FAST)
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--method",
+        "sft",
+        *TINY,
+        "--split",
+        "train_sft",
+        "--output_dir",
+        out,
+        "--max_steps",
+        25,
+        "--learning_rate",
+        "2e-3",
+        "--use_qlora",
+        "false",
+        *FAST,
+    )
     assert code == 0, err
     losses = [e["loss"] for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e]
     assert losses[-1] < losses[0] - 0.5, losses
 
 
 def test_sample_larger_than_data_uses_all(tiny_model, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "--method", "dpo", *TINY, "--split", "test_prefs", "--output_dir",
-                           tmp_path / "r", "--max_train_samples", 100000, "--max_steps", 1, "--use_qlora", "false", *FAST)
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--method",
+        "dpo",
+        *TINY,
+        "--split",
+        "test_prefs",
+        "--output_dir",
+        tmp_path / "r",
+        "--max_train_samples",
+        100000,
+        "--max_steps",
+        1,
+        "--use_qlora",
+        "false",
+        *FAST,
+    )
     assert code == 0
     assert "asks for 100000 rows but the split has 200; using all 200" in err
 
 
 def test_finished_run_is_not_retrained(tiny_model, tmp_path, capsys):
-    args = ["train", "--method", "sft", *TINY, "--split", "test_sft", "--output_dir", tmp_path / "r", "--max_steps", 1,
-            "--use_qlora", "false", *FAST]
+    args = [
+        "train",
+        "--method",
+        "sft",
+        *TINY,
+        "--split",
+        "test_sft",
+        "--output_dir",
+        tmp_path / "r",
+        "--max_steps",
+        1,
+        "--use_qlora",
+        "false",
+        *FAST,
+    ]
     assert run_cli(capsys, *args)[0] == 0
     first = read_json(tmp_path / "r" / "run.json")["started_at"]
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and err.strip().splitlines() == [
-        f"error: {tmp_path / 'r'} holds a finished run; pass --overwrite to retrain it or choose another --output_dir"]
+        f"error: {tmp_path / 'r'} holds a finished run; pass --overwrite to retrain it or choose another --output_dir"
+    ]
     assert read_json(tmp_path / "r" / "run.json")["started_at"] == first  # nothing touched
     assert run_cli(capsys, *args, "--overwrite")[0] == 0
 
 
 def test_yaml_config_with_cli_override(tiny_model, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"method: sft\nmodel_name: tunefleet/tiny-qwen2\ndataset: tunefleet/tiny-ultrafeedback\n"
-                   f"split: test_sft\noutput_dir: {tmp_path / 'r'}\nmax_steps: 5\nuse_qlora: false\n"
-                   "per_device_train_batch_size: 2\ngradient_accumulation_steps: 1\nseed: 7\n")
+    cfg.write_text(
+        f"method: sft\nmodel_name: tunefleet/tiny-qwen2\ndataset: tunefleet/tiny-ultrafeedback\n"
+        f"split: test_sft\noutput_dir: {tmp_path / 'r'}\nmax_steps: 5\nuse_qlora: false\n"
+        "per_device_train_batch_size: 2\ngradient_accumulation_steps: 1\nseed: 7\n"
+    )
     code, _, err = run_cli(capsys, "train", "--config", cfg, "--max_steps", 2, "--seed", 3)
     assert code == 0, err
     record = read_json(tmp_path / "r" / "run.json")
@@ -96,8 +177,26 @@ def test_yaml_config_with_cli_override(tiny_model, tmp_path, capsys):
 
 def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
     out = tmp_path / "r"
-    cmd = [sys.executable, "-m", "launcher.cli", "train", "--method", "sft", *TINY, "--split", "train_sft",
-           "--output_dir", str(out), "--max_steps", "60", "--save_steps", "3", "--use_qlora", "false", *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunefleet.launcher.cli",
+        "train",
+        "--method",
+        "sft",
+        *TINY,
+        "--split",
+        "train_sft",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "60",
+        "--save_steps",
+        "3",
+        "--use_qlora",
+        "false",
+        *FAST,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_checkpoint(out, 240)
     time.sleep(0.5)

@@ -20,14 +20,17 @@ import re
 import sys
 from pathlib import Path
 
-from trainers.errors import TunefleetError, first_line
-from trainers.tiny import DATA_DIR, TINY_DATASET
+from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.trainers.tiny import DATA_DIR, TINY_DATASET
 
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 FORMATS = {
     "sft": ["messages", "prompt + completion", "text"],
-    "dpo": ["ultrafeedback (prompt, chosen, rejected as message lists)", "prompt + chosen + rejected",
-            "chosen + rejected (conversational, prompt inside)"],
+    "dpo": [
+        "ultrafeedback (prompt, chosen, rejected as message lists)",
+        "prompt + chosen + rejected",
+        "chosen + rejected (conversational, prompt inside)",
+    ],
     "kto": ["prompt + completion + label", "any preference format (unpaired automatically)"],
     "grpo": ["prompt"],
 }
@@ -78,7 +81,6 @@ def load_split(dataset: str, split: str):
         raise TunefleetError(f"cannot load dataset {dataset} (hub name or local path?): {first_line(exc)}") from None
 
 
-
 def sample(ds, n: int | None, seed: int, what: str):
     """Seeded random sample of `n` rows; asking for more than there are uses all and says so."""
     if n is None:
@@ -125,7 +127,8 @@ def detect_format(method: str, ds) -> str:
         raise TunefleetError(f"unknown method '{method}'")
     raise TunefleetError(
         f"dataset lacks the columns {method} needs: missing {need}; found {', '.join(sorted(cols)) or 'none'}; "
-        f"{method} accepts: {'; '.join(FORMATS[method])}")
+        f"{method} accepts: {'; '.join(FORMATS[method])}"
+    )
 
 
 def _preference_format(cols: set, row: dict) -> str | None:
@@ -146,10 +149,12 @@ def _split_conversation(conv: list[dict]) -> tuple[list[dict], list[dict]]:
 def _to_preference(ds, fmt: str):
     """Any preference format -> TRL's explicit prompt/chosen/rejected, keeping nothing else."""
     if fmt in ("ultrafeedback", "implicit-prompt"):
+
         def convert(row):
             prompt, chosen = _split_conversation(row["chosen"])
             _, rejected = _split_conversation(row["rejected"])
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
         return ds.map(convert, remove_columns=ds.column_names)
     keep = ["prompt", "chosen", "rejected"] if "prompt" in ds.column_names else ["chosen", "rejected"]
     return ds.select_columns(keep)
@@ -157,6 +162,7 @@ def _to_preference(ds, fmt: str):
 
 def _unpair(ds):
     """Preference pairs -> KTO rows: (prompt, chosen, True) and (prompt, rejected, False)."""
+
     def convert(batch):
         out = {"prompt": [], "completion": [], "label": []}
         for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
@@ -164,6 +170,7 @@ def _unpair(ds):
             out["completion"] += [c, r]
             out["label"] += [True, False]
         return out
+
     return ds.map(convert, batched=True, remove_columns=ds.column_names)
 
 

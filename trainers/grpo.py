@@ -12,7 +12,7 @@ reward-model path.
 
 from trl import GRPOConfig, GRPOTrainer
 
-from trainers import data, model, rewards, run, speed
+from tunefleet.trainers import data, model, rewards, run, speed
 
 DEFAULT_COMPLETION_LENGTH = 64
 
@@ -25,27 +25,46 @@ def train(cfg):
     reward_funcs = rewards.load(cfg.reward_funcs, cfg.trust_remote_code)
 
     # ---- data: prompts only (strings become one user message)
-    train_ds = data.load_for_method("grpo", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples")
-    eval_ds = cfg.eval_split and data.load_for_method("grpo", cfg.dataset, cfg.eval_split, cfg.max_eval_samples,
-                                                      cfg.seed, "--max_eval_samples")
+    train_ds = data.load_for_method(
+        "grpo", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples"
+    )
+    eval_ds = cfg.eval_split and data.load_for_method(
+        "grpo", cfg.dataset, cfg.eval_split, cfg.max_eval_samples, cfg.seed, "--max_eval_samples"
+    )
 
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
     # ---- tokenizer and base model (4-bit when --use_qlora)
     tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing,
-                            fast["attn_implementation"]["on"])
+    base = model.load_model(
+        cfg.model_name,
+        cfg.use_qlora,
+        cfg.bf16,
+        cfg.trust_remote_code,
+        cfg.gradient_checkpointing,
+        fast.attn_implementation.on,
+    )
 
     # ---- trainer
-    args = GRPOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), beta=cfg.beta_value,
-                      num_generations=cfg.num_generations,
-                      max_completion_length=cfg.max_completion_length or DEFAULT_COMPLETION_LENGTH)
+    args = GRPOConfig(
+        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
+        beta=cfg.beta_value,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length or DEFAULT_COMPLETION_LENGTH,
+    )
     trainer = GRPOTrainer(
-        model=base, reward_funcs=reward_funcs, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
-        processing_class=tokenizer, peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        model=base,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds or None,
+        processing_class=tokenizer,
+        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
         callbacks=[run.progress_callback(cfg.output_dir)],
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from, extra={"reward_funcs": cfg.reward_funcs, "fast_path": fast})
+    return run.train_and_save(
+        trainer, cfg, resume_from, extra={"reward_funcs": cfg.reward_funcs, "fast_path": fast.record()}
+    )

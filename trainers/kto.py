@@ -10,7 +10,7 @@ Takes prompt/completion/label rows, or preference pairs (the original README tra
 
 from trl import KTOConfig, KTOTrainer
 
-from trainers import data, model, run, speed
+from tunefleet.trainers import data, model, run, speed
 
 
 def train(cfg):
@@ -18,26 +18,41 @@ def train(cfg):
     resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
 
     # ---- data: prompt / completion / label (pairs unpaired)
-    train_ds = data.load_for_method("kto", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples")
-    eval_ds = cfg.eval_split and data.load_for_method("kto", cfg.dataset, cfg.eval_split, cfg.max_eval_samples,
-                                                      cfg.seed, "--max_eval_samples")
+    train_ds = data.load_for_method(
+        "kto", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples"
+    )
+    eval_ds = cfg.eval_split and data.load_for_method(
+        "kto", cfg.dataset, cfg.eval_split, cfg.max_eval_samples, cfg.seed, "--max_eval_samples"
+    )
 
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
     # ---- tokenizer and base model (4-bit when --use_qlora)
     tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing,
-                            fast["attn_implementation"]["on"])
+    base = model.load_model(
+        cfg.model_name,
+        cfg.use_qlora,
+        cfg.bf16,
+        cfg.trust_remote_code,
+        cfg.gradient_checkpointing,
+        fast.attn_implementation.on,
+    )
 
     # ---- trainer
-    args = KTOConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), max_length=cfg.max_length,
-                     beta=cfg.beta_value)
+    args = KTOConfig(
+        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), max_length=cfg.max_length, beta=cfg.beta_value
+    )
     trainer = KTOTrainer(
-        model=base, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
-        processing_class=tokenizer, peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        model=base,
+        ref_model=None,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds or None,
+        processing_class=tokenizer,
+        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
         callbacks=[run.progress_callback(cfg.output_dir)],
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from, extra={"fast_path": fast})
+    return run.train_and_save(trainer, cfg, resume_from, extra={"fast_path": fast.record()})

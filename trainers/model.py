@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainers.errors import TunefleetError, first_line
-from trainers.tiny import TINY_MODEL, ensure_model
+from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.trainers.tiny import TINY_MODEL, ensure_model
 
 
 def resolve(name: str) -> str:
@@ -30,11 +30,13 @@ def resolve(name: str) -> str:
 
 def has_gpu() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
 def compute_dtype(bf16: bool | None):
     import torch
+
     if bf16 is None:
         bf16 = has_gpu() and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if bf16 else torch.float32
@@ -56,15 +58,24 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def quantization_config(dtype):
     from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=dtype,  # equal to the compute dtype: what FSDP/ZeRO-3 need to shard 4-bit weights
     )
 
 
-def load_model(name: str, use_qlora: bool, bf16: bool | None = None, trust_remote_code: bool = False,
-               gradient_checkpointing: bool = False, attn_implementation: str | None = None):
+def load_model(
+    name: str,
+    use_qlora: bool,
+    bf16: bool | None = None,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+):
     """Base model ready for LoRA training (4-bit prepared when `use_qlora`)."""
     from transformers import AutoModelForCausalLM
 
@@ -82,19 +93,24 @@ def load_model(name: str, use_qlora: bool, bf16: bool | None = None, trust_remot
         raise
     except Exception as exc:
         if use_qlora and _is_bnb_failure(exc):
-            raise TunefleetError(f"4-bit loading failed ({first_line(exc)}); install a bitsandbytes build for "
-                                 "this device or rerun with --use_qlora false") from None
+            raise TunefleetError(
+                f"4-bit loading failed ({first_line(exc)}); install a bitsandbytes build for "
+                "this device or rerun with --use_qlora false"
+            ) from None
         raise TunefleetError(f"cannot load model {name}: {first_line(exc)}") from None
     if use_qlora:
         from peft import prepare_model_for_kbit_training
+
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return model
 
 
 def lora_config(r: int, alpha: int, dropout: float):
     from peft import LoraConfig
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                      task_type="CAUSAL_LM", bias="none")
+
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM", bias="none"
+    )
 
 
 def count_4bit_layers(model) -> int:

@@ -18,8 +18,8 @@ import importlib
 import re
 from pathlib import Path
 
-from trainers.errors import TunefleetError, first_line
-from trainers.tiny import ANIMALS, FRIENDLY, HOSTILE, THINGS
+from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.trainers.tiny import ANIMALS, FRIENDLY, HOSTILE, THINGS
 
 
 def _text(completion) -> str:
@@ -87,8 +87,10 @@ def load(specs: list[str], trust_remote_code: bool = False) -> list:
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             funcs.append(spec)  # hub id of a reward model; TRL loads it
         else:
-            raise TunefleetError(f"unknown reward '{spec}': use one of {', '.join(BUILTIN)}, "
-                                 "package.module:function, or a reward-model path")
+            raise TunefleetError(
+                f"unknown reward '{spec}': use one of {', '.join(BUILTIN)}, "
+                "package.module:function, or a reward-model path"
+            )
     return funcs
 
 
@@ -97,7 +99,9 @@ def _import(spec: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise TunefleetError(f"cannot import reward function '{spec}': {type(exc).__name__}: {first_line(exc)}") from None
+        raise TunefleetError(
+            f"cannot import reward function '{spec}': {type(exc).__name__}: {first_line(exc)}"
+        ) from None
     func = getattr(module, func_name, None)
     if not callable(func):
         raise TunefleetError(f"cannot import reward function '{spec}': {module_name} has no function {func_name!r}")

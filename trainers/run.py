@@ -16,42 +16,14 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-from trainers.errors import TunefleetError, first_line
+from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.status import RunStatus
+from tunefleet.trainers.speed import FastPath
 
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
-
-
-def write_json_atomic(path: Path | str, data, durable: bool = True) -> None:
-    """Write JSON to a temp file in the same folder, then rename: readers never see half a file.
-
-    `durable` also fsyncs first (records that must survive a crash); progress files skip that per-step cost.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path | str) -> dict | None:
-    """JSON from a run folder, or None when missing or corrupt (never unpickle anything from there)."""
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def is_main_process() -> bool:
@@ -59,8 +31,11 @@ def is_main_process() -> bool:
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
-    steps = [(int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()]
+    steps = [
+        (int(p.name.split("-")[1]), p)
+        for p in output_dir.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()
+    ]
     return str(max(steps)[1]) if steps else None
 
 
@@ -68,10 +43,11 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> str | None:
     """Refuse a finished run (unless overwrite); return the checkpoint to resume from, if any."""
     out = Path(output_dir)
     record = read_json(out / "run.json") or {}
-    if record.get("status") == "finished":
+    if RunStatus.of(record.get("status")) is RunStatus.FINISHED:
         if not overwrite:
-            raise TunefleetError(f"{output_dir} holds a finished run; pass --overwrite to retrain it "
-                                 "or choose another --output_dir")
+            raise TunefleetError(
+                f"{output_dir} holds a finished run; pass --overwrite to retrain it or choose another --output_dir"
+            )
         if is_main_process():
             shutil.rmtree(out)
         return None
@@ -82,6 +58,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> str | None:
 
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
+
     found = {"python": platform.python_version()}
     for name in VERSIONED:
         try:
@@ -92,22 +69,32 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """The commit of the tunefleet checkout this code runs from; None when installed from a wheel.
+
+    Only a checkout whose top level holds this package's folder counts: a wheel inside some other git repository
+    (a venv in the user's project) must not record that project's commit as tunefleet's.
+    """
+    package_dir = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=5
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
+    if len(top) != 2 or Path(top[0]).resolve() != package_dir.parent:
+        return None
+    return top[1]
 
 
-def training_args(cfg, dtype, fast: dict | None = None) -> dict:
-    """TrainingArguments shared by all five TRL configs (`fast`: trainers.speed choices)."""
+def training_args(cfg, dtype, fast: FastPath | None = None) -> dict:
+    """TrainingArguments shared by all five TRL configs (`fast`: speed choices)."""
     import torch
 
-    fast = fast or {}
-    on = {k: v["on"] for k, v in fast.items()}
+    on = {k: v.on for k, v in vars(fast).items()} if fast else {}
     evaluate = cfg.eval_split is not None
-    deepspeed_on_cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    deepspeed_on_cpu = (
+        not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    )
     return dict(
         output_dir=cfg.output_dir,
         num_train_epochs=cfg.num_train_epochs,
@@ -134,8 +121,11 @@ def training_args(cfg, dtype, fast: dict | None = None) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing,
         disable_tqdm=not sys.stderr.isatty(),
         ddp_find_unused_parameters=False,
-        **({"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
-           if on.get("group_by_length") else {}),
+        **(
+            {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
+            if on.get("group_by_length")
+            else {}
+        ),
         **({"use_liger_kernel": True} if on.get("use_liger_kernel") else {}),
         **({"tf32": True} if on.get("tf32") else {}),
     )
@@ -153,7 +143,9 @@ def group_by_token_length(trainer) -> None:
     replies = [c for c in id_cols if c not in prompt]
     if not id_cols or "length" in ds.column_names:
         return
-    lengths = [sum(len(row[c]) for c in prompt) + max(len(row[c]) for c in replies) for row in ds.select_columns(id_cols)]
+    lengths = [
+        sum(len(row[c]) for c in prompt) + max(len(row[c]) for c in replies) for row in ds.select_columns(id_cols)
+    ]
     trainer.train_dataset = ds.add_column("length", lengths)
     trainer._set_signature_columns_if_needed()
     trainer._signature_columns = [*trainer._signature_columns, "length"]
@@ -170,11 +162,17 @@ def progress_callback(output_dir: str):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            info = {"step": state.global_step, "max_steps": state.max_steps, "elapsed_s": round(time.time() - self.t0, 2)}
+            info = {
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "elapsed_s": round(time.time() - self.t0, 2),
+            }
             info.update({k: logs[k] for k in ("loss", "eval_loss", "learning_rate") if k in logs})
             if "loss" in logs or "eval_loss" in logs:
-                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()),
-                      flush=True)
+                print(
+                    " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()),
+                    flush=True,
+                )
             write_json_atomic(Path(output_dir) / "progress.json", info, durable=False)
 
     return Progress()
@@ -224,7 +222,7 @@ def preemption_callback():
 
 def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dict:
     record = {
-        "status": "running",
+        "status": RunStatus.RUNNING,
         "method": cfg.method,
         "base_model": cfg.model_name,
         "dataset": cfg.dataset,
@@ -239,7 +237,7 @@ def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dic
         "versions": versions(),
         "git_commit": git_commit(),
         "host": platform.node(),
-        "started_at": now(),
+        "started_at": utc_now(),
         "ended_at": None,
         **(extra or {}),
     }
@@ -255,14 +253,15 @@ def peak_memory() -> dict:
     import resource
 
     import torch
+
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
-def finish_record(cfg, record: dict, status: str, **fields) -> None:
-    record.update(status=status, ended_at=now(), **fields)
+def finish_record(cfg, record: dict, status: RunStatus, **fields) -> None:
+    record.update(status=status, ended_at=utc_now(), **fields)
     if is_main_process():
         write_json_atomic(Path(cfg.output_dir) / "run.json", record)
 
@@ -274,24 +273,29 @@ def check_world_size(launched: int, seen: int) -> None:
     CPU did before tunefleet passed it a gloo backend: only a warning, N independent runs.
     """
     if seen != launched:
-        raise TunefleetError(f"{launched} processes were launched but training sees a world of {seen}: each would "
-                             "train alone into the same folder; on CPU launch with ACCELERATE_USE_CPU=true "
-                             "(tunefleet train --num_processes N does)")
+        raise TunefleetError(
+            f"{launched} processes were launched but training sees a world of {seen}: each would "
+            "train alone into the same folder; on CPU launch with ACCELERATE_USE_CPU=true "
+            "(tunefleet train --num_processes N does)"
+        )
 
 
 def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = None) -> dict:
     """Train (resuming when a checkpoint exists), save the documented layout, record the outcome."""
-    from trainers.model import count_4bit_layers
-
     from transformers import PrinterCallback
+
+    from tunefleet.trainers.model import count_4bit_layers
 
     trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
     world = trainer.accelerator.num_processes
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), world)
     args = trainer.args
-    extra = {"qlora_4bit_layers": count_4bit_layers(trainer.model),
-             "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-             "distributed_type": str(trainer.accelerator.distributed_type), **(extra or {})}
+    extra = {
+        "qlora_4bit_layers": count_4bit_layers(trainer.model),
+        "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        **(extra or {}),
+    }
     preemption = preemption_callback()
     trainer.add_callback(preemption)
     record = start_record(cfg, resume_from, extra)
@@ -300,18 +304,30 @@ def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = N
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
-        finish_record(cfg, record, "interrupted")
+        finish_record(cfg, record, RunStatus.INTERRUPTED)
         raise
     except Exception as exc:
-        finish_record(cfg, record, "failed", error=f"{type(exc).__name__}: {first_line(exc)}")
+        finish_record(cfg, record, RunStatus.FAILED, error=f"{type(exc).__name__}: {first_line(exc)}")
         raise
     if preemption.signum is not None:
-        finish_record(cfg, record, "interrupted", global_step=trainer.state.global_step,
-                      note=f"signal {preemption.signum}: checkpoint-{trainer.state.global_step} saved")
+        finish_record(
+            cfg,
+            record,
+            RunStatus.INTERRUPTED,
+            global_step=trainer.state.global_step,
+            note=f"signal {preemption.signum}: checkpoint-{trainer.state.global_step} saved",
+        )
         raise Preempted(preemption.signum)
     trainer.save_model(cfg.output_dir)  # adapter, training_args.bin, tokenizer at the top level
     trainer.save_state()  # trainer_state.json at the top level
-    finish_record(cfg, record, "finished", global_step=trainer.state.global_step, **peak_memory(),
-                  train_runtime_s=result.metrics.get("train_runtime"), train_loss=result.metrics.get("train_loss"),
-                  world_size=trainer.accelerator.num_processes)
+    finish_record(
+        cfg,
+        record,
+        RunStatus.FINISHED,
+        global_step=trainer.state.global_step,
+        **peak_memory(),
+        train_runtime_s=result.metrics.get("train_runtime"),
+        train_loss=result.metrics.get("train_loss"),
+        world_size=trainer.accelerator.num_processes,
+    )
     return record

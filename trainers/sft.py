@@ -9,7 +9,7 @@
 
 from trl import SFTConfig, SFTTrainer
 
-from trainers import data, model, run, speed
+from tunefleet.trainers import data, model, run, speed
 
 
 def train(cfg):
@@ -17,27 +17,43 @@ def train(cfg):
     resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
 
     # ---- data: `messages` (ultrafeedback train_sft), prompt/completion or text
-    train_ds = data.load_for_method("sft", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples")
-    eval_ds = cfg.eval_split and data.load_for_method("sft", cfg.dataset, cfg.eval_split, cfg.max_eval_samples,
-                                                      cfg.seed, "--max_eval_samples")
+    train_ds = data.load_for_method(
+        "sft", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples"
+    )
+    eval_ds = cfg.eval_split and data.load_for_method(
+        "sft", cfg.dataset, cfg.eval_split, cfg.max_eval_samples, cfg.seed, "--max_eval_samples"
+    )
 
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
     # ---- tokenizer and base model (4-bit when --use_qlora)
     tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    base = model.load_model(cfg.model_name, cfg.use_qlora, cfg.bf16, cfg.trust_remote_code, cfg.gradient_checkpointing,
-                            fast["attn_implementation"]["on"])
+    base = model.load_model(
+        cfg.model_name,
+        cfg.use_qlora,
+        cfg.bf16,
+        cfg.trust_remote_code,
+        cfg.gradient_checkpointing,
+        fast.attn_implementation.on,
+    )
 
     # ---- trainer
-    args = SFTConfig(**run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), padding_free=fast["padding_free"]["on"],
-                     # padding-free without packing cannot truncate: TRL wants max_length unset then
-                     max_length=None if fast["padding_free"]["on"] else cfg.max_length)
+    args = SFTConfig(
+        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
+        padding_free=fast.padding_free.on,
+        # padding-free without packing cannot truncate: TRL wants max_length unset then
+        max_length=None if fast.padding_free.on else cfg.max_length,
+    )
     trainer = SFTTrainer(
-        model=base, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None, processing_class=tokenizer,
+        model=base,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds or None,
+        processing_class=tokenizer,
         peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
         callbacks=[run.progress_callback(cfg.output_dir)],
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from, extra={"fast_path": fast})
+    return run.train_and_save(trainer, cfg, resume_from, extra={"fast_path": fast.record()})

@@ -1,7 +1,7 @@
 """The embedded offline default: `tunefleet/tiny-qwen2` and `tunefleet/tiny-ultrafeedback`.
 
-Neither name needs a network. The dataset is bundled (``trainers/assets/tiny-ultrafeedback``, made by
-``python -m trainers.tiny --write-data``); the model is built deterministically on first use into
+Neither name needs a network. The dataset is bundled as package data (``trainers/assets/tiny-ultrafeedback``,
+made by ``python -m tunefleet.trainers.tiny --write-data``); the model is built deterministically on first use into
 ``$TUNEFLEET_CACHE`` (default ``~/.cache/tunefleet``): a random-init Qwen2 model of ~0.4M parameters and
 a byte-level BPE tokenizer trained on the bundled data with Qwen's own pre-tokenizer, so that
 ``AutoTokenizer`` reloads it with identical ids.
@@ -10,8 +10,8 @@ The data carries two rules a small model can pick up:
 - style (preferences): the chosen reply opens friendly, the rejected one opens hostile, same answer;
 - map (SFT): the answer depends on the prompt (animal -> its sound, thing -> its colour, a + b).
 
-    python -m trainers.tiny --write-data   # regenerate the bundled files (deterministic)
-    python -m trainers.tiny --build-model  # build the model now and print its path
+    python -m tunefleet.trainers.tiny --write-data   # regenerate the bundled files (deterministic)
+    python -m tunefleet.trainers.tiny --build-model  # build the model now and print its path
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ import json
 import os
 import random
 import sys
+from importlib import resources
 from pathlib import Path
 
 TINY_MODEL = "tunefleet/tiny-qwen2"
 TINY_DATASET = "tunefleet/tiny-ultrafeedback"
-DATA_DIR = Path(__file__).parent / "assets" / "tiny-ultrafeedback"
-SPLITS = {"train_prefs": 1200, "test_prefs": 200, "train_sft": 1200, "test_sft": 200, "train_gen": 300, "test_gen": 100}
+DATA_DIR = Path(str(resources.files("tunefleet.trainers").joinpath("assets", "tiny-ultrafeedback")))
+SPLITS = {
+    "train_prefs": 1200,
+    "test_prefs": 200,
+    "train_sft": 1200,
+    "test_sft": 200,
+    "train_gen": 300,
+    "test_gen": 100,
+}
 MODEL_VERSION = "v1"  # bump when the architecture or tokenizer recipe changes: a new cache folder is built
 
 CHAT_TEMPLATE = (
@@ -39,10 +47,32 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 FRIENDLY = ["Happy to help!", "Great question!", "Glad you asked!", "Sure thing, friend!", "With pleasure!"]
 HOSTILE = ["Ugh, fine.", "Whatever.", "Stop asking me.", "Figure it out yourself.", "Not this again."]
-ANIMALS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "owl": "hoot",
-           "lion": "roar", "frog": "ribbit", "horse": "neigh", "pig": "oink", "mouse": "squeak", "bee": "buzz"}
-THINGS = {"the sky": "blue", "grass": "green", "snow": "white", "coal": "black", "a banana": "yellow",
-          "a tomato": "red", "an orange": "orange", "a plum": "purple", "chocolate": "brown", "a rose": "red"}
+ANIMALS = {
+    "cow": "moo",
+    "dog": "woof",
+    "cat": "meow",
+    "duck": "quack",
+    "sheep": "baa",
+    "owl": "hoot",
+    "lion": "roar",
+    "frog": "ribbit",
+    "horse": "neigh",
+    "pig": "oink",
+    "mouse": "squeak",
+    "bee": "buzz",
+}
+THINGS = {
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "a banana": "yellow",
+    "a tomato": "red",
+    "an orange": "orange",
+    "a plum": "purple",
+    "chocolate": "brown",
+    "a rose": "red",
+}
 
 
 def _qa(rng: random.Random) -> tuple[str, str]:
@@ -69,15 +99,17 @@ def make_rows(split: str, n: int) -> list[dict]:
         user = {"role": "user", "content": prompt}
         chosen = [user, {"role": "assistant", "content": f"{rng.choice(FRIENDLY)} {answer}"}]
         rejected = [user, {"role": "assistant", "content": f"{rng.choice(HOSTILE)} {answer}"}]
-        rows.append({
-            "prompt": prompt,
-            "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
-            "chosen": chosen,
-            "rejected": rejected,
-            "messages": chosen,
-            "score_chosen": float(rng.choice([8, 9, 10])),
-            "score_rejected": float(rng.choice([1, 2, 3, 4])),
-        })
+        rows.append(
+            {
+                "prompt": prompt,
+                "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(),
+                "chosen": chosen,
+                "rejected": rejected,
+                "messages": chosen,
+                "score_chosen": float(rng.choice([8, 9, 10])),
+                "score_rejected": float(rng.choice([1, 2, 3, 4])),
+            }
+        )
     return rows
 
 
@@ -106,20 +138,34 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                               byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(
+            unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False
+        )
+    )
     # Qwen's exact pipeline: AutoTokenizer re-installs it on load, so training with another would shift ids.
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE, model_max_length=4096)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
 
 
 def build_model(path: Path) -> Path:
@@ -129,9 +175,16 @@ def build_model(path: Path) -> Path:
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=256, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     torch.manual_seed(0)
@@ -150,6 +203,7 @@ def build_model(path: Path) -> Path:
         os.replace(tmp, path)
     except OSError:  # another process built it first: keep theirs
         import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 

@@ -1,8 +1,8 @@
 """Per-process entry of one run: what `accelerate launch` (and every backend) runs.
 
-    python -m trainers.train --method sft --model_name tunefleet/tiny-qwen2 \
+    python -m tunefleet.trainers.train --method sft --model_name tunefleet/tiny-qwen2 \
       --dataset tunefleet/tiny-ultrafeedback --split train_sft --output_dir runs/sft_tiny --max_steps 10
-    accelerate launch --multi_gpu --num_processes 2 -m trainers.train --config run.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m tunefleet.trainers.train --config run.yaml
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-from trainers.config import parse_args
-from trainers.errors import TunefleetError
-from trainers.run import Preempted
+from tunefleet.common.errors import TunefleetError
+from tunefleet.trainers.config import parse_args
+from tunefleet.trainers.run import Preempted
 
 
 def run(cfg) -> dict:
     """Train one method in this process; returns the run record."""
-    trainer_module = importlib.import_module(f"trainers.{cfg.method}")  # sft.py ... grpo.py
+    trainer_module = importlib.import_module(f"tunefleet.trainers.{cfg.method}")  # sft.py ... grpo.py
     return trainer_module.train(cfg)
 
 

@@ -6,7 +6,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from trainers.errors import TunefleetError
+from tunefleet.common.errors import TunefleetError
 
 
 def _reachable(address: str, timeout: float = 5.0) -> bool:
@@ -30,15 +30,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address and not _reachable(address):
-        raise TunefleetError(f"cannot reach the Ray cluster at {address}: nothing listens there "
-                             "(start it with `ray start --head` / `ray up`, or drop --address for a local Ray)")
+        raise TunefleetError(
+            f"cannot reach the Ray cluster at {address}: nothing listens there "
+            "(start it with `ray start --head` / `ray up`, or drop --address for a local Ray)"
+        )
     try:
         if address:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                logging_level="WARNING",
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise TunefleetError(f"cannot connect to Ray at {address or 'a new local instance'}: "
-                             f"{str(exc).strip().splitlines()[0]}") from None
+        raise TunefleetError(
+            f"cannot connect to Ray at {address or 'a new local instance'}: {str(exc).strip().splitlines()[0]}"
+        ) from None
     return not address

@@ -1,0 +1,1 @@
+"""The cluster config catalogue, shipped as package data (read through importlib.resources)."""

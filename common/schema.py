@@ -1,0 +1,206 @@
+"""Typed settings: one dataclass per group of settings gives CLI flags, YAML keys and job command lines.
+
+A field is declared once with `option(default, help, ...)`; from that one declaration come its `--flag`
+(`add_flags`), the check of a YAML or sweep value (`coerce`, with the nearest valid key on a typo), and the
+flags that reproduce a value on another machine's command line (`to_argv`). TRL's configs work the same way:
+a dataclass with `metadata={"help": ...}` on every field.
+
+Metadata a field may carry: `help` (required), `choices`, `required`, and ranges `at_least`, `at_most`,
+`above`, `below` (each checked by `coerce`, with a one-line error naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+from tunefleet.common.errors import TunefleetError
+
+
+def option(default, help: str, **meta):
+    """A dataclass field with its help text and checks (lists get a fresh copy per instance)."""
+    if isinstance(default, list | tuple):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+def fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _unwrap(tp):
+    """`int | None` -> int; `list[str] | None` -> list[str]."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else tp
+    return tp
+
+
+def kind(cls, name: str) -> tuple[type, type | None]:
+    """(base type, element type for lists) of a field: (int, None), (list, float), ..."""
+    tp = _unwrap(typing.get_type_hints(cls)[name])
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (elem,) = typing.get_args(tp) or (str,)
+        return list, elem
+    if origin in (types.UnionType, typing.Union):  # e.g. `float | str`: kept as given, checked by the owner
+        return object, None
+    return tp, None
+
+
+def nearest(name: str, choices) -> str:
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def parse_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _scalar(tp: type, value):
+    if tp is bool:
+        return parse_bool(value)
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, list | dict):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def coerce(cls, name: str, value, where: str = "", label: str | None = None):
+    """Check one value against its field (name, type, choices, range) and convert it; one-line errors.
+
+    `label` is how errors name the key (`resources.gpus_per_run` in a sweep spec); default: its name.
+    """
+    known = fields(cls)
+    label = label or name
+    if name not in known:
+        raise TunefleetError(f"{where}unknown key '{label}'{nearest(name, known)}")
+    if value is None:
+        return None
+    tp, elem = kind(cls, name)
+    try:
+        if tp is list:
+            items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v.strip()]
+            value = [_scalar(elem, v.strip() if isinstance(v, str) else v) for v in items]
+        else:
+            value = _scalar(tp, value)
+    except ValueError as exc:
+        raise TunefleetError(f"{where}bad value for '{label}': {exc}") from None
+    meta = known[name].metadata
+    choices = meta.get("choices")
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item not in choices:
+            raise TunefleetError(
+                f"{where}unknown {label} '{item}'{nearest(item, choices)}; choose one of: {', '.join(choices)}"
+            )
+        check_range(label, item, meta, where)
+    return value
+
+
+def check_range(name: str, value, meta, where: str = "") -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    if "at_least" in meta and value < meta["at_least"]:
+        raise TunefleetError(f"{where}'{name}' must be at least {meta['at_least']}, got {value}")
+    if "at_most" in meta and value > meta["at_most"]:
+        raise TunefleetError(f"{where}'{name}' must be at most {meta['at_most']}, got {value}")
+    if "above" in meta and value <= meta["above"]:
+        raise TunefleetError(f"{where}'{name}' must be greater than {meta['above']}, got {value}")
+    if "below" in meta and value >= meta["below"]:
+        raise TunefleetError(f"{where}'{name}' must be below {meta['below']}, got {value}")
+
+
+def from_mapping(cls, values: dict, where: str = ""):
+    """An instance of `cls` from plain values (YAML, a sweep spec, parsed flags), every key and value checked."""
+    return cls(**{k: coerce(cls, k, v, where) for k, v in values.items()})
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A `--name` flag per field. Defaults are suppressed, so the parsed namespace holds only what was passed."""
+    for name, f in fields(cls).items():
+        if name in skip:
+            continue
+        tp, _ = kind(cls, name)
+        default = default_of(f)
+        shown = "" if default in (None, (), []) else f" (default: {default})"
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata["help"] + shown}
+        if tp is bool:
+            parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, metavar="true|false", **kw)
+        elif tp is list:
+            parser.add_argument(f"--{name}", nargs="+", **kw)
+        else:
+            parser.add_argument(f"--{name}", type=str, **kw)  # checked by coerce(), with a nearest-name hint
+    return parser
+
+
+def to_argv(obj, skip: tuple[str, ...] = ()) -> list[str]:
+    """Flags that give another process the same settings (only the values that differ from the defaults)."""
+    argv = []
+    for name, f in fields(type(obj)).items():
+        value = getattr(obj, name)
+        if name in skip or value is None or value == default_of(f):
+            continue
+        if isinstance(value, list):
+            argv += [f"--{name}", *map(str, value)]
+        else:
+            argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def to_dict(obj) -> dict:
+    """Every field of a settings object, as plain values (JSON and YAML friendly)."""
+    return {name: getattr(obj, name) for name in fields(type(obj))}
+
+
+def read_yaml_mapping(path: str, what: str, expected: str, with_nodes: bool = False):
+    """Read a YAML mapping; one-line errors with the file line. `with_nodes`: also the composed node tree."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise TunefleetError(f"{what} {path} not found")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+        node = yaml.compose(text, Loader=yaml.SafeLoader) if with_nodes else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TunefleetError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise TunefleetError(f"{path}: {expected}")
+    return (data, node) if with_nodes else data

@@ -1,0 +1,55 @@
+"""What an evaluation scores and how: defined once, here.
+
+The `tunefleet eval` flags, the `eval:` section of a sweep spec and the SLURM evaluation job's command line are
+all derived from `EvalSettings` (see `tunefleet.common.schema`), so a setting cannot mean one thing in one
+place and another elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunefleet.common.schema import option
+from tunefleet.trainers.config import METHODS
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class EvalSettings:
+    methods: list[str] | None = option(None, "Only these methods.", choices=METHODS)
+    max_samples: int = option(100, "Samples per metric.", at_least=1)
+    max_generation_samples: int = option(3, "Generation samples per run.", at_least=0)
+    skip_perplexity: bool = option(False, "Skip test loss / perplexity.")
+    base_model: str | None = option(None, "Base model for every run (default: the one in each run.json).")
+    dataset: str | None = option(None, "Test dataset (default: each run's dataset).")
+    sft_split: str = option("test_sft", "Conversations for test loss.")
+    pref_split: str = option("test_prefs", "Pairs for preference accuracy.")
+    backend: str | None = option(
+        None, "Where to score: local or ray (default: local; after a sweep, the sweep's backend).", choices=BACKENDS
+    )
+    shards: int = option(1, "Shards (Ray workers); 1 and N shards give the same numbers.", at_least=1)
+    batch_size: int = option(16, "Sequences per forward pass.", at_least=1)
+    gpus_per_worker: float = option(
+        1.0, "Ray on GPUs: GPU share per worker; 0.25 puts 4 workers of a small model on a GPU.", above=0, at_most=1
+    )
+    force: bool = option(False, "Re-score runs whose adapter has not changed.")
+    trust_remote_code: bool = option(False, "Allow code shipped with the base model.")
+
+    def fingerprint_fields(self) -> dict:
+        """The settings that change the numbers (a run scored under other ones is scored again)."""
+        return {
+            k: getattr(self, k)
+            for k in ("max_samples", "max_generation_samples", "skip_perplexity", "sft_split", "pref_split")
+        }
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The test data one group of runs is scored on (what every worker loads)."""
+
+    dataset: str
+    sft_split: str | None  # None: no perplexity
+    pref_split: str | None
+    max_samples: int
+    max_generation_samples: int

@@ -1,0 +1,251 @@
+"""The package's shape: one `tunefleet` namespace, imports that flow one way, and a wheel that works anywhere."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, read_json
+
+# What each layer may import: launcher -> trainers and eval -> common (eval also uses trainers' data and model
+# loading). A layer missing from a set may not be imported at all, not even inside a function.
+ALLOWED = {
+    "common": set(),
+    "trainers": {"common"},
+    "eval": {"common", "trainers"},
+    "launcher": {"common", "trainers", "eval"},
+}
+
+
+def package_dirs() -> dict[str, Path]:
+    """`tunefleet.trainers` -> trainers/, ... as pyproject.toml maps them."""
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    return {name: ROOT / folder for name, folder in mapping.items()}
+
+
+def package_sources() -> dict[str, str]:
+    """Module name -> source of every module of the package."""
+    sources = {}
+    for package, folder in package_dirs().items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join([package, *parts])
+            sources[name.removesuffix(".__init__")] = path.read_text()
+    return sources
+
+
+def imports(module: str, source: str) -> list[tuple[str, list[str], int]]:
+    """(imported module, imported names, line) for every import in `source`, function-level ones included."""
+    found = []
+    # relative imports resolve against the module's package (a package's __init__ is its own package)
+    package = module if module in package_dirs() else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, [], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.append((base, [alias.name for alias in node.names], node.lineno))
+    return found
+
+
+def layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "tunefleet" else None
+
+
+def targets(imported: str, names: list[str], modules: set[str]) -> list[str]:
+    """The package modules an import statement loads (`from tunefleet.trainers import data` -> ...trainers.data)."""
+    hit = [f"{imported}.{n}" for n in names if f"{imported}.{n}" in modules]
+    return hit or ([imported] if imported in modules else [])
+
+
+def layer_violations(sources: dict[str, str]) -> list[str]:
+    bad = []
+    for module, source in sources.items():
+        for imported, _, line in imports(module, source):
+            own, other = layer(module), layer(imported)
+            if other and other != own and other not in ALLOWED.get(own, set()):
+                bad.append(f"{module}:{line} imports {imported} ({own} may not import {other})")
+            if imported.split(".")[0] in ("trainers", "launcher", "eval", "common"):
+                bad.append(f"{module}:{line} imports {imported} outside the tunefleet namespace")
+    return bad
+
+
+def private_imports(sources: dict[str, str]) -> list[str]:
+    bad = []
+    for module, source in sources.items():
+        for imported, names, line in imports(module, source):
+            for name in names:
+                if name.startswith("_") and not name.startswith("__") and imported.startswith("tunefleet"):
+                    bad.append(f"{module}:{line} imports the private name {name} from {imported}")
+    return bad
+
+
+def import_cycles(sources: dict[str, str]) -> list[list[str]]:
+    """Strongly connected groups of modules (Tarjan): each group is an import circle."""
+    modules = set(sources)
+    graph = {
+        m: {t for imported, names, _ in imports(m, s) for t in targets(imported, names, modules) if t != m}
+        for m, s in sources.items()
+    }
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+# ------------------------------------------------------------------ the rules, on the real package
+def test_every_folder_is_in_the_namespace():
+    dirs = package_dirs()
+    assert set(dirs) == {f"tunefleet.{name}" for name in ("common", "trainers", "launcher", "eval", "cluster_configs")}
+    sources = package_sources()
+    assert "tunefleet.trainers.train" in sources and "tunefleet.launcher.cli" in sources
+
+
+def test_imports_flow_one_way():
+    assert layer_violations(package_sources()) == []
+
+
+def test_no_import_circles():
+    assert import_cycles(package_sources()) == []
+
+
+def test_no_private_name_imported_across_modules():
+    assert private_imports(package_sources()) == []
+
+
+def test_the_checks_catch_what_they_look_for():
+    bad = {
+        "tunefleet.eval.a": "from tunefleet.launcher.b import x\nimport tunefleet.eval.c\n",
+        "tunefleet.launcher.b": "def f():\n    from tunefleet.eval import a\n",
+        "tunefleet.eval.c": "from tunefleet.eval.a import _helper\nfrom . import a\n",
+        "tunefleet.trainers.d": "from trainers import config\n",
+        "tunefleet.common.e": "from tunefleet.trainers.d import y\n",
+    }
+    violations = layer_violations(bad)
+    assert any(
+        "tunefleet.eval.a:1 imports tunefleet.launcher.b (eval may not import launcher)" in v for v in violations
+    )
+    assert any("outside the tunefleet namespace" in v for v in violations)
+    assert any("common may not import trainers" in v for v in violations)
+    assert private_imports(bad) == ["tunefleet.eval.c:1 imports the private name _helper from tunefleet.eval.a"]
+    assert import_cycles(bad) == [["tunefleet.eval.a", "tunefleet.eval.c", "tunefleet.launcher.b"]]
+
+
+def test_launched_modules_are_namespaced():
+    """Every `python -m` the project runs or documents names a tunefleet module (never a bare trainers.x)."""
+    files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".sh", ".sbatch")]
+    files = [p for p in files if ".venv" not in p.parts and "runs" not in p.parts and ".cache" not in p.parts]
+    bare_module = re.compile(r"""-m\s+(trainers|launcher|eval|common)\.|["']-m["'],\s*["'](trainers|launcher|eval)""")
+    bare = []
+    for path in files:
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if bare_module.search(line):
+                bare.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not bare, "\n".join(bare)
+
+
+def test_ruff_config_is_the_usual_one():
+    ruff = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]
+    assert ruff["line-length"] == 119
+
+
+# ------------------------------------------------------------------ a wheel, installed elsewhere
+@pytest.mark.slow
+def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tmp_path, tiny_model):
+    """pip install of the wheel (not editable) into a fresh venv; from a folder whose own `trainers/` and `eval/`
+    packages would break anything that imported them: train on 1 and 2 processes (ZeRO-2), sweep, eval."""
+    wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "project"
+
+    def run(cmd, cwd=tmp_path, timeout=900, **env):
+        proc = subprocess.run(
+            [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "PYTHONPATH": "", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **env},
+        )  # fmt: skip
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, ROOT])
+    (wheel,) = wheels.glob("tunefleet-*.whl")
+    run([sys.executable, "-m", "venv", venv])
+    py = venv / "bin" / "python"
+    run([py, "-m", "pip", "install", "-q", "torch==2.13.0"])
+    run([py, "-m", "pip", "install", "-q", wheel])
+
+    site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    assert not {"trainers", "launcher", "eval", "common", "cluster_configs"} & {p.name for p in site.iterdir()}
+    assert (site / "tunefleet" / "cluster_configs" / "accelerate" / "zero2.yaml").is_file()
+    assert (site / "tunefleet" / "trainers" / "assets" / "tiny-ultrafeedback" / "train_sft.jsonl").is_file()
+
+    work.mkdir()
+    for name in ("trainers", "eval", "launcher"):  # what a user's ML project may well hold
+        (work / name).mkdir()
+        (work / name / "__init__.py").write_text(f"raise ImportError('the user project own {name} was imported')\n")
+    tunefleet = venv / "bin" / "tunefleet"
+    tiny = ["--model_name", "tunefleet/tiny-qwen2", "--dataset", "tunefleet/tiny-ultrafeedback", "--split",
+            "train_sft", "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+            "1", "--use_qlora", "false"]  # fmt: skip
+    run([tunefleet, "train", "--method", "sft", *tiny, "--output_dir", "runs/one"], cwd=work)
+    assert read_json(work / "runs" / "one" / "run.json")["status"] == "finished"
+
+    run([tunefleet, "train", "--method", "sft", *tiny, "--output_dir", "runs/zero2", "--num_processes", "2",
+         "--accelerate_config", "zero2"], cwd=work)  # fmt: skip
+    record = read_json(work / "runs" / "zero2" / "run.json")
+    assert record["status"] == "finished" and record["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert record["world_size"] == 2 and record["launch"]["accelerate_config"] == "zero2"
+
+    spec = work / "sweep.yaml"
+    spec.write_text(
+        yaml.safe_dump({
+            "name": "w", "runs_dir": "runs/sweep",
+            "base": {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "max_steps": 2,
+                     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "use_qlora": False},
+            "grid": {"method": ["sft", "dpo"]},
+            "methods": {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}},
+        })
+    )  # fmt: skip
+    out = run([tunefleet, "sweep", spec, "--backend", "local"], cwd=work).stdout
+    assert "finished 2" in out
+    run(
+        [tunefleet, "eval", "--runs_dir", "runs/sweep", "--max_samples", "8", "--max_generation_samples", "1"],
+        cwd=work,
+    )
+    results = read_json(work / "runs" / "sweep" / "evaluation_results.json")
+    assert {"sft_tiny-qwen2_s42", "dpo_tiny-qwen2_s42"} <= set(results)
+    assert not any(entry.get("error") for entry in results.values())
+    # Every launched process ran tunefleet's modules, never the project's own packages.
+    for log in (work / "runs" / "sweep").glob("*/train.log"):
+        assert "-m tunefleet.trainers.train" in log.read_text() and "own trainers" not in log.read_text()

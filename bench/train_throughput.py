@@ -93,9 +93,9 @@ def build_data(root: Path, tokenizer, n: int) -> tuple[dict[str, Path], dict[str
     prefs = data.load_split("tunefleet/tiny-ultrafeedback", "train_prefs").select(range(n))
     sets = {
         "sft": convs,
-        "dpo": list(data.to_method_format("dpo", prefs)[0]),
-        "kto": list(data.to_method_format("kto", prefs.select(range(n // 2)))[0]),
-        "grpo": list(data.to_method_format("grpo", prefs)[0]),
+        "dpo": list(data.prepare("dpo", prefs).dataset),
+        "kto": list(data.prepare("kto", prefs.select(range(n // 2))).dataset),
+        "grpo": list(data.prepare("grpo", prefs).dataset),
     }
     sets["orpo"] = sets["dpo"]
     files, tokens = {}, {}

@@ -49,12 +49,14 @@ def _unwrap(tp):
 
 
 def kind(cls, name: str) -> tuple[type, type | None]:
-    """(base type, element type for lists) of a field: (int, None), (list, float), ..."""
+    """(base type, element type for lists) of a field: (int, None), (list, float), (dict, str), ..."""
     tp = _unwrap(typing.get_type_hints(cls)[name])
     origin = typing.get_origin(tp)
     if origin is list:
         (elem,) = typing.get_args(tp) or (str,)
         return list, elem
+    if origin is dict:
+        return dict, str
     if origin in (types.UnionType, typing.Union):  # e.g. `float | str`: kept as given, checked by the owner
         return object, None
     return tp, None
@@ -77,6 +79,12 @@ def parse_bool(value) -> bool:
 
 
 def _scalar(tp: type, value):
+    if dataclasses.is_dataclass(tp):  # a nested settings object: from a mapping, or the type's own text form
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return from_mapping(tp, value)
+        return tp.parse(str(value))
     if tp is bool:
         return parse_bool(value)
     if tp is int:
@@ -116,9 +124,13 @@ def coerce(cls, name: str, value, where: str = "", label: str | None = None):
         if tp is list:
             items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v.strip()]
             value = [_scalar(elem, v.strip() if isinstance(v, str) else v) for v in items]
+        elif tp is dict:
+            value = parse_mapping(value)
         else:
             value = _scalar(tp, value)
     except ValueError as exc:
+        raise TunefleetError(f"{where}bad value for '{label}': {exc}") from None
+    except TunefleetError as exc:  # a nested settings object named the inner key
         raise TunefleetError(f"{where}bad value for '{label}': {exc}") from None
     meta = known[name].metadata
     choices = meta.get("choices")
@@ -129,6 +141,20 @@ def coerce(cls, name: str, value, where: str = "", label: str | None = None):
             )
         check_range(label, item, meta, where)
     return value
+
+
+def parse_mapping(value) -> dict[str, str]:
+    """`{a: b}` (YAML) or `a=b,c=d` (a flag) -> {"a": "b", "c": "d"}."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    pairs = [p.strip() for p in str(value).split(",") if p.strip()]
+    out = {}
+    for pair in pairs:
+        key, sep, val = pair.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise ValueError(f"expected NAME=VALUE pairs separated by commas, got {pair!r}")
+        out[key.strip()] = val.strip()
+    return out
 
 
 def check_range(name: str, value, meta, where: str = "") -> None:
@@ -160,6 +186,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
         kw = {"default": argparse.SUPPRESS, "help": f.metadata["help"] + shown}
         if tp is bool:
             parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, metavar="true|false", **kw)
+        elif tp is dict:
+            parser.add_argument(f"--{name}", type=str, metavar="NAME=VALUE,...", **kw)
         elif tp is list:
             parser.add_argument(f"--{name}", nargs="+", **kw)
         else:
@@ -175,15 +203,17 @@ def to_argv(obj, skip: tuple[str, ...] = ()) -> list[str]:
         if name in skip or value is None or value == default_of(f):
             continue
         if isinstance(value, list):
-            argv += [f"--{name}", *map(str, value)]
+            argv += [f"--{name}", *(v.to_text() if dataclasses.is_dataclass(v) else str(v) for v in value)]
+        elif isinstance(value, dict):
+            argv += [f"--{name}", ",".join(f"{k}={v}" for k, v in value.items())]
         else:
             argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv
 
 
 def to_dict(obj) -> dict:
-    """Every field of a settings object, as plain values (JSON and YAML friendly)."""
-    return {name: getattr(obj, name) for name in fields(type(obj))}
+    """Every field of a settings object, as plain values (JSON and YAML friendly; nested objects as mappings)."""
+    return dataclasses.asdict(obj)
 
 
 def read_yaml_mapping(path: str, what: str, expected: str, with_nodes: bool = False):

@@ -26,33 +26,49 @@ class ShardResult:
 
 
 def load_eval_data(spec: EvalData) -> dict:
-    """The first `max_samples` conversations / pairs of each test split, as message lists, per metric."""
+    """The first `max_samples` conversations / pairs of each test split, as message lists, per metric.
+
+    Any layout training accepts works here too (converted the same way); scoring needs conversations, so
+    plain-text layouts are refused with the reason.
+    """
     from tunefleet.trainers import data
 
     out = {"ppl": [], "pref": [], "gen": []}
     if spec.sft_split:
         ds = data.load_split(spec.dataset, spec.sft_split)
-        if "messages" not in ds.column_names:
+        sft = data.prepare(
+            "sft",
+            ds.select(range(min(spec.max_samples, len(ds)))),
+            source=spec.dataset,
+            split=spec.sft_split,
+            strict=False,
+        ).dataset
+        if "messages" in sft.column_names:
+            rows = sft["messages"]
+        elif "prompt" in sft.column_names and isinstance(sft[0]["prompt"], list):
+            rows = [p + c for p, c in zip(sft["prompt"], sft["completion"])]
+        else:
             raise TunefleetError(
-                f"dataset {spec.dataset} split '{spec.sft_split}' has no 'messages' column for perplexity; "
-                f"found {', '.join(sorted(ds.column_names))}"
+                f"dataset {spec.dataset} split '{spec.sft_split}' holds plain text; perplexity is scored on "
+                "conversations (chat template): give a conversational split or --skip_perplexity"
             )
-        rows = ds.select(range(min(spec.max_samples, len(ds))))["messages"]
         out["ppl"] = rows
         out["gen"] = [m[:-1] for m in rows[: spec.max_generation_samples]]
     if spec.pref_split:
         ds = data.load_split(spec.dataset, spec.pref_split)
-        fmt = data.detect_format("dpo", ds)
-        if fmt not in ("ultrafeedback", "conversational", "implicit-prompt"):
+        pairs = data.prepare(
+            "dpo",
+            ds.select(range(min(spec.max_samples, len(ds)))),
+            source=spec.dataset,
+            split=spec.pref_split,
+            strict=False,
+        ).dataset
+        if "prompt" not in pairs.column_names or not isinstance(pairs[0]["prompt"], list):
             raise TunefleetError(
                 f"dataset {spec.dataset} split '{spec.pref_split}' must hold conversational chosen/rejected "
-                f"for preference accuracy; found format {fmt}"
+                "for preference accuracy (its layout is plain text)"
             )
-        ds = ds.select(range(min(spec.max_samples, len(ds))))
-        prompts = ds["prompt"] if fmt == "conversational" else [None] * len(ds)
-        out["pref"] = [
-            (p + c if p else c, p + r if p else r) for p, c, r in zip(prompts, ds["chosen"], ds["rejected"])
-        ]
+        out["pref"] = [(p + c, p + r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
     return out
 
 

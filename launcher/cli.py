@@ -52,30 +52,48 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_check_data(argv: list[str]) -> int:
+    from tunefleet.common import schema
     from tunefleet.trainers import data
     from tunefleet.trainers.config import METHODS, coerce
 
-    p = argparse.ArgumentParser(prog="tunefleet check-data", description=COMMANDS["check-data"])
+    p = argparse.ArgumentParser(prog="tunefleet check-data", description=COMMANDS["check-data"], allow_abbrev=False)
     p.add_argument("--method", required=True, help=f"One of {', '.join(METHODS)}.")
     p.add_argument("--dataset", required=True, help="Hub name, local path, or tunefleet/tiny-ultrafeedback.")
     p.add_argument("--split", default="train", help="Split to check (default: train).")
+    p.add_argument("--dataset_config", help="Hub dataset config (subset) name.")
+    p.add_argument("--data_files", nargs="+", help="Files inside the dataset to read.")
+    p.add_argument("--columns", help="Column mapping, as for tunefleet train: prompt=query,chosen=good,...")
+    p.add_argument("--ignore_columns", nargs="+", help="Text columns left out on purpose.")
     p.add_argument("--max_samples", type=int, default=None, help="Check a seeded sample of this many rows.")
+    p.add_argument("--model_name", help="Also show the example rendered with this model's chat template.")
     args = p.parse_args(argv)
     method = coerce("method", args.method)
-    raw = data.sample(data.load_split(args.dataset, args.split), args.max_samples, 42, "--max_samples")
+    columns = schema.parse_mapping(args.columns) if args.columns else None
+    raw = data.load_split(args.dataset, args.split, args.dataset_config, args.data_files)
+    raw = data.sample(raw, args.max_samples, 42, "--max_samples")
     print(f"dataset: {args.dataset}   split: {args.split}   rows: {len(raw)}")
     print(f"columns: {', '.join(raw.column_names)}")
-    if len(raw) == 0:
-        raise TunefleetError(f"split '{args.split}' is empty")
-    converted, fmt = data.to_method_format(method, raw)
-    print(f"format for {method}: {fmt} -> {', '.join(converted.column_names)} ({len(converted)} rows)")
+    prepared = data.prepare(method, raw, columns, args.ignore_columns, args.dataset, args.split)
+    print(f"layout for {method}: {prepared.layout}   uses: {', '.join(prepared.columns_used)}")
+    if prepared.columns_not_used:
+        print("  other columns: " + ", ".join(f"{c} ({why})" for c, why in prepared.columns_not_used.items()))
+    dropped = sum(prepared.dropped.values())
+    detail = ", ".join(f"{n} {reason}" for reason, n in prepared.dropped.items())
+    print(f"rows for training: {prepared.rows}" + (f"; dropped {dropped}: {detail}" if dropped else "; none dropped"))
+    example = prepared.dataset[0]
     print(f"example as {method} sees it:")
-    print(json.dumps(converted[0], indent=2, ensure_ascii=False))
-    found = data.problems(method, converted)
-    print("problems: " + ("none" if not found else f"{len(found)}"))
-    for line in found:
-        print(f"  - {line}")
-    return 1 if found else 0
+    print(json.dumps(example, indent=2, ensure_ascii=False))
+    if args.model_name:
+        from trl.data_utils import maybe_apply_chat_template
+
+        from tunefleet.trainers.model import load_tokenizer
+
+        rendered = maybe_apply_chat_template(example, load_tokenizer(args.model_name))
+        print(f"rendered with the chat template of {args.model_name}:")
+        for key, text in rendered.items():
+            if isinstance(text, str):
+                print(f"--- {key}\n{text}")
+    return 1 if dropped else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
 from tunefleet.eval.settings import EvalSettings
 from tunefleet.trainers import config
-from tunefleet.trainers.config import TrainConfig
+from tunefleet.trainers.config import DatasetPart, TrainConfig
 
 TOP_KEYS = ("name", "runs_dir", "base", "grid", "methods", "resources", "naming", "slurm", "eval")
 DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
@@ -213,27 +213,28 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
     return runs
 
 
-def data_checks(runs: list[RunPlan]) -> list[tuple[str, str, str]]:
-    """The distinct (method, dataset, split) triples a sweep needs: check each once before starting."""
-    triples = []
+def data_checks(runs: list[RunPlan]) -> list[tuple[str, DatasetPart]]:
+    """The distinct (method, dataset part) pairs a sweep reads: each is checked once before any run starts."""
+    from tunefleet.trainers import data
+
+    checks = []
     for run in runs:
-        for split in (run.config.split, run.config.eval_split):
-            t = (run.method, run.config.dataset, split)
-            if split and t not in triples:
-                triples.append(t)
-    return triples
+        for part in [*data.train_parts(run.config), data.eval_part(run.config)]:
+            if part is not None and (run.method, part) not in checks:
+                checks.append((run.method, part))
+    return checks
 
 
 def validate_data(runs: list[RunPlan]) -> None:
-    """Load each needed split once and detect its format for the method: fail before any run starts."""
+    """Load each needed split once; its layout must fit the method and lose no text: fail before any run starts."""
     from tunefleet.trainers import data
 
     loaded = {}
-    for method, dataset, split in data_checks(runs):
-        if (dataset, split) not in loaded:
-            loaded[(dataset, split)] = data.load_split(dataset, split)
-        ds = loaded[(dataset, split)]
+    for method, part in data_checks(runs):
+        key = (part.dataset, part.split, part.config, tuple(part.data_files or ()))
+        if key not in loaded:
+            loaded[key] = data.load_split(part.dataset, part.split, part.config, part.data_files)
         try:
-            data.detect_format(method, ds)
+            data.check(method, loaded[key], part.columns, part.ignore_columns, part.dataset, part.split)
         except TunefleetError as exc:
-            raise TunefleetError(f"{method} on {dataset} split '{split}': {exc}") from None
+            raise TunefleetError(f"{method} on {part.dataset} split '{part.split}': {exc}") from None

@@ -40,8 +40,8 @@ def test_missing_columns_names_them(tmp_path, capsys, tiny_model):
         "--output_dir",
         tmp_path / "r",
     )
-    assert "missing prompt, chosen, rejected" in line and "found answer, question" in line
-    assert "dpo accepts:" in line
+    assert "no dpo layout fits the columns answer, question" in line and "dpo accepts:" in line
+    assert "--columns prompt=query,chosen=good,rejected=bad" in line
     assert not (tmp_path / "r").exists()
 
 

@@ -52,33 +52,50 @@ def test_bundled_tiny_data_is_what_the_generator_makes():
 
 def test_ultrafeedback_rows_convert_for_every_method():
     raw = data.load_split("tunefleet/tiny-ultrafeedback", "test_prefs").select(range(5))
-    dpo, fmt = data.to_method_format("dpo", raw)
-    assert fmt == "ultrafeedback" and sorted(dpo.column_names) == ["chosen", "prompt", "rejected"]
-    row = dpo[0]
+    dpo = data.prepare("dpo", raw)
+    assert dpo.layout == "ultrafeedback" and sorted(dpo.dataset.column_names) == ["chosen", "prompt", "rejected"]
+    assert dpo.columns_not_used["prompt"] == "its text is inside the used columns"
+    assert dpo.columns_not_used["prompt_id"] == "identifier"
+    row = dpo.dataset[0]
     assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
     assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
-    kto, fmt = data.to_method_format("kto", raw)
-    assert fmt == "paired (ultrafeedback)" and len(kto) == 10 and kto["label"] == [True, False] * 5
-    grpo, _ = data.to_method_format("grpo", raw)
-    assert grpo[0]["prompt"] == [{"role": "user", "content": raw[0]["prompt"]}]
-    sft, fmt = data.to_method_format("sft", raw)
-    assert fmt == "messages" and sft.column_names == ["messages"]
+    kto = data.prepare("kto", raw)
+    assert kto.layout == "paired (ultrafeedback)" and kto.rows == 10 and kto.dataset["label"] == [True, False] * 5
+    grpo = data.prepare("grpo", raw)
+    assert grpo.dataset[0]["prompt"] == [{"role": "user", "content": raw[0]["prompt"]}]
+    assert "chosen" in grpo.dataset.column_names  # other columns go to the reward functions
+    sft = data.prepare("sft", raw)
+    assert sft.layout == "messages (messages)" and sft.dataset.column_names == ["messages"]
 
 
 def test_plain_text_and_unpaired_formats_pass_through():
     text = Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b", "extra": 1}])
-    assert data.to_method_format("orpo", text)[0].column_names == ["prompt", "chosen", "rejected"]
+    assert data.prepare("orpo", text).dataset.column_names == ["prompt", "chosen", "rejected"]
     kto = Dataset.from_list([{"prompt": "p", "completion": "c", "label": False}])
-    assert data.to_method_format("kto", kto)[1] == "unpaired"
-    assert data.to_method_format("sft", Dataset.from_list([{"text": "hello"}]))[1] == "text"
+    assert data.prepare("kto", kto).layout == "prompt-completion-label"
+    assert data.prepare("sft", Dataset.from_list([{"text": "hello"}])).layout == "text"
 
 
-def test_problems_found():
+def test_rows_that_cannot_train_are_counted_and_dropped():
     ds = Dataset.from_list(
-        [{"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "", "chosen": "a", "rejected": "b"}]
+        [
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "", "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "chosen": " ", "rejected": "b"},
+            {"prompt": "q", "chosen": "good", "rejected": "bad"},
+        ]
     )
-    found = data.problems("dpo", ds)
-    assert "row 0: chosen and rejected are identical" in found and "row 1: empty prompt" in found
+    prepared = data.prepare("dpo", ds)
+    assert prepared.dropped == {"identical chosen and rejected": 1, "missing turn": 1, "empty reply": 1}
+    assert prepared.rows == 1 and prepared.record()["rows_in"] == 4
+    sft = Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": "hi there"}]},
+            {"messages": [{"role": "assistant", "content": "x"}]},
+        ]
+        + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    )
+    assert data.prepare("sft", sft).dropped == {"missing turn": 2}
 
 
 def test_seeded_sample_is_reproducible():

@@ -265,7 +265,7 @@ def test_eval_bad_input(tmp_path, capsys, trained_runs):
         (data / f"{split}.jsonl").write_text(json.dumps({"prompt": "x", "answer": "y"}) + "\n")
     code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--dataset", data)
     assert code == 2 and err.count("\n") == 1
-    assert "no 'messages' column" in err and "found answer, prompt" in err
+    assert "no sft layout fits the columns answer, prompt" in err
 
 
 def test_report_rebuilds_from_json(trained_runs, tmp_path, capsys):

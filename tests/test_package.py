@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -192,13 +193,20 @@ def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tm
 
     def run(cmd, cwd=tmp_path, timeout=900, **env):
         proc = subprocess.run(
-            [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+            [str(c) for c in cmd],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             env={**os.environ, "PYTHONPATH": "", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **env},
-        )  # fmt: skip
+        )
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc
 
+    leftover = not (ROOT / "build").exists()  # setuptools builds in the source tree: tidy up what it adds
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, ROOT])
+    if leftover:
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     (wheel,) = wheels.glob("tunefleet-*.whl")
     run([sys.executable, "-m", "venv", venv])
     py = venv / "bin" / "python"
@@ -215,28 +223,64 @@ def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tm
         (work / name).mkdir()
         (work / name / "__init__.py").write_text(f"raise ImportError('the user project own {name} was imported')\n")
     tunefleet = venv / "bin" / "tunefleet"
-    tiny = ["--model_name", "tunefleet/tiny-qwen2", "--dataset", "tunefleet/tiny-ultrafeedback", "--split",
-            "train_sft", "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
-            "1", "--use_qlora", "false"]  # fmt: skip
+    tiny = [
+        "--model_name",
+        "tunefleet/tiny-qwen2",
+        "--dataset",
+        "tunefleet/tiny-ultrafeedback",
+        "--split",
+        "train_sft",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--use_qlora",
+        "false",
+    ]
     run([tunefleet, "train", "--method", "sft", *tiny, "--output_dir", "runs/one"], cwd=work)
     assert read_json(work / "runs" / "one" / "run.json")["status"] == "finished"
 
-    run([tunefleet, "train", "--method", "sft", *tiny, "--output_dir", "runs/zero2", "--num_processes", "2",
-         "--accelerate_config", "zero2"], cwd=work)  # fmt: skip
+    run(
+        [
+            tunefleet,
+            "train",
+            "--method",
+            "sft",
+            *tiny,
+            "--output_dir",
+            "runs/zero2",
+            "--num_processes",
+            "2",
+            "--accelerate_config",
+            "zero2",
+        ],
+        cwd=work,
+    )
     record = read_json(work / "runs" / "zero2" / "run.json")
     assert record["status"] == "finished" and record["distributed_type"] == "DistributedType.DEEPSPEED"
     assert record["world_size"] == 2 and record["launch"]["accelerate_config"] == "zero2"
 
     spec = work / "sweep.yaml"
     spec.write_text(
-        yaml.safe_dump({
-            "name": "w", "runs_dir": "runs/sweep",
-            "base": {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "max_steps": 2,
-                     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "use_qlora": False},
-            "grid": {"method": ["sft", "dpo"]},
-            "methods": {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}},
-        })
-    )  # fmt: skip
+        yaml.safe_dump(
+            {
+                "name": "w",
+                "runs_dir": "runs/sweep",
+                "base": {
+                    "model_name": "tunefleet/tiny-qwen2",
+                    "dataset": "tunefleet/tiny-ultrafeedback",
+                    "max_steps": 2,
+                    "per_device_train_batch_size": 2,
+                    "gradient_accumulation_steps": 1,
+                    "use_qlora": False,
+                },
+                "grid": {"method": ["sft", "dpo"]},
+                "methods": {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}},
+            }
+        )
+    )
     out = run([tunefleet, "sweep", spec, "--backend", "local"], cwd=work).stdout
     assert "finished 2" in out
     run(

@@ -61,9 +61,9 @@ def one_batch(tmp_path_factory, tiny_model):
     sft = data.load_split("tunefleet/tiny-ultrafeedback", "train_sft").select(range(16))["messages"]
     convs = [{"messages": sum(sft[i : i + 1 + i % 4], [])} for i in range(8)]
     (root / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
-    prefs, _ = data.to_method_format(
+    prefs = data.prepare(
         "orpo", data.load_split("tunefleet/tiny-ultrafeedback", "train_prefs").select(range(8))
-    )
+    ).dataset
     (root / "orpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
     return root
 

@@ -117,7 +117,7 @@ def test_grid_value_invalid_for_a_method_is_caught_before_any_run(tmp_path, caps
         grid={"method": ["sft", "dpo"]},
     )
     code, _, err = run_cli(capsys, "sweep", spec)
-    assert code == 2 and "dpo on" in err and "missing prompt, chosen, rejected" in err
+    assert code == 2 and "dpo on" in err and "no dpo layout fits the columns messages" in err
     assert not (tmp_path / "runs").exists()  # nothing started
 
 

@@ -23,6 +23,56 @@ DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "grpo": 0.0}
 
 
 @dataclass
+class DatasetPart:
+    """One dataset of a mixture: `--mixture "tunefleet/tiny-ultrafeedback:train_prefs@200" "{dataset: ./pairs.jsonl,
+    columns: {prompt: query}}"` on the command line, a mapping per part in YAML."""
+
+    dataset: str | None = option(None, "Hub name, local folder or file.", required=True)
+    split: str = option("train", "Split of this part.")
+    config: str | None = option(None, "Hub config (subset) name.")
+    data_files: list[str] | None = option(None, "Files inside the dataset to read (hub or local).")
+    columns: dict[str, str] | None = option(None, "Column mapping of this part (as --columns).")
+    ignore_columns: list[str] | None = option(None, "Columns of this part left out on purpose.")
+    samples: int | None = option(None, "Rows taken from this part (seeded sample).", at_least=1)
+    weight: float | None = option(None, "Share of the weighted parts (relative; rows drawn without repeats).", above=0)
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetPart:
+        """`DATASET[:SPLIT][@SAMPLES|*WEIGHT]`, or a YAML flow mapping `{dataset: ..., split: ..., ...}`."""
+        text = text.strip()
+        if text.startswith("{"):
+            import yaml
+
+            try:
+                mapping = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"not a YAML mapping: {text!r} ({getattr(exc, 'problem', exc)})") from None
+            if not isinstance(mapping, dict):
+                raise ValueError(f"not a YAML mapping: {text!r}")
+            return schema.from_mapping(cls, mapping)
+        values: dict = {}
+        for marker, key in (("@", "samples"), ("*", "weight")):
+            if marker in text:
+                text, _, amount = text.rpartition(marker)
+                values[key] = amount
+        name, _, split = text.partition(":")
+        values["dataset"] = name
+        if split:
+            values["split"] = split
+        return schema.from_mapping(cls, values)
+
+    def to_text(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(
+            {k: v for k, v in schema.to_dict(self).items() if v is not None},
+            default_flow_style=True,
+            sort_keys=False,
+            width=10**6,
+        ).strip()
+
+
+@dataclass
 class TrainConfig:
     # --- the original tool's flags ---
     method: str | None = option(None, "Training method.", choices=METHODS, required=True)
@@ -30,40 +80,56 @@ class TrainConfig:
         None, "Base model: hub name, local folder, or tunefleet/tiny-qwen2.", required=True
     )
     dataset: str | None = option(
-        None, "Dataset: hub name, local folder/JSON/JSONL/Parquet, or tunefleet/tiny-ultrafeedback.", required=True
+        None, "Dataset: hub name, local folder/JSON/JSONL/Parquet, or tunefleet/tiny-ultrafeedback (or --mixture)."
     )
     output_dir: str | None = option(None, "Where the run writes its adapter, state and checkpoints.", required=True)
     split: str = option("train", "Training split.")
     eval_split: str | None = option(None, "Evaluation split (none: no evaluation during training).")
-    max_train_samples: int | None = option(None, "Seeded random sample of the training split.")
-    max_eval_samples: int | None = option(None, "Seeded random sample of the evaluation split.")
-    num_train_epochs: float = option(3.0, "Training epochs.")
-    per_device_train_batch_size: int = option(4, "Batch size per device.")
-    gradient_accumulation_steps: int = option(4, "Gradient accumulation steps.")
+    max_train_samples: int | None = option(None, "Seeded random sample of the training split.", at_least=1)
+    max_eval_samples: int | None = option(None, "Seeded random sample of the evaluation split.", at_least=1)
+    num_train_epochs: float = option(3.0, "Training epochs.", above=0)
+    per_device_train_batch_size: int = option(4, "Batch size per device.", at_least=1)
+    gradient_accumulation_steps: int = option(4, "Gradient accumulation steps.", at_least=1)
     learning_rate: float | None = option(
-        None, "Learning rate (default by method: sft 2e-4, dpo 5e-5, orpo 8e-6, kto 5e-5, grpo 5e-5)."
+        None, "Learning rate (default by method: sft 2e-4, dpo 5e-5, orpo 8e-6, kto 5e-5, grpo 5e-5).", above=0
     )
     use_qlora: bool = option(True, "4-bit NF4 QLoRA (false: plain LoRA on full-precision weights).")
-    lora_r: int = option(16, "LoRA rank.")
-    lora_alpha: int = option(32, "LoRA alpha.")
-    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_r: int = option(16, "LoRA rank.", at_least=1)
+    lora_alpha: int = option(32, "LoRA alpha.", above=0)
+    lora_dropout: float = option(0.05, "LoRA dropout, in [0, 1).", at_least=0, below=1)
+    # --- data: layouts, mapping, mixtures ---
+    dataset_config: str | None = option(None, "Hub dataset config (subset) name.")
+    data_files: list[str] | None = option(None, "Files inside the dataset to read (hub repo or local folder).")
+    columns: dict[str, str] | None = option(
+        None, "Map your columns to tunefleet's names: prompt=query,system=sys_prompt,chosen=good,rejected=bad."
+    )
+    ignore_columns: list[str] | None = option(
+        None, "Text columns to leave out on purpose (else unused text is an error)."
+    )
+    mixture: list[DatasetPart] | None = option(
+        None, "Train on several datasets: DATASET[:SPLIT][@SAMPLES|*WEIGHT] or {dataset: ..., columns: ...} each."
+    )
     # --- what TRL users expect ---
     seed: int = option(42, "Random seed (sampling, init, data order).")
     max_steps: int = option(-1, "Stop after this many optimizer steps (-1: run the epochs).")
-    beta: float | None = option(None, "DPO/KTO beta, ORPO lambda, GRPO KL coefficient (default by method).")
-    max_length: int = option(1024, "Max tokens of prompt + completion (SFT/DPO/ORPO/KTO).")
-    max_completion_length: int | None = option(
-        None, "Max generated tokens (GRPO; ORPO completion cap). GRPO default 64."
+    beta: float | None = option(
+        None, "DPO/KTO beta, ORPO lambda, GRPO KL coefficient (default by method).", at_least=0
     )
-    num_generations: int = option(4, "GRPO completions per prompt; must divide the generation batch.")
+    max_length: int = option(1024, "Max tokens of prompt + completion (SFT/DPO/ORPO/KTO).", at_least=1)
+    max_completion_length: int | None = option(
+        None, "Max generated tokens (GRPO; ORPO completion cap). GRPO default 64.", at_least=1
+    )
+    num_generations: int = option(4, "GRPO completions per prompt; must divide the generation batch.", at_least=2)
     reward_funcs: list[str] = option(
         ["length"], "GRPO rewards: built-in names (length, friendly, answer), module:function, or a reward-model path."
     )
-    logging_steps: int = option(10, "Log every N steps.")
-    save_steps: int = option(500, "Checkpoint every N steps (the last step is always saved).")
-    save_total_limit: int | None = option(None, "Keep at most N checkpoints.")
-    eval_steps: int | None = option(None, "Evaluate every N steps (default: logging_steps) when eval_split is set.")
-    per_device_eval_batch_size: int = option(8, "Evaluation batch size per device.")
+    logging_steps: int = option(10, "Log every N steps.", at_least=1)
+    save_steps: int = option(500, "Checkpoint every N steps (the last step is always saved).", at_least=1)
+    save_total_limit: int | None = option(None, "Keep at most N checkpoints.", at_least=1)
+    eval_steps: int | None = option(
+        None, "Evaluate every N steps (default: logging_steps) when eval_split is set.", at_least=1
+    )
+    per_device_eval_batch_size: int = option(8, "Evaluation batch size per device.", at_least=1)
     report_to: str = option("none", "Trackers: none, wandb, tensorboard, ... (comma separated).")
     bf16: bool | None = option(None, "bf16 compute (default: on where the GPU supports it).")
     gradient_checkpointing: bool = option(False, "Trade compute for memory (worth it on large models).")
@@ -88,7 +154,7 @@ class TrainConfig:
     tf32: bool | None = option(None, "TF32 matmuls. Default: on for GPUs that have them (Ampere or newer).")
     trust_remote_code: bool = option(False, "Run code shipped with a hub model. Off unless you trust it.")
     overwrite: bool = option(False, "Retrain even if output_dir holds a finished run.")
-    num_processes: int = option(1, "Processes (GPUs) for this run; >1 launches through accelerate launch.")
+    num_processes: int = option(1, "Processes (GPUs) for this run; >1 launches through accelerate launch.", at_least=1)
     accelerate_config: str = option("auto", "auto, a name in cluster_configs/accelerate, or a path.")
 
     @property
@@ -120,7 +186,8 @@ def from_dict(values: dict, where: str = "", check_required: bool = True) -> Tra
     clean = {k: coerce(k, v, where) for k, v in values.items()}
     cfg = TrainConfig(**clean)
     if check_required:
-        missing = [n for n, f in FIELDS.items() if f.metadata.get("required") and getattr(cfg, n) is None]
+        needed = [n for n, f in FIELDS.items() if f.metadata.get("required") or (n == "dataset" and not cfg.mixture)]
+        missing = [n for n in needed if getattr(cfg, n) is None]
         if missing:
             raise TunefleetError(f"{where}missing required setting(s): " + ", ".join(f"--{m}" for m in missing))
     validate(cfg, where)
@@ -128,27 +195,19 @@ def from_dict(values: dict, where: str = "", check_required: bool = True) -> Tra
 
 
 def validate(cfg: TrainConfig, where: str = "") -> None:
-    positive = [
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "lora_r",
-        "logging_steps",
-        "save_steps",
-        "num_processes",
-        "num_generations",
-        "max_length",
-        "per_device_eval_batch_size",
-    ]
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise TunefleetError(f"{where}'{name}' must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_train_samples", "max_eval_samples"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise TunefleetError(f"{where}'{name}' must be at least 1, got {getattr(cfg, name)}")
+    """What no single field can say alone (each field's own range is checked by `coerce`)."""
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise TunefleetError(f"{where}'max_steps' must be -1 (use epochs) or at least 1")
     if cfg.method == "grpo" and not cfg.reward_funcs:
         raise TunefleetError(f"{where}GRPO needs at least one reward in --reward_funcs")
+    if cfg.method in ("dpo", "orpo", "kto") and cfg.beta is not None and cfg.beta <= 0:
+        raise TunefleetError(f"{where}'beta' must be greater than 0 for {cfg.method}, got {cfg.beta}")
+    if cfg.mixture and any(part.dataset is None for part in cfg.mixture):
+        raise TunefleetError(f"{where}every --mixture part needs a dataset")
+    if cfg.mixture and (cfg.columns or cfg.ignore_columns or cfg.dataset_config or cfg.data_files):
+        raise TunefleetError(f"{where}with --mixture, set columns, ignore_columns, config and data_files per part")
+    if cfg.mixture and any(p.samples for p in cfg.mixture) and any(p.weight for p in cfg.mixture):
+        raise TunefleetError(f"{where}a mixture takes either samples or weight per part, not both kinds")
 
 
 def load_yaml(path: str) -> dict:

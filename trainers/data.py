@@ -1,43 +1,89 @@
-"""Load a split and hand each method the columns it needs.
+"""Datasets as people have them -> the columns each TRL trainer expects; nothing dropped silently.
 
-Accepted inputs: a hub name, a local folder (one file per split: `train_prefs.jsonl`,
-`data/test_sft-00000-of-00001.parquet`, ...), a single JSON/JSONL/Parquet file (split `train`), or the
-embedded `tunefleet/tiny-ultrafeedback`. Raw `HuggingFaceH4/ultrafeedback_binarized` rows fail inside TRL,
-so every format is converted here, before TRL sees it:
+Loading: a hub name (with `--dataset_config` and `--data_files`), a local folder (one file per split:
+`train_prefs.jsonl`, `data/test_sft-00000-of-00001.parquet`, ...), a single JSON/JSONL/Parquet/CSV file (split
+`train`), or the embedded `tunefleet/tiny-ultrafeedback`. A broken JSON line is named with its file and line.
 
-| method   | formats accepted (first match wins)                                                     |
-|----------|------------------------------------------------------------------------------------------|
-| sft      | messages; prompt + completion; text                                                      |
-| dpo/orpo | ultrafeedback (prompt str + chosen/rejected message lists); prompt/chosen/rejected        |
-|          | (conversational or text); chosen/rejected with the prompt inside (conversational)         |
-| kto      | prompt/completion/label; or any preference format above, unpaired (each pair -> 2 rows)   |
-| grpo     | prompt (string -> one user message, so the chat template applies; or a message list)      |
+Layouts recognised (first match wins; `--columns prompt=query,...` renames yours to these names first):
+
+| layout | columns | sft | dpo/orpo | kto | grpo |
+|---|---|---|---|---|---|
+| conversation | `messages` or `conversations`: role/content or ShareGPT from/value | yes | prompt turns (+ `chosen`/`rejected` replies) | + `label` | prompt = turns up to the last user turn |
+| ultrafeedback | `chosen`/`rejected` full conversations (`prompt` inside them) | (`messages`) | yes | paired | - |
+| alpaca | `instruction` (+ `input`, `history`) + `output` or `chosen`/`rejected` | yes | yes | + `label` | prompt |
+| prompt strings | `prompt`, `question` or `input` + `chosen`/`rejected` or `completion` | prompt + completion | yes | + `label` | prompt |
+| hh transcript | `chosen`/`rejected` strings with `Human:` / `Assistant:` turns | - | yes | paired | - |
+| text | `text`; or `chosen`/`rejected` plain strings (TRL extracts the prompt) | yes | yes | - | - |
+
+A `system` column becomes the system turn. KTO labels may be bool, 0/1 or "true"/"false". A preference layout
+serves KTO too (each pair -> one desirable and one undesirable row). GRPO keeps every other column: TRL passes
+them to the reward functions.
+
+No silent drops: a text column (strings with spaces, or conversations) that the layout does not use is an error
+naming it, unless its text is already inside the used columns (ultrafeedback's `prompt`), it is an identifier
+(`prompt_id`), or you leave it out on purpose with `--ignore_columns`. Rows with an empty reply, identical
+chosen and rejected, a missing turn, or chosen and rejected answering different prompts are dropped, counted,
+printed and recorded in run.json.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.trainers.config import DatasetPart
 from tunefleet.trainers.tiny import DATA_DIR, TINY_DATASET
 
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-FORMATS = {
-    "sft": ["messages", "prompt + completion", "text"],
-    "dpo": [
-        "ultrafeedback (prompt, chosen, rejected as message lists)",
-        "prompt + chosen + rejected",
-        "chosen + rejected (conversational, prompt inside)",
-    ],
-    "kto": ["prompt + completion + label", "any preference format (unpaired automatically)"],
-    "grpo": ["prompt"],
-}
-FORMATS["orpo"] = FORMATS["dpo"]
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
+CONVERSATION_COLUMNS = ("messages", "conversations")
+PROMPT_COLUMNS = ("prompt", "question", "instruction", "input")
+# The names --columns may map to: every column some layout reads.
+KNOWN_COLUMNS = (
+    *CONVERSATION_COLUMNS,
+    *PROMPT_COLUMNS,
+    "system",
+    "history",
+    "chosen",
+    "rejected",
+    "completion",
+    "output",
+    "label",
+    "text",
+)
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "function_call": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
+}
+ID_NAME = re.compile(r"^(id|uid|uuid|idx|index)$|_(id|ids|uuid|idx|hash)$")
+ACCEPTED = {
+    "sft": "messages/conversations; instruction + output (alpaca); prompt + completion; text",
+    "dpo": "chosen + rejected with the prompt inside (conversations or Human:/Assistant: text); "
+    "prompt, question, instruction or input (or messages/conversations) + chosen + rejected",
+    "kto": "prompt (question, instruction, input) + completion (output) + label; conversations + label; "
+    "any preference layout",
+    "grpo": "prompt; question; instruction (+ input); messages/conversations",
+}
+ACCEPTED["orpo"] = ACCEPTED["dpo"]
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
+# ---------------------------------------------------------------- loading
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in DATA_EXTS
 
@@ -52,29 +98,77 @@ def _local_split_files(root: Path) -> dict[str, list[str]]:
     return splits
 
 
-def load_split(dataset: str, split: str):
-    """One split as a `datasets.Dataset`; clear one-line errors for missing paths and splits."""
+def check_files(dataset: str, files: list[str]) -> None:
+    """One line for the usual file faults, before `datasets` turns them into a generic error."""
+    for name in files:
+        path = Path(name)
+        if path.suffix not in (".jsonl", ".json", ".csv"):
+            continue
+        text = path.read_text(errors="replace")
+        if not text.strip():
+            raise TunefleetError(f"dataset {dataset}: {path} is empty")
+        if path.suffix == ".csv":
+            continue
+        if path.suffix == ".json" and text.lstrip()[:1] in "[{":
+            try:
+                json.loads(text)
+                continue
+            except json.JSONDecodeError as exc:
+                if text.lstrip()[:1] == "[":
+                    raise TunefleetError(
+                        f"dataset {dataset}: {path} line {exc.lineno}: not valid JSON ({exc.msg})"
+                    ) from None
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TunefleetError(
+                        f"dataset {dataset}: {path} line {number}: not valid JSON ({exc.msg}, column {exc.colno})"
+                    ) from None
+
+
+def load_split(dataset: str, split: str, config: str | None = None, data_files: list[str] | None = None):
+    """One split as a `datasets.Dataset`; clear one-line errors for missing paths, splits and broken files."""
     import datasets
 
     datasets.disable_progress_bars()
     local = DATA_DIR if dataset == TINY_DATASET else Path(dataset).expanduser()
-    if local.exists():
+    if local.exists() and not config and not data_files:
         splits = _local_split_files(local)
         if not splits:
             raise TunefleetError(f"dataset {dataset}: no {'/'.join(DATA_EXTS)} files found")
         if split not in splits:
             raise TunefleetError(f"dataset {dataset} has no split '{split}'; splits: {', '.join(sorted(splits))}")
         files = splits[split]
+        check_files(dataset, files)
         try:
-            return datasets.load_dataset(DATA_EXTS[Path(files[0]).suffix], data_files={split: files}, split=split)
+            ds = datasets.load_dataset(DATA_EXTS[Path(files[0]).suffix], data_files={split: files}, split=split)
         except Exception as exc:  # malformed file: say which
             raise TunefleetError(f"dataset {dataset}: cannot read {files[0]}: {first_line(exc)}") from None
-    if _looks_like_path(dataset):
-        raise TunefleetError(f"dataset path {dataset} does not exist")
+    else:
+        if _looks_like_path(dataset) and not local.exists():
+            raise TunefleetError(f"dataset path {dataset} does not exist")
+        if local.exists() and data_files:
+            check_files(dataset, [str(local / f) for f in data_files if (local / f).is_file()])
+        ds = _load_hub(dataset, split, config, data_files)
+    if len(ds) == 0:
+        raise TunefleetError(f"dataset {dataset} split '{split}' is empty")
+    return ds
+
+
+def _load_hub(dataset: str, split: str, config: str | None, data_files: list[str] | None):
+    """The real `datasets.load_dataset` call for hub names and folders with a dataset card (configs, files)."""
+    import datasets
+
+    files = {split: data_files} if data_files else None
     try:
-        return datasets.load_dataset(dataset, split=split)
+        return datasets.load_dataset(dataset, config, data_files=files, split=split)
     except ValueError as exc:
-        if "split" in str(exc).lower():
+        text = str(exc)
+        if "config" in text.lower() and config:
+            raise TunefleetError(f"dataset {dataset} has no config '{config}': {first_line(exc)}") from None
+        if "split" in text.lower():
             raise TunefleetError(f"dataset {dataset}: {first_line(exc)}") from None
         raise TunefleetError(f"cannot load dataset {dataset}: {first_line(exc)}") from None
     except Exception as exc:
@@ -91,73 +185,391 @@ def sample(ds, n: int | None, seed: int, what: str):
     return ds.shuffle(seed=seed).select(range(n))
 
 
-# ---------------------------------------------------------------- format detection and conversion
-def _is_messages(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+# ---------------------------------------------------------------- messages
+def is_messages(value) -> bool:
+    """A conversation: a non-empty list of role/content (or ShareGPT from/value) dicts."""
+    return isinstance(value, list) and bool(value) and all(_is_message(m) for m in value)
 
 
-def detect_format(method: str, ds) -> str:
-    """Name of the format `ds` is in for `method`, or a TunefleetError naming what is missing."""
-    cols = set(ds.column_names)
-    row = ds[0] if len(ds) else {}
-    preference = _preference_format(cols, row)
-    if method == "sft":
-        if "messages" in cols:
-            return "messages"
-        if {"prompt", "completion"} <= cols:
-            return "prompt-completion"
-        if "text" in cols:
-            return "text"
-        need = "messages"
-    elif method in ("dpo", "orpo"):
-        if preference:
-            return preference
-        need = "prompt, chosen, rejected"
-    elif method == "kto":
-        if {"prompt", "completion", "label"} <= cols:
-            return "unpaired"
-        if preference:
-            return f"paired ({preference})"
-        need = "prompt, completion, label"
-    elif method == "grpo":
-        if "prompt" in cols:
-            return "prompt"
-        need = "prompt"
-    else:
-        raise TunefleetError(f"unknown method '{method}'")
-    raise TunefleetError(
-        f"dataset lacks the columns {method} needs: missing {need}; found {', '.join(sorted(cols)) or 'none'}; "
-        f"{method} accepts: {'; '.join(FORMATS[method])}"
+def _is_message(value) -> bool:
+    return isinstance(value, dict) and (
+        ("role" in value and "content" in value) or ("from" in value and "value" in value)
     )
 
 
-def _preference_format(cols: set, row: dict) -> str | None:
+def to_message(m: dict) -> dict:
+    role = str(m.get("role", m.get("from", ""))).lower()
+    if role not in ROLES:
+        raise TunefleetError(f"unknown role '{role}' in a conversation; known roles: {', '.join(sorted(ROLES))}")
+    content = m.get("content", m.get("value"))
+    return {"role": ROLES[role], "content": "" if content is None else str(content)}
+
+
+def to_messages(value) -> list[dict]:
+    return [to_message(m) for m in value]
+
+
+def text_of(value) -> str:
+    """The words of a cell: a string, a message's content, or every content of a conversation."""
+    if isinstance(value, str):
+        return value
+    if _is_message(value):
+        return str(value.get("content", value.get("value")) or "")
+    if isinstance(value, list):
+        return "\n".join(text_of(v) for v in value)
+    return ""
+
+
+def _as(role: str, value) -> list[dict]:
+    """A cell as turns: a conversation, one message, or a string said by `role`."""
+    if is_messages(value):
+        return to_messages(value)
+    if _is_message(value):
+        return [to_message(value)]
+    return [{"role": role, "content": "" if value is None else str(value)}]
+
+
+def _system(row: dict) -> list[dict]:
+    text = row.get("system")
+    return [{"role": "system", "content": str(text)}] if isinstance(text, str) and text.strip() else []
+
+
+def _with_system(row: dict, turns: list[dict]) -> list[dict]:
+    return turns if turns and turns[0]["role"] == "system" else _system(row) + turns
+
+
+def _history(row: dict) -> list[dict]:
+    """Alpaca `history`: [[question, answer], ...] before the instruction."""
+    turns = []
+    for pair in row.get("history") or []:
+        if isinstance(pair, list | tuple) and len(pair) == 2:
+            turns += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
+    return turns
+
+
+def _alpaca_prompt(row: dict) -> str:
+    instruction, extra = str(row.get("instruction") or ""), str(row.get("input") or "")
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _until_last_user(turns: list[dict]) -> list[dict]:
+    last = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=-1)
+    return turns[: last + 1]
+
+
+def hh_to_messages(text: str) -> list[dict]:
+    """`\\n\\nHuman: ...\\n\\nAssistant: ...` (Anthropic HH transcripts) -> turns."""
+    parts = HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return turns
+
+
+def normalize_label(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "desirable", "good"):
+        return True
+    if text in ("false", "0", "no", "undesirable", "bad"):
+        return False
+    raise TunefleetError(f"label {value!r} is not a KTO label: use true/false, 1/0 or a bool")
+
+
+# ---------------------------------------------------------------- layouts
+@dataclass
+class Layout:
+    """How one dataset's rows become the method's columns."""
+
+    name: str
+    used: tuple[str, ...]  # the source columns it reads
+    convert: Callable[[dict], dict]  # one source row -> the method's columns
+    keep_other_columns: bool = False  # GRPO: other columns go to the reward functions
+
+
+def _first(cols: set, names) -> str | None:
+    return next((n for n in names if n in cols), None)
+
+
+def _conversation_column(cols: set, row: dict) -> str | None:
+    return next((c for c in CONVERSATION_COLUMNS if c in cols and is_messages(row.get(c))), None)
+
+
+def _with_optional(cols: set, *names: str) -> tuple[str, ...]:
+    return tuple(n for n in names if n in cols)
+
+
+def _prompt_source(cols: set, row: dict, conversation_first: bool = True):
+    """(layout name, columns, row -> prompt turns) for the first prompt source a row has, or None."""
+    conv = _conversation_column(cols, row)
+    if conv and (conversation_first or not _first(cols, ("prompt", "question", "instruction"))):
+        return conv, (conv, *_with_optional(cols, "system")), lambda r: _with_system(r, to_messages(r[conv]))
+    if "instruction" in cols:
+        used = ("instruction", *_with_optional(cols, "input", "history", "system"))
+        return "alpaca", used, lambda r: _system(r) + _history(r) + [{"role": "user", "content": _alpaca_prompt(r)}]
+    name = _first(cols, ("prompt", "question", "input"))
+    if name:
+        return name, (name, *_with_optional(cols, "system")), lambda r: _with_system(r, _as("user", r[name]))
+    return None
+
+
+def _no_layout(method: str, cols: set) -> TunefleetError:
+    found = ", ".join(sorted(cols)) or "none"
+    return TunefleetError(
+        f"no {method} layout fits the columns {found}; {method} accepts: {ACCEPTED[method]}. "
+        "Map yours with --columns, e.g. --columns prompt=query,chosen=good,rejected=bad"
+    )
+
+
+def sft_layout(cols: set, row: dict) -> Layout:
+    conv = _conversation_column(cols, row)
+    if conv:
+        kind = "sharegpt" if "from" in row[conv][0] else "messages"
+        return Layout(
+            f"{kind} ({conv})",
+            (conv, *_with_optional(cols, "system")),
+            lambda r: {"messages": _with_system(r, to_messages(r[conv]))},
+        )
+    if {"instruction", "output"} <= cols:
+        source = _prompt_source(cols - set(CONVERSATION_COLUMNS), row)
+        return Layout(
+            "alpaca", (*source[1], "output"), lambda r: {"messages": source[2](r) + _as("assistant", r["output"])}
+        )
+    if "completion" in cols and _first(cols, ("prompt", "question", "instruction", "input")):
+        _, used, prompt_turns = _prompt_source(cols - set(CONVERSATION_COLUMNS), row)
+        plain = used == ("prompt",) and isinstance(row["prompt"], str) and isinstance(row["completion"], str)
+        if plain:  # TRL's own prompt-completion strings: passed through, as TRL users expect
+            return Layout(
+                "prompt-completion",
+                ("prompt", "completion"),
+                lambda r: {"prompt": r["prompt"], "completion": r["completion"]},
+            )
+        return Layout(
+            f"prompt-completion ({'+'.join(used)})",
+            (*used, "completion"),
+            lambda r: {"prompt": prompt_turns(r), "completion": _as("assistant", r["completion"])},
+        )
+    if "text" in cols:
+        return Layout("text", ("text",), lambda r: {"text": r["text"]})
+    raise _no_layout("sft", cols)
+
+
+def preference_layout(method: str, cols: set, row: dict) -> Layout:
     if not {"chosen", "rejected"} <= cols:
+        raise _no_layout(method, cols)
+    chosen = row["chosen"]
+    if is_messages(chosen) and to_message(chosen[0])["role"] in ("user", "system"):
+        # full conversations: the prompt is every turn before the last (ultrafeedback, HH as messages)
+        name = "ultrafeedback" if isinstance(row.get("prompt"), str) else "conversation (prompt inside chosen)"
+        return Layout(name, ("chosen", "rejected", *_with_optional(cols, "system")), _split_pair)
+    source = _prompt_source(cols, row)
+    if source:
+        name, used, prompt_turns = source
+        plain = used == ("prompt",) and all(isinstance(row[c], str) for c in ("prompt", "chosen", "rejected"))
+        if plain:  # TRL's standard prompt/chosen/rejected strings: passed through
+            return Layout(
+                "prompt-chosen-rejected",
+                ("prompt", "chosen", "rejected"),
+                lambda r: {k: r[k] for k in ("prompt", "chosen", "rejected")},
+            )
+        label = "sharegpt" if name in CONVERSATION_COLUMNS and "from" in row[name][0] else name
+        return Layout(
+            f"{label} + chosen/rejected",
+            (*used, "chosen", "rejected"),
+            lambda r: {
+                "prompt": prompt_turns(r),
+                "chosen": _as("assistant", r["chosen"]),
+                "rejected": _as("assistant", r["rejected"]),
+            },
+        )
+    if isinstance(chosen, str) and HH_TURN.search(chosen):
+        return Layout("hh transcript", ("chosen", "rejected", *_with_optional(cols, "system")), _split_hh_pair)
+    if isinstance(chosen, str):  # TRL extracts the shared beginning as the prompt
+        return Layout(
+            "text (prompt inside chosen)",
+            ("chosen", "rejected"),
+            lambda r: {"chosen": r["chosen"], "rejected": r["rejected"]},
+        )
+    raise _no_layout(method, cols)
+
+
+def _split_pair(r: dict) -> dict:
+    chosen, rejected = to_messages(r["chosen"]), to_messages(r["rejected"])
+    return {
+        "prompt": _with_system(r, chosen[:-1]),
+        "chosen": chosen[-1:],
+        "rejected": rejected[-1:],
+        "prompt_mismatch": chosen[:-1] != rejected[:-1],
+    }
+
+
+def _split_hh_pair(r: dict) -> dict:
+    return _split_pair({**r, "chosen": hh_to_messages(r["chosen"]), "rejected": hh_to_messages(r["rejected"])})
+
+
+def kto_layout(cols: set, row: dict) -> Layout:
+    if "label" not in cols:
+        pairs = preference_layout("kto", cols, row)
+        return Layout(f"paired ({pairs.name})", pairs.used, pairs.convert)
+    conv = _conversation_column(cols, row)
+    completion = _first(cols, ("completion", "output"))
+    if conv and not completion:
+        return Layout(
+            f"{conv} + label",
+            (conv, "label", *_with_optional(cols, "system")),
+            lambda r: {
+                "prompt": _with_system(r, to_messages(r[conv])[:-1]),
+                "completion": to_messages(r[conv])[-1:],
+                "label": normalize_label(r["label"]),
+            },
+        )
+    source = _prompt_source(cols, row)
+    if not (source and completion):
+        raise _no_layout("kto", cols)
+    name, used, prompt_turns = source
+    plain = used == ("prompt",) and completion == "completion" and isinstance(row["prompt"], str)
+    if plain and isinstance(row["completion"], str):
+        return Layout(
+            "prompt-completion-label",
+            ("prompt", "completion", "label"),
+            lambda r: {"prompt": r["prompt"], "completion": r["completion"], "label": normalize_label(r["label"])},
+        )
+    return Layout(
+        f"{name} + {completion} + label",
+        (*used, completion, "label"),
+        lambda r: {
+            "prompt": prompt_turns(r),
+            "completion": _as("assistant", r[completion]),
+            "label": normalize_label(r["label"]),
+        },
+    )
+
+
+def grpo_layout(cols: set, row: dict) -> Layout:
+    source = _prompt_source(cols, row, conversation_first=False)  # GRPO datasets name their prompt `prompt`
+    if not source:
+        raise _no_layout("grpo", cols)
+    name, used, prompt_turns = source
+    if name in CONVERSATION_COLUMNS:  # a whole conversation: the prompt is what the assistant answers next
+        return Layout(name, used, lambda r: {"prompt": _until_last_user(prompt_turns(r))}, keep_other_columns=True)
+    return Layout(name, used, lambda r: {"prompt": prompt_turns(r)}, keep_other_columns=True)
+
+
+def detect_layout(method: str, ds) -> Layout:
+    """The layout of `ds` for `method`, or a TunefleetError listing what fits."""
+    cols, row = set(ds.column_names), ds[0] if len(ds) else {}
+    if method == "sft":
+        return sft_layout(cols, row)
+    if method in ("dpo", "orpo"):
+        return preference_layout(method, cols, row)
+    if method == "kto":
+        return kto_layout(cols, row)
+    if method == "grpo":
+        return grpo_layout(cols, row)
+    raise TunefleetError(f"unknown method '{method}'")
+
+
+# ---------------------------------------------------------------- columns: mapping and what is left out
+def apply_column_mapping(ds, columns: dict[str, str] | None, ignore: list[str] | None):
+    """Rename the user's columns to the names layouts read; drop the ones left out on purpose."""
+    have = set(ds.column_names)
+    for name in ignore or []:
+        if name not in have:
+            raise TunefleetError(
+                f"--ignore_columns names '{name}', which the dataset does not have; columns: {', '.join(sorted(have))}"
+            )
+    ds = ds.remove_columns(list(ignore or []))
+    have = set(ds.column_names)
+    for target, source in (columns or {}).items():
+        if target not in KNOWN_COLUMNS:
+            raise TunefleetError(
+                f"--columns maps to '{target}', which no layout reads; use one of: {', '.join(KNOWN_COLUMNS)}"
+            )
+        if source not in have:
+            raise TunefleetError(
+                f"--columns {target}={source}: the dataset has no column '{source}'; "
+                f"columns: {', '.join(sorted(have))}"
+            )
+        if target in have and target not in columns.values() and target != source:
+            raise TunefleetError(
+                f"--columns {target}={source}: the dataset already has a '{target}' column; "
+                f"map it elsewhere or leave it out with --ignore_columns {target}"
+            )
+    renames = {source: target for target, source in (columns or {}).items() if source != target}
+    return ds.rename_columns(renames) if renames else ds
+
+
+def _is_text_column(ds, column: str, rows: list[dict]) -> bool:
+    """Content a model could learn from: strings with spaces, or conversations (not ids, tags, numbers)."""
+    if ID_NAME.search(column):
+        return False
+    values = [r.get(column) for r in rows]
+    return any(is_messages(v) or _is_message(v) or (isinstance(v, str) and " " in v.strip()) for v in values)
+
+
+def not_used_columns(method: str, ds, layout: Layout) -> tuple[dict[str, str], list[str]]:
+    """({column: why it is fine to leave out}, [text columns the layout would lose])."""
+    rows = [ds[i] for i in range(min(20, len(ds)))]
+    fine, lost = {}, []
+    for column in ds.column_names:
+        if column in layout.used:
+            continue
+        if layout.keep_other_columns:
+            fine[column] = "passed to the reward functions"
+        elif not _is_text_column(ds, column, rows):
+            fine[column] = "identifier" if ID_NAME.search(column) else "not text"
+        elif all(_inside(text_of(r.get(column)), " ".join(text_of(r.get(u)) for u in layout.used)) for r in rows):
+            fine[column] = "its text is inside the used columns"
+        elif method == "sft" and column == "rejected":
+            fine[column] = "SFT trains on the preferred reply only"
+        else:
+            lost.append(column)
+    return fine, lost
+
+
+def _inside(part: str, whole: str) -> bool:
+    return " ".join(part.split()) in " ".join(whole.split())
+
+
+# ---------------------------------------------------------------- rows the trainer should not see
+def row_problem(method: str, row: dict) -> str | None:
+    """Why a converted row cannot train, or None."""
+    if row.get("prompt_mismatch"):
+        return "chosen and rejected answer different prompts"
+    if "messages" in row:
+        turns = row["messages"]
+        if not turns or turns[-1]["role"] != "assistant" or not any(t["role"] == "user" for t in turns):
+            return "missing turn"
+        return "empty reply" if not turns[-1]["content"].strip() else None
+    if "prompt" in row and not text_of(row["prompt"]).strip():
+        return "missing turn"
+    if isinstance(row.get("prompt"), list) and not any(t["role"] == "user" for t in row["prompt"]):
+        return "missing turn"
+    if method == "grpo":
         return None
-    chosen_conv = _is_messages(row.get("chosen"))
-    if "prompt" in cols:
-        if isinstance(row.get("prompt"), str) and chosen_conv:
-            return "ultrafeedback"
-        return "conversational" if chosen_conv else "text"
-    return "implicit-prompt" if chosen_conv else "text-implicit-prompt"
+    replies = [row[k] for k in ("chosen", "rejected", "completion", "text") if k in row]
+    if any(not text_of(r).strip() for r in replies):
+        return "empty reply"
+    if "chosen" in row and text_of(row["chosen"]).strip() == text_of(row["rejected"]).strip():
+        return "identical chosen and rejected"
+    return None
 
 
-def _split_conversation(conv: list[dict]) -> tuple[list[dict], list[dict]]:
-    return conv[:-1], conv[-1:]
-
-
-def _to_preference(ds, fmt: str):
-    """Any preference format -> TRL's explicit prompt/chosen/rejected, keeping nothing else."""
-    if fmt in ("ultrafeedback", "implicit-prompt"):
-
-        def convert(row):
-            prompt, chosen = _split_conversation(row["chosen"])
-            _, rejected = _split_conversation(row["rejected"])
-            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-        return ds.map(convert, remove_columns=ds.column_names)
-    keep = ["prompt", "chosen", "rejected"] if "prompt" in ds.column_names else ["chosen", "rejected"]
-    return ds.select_columns(keep)
+def drop_bad_rows(method: str, ds):
+    """(dataset without the rows that cannot train, {reason: count})."""
+    problems = [row_problem(method, row) for row in ds]
+    counts: dict[str, int] = {}
+    for p in problems:
+        if p:
+            counts[p] = counts.get(p, 0) + 1
+    if counts:
+        ds = ds.select([i for i, p in enumerate(problems) if p is None])
+    if "prompt_mismatch" in ds.column_names:
+        ds = ds.remove_columns("prompt_mismatch")
+    return ds, counts
 
 
 def _unpair(ds):
@@ -174,54 +586,230 @@ def _unpair(ds):
     return ds.map(convert, batched=True, remove_columns=ds.column_names)
 
 
-def to_method_format(method: str, ds):
-    """Convert `ds` to the columns TRL's trainer for `method` expects. Returns (dataset, format name)."""
-    fmt = detect_format(method, ds)
-    if method == "sft":
-        cols = {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"]}[fmt]
-        return ds.select_columns(cols), fmt
-    if method in ("dpo", "orpo"):
-        return _to_preference(ds, fmt), fmt
-    if method == "kto":
-        if fmt == "unpaired":
-            return ds.select_columns(["prompt", "completion", "label"]), fmt
-        pairs = _to_preference(ds, _preference_format(set(ds.column_names), ds[0]))
-        if "prompt" not in pairs.column_names:
-            raise TunefleetError("kto: text preference pairs need a prompt column to be unpaired")
-        return _unpair(pairs), fmt
-    # grpo: a string prompt becomes one user message so the chat template applies
-    ds = ds.select_columns(["prompt"])
-    if isinstance(ds[0]["prompt"], str):
-        ds = ds.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    return ds, fmt
+# ---------------------------------------------------------------- one dataset, prepared
+@dataclass
+class Prepared:
+    """A dataset in the method's columns, and what was done to get there (run.json's `data`)."""
+
+    dataset: object  # datasets.Dataset
+    source: str
+    split: str
+    layout: str
+    columns_used: list[str]
+    columns_not_used: dict[str, str]
+    rows_in: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    parts: list[dict] = field(default_factory=list)  # a mixture's parts, each as this record
+
+    @property
+    def rows(self) -> int:
+        return len(self.dataset)
+
+    def record(self) -> dict:
+        out = {
+            "dataset": self.source,
+            "split": self.split,
+            "layout": self.layout,
+            "columns_used": self.columns_used,
+            "columns_not_used": self.columns_not_used,
+            "rows_in": self.rows_in,
+            "rows": self.rows,
+            "dropped": self.dropped,
+        }
+        return out | ({"parts": self.parts} if self.parts else {})
+
+    def notes(self, what: str) -> list[str]:
+        lines = []
+        if self.dropped:
+            detail = ", ".join(f"{n} {reason}" for reason, n in self.dropped.items())
+            lines.append(f"{what}: dropped {sum(self.dropped.values())} of {self.rows_in} rows ({detail})")
+        return lines
 
 
-def problems(method: str, ds, limit: int = 2000) -> list[str]:
-    """Row-level problems in the converted data (first `limit` rows): empty text, identical pairs, ..."""
-    found = []
+def check(
+    method: str,
+    ds,
+    columns: dict | None = None,
+    ignore: list[str] | None = None,
+    source: str = "",
+    split: str = "",
+    strict: bool = True,
+):
+    """Map columns, detect the layout and refuse text it would lose (when `strict`), without converting anything.
 
-    def text(v):
-        return " ".join(m.get("content") or "" for m in v) if isinstance(v, list) else (v or "")
-
-    for i, row in enumerate(ds.select(range(min(limit, len(ds))))):
-        for col, value in row.items():
-            if col != "label" and not text(value).strip():
-                found.append(f"row {i}: empty {col}")
-        if "chosen" in row and text(row["chosen"]) == text(row["rejected"]):
-            found.append(f"row {i}: chosen and rejected are identical")
-        if method == "sft" and "messages" in row and row["messages"] and row["messages"][-1]["role"] != "assistant":
-            found.append(f"row {i}: conversation does not end with an assistant reply")
-        if len(found) >= 20:
-            found.append("... (stopping after 20 problems)")
-            break
-    return found
+    Returns (the mapped dataset, its layout, {column left out: why})."""
+    ds = apply_column_mapping(ds, columns, ignore)
+    layout = detect_layout(method, ds)
+    fine, lost = not_used_columns(method, ds, layout)
+    if lost and strict:
+        names = ", ".join(f"'{c}'" for c in lost)
+        raise TunefleetError(
+            f"{source or 'dataset'} split '{split}': column(s) {names} hold text that the {method} layout "
+            f"'{layout.name}' would not use; map them with --columns (e.g. --columns prompt={lost[0]}) or leave "
+            f"them out on purpose with --ignore_columns {','.join(lost)}"
+        )
+    return ds, layout, fine
 
 
-def load_for_method(method: str, dataset: str, split: str, max_samples: int | None, seed: int, what: str):
-    """load -> sample -> convert, with the checks a run needs before it starts."""
-    raw = load_split(dataset, split)
-    raw = sample(raw, max_samples, seed, what)
-    if len(raw) == 0:
-        raise TunefleetError(f"dataset {dataset} split '{split}' is empty after sampling")
-    converted, _ = to_method_format(method, raw)
-    return converted
+def prepare(
+    method: str,
+    ds,
+    columns: dict | None = None,
+    ignore: list[str] | None = None,
+    source: str = "",
+    split: str = "",
+    strict: bool = True,
+) -> Prepared:
+    """Map columns, detect the layout, refuse lost text (when `strict`), convert, and drop rows that cannot train."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds, layout, fine = check(method, ds, columns, ignore, source, split, strict)
+    rows_in = len(ds)
+    remove = [c for c in ds.column_names if c in layout.used or not layout.keep_other_columns]
+
+    def convert(row, index):
+        try:
+            return layout.convert(row)
+        except TunefleetError as exc:
+            raise TunefleetError(f"{source or 'dataset'} split '{split}' row {index}: {exc}") from None
+        except Exception as exc:
+            raise TunefleetError(
+                f"{source or 'dataset'} split '{split}' row {index}: cannot convert the "
+                f"'{layout.name}' layout for {method}: {first_line(exc)}"
+            ) from None
+
+    converted = ds.map(convert, with_indices=True, remove_columns=remove)
+    if "label" in converted.column_names and converted.features["label"].dtype != "bool":
+        from datasets import Value
+
+        converted = converted.cast_column("label", Value("bool"))  # an int label column keeps its type otherwise
+    converted, dropped = drop_bad_rows(method, converted)
+    if method == "kto" and {"chosen", "rejected"} <= set(converted.column_names):
+        converted = _unpair(converted)
+    if len(converted) == 0:
+        raise TunefleetError(f"{source} split '{split}': no row left to train on ({dropped})")
+    return Prepared(converted, source, split, layout.name, list(layout.used), fine, rows_in, dropped)
+
+
+# ---------------------------------------------------------------- what a run trains and evaluates on
+def training_data(cfg) -> Prepared:
+    """The run's training rows: one dataset, or a mixture of several."""
+    if cfg.mixture:
+        return mixture(cfg.method, cfg.mixture, cfg.seed, cfg.max_train_samples)
+    raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.data_files)
+    raw = sample(raw, cfg.max_train_samples, cfg.seed, "--max_train_samples")
+    return prepare(cfg.method, raw, cfg.columns, cfg.ignore_columns, cfg.dataset, cfg.split)
+
+
+def eval_part(cfg) -> DatasetPart | None:
+    """Where the eval split comes from: --dataset, else the mixture's first part (its columns and files)."""
+    if not cfg.eval_split:
+        return None
+    if cfg.mixture and not cfg.dataset:
+        first = cfg.mixture[0]
+        return DatasetPart(
+            first.dataset, cfg.eval_split, first.config, first.data_files, first.columns, first.ignore_columns
+        )
+    return DatasetPart(
+        cfg.dataset, cfg.eval_split, cfg.dataset_config, cfg.data_files, cfg.columns, cfg.ignore_columns
+    )
+
+
+def train_parts(cfg) -> list[DatasetPart]:
+    """What the run trains on, as dataset parts (one, or the mixture's)."""
+    if cfg.mixture:
+        return list(cfg.mixture)
+    return [DatasetPart(cfg.dataset, cfg.split, cfg.dataset_config, cfg.data_files, cfg.columns, cfg.ignore_columns)]
+
+
+def evaluation_data(cfg) -> Prepared | None:
+    """The eval split, prepared like the training data."""
+    part = eval_part(cfg)
+    if part is None:
+        return None
+    raw = load_split(part.dataset, part.split, part.config, part.data_files)
+    raw = sample(raw, cfg.max_eval_samples, cfg.seed, "--max_eval_samples")
+    return prepare(cfg.method, raw, part.columns, part.ignore_columns, part.dataset, part.split)
+
+
+def mixture(method: str, parts: list[DatasetPart], seed: int, max_rows: int | None) -> Prepared:
+    """Several datasets in one run: each part converted on its own, sized by samples or weight, then shuffled."""
+    import datasets
+
+    prepared = []
+    for part in parts:
+        raw = load_split(part.dataset, part.split, part.config, part.data_files)
+        prepared.append(prepare(method, raw, part.columns, part.ignore_columns, part.dataset, part.split))
+    counts = mixture_counts(
+        [len(p.dataset) for p in prepared], [p.samples for p in parts], [p.weight for p in parts], max_rows
+    )
+    pieces = []
+    for p, n in zip(prepared, counts):
+        p.dataset = p.dataset.shuffle(seed=seed).select(range(n))
+        pieces.append(p)
+    tables = _same_shape([p.dataset for p in pieces], [f"{p.source}:{p.split}" for p in pieces])
+    mixed = datasets.concatenate_datasets(tables).shuffle(seed=seed)
+    if max_rows and len(mixed) > max_rows and not any(p.weight for p in parts):
+        mixed = mixed.select(range(max_rows))
+    return Prepared(
+        mixed,
+        "mixture",
+        "+".join(p.split for p in pieces),
+        "mixture",
+        sorted({c for p in pieces for c in p.columns_used}),
+        {},
+        sum(p.rows_in for p in pieces),
+        {},
+        [p.record() for p in pieces],
+    )
+
+
+def mixture_counts(
+    available: list[int], samples: list[int | None], weights: list[float | None], max_rows: int | None = None
+) -> list[int]:
+    """Rows per part (pure). `samples`: exactly that many (all when fewer exist); `weight`: shares of the largest
+    total the weighted parts can give without repeating a row (capped by `max_rows`); neither: every row."""
+    if any(w for w in weights):
+        total_weight = sum(w for w in weights if w)
+        total = min(n * total_weight / w for n, w in zip(available, weights) if w)
+        if max_rows:
+            total = min(total, max_rows)
+        return [min(n, int(total * w / total_weight)) if w else n for n, w in zip(available, weights)]
+    return [min(n, s) if s else n for n, s in zip(available, samples)]
+
+
+def _same_shape(tables: list, names: list[str]) -> list:
+    """Parts must give the same columns; strings meet conversations as one turn (prompt: user, replies: assistant)."""
+    columns = [set(t.column_names) for t in tables]
+    if any(c != columns[0] for c in columns):
+        detail = "; ".join(f"{n}: {', '.join(sorted(c))}" for n, c in zip(names, columns))
+        raise TunefleetError(
+            f"mixture parts give different columns ({detail}); map them to one layout with "
+            "--columns per part, or leave extra columns out with ignore_columns"
+        )
+    conversational = {c for t in tables for c in t.column_names if isinstance(t[0][c], list)}
+    out = []
+    for t, name in zip(tables, names):
+        strings = [c for c in t.column_names if c in conversational and not isinstance(t[0][c], list)]
+        if "text" in strings:
+            raise TunefleetError(f"mixture part {name} is plain text; other parts are conversations")
+        if strings:
+            t = t.map(
+                lambda r, cols=tuple(strings): {c: _as("user" if c == "prompt" else "assistant", r[c]) for c in cols}
+            )
+        out.append(t.cast(out[0].features) if out else t)
+    return out
+
+
+# ---------------------------------------------------------------- what the trainer sees
+def example_text(trainer, tokenizer) -> dict[str, str]:
+    """The first training example as the trainer will feed it: its token ids decoded (GRPO: the templated prompt)."""
+    row = trainer.train_dataset[0]
+    ids = {c: v for c, v in row.items() if c.endswith("input_ids") or c.endswith("_ids")}
+    ids = {c: v for c, v in ids.items() if isinstance(v, list) and v and isinstance(v[0], int)}
+    if ids:
+        return {c: tokenizer.decode(v) for c, v in ids.items()}
+    from trl.data_utils import maybe_apply_chat_template
+
+    return {k: v for k, v in maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer).items() if k == "prompt"}

@@ -22,15 +22,14 @@ def train(cfg):
     resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
 
     # ---- rewards first: a bad --reward_funcs fails before any loading
-    reward_funcs = rewards.load(cfg.reward_funcs, cfg.trust_remote_code)
+    reward_funcs = [
+        rewards.guarded(spec, f) if callable(f) else f
+        for spec, f in zip(cfg.reward_funcs, rewards.load(cfg.reward_funcs, cfg.trust_remote_code))
+    ]
 
-    # ---- data: prompts only (strings become one user message)
-    train_ds = data.load_for_method(
-        "grpo", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples"
-    )
-    eval_ds = cfg.eval_split and data.load_for_method(
-        "grpo", cfg.dataset, cfg.eval_split, cfg.max_eval_samples, cfg.seed, "--max_eval_samples"
-    )
+    # ---- data: prompts (strings become one user message); other columns go to the reward functions
+    train = data.training_data(cfg)
+    evaluation = data.evaluation_data(cfg)
 
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
@@ -57,8 +56,8 @@ def train(cfg):
         model=base,
         reward_funcs=reward_funcs,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds or None,
+        train_dataset=train.dataset,
+        eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
         callbacks=[run.progress_callback(cfg.output_dir)],
@@ -66,5 +65,10 @@ def train(cfg):
 
     # ---- train, save the documented layout, record run.json
     return run.train_and_save(
-        trainer, cfg, resume_from, extra={"reward_funcs": cfg.reward_funcs, "fast_path": fast.record()}
+        trainer,
+        cfg,
+        resume_from,
+        train,
+        evaluation,
+        extra={"reward_funcs": cfg.reward_funcs, "fast_path": fast.record()},
     )

@@ -17,13 +17,9 @@ def train(cfg):
     # ---- output folder: refuse a finished run, find a checkpoint to resume
     resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
 
-    # ---- data: prompt / completion / label (pairs unpaired)
-    train_ds = data.load_for_method(
-        "kto", cfg.dataset, cfg.split, cfg.max_train_samples, cfg.seed, "--max_train_samples"
-    )
-    eval_ds = cfg.eval_split and data.load_for_method(
-        "kto", cfg.dataset, cfg.eval_split, cfg.max_eval_samples, cfg.seed, "--max_eval_samples"
-    )
+    # ---- data: prompt / completion / label (preference pairs unpaired)
+    train = data.training_data(cfg)
+    evaluation = data.evaluation_data(cfg)
 
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
@@ -47,12 +43,12 @@ def train(cfg):
         model=base,
         ref_model=None,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds or None,
+        train_dataset=train.dataset,
+        eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
         callbacks=[run.progress_callback(cfg.output_dir)],
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from, extra={"fast_path": fast.record()})
+    return run.train_and_save(trainer, cfg, resume_from, train, evaluation, extra={"fast_path": fast.record()})

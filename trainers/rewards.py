@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -92,6 +93,33 @@ def load(specs: list[str], trust_remote_code: bool = False) -> list:
                 "package.module:function, or a reward-model path"
             )
     return funcs
+
+
+class RewardError(TunefleetError):
+    """A reward function raised or returned something that is not one score per completion."""
+
+
+def guarded(spec: str, func):
+    """`func` with its failures said in one line naming the reward (TRL would show a traceback from deep inside)."""
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        try:
+            scores = func(*args, **kwargs)
+        except Exception as exc:
+            raise RewardError(f"reward function '{spec}' raised {type(exc).__name__}: {first_line(exc)}") from None
+        completions = kwargs.get("completions", args[1] if len(args) > 1 else None)
+        if not isinstance(scores, list | tuple) or (completions is not None and len(scores) != len(completions)):
+            raise RewardError(
+                f"reward function '{spec}' must return one score per completion (a list of "
+                f"{len(completions or [])} numbers or None), got {type(scores).__name__}"
+            )
+        if any(s is not None and not isinstance(s, int | float) for s in scores):
+            bad = next(s for s in scores if s is not None and not isinstance(s, int | float))
+            raise RewardError(f"reward function '{spec}' returned {bad!r}, not a number")
+        return scores
+
+    return call
 
 
 def _import(spec: str):

@@ -21,6 +21,8 @@ from pathlib import Path
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
+from tunefleet.trainers import data
+from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
 
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
@@ -280,8 +282,19 @@ def check_world_size(launched: int, seen: int) -> None:
         )
 
 
-def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = None) -> dict:
-    """Train (resuming when a checkpoint exists), save the documented layout, record the outcome."""
+def train_and_save(
+    trainer,
+    cfg,
+    resume_from: str | None,
+    train_data: Prepared,
+    eval_data: Prepared | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Train (resuming when a checkpoint exists), save the documented layout, record the outcome.
+
+    run.json also records the data (layout, columns used and left out, rows dropped and why) and the first
+    training example as the trainer tokenized it.
+    """
     from transformers import PrinterCallback
 
     from tunefleet.trainers.model import count_4bit_layers
@@ -294,8 +307,15 @@ def train_and_save(trainer, cfg, resume_from: str | None, extra: dict | None = N
         "qlora_4bit_layers": count_4bit_layers(trainer.model),
         "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
         "distributed_type": str(trainer.accelerator.distributed_type),
+        "data": {"train": train_data.record()} | ({"eval": eval_data.record()} if eval_data else {}),
+        "example": data.example_text(trainer, trainer.processing_class),
         **(extra or {}),
     }
+    if is_main_process():
+        for line in train_data.notes("train data") + (eval_data.notes("eval data") if eval_data else []):
+            print(line, flush=True)
+        for column, text in extra["example"].items():
+            print(f"example {column}: {text[:300]!r}", flush=True)
     preemption = preemption_callback()
     trainer.add_callback(preemption)
     record = start_record(cfg, resume_from, extra)

@@ -51,8 +51,11 @@ def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: Swe
     outcomes: dict[str, RunOutcome] = {}
     lock = threading.Lock()
 
+    # Each run gets its own cores' worth of threads, as Ray does: N runs x all cores each would thrash the CPU.
+    cpu_env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(resources.cpus_per_run)}
+
     def slot(gpus: list[str]):
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}
+        env = {**cpu_env, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
         while True:
             try:
                 run = pending.get_nowait()
@@ -63,7 +66,13 @@ def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: Swe
                     return
                 with lock:
                     view.set(run.name, RunStatus.RUNNING, f"(attempt {attempt + 1})" if attempt else "")
-                outcome = run_one(run, env)
+                try:
+                    outcome = run_one(run, env)
+                except Exception as exc:  # a launch that cannot even start: recorded, and the sweep goes on
+                    log = os.path.join(run.output_dir, "train.log")
+                    outcome = RunOutcome(
+                        run.name, RunStatus.FAILED, log, error=f"{type(exc).__name__}: {first_line(exc)}"
+                    )
                 if outcome.ok:
                     break
             with lock:

@@ -3,7 +3,6 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export TUNEFLEET_CACHE ?= $(CURDIR)/.cache/tunefleet
 
 .PHONY: setup demo test bench clean
 

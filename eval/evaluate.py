@@ -39,6 +39,10 @@ def evaluate(
             f"no runs with an adapter under {runs_dir}" + (f" for methods {methods}" if methods else "")
         )
     existing = results.load_results(out_path)
+    reward_funcs = tuple(settings.reward_funcs or results.grpo_rewards(runs) or ["length"])
+    from tunefleet.eval.worker import reward_functions
+
+    reward_functions(reward_funcs)  # a reward that cannot be loaded: one line now, not in every worker
 
     groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
     updates = {}
@@ -52,7 +56,7 @@ def evaluate(
                 "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"
             }
     for (base, dataset), members in groups.items():
-        updates.update(_evaluate_group(base, dataset, members, settings, existing, address, progress))
+        updates.update(_evaluate_group(base, dataset, members, settings, reward_funcs, existing, address, progress))
     merged = results.save_results(out_path, updates)
     from tunefleet.eval.report import write_report
 
@@ -61,9 +65,16 @@ def evaluate(
 
 
 def _evaluate_group(
-    base: str, dataset: str, runs: list, settings: EvalSettings, existing: dict, address: str | None, progress: bool
+    base: str,
+    dataset: str,
+    runs: list,
+    settings: EvalSettings,
+    reward_funcs: tuple[str, ...],
+    existing: dict,
+    address: str | None,
+    progress: bool,
 ) -> dict:
-    fp_settings = settings.fingerprint_fields() | {"dataset": dataset, "base": base}
+    fp_settings = settings.fingerprint_fields() | {"dataset": dataset, "base": base, "rewards": list(reward_funcs)}
     todo, updates = [], {}
     for run in runs:
         fp = run.fingerprint(fp_settings)
@@ -85,6 +96,9 @@ def _evaluate_group(
         pref_split=settings.pref_split,
         max_samples=settings.max_samples,
         max_generation_samples=settings.max_generation_samples,
+        gen_split=settings.gen_split,
+        reward_funcs=reward_funcs,
+        max_new_tokens=settings.max_new_tokens,
     )
     targets = {base_name: None} | {run.name: str(run.path) for run, _ in todo}
     from tunefleet.eval.worker import load_eval_data
@@ -112,7 +126,7 @@ def _evaluate_group(
         pieces += res.results
         errors.update(res.errors)
     merged = plan.merge([p for p in pieces if p[0].target not in errors])
-    base_pref = merged.get((base_name, "pref"))
+    base_pref, base_gen = merged.get((base_name, "pref")), merged.get((base_name, "gen"))
     meta = {base_name: {"method": "base", "seed": None, "path": base, "fp": base_fp}}
     meta |= {
         run.name: {"method": run.method, "seed": run.seed, "path": str(run.path), "fp": fp, "run": run}
@@ -134,7 +148,12 @@ def _evaluate_group(
         if name not in errors:
             entry.update(plan.perplexity_metrics(merged.get((name, "ppl"))))
             entry.update(plan.preference_metrics(merged.get((name, "pref")), None if name == base_name else base_pref))
-            entry["generation_samples"] = merged.get((name, "gen"), [])
+            entry.update(
+                plan.reward_metrics(
+                    merged.get((name, "gen")), None if name == base_name else base_gen, settings.max_generation_samples
+                ),
+                reward_funcs=list(reward_funcs),
+            )
         updates[name] = entry
     return updates
 

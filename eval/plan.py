@@ -117,5 +117,31 @@ def preference_metrics(values: list | None, base: list | None = None) -> dict:
     return out
 
 
+def reward_metrics(values: list | None, base: list | None = None, samples: int = 3) -> dict:
+    """values: per held-out prompt {"prompt", "response", "rewards": {name: score}, "reward": sum} (same for the
+    base) -> mean rewards, win rates against the base (strictly higher, same prompt) and the first samples."""
+    keys = ("heldout_reward", "heldout_rewards", "win_rate_vs_base", "win_rates_vs_base")
+    if not values:
+        return dict.fromkeys(keys) | {"prompts_rewarded": 0, "generation_samples": []}
+    names = list(values[0]["rewards"])
+    n = len(values)
+    out = {
+        "heldout_reward": sum(v["reward"] for v in values) / n,
+        "heldout_rewards": {k: sum(v["rewards"][k] for v in values) / n for k in names},
+        "win_rate_vs_base": None,
+        "win_rates_vs_base": None,
+        "prompts_rewarded": n,
+        "generation_samples": [
+            {"prompt": v["prompt"], "response": v["response"], "reward": v["reward"]} for v in values[:samples]
+        ],
+    }
+    if base and len(base) == n:
+        out["win_rate_vs_base"] = sum(v["reward"] > b["reward"] for v, b in zip(values, base)) / n
+        out["win_rates_vs_base"] = {
+            k: sum(v["rewards"][k] > b["rewards"][k] for v, b in zip(values, base)) / n for k in names
+        }
+    return out
+
+
 def task_dict(task: Task) -> dict:
     return asdict(task)

@@ -1,7 +1,8 @@
 """`evaluation_report.md` and PNG plots from `evaluation_results.json` (rebuilt by `tunefleet report`).
 
 One table of all runs (base row included, best value per column in bold), per-method mean ± std across
-seeds, and three plots: training-loss curves, preference accuracy by method, perplexity by method.
+seeds, generation samples side by side (prompt, the base's answer, each run's answer), and plots: training-loss
+curves, GRPO reward curves, held-out reward, preference accuracy and perplexity by method.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from tunefleet.eval.results import load_results, loss_curve
+from tunefleet.eval.results import load_results, loss_curve, reward_curve
 
 # column, header, better ("min" / "max" / None), format
 COLUMNS = [
@@ -23,8 +24,18 @@ COLUMNS = [
     ("preference_accuracy", "pref. acc.", "max", "{:.3f}"),
     ("reward_accuracy", "reward acc.", "max", "{:.3f}"),
     ("loss_margin", "loss margin", "max", "{:.4f}"),
+    ("heldout_reward", "held-out reward", "max", "{:.3f}"),
+    ("win_rate_vs_base", "win rate vs base", "max", "{:.2f}"),
 ]
-SUMMARY = ["test_loss", "perplexity", "preference_accuracy", "reward_accuracy", "loss_margin"]
+SUMMARY = [
+    "test_loss",
+    "perplexity",
+    "preference_accuracy",
+    "reward_accuracy",
+    "loss_margin",
+    "heldout_reward",
+    "win_rate_vs_base",
+]
 
 
 def _fmt(value, pattern: str) -> str:
@@ -82,13 +93,41 @@ def markdown(results: dict) -> str:
                 cells.append(f"{statistics.mean(vals):.4f} ± {std:.4f}")
         lines.append(f"| {method} | {len(entries)} | " + " | ".join(cells) + " |")
 
-    samples = [(n, e["generation_samples"][0]) for n, e in rows if e.get("generation_samples")]
-    if samples:
-        lines += ["", "## Generation samples (first prompt)", ""]
-        for name, s in samples:
-            lines.append(f"- **{name}**: {s['prompt']!r} → {s['response']!r}")
-    lines += ["", "Plots: `loss_curves.png`, `preference_accuracy.png`, `perplexity.png`.", ""]
+    lines += samples_side_by_side(rows)
+    lines += [
+        "",
+        "Plots: `loss_curves.png`, `reward_curves.png` (GRPO), `heldout_reward.png`, "
+        "`preference_accuracy.png`, `perplexity.png`.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def samples_side_by_side(rows: list[tuple[str, dict]]) -> list[str]:
+    """For each sampled prompt: the base's answer and every run's answer to it, with its held-out reward."""
+    with_samples = [(name, e) for name, e in rows if e.get("generation_samples") and not e.get("error")]
+    if not with_samples:
+        return []
+    rewards = ", ".join(next((e.get("reward_funcs") for _, e in with_samples if e.get("reward_funcs")), []) or [])
+    lines = ["", f"## Generation samples (greedy; reward: {rewards or '–'})", ""]
+    count = max(len(e["generation_samples"]) for _, e in with_samples)
+    for i in range(count):
+        prompt = next(
+            (e["generation_samples"][i]["prompt"] for _, e in with_samples if len(e["generation_samples"]) > i), ""
+        )
+        lines += [f"**Prompt {i + 1}:** {_cell(prompt)}", "", "| run | answer | reward |", "|---|---|---|"]
+        for name, e in with_samples:
+            if len(e["generation_samples"]) > i:
+                sample = e["generation_samples"][i]
+                lines.append(
+                    f"| {name} | {_cell(sample['response']) or '(empty)'} | {_fmt(sample.get('reward'), '{:.2f}')} |"
+                )
+        lines.append("")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Path]:
@@ -112,7 +151,25 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    for key, title in (("preference_accuracy", "Preference accuracy (held out)"), ("perplexity", "Perplexity")):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, entry in _ordered(results):
+        path = entry.get("model_path")
+        curve = reward_curve(Path(path)) if path and Path(path).is_dir() else []
+        if curve:
+            ax.plot(*zip(*curve), label=name, linewidth=1.2)
+    ax.set(xlabel="step", ylabel="mean reward of the sampled answers", title="GRPO reward during training")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "reward_curves.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    for key, title in (
+        ("heldout_reward", "Reward of greedy answers to held-out prompts"),
+        ("preference_accuracy", "Preference accuracy (held out)"),
+        ("perplexity", "Perplexity"),
+    ):
         by_method: dict[str, list[float]] = {}
         for _, entry in _ordered(results):
             if isinstance(entry.get(key), (int, float)) and not entry.get("error"):

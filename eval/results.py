@@ -109,6 +109,23 @@ def training_metrics(run_dir: Path) -> dict:
     }
 
 
+def grpo_rewards(runs: list[RunInfo]) -> list[str]:
+    """The reward functions the GRPO runs trained with (first seen first): what held-out answers are scored by."""
+    found: list[str] = []
+    for run in runs:
+        if run.method == "grpo":
+            for spec in run.record.get("reward_funcs") or (run.record.get("config") or {}).get("reward_funcs") or []:
+                if spec not in found:
+                    found.append(spec)
+    return found
+
+
+def reward_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """GRPO's mean reward per logged step, from trainer_state.json."""
+    state = read_json(Path(run_dir) / "trainer_state.json") or {}
+    return [(e["step"], e["reward"]) for e in state.get("log_history", []) if isinstance(e, dict) and "reward" in e]
+
+
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     state = read_json(Path(run_dir) / "trainer_state.json") or {}
     return [

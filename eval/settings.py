@@ -25,6 +25,13 @@ class EvalSettings:
     dataset: str | None = option(None, "Test dataset (default: each run's dataset).")
     sft_split: str = option("test_sft", "Conversations for test loss.")
     pref_split: str = option("test_prefs", "Pairs for preference accuracy.")
+    gen_split: str = option(
+        "test_gen", "Held-out prompts: greedy answers for heldout_reward, win_rate_vs_base and the samples."
+    )
+    reward_funcs: list[str] | None = option(
+        None, "Rewards for heldout_reward and win_rate_vs_base (default: the GRPO runs' rewards, else length)."
+    )
+    max_new_tokens: int = option(48, "Longest generated answer, in tokens.", at_least=1)
     backend: str | None = option(
         None, "Where to score: local or ray (default: local; after a sweep, the sweep's backend).", choices=BACKENDS
     )
@@ -40,7 +47,15 @@ class EvalSettings:
         """The settings that change the numbers (a run scored under other ones is scored again)."""
         return {
             k: getattr(self, k)
-            for k in ("max_samples", "max_generation_samples", "skip_perplexity", "sft_split", "pref_split")
+            for k in (
+                "max_samples",
+                "max_generation_samples",
+                "skip_perplexity",
+                "sft_split",
+                "pref_split",
+                "gen_split",
+                "max_new_tokens",
+            )
         }
 
 
@@ -53,3 +68,6 @@ class EvalData:
     pref_split: str | None
     max_samples: int
     max_generation_samples: int
+    gen_split: str | None = None  # held-out prompts (falls back to the SFT split's prompts when absent)
+    reward_funcs: tuple[str, ...] = ("length",)
+    max_new_tokens: int = 48

@@ -25,51 +25,77 @@ class ShardResult:
     seconds: float = 0.0
 
 
+GENERATION_CHUNK = 64  # rows (runs x prompts) per generate call: bounded memory, little padding
+
+
+def _first_rows(ds, n: int):
+    return ds.select(range(min(n, len(ds))))
+
+
 def load_eval_data(spec: EvalData) -> dict:
-    """The first `max_samples` conversations / pairs of each test split, as message lists, per metric.
+    """Per metric, the first `max_samples` items of its test split: conversations (ppl), pairs (pref) and
+    held-out prompts with their other columns (gen: greedy answers, rewards, samples).
 
     Any layout training accepts works here too (converted the same way); scoring needs conversations, so
-    plain-text layouts are refused with the reason.
+    plain-text layouts are refused with the reason. Without a `gen_split`, the prompts of the SFT split serve.
     """
     from tunefleet.trainers import data
 
-    out = {"ppl": [], "pref": [], "gen": []}
+    def prepared(method: str, split: str):
+        rows = _first_rows(data.load_split(spec.dataset, split), spec.max_samples)
+        return data.prepare(method, rows, source=spec.dataset, split=split, strict=False).dataset
+
+    out = {"ppl": [], "pref": [], "gen": [], "gen_columns": []}
     if spec.sft_split:
-        ds = data.load_split(spec.dataset, spec.sft_split)
-        sft = data.prepare(
-            "sft",
-            ds.select(range(min(spec.max_samples, len(ds)))),
-            source=spec.dataset,
-            split=spec.sft_split,
-            strict=False,
-        ).dataset
+        sft = prepared("sft", spec.sft_split)
         if "messages" in sft.column_names:
-            rows = sft["messages"]
+            out["ppl"] = sft["messages"]
         elif "prompt" in sft.column_names and isinstance(sft[0]["prompt"], list):
-            rows = [p + c for p, c in zip(sft["prompt"], sft["completion"])]
+            out["ppl"] = [p + c for p, c in zip(sft["prompt"], sft["completion"])]
         else:
             raise TunefleetError(
                 f"dataset {spec.dataset} split '{spec.sft_split}' holds plain text; perplexity is scored on "
                 "conversations (chat template): give a conversational split or --skip_perplexity"
             )
-        out["ppl"] = rows
-        out["gen"] = [m[:-1] for m in rows[: spec.max_generation_samples]]
     if spec.pref_split:
-        ds = data.load_split(spec.dataset, spec.pref_split)
-        pairs = data.prepare(
-            "dpo",
-            ds.select(range(min(spec.max_samples, len(ds)))),
-            source=spec.dataset,
-            split=spec.pref_split,
-            strict=False,
-        ).dataset
+        pairs = prepared("dpo", spec.pref_split)
         if "prompt" not in pairs.column_names or not isinstance(pairs[0]["prompt"], list):
             raise TunefleetError(
                 f"dataset {spec.dataset} split '{spec.pref_split}' must hold conversational chosen/rejected "
                 "for preference accuracy (its layout is plain text)"
             )
         out["pref"] = [(p + c, p + r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+    if spec.gen_split:
+        try:
+            prompts = prepared("grpo", spec.gen_split)
+        except TunefleetError as exc:
+            if "has no split" not in str(exc) or not out["ppl"]:
+                raise
+            print(
+                f"note: {spec.dataset} has no split '{spec.gen_split}': the questions of '{spec.sft_split}' are "
+                "the held-out prompts"
+            )
+            out["gen"] = [m[:-1] for m in out["ppl"]]
+            out["gen_columns"] = [{} for _ in out["gen"]]
+        else:
+            others = [c for c in prompts.column_names if c != "prompt"]
+            out["gen"] = prompts["prompt"]
+            out["gen_columns"] = [{c: row[c] for c in others} for row in prompts]
     return out
+
+
+def reward_functions(specs) -> list[tuple[str, object]]:
+    """(name, guarded function) for the eval's rewards; reward models are refused (the evaluator runs functions)."""
+    from tunefleet.trainers import rewards
+
+    loaded = rewards.load(list(specs))
+    models = [spec for spec, f in zip(specs, loaded) if not callable(f)]
+    if models:
+        raise TunefleetError(
+            f"eval rewards must be functions (built-in names or module:function); {', '.join(models)} is a reward "
+            "model: pass --reward_funcs with functions"
+        )
+    return [(spec, rewards.guarded(spec, f)) for spec, f in zip(specs, loaded)]
 
 
 class Scorer:
@@ -101,6 +127,9 @@ class Scorer:
             ],
             "gen": raw["gen"],
         }
+        self.gen_columns = raw["gen_columns"]
+        self.rewards = reward_functions(data_spec.reward_funcs)
+        self.max_new_tokens = data_spec.max_new_tokens
 
     def sizes(self) -> dict:
         return {k: len(v) for k, v in self.data.items()}
@@ -143,7 +172,8 @@ class Scorer:
         return ShardResult(results, errors, time.time() - t0)
 
     def _generate_all(self, tasks: list[Task], targets: dict, errors: dict) -> list:
-        """Every target's generation samples in one mixed-adapter batch (one generate call, not one per run)."""
+        """Greedy answers of every target to its held-out prompts, in mixed-adapter batches (rows of many runs in
+        one generate call), each answer scored by the eval's rewards."""
         rows = []  # (task, adapter name)
         for task in tasks:
             try:
@@ -151,26 +181,45 @@ class Scorer:
                 rows.append((task, self.loaded.get(task.target, "__base__")))
             except Exception as exc:
                 errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
-        conversations = [m for task, _ in rows for m in self.data["gen"][task.start : task.end]]
+        prompts = [m for task, _ in rows for m in self.data["gen"][task.start : task.end]]
         names = [name for task, name in rows for _ in range(task.end - task.start)]
+        replies = []
         try:
-            replies = generate(
-                self.peft or self.base,
-                self.tokenizer,
-                conversations,
-                adapter_names=names if self.peft is not None else None,
-            )
+            for i in range(0, len(prompts), GENERATION_CHUNK):
+                replies += generate(
+                    self.peft or self.base,
+                    self.tokenizer,
+                    prompts[i : i + GENERATION_CHUNK],
+                    max_new_tokens=self.max_new_tokens,
+                    adapter_names=names[i : i + GENERATION_CHUNK] if self.peft is not None else None,
+                )
         except Exception as exc:
             for task, _ in rows:
                 errors[task.target] = f"generation failed: {type(exc).__name__}: {first_line(exc)}"
             return []
         out, i = [], 0
         for task, _ in rows:
-            convs = self.data["gen"][task.start : task.end]
+            n = task.end - task.start
+            try:
+                out.append((task, self._rewarded(task, replies[i : i + n])))
+            except TunefleetError as exc:
+                errors[task.target] = str(exc)
+            i += n
+        return out
+
+    def _rewarded(self, task: Task, replies: list[str]) -> list[dict]:
+        """Per prompt: the prompt, the answer, each reward's score and their sum."""
+        prompts = self.data["gen"][task.start : task.end]
+        columns = self.gen_columns[task.start : task.end]
+        extra = {c: [row[c] for row in columns] for c in (columns[0] if columns else {})}
+        completions = [[{"role": "assistant", "content": r}] for r in replies]
+        scores = {name: f(prompts=prompts, completions=completions, **extra) for name, f in self.rewards}
+        out = []
+        for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+            each = {name: float(values[i] or 0.0) for name, values in scores.items()}
             out.append(
-                (task, [{"prompt": _last_user(m), "response": r} for m, r in zip(convs, replies[i : i + len(convs)])])
+                {"prompt": _last_user(prompt), "response": reply, "rewards": each, "reward": sum(each.values())}
             )
-            i += len(convs)
         return out
 
     def _score(self, model, task: Task) -> list:

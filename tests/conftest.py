@@ -16,7 +16,6 @@ SPLIT = {"sft": "train_sft", "dpo": "train_prefs", "orpo": "train_prefs", "kto":
 # A few fast steps: batch 4, no accumulation.
 FAST = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
 
-os.environ.setdefault("TUNEFLEET_CACHE", str(ROOT / ".cache" / "tunefleet"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

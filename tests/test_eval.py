@@ -16,17 +16,20 @@ from tunefleet.eval.results import RESULT_KEYS, training_metrics
 
 # Margins measured on the tiny default after these short runs (60 steps): DPO preference accuracy
 # 1.00 vs base 0.58; SFT test loss 4.86 vs base 6.30. The asserted margins leave room for seed noise.
-PREF_MARGIN = 0.2
-LOSS_MARGIN = 0.5
+PREF_MARGIN = 0.5  # the pretrained base prefers the hostile replies (0.10): DPO must turn that around
+LOSS_SHARE = 0.85  # SFT's test loss at most this share of the base's (measured: 0.20-0.30 against 0.39)
 
 
 @pytest.fixture(scope="module")
 def trained_runs(tmp_path_factory, tiny_model):
-    """An SFT and a DPO run, 60 steps each, learning rates that show learning on the tiny data."""
+    """An SFT and a DPO run, 60 steps each, with the demo's settings for the tiny model."""
     root = tmp_path_factory.mktemp("runs")
     from tunefleet.launcher.cli import main
 
-    for method, split, lr in (("sft", "train_sft", "2e-3"), ("dpo", "train_prefs", "1e-3")):
+    for method, split, lr, extra in (
+        ("sft", "train_sft", "5e-3", ["--assistant_only_loss"]),
+        ("dpo", "train_prefs", "3e-3", ["--loss_type", "sigmoid", "sft"]),
+    ):
         assert (
             main(
                 [
@@ -50,6 +53,7 @@ def trained_runs(tmp_path_factory, tiny_model):
                     "1",
                     "--logging_steps",
                     "20",
+                    *extra,
                 ]
             )
             == 0
@@ -159,7 +163,7 @@ def test_eval_scores_runs_and_learning_shows(trained_runs, tmp_path, capsys):
     dpo, sft = res["dpo_tiny_s1"], res["sft_tiny_s1"]
     assert dpo["preference_accuracy"] >= base["preference_accuracy"] + PREF_MARGIN, (dpo, base)
     assert dpo["reward_accuracy"] > 0.5 and base["reward_accuracy"] is None
-    assert sft["test_loss"] <= base["test_loss"] - LOSS_MARGIN
+    assert sft["test_loss"] <= base["test_loss"] * LOSS_SHARE, (sft["test_loss"], base["test_loss"])
     assert sft["perplexity"] == pytest.approx(2.718281828 ** sft["test_loss"])
     assert sft["total_steps"] == 60 and sft["initial_train_loss"] > sft["final_train_loss"]
     assert base["total_steps"] is None and base["model_path"] == "tunefleet/tiny-qwen2"

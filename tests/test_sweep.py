@@ -45,7 +45,8 @@ def test_demo_spec_expands_with_precedence():
     assert len(runs) == 10 and runs[0].name == "sft_tiny-qwen2_s1"
     by = {r.name: r.config for r in runs}
     assert by["dpo_tiny-qwen2_s2"].split == "train_prefs" and by["dpo_tiny-qwen2_s2"].seed == 2
-    assert by["grpo_tiny-qwen2_s1"].max_steps == 10 and by["sft_tiny-qwen2_s1"].max_steps == 40  # method > base
+    assert by["grpo_tiny-qwen2_s1"].max_steps == 100 and by["kto_tiny-qwen2_s1"].max_steps == 60  # method > base
+    assert by["dpo_tiny-qwen2_s1"].loss_type == ["sigmoid", "sft"] and by["sft_tiny-qwen2_s1"].assistant_only_loss
     assert all(r.output_dir == f"runs/demo/{r.name}" for r in runs)
 
 

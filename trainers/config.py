@@ -123,6 +123,24 @@ class TrainConfig:
     reward_funcs: list[str] = option(
         ["length"], "GRPO rewards: built-in names (length, friendly, answer), module:function, or a reward-model path."
     )
+    loss_type: list[str] | None = option(
+        None,
+        "TRL's loss. DPO: sigmoid, ipo, hinge, sft, ... (several combine, weighted by --loss_weights); "
+        "GRPO: grpo, dr_grpo, dapo, bnpo, ...; KTO: kto, apo_zero_unpaired. Default: TRL's.",
+    )
+    loss_weights: list[float] | None = option(None, "Weights of several DPO loss types (default: 1 each).")
+    temperature: float | None = option(None, "GRPO sampling temperature (default: TRL's 1.0).", above=0)
+    max_prompt_length: int | None = option(
+        None, "GRPO: prompts longer than this many tokens (chat template applied) are dropped and counted.", at_least=1
+    )
+    reward_weights: list[float] | None = option(None, "GRPO: weight of each reward in --reward_funcs (default: 1).")
+    scale_rewards: str | None = option(
+        None, "GRPO advantage scaling: group (TRL's default), batch or none.", choices=("group", "batch", "none")
+    )
+    mask_truncated_completions: bool = option(
+        False, "GRPO: completions cut at max_completion_length (no end of turn) teach nothing (TRL's option)."
+    )
+    use_vllm: bool = option(False, "GRPO: generate with vLLM in colocate mode (a GPU with vllm installed).")
     logging_steps: int = option(10, "Log every N steps.", at_least=1)
     save_steps: int = option(500, "Checkpoint every N steps (the last step is always saved).", at_least=1)
     save_total_limit: int | None = option(None, "Keep at most N checkpoints.", at_least=1)
@@ -133,6 +151,9 @@ class TrainConfig:
     report_to: str = option("none", "Trackers: none, wandb, tensorboard, ... (comma separated).")
     bf16: bool | None = option(None, "bf16 compute (default: on where the GPU supports it).")
     gradient_checkpointing: bool = option(False, "Trade compute for memory (worth it on large models).")
+    assistant_only_loss: bool = option(
+        False, "SFT: learn only the assistant replies, not the user turns (the chat template must mark them)."
+    )
     group_by_length: bool | None = option(
         None,
         "Batch samples of similar length (less padding). Default: on for SFT, "
@@ -202,6 +223,28 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
         raise TunefleetError(f"{where}GRPO needs at least one reward in --reward_funcs")
     if cfg.method in ("dpo", "orpo", "kto") and cfg.beta is not None and cfg.beta <= 0:
         raise TunefleetError(f"{where}'beta' must be greater than 0 for {cfg.method}, got {cfg.beta}")
+    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward_funcs):
+        raise TunefleetError(
+            f"{where}--reward_weights has {len(cfg.reward_weights)} weights for {len(cfg.reward_funcs)} reward(s) "
+            f"in --reward_funcs ({', '.join(cfg.reward_funcs)})"
+        )
+    if cfg.loss_weights and len(cfg.loss_weights) != len(cfg.loss_type or ["sigmoid"]):
+        raise TunefleetError(f"{where}--loss_weights needs one weight per --loss_type")
+    if cfg.loss_type and cfg.method in ("sft", "orpo"):
+        raise TunefleetError(f"{where}--loss_type: {cfg.method} has one loss (DPO, KTO and GRPO take --loss_type)")
+    if cfg.method in ("grpo", "kto") and cfg.loss_type and len(cfg.loss_type) > 1:
+        raise TunefleetError(f"{where}{cfg.method} takes one --loss_type, got {', '.join(cfg.loss_type)}")
+    grpo_only = [
+        "temperature",
+        "max_prompt_length",
+        "reward_weights",
+        "scale_rewards",
+        "mask_truncated_completions",
+        "use_vllm",
+    ]
+    given = [name for name in grpo_only if getattr(cfg, name) not in (None, False)]
+    if cfg.method and cfg.method != "grpo" and given:
+        raise TunefleetError(f"{where}{', '.join('--' + n for n in given)}: GRPO only, not {cfg.method}")
     if cfg.mixture and any(part.dataset is None for part in cfg.mixture):
         raise TunefleetError(f"{where}every --mixture part needs a dataset")
     if cfg.mixture and (cfg.columns or cfg.ignore_columns or cfg.dataset_config or cfg.data_files):

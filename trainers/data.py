@@ -692,6 +692,30 @@ def prepare(
     return Prepared(converted, source, split, layout.name, list(layout.used), fine, rows_in, dropped)
 
 
+def drop_long_prompts(prepared: Prepared, tokenizer, max_tokens: int) -> None:
+    """GRPO: drop prompts longer than `max_tokens` (chat template applied), counted like every other drop."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    lengths = [
+        len(
+            tokenizer(maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"], add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+        for p in prepared.dataset["prompt"]
+    ]
+    keep = [i for i, n in enumerate(lengths) if n <= max_tokens]
+    if len(keep) == len(lengths):
+        return
+    if not keep:
+        raise TunefleetError(
+            f"every prompt is longer than --max_prompt_length {max_tokens} (shortest: {min(lengths)})"
+        )
+    reason = f"prompt longer than {max_tokens} tokens"
+    prepared.dropped[reason] = prepared.dropped.get(reason, 0) + len(lengths) - len(keep)
+    prepared.dataset = prepared.dataset.select(keep)
+
+
 # ---------------------------------------------------------------- what a run trains and evaluates on
 def training_data(cfg) -> Prepared:
     """The run's training rows: one dataset, or a mixture of several."""

@@ -38,7 +38,10 @@ def train(cfg):
 
     # ---- trainer
     args = DPOConfig(
-        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), max_length=cfg.max_length, beta=cfg.beta_value
+        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
+        max_length=cfg.max_length,
+        beta=cfg.beta_value,
+        **({"loss_type": cfg.loss_type, "loss_weights": cfg.loss_weights} if cfg.loss_type else {}),
     )
     trainer = DPOTrainer(
         model=base,

@@ -17,9 +17,26 @@ from tunefleet.trainers import data, model, rewards, run, speed
 DEFAULT_COMPLETION_LENGTH = 64
 
 
+def grpo_options(cfg) -> dict:
+    """The GRPOConfig options a user may set; None keeps TRL's default."""
+    return {
+        "temperature": cfg.temperature,
+        "reward_weights": cfg.reward_weights,
+        "scale_rewards": cfg.scale_rewards,
+        "mask_truncated_completions": cfg.mask_truncated_completions or None,
+        "loss_type": cfg.loss_type[0] if cfg.loss_type else None,
+        "use_vllm": cfg.use_vllm or None,
+        "vllm_mode": "colocate" if cfg.use_vllm else None,
+    }
+
+
 def train(cfg):
     # ---- output folder: refuse a finished run, find a checkpoint to resume
     resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
+
+    # ---- generation backend: vLLM (colocate) only where it can run
+    if cfg.use_vllm:
+        model.check_vllm()
 
     # ---- rewards first: a bad --reward_funcs fails before any loading
     reward_funcs = [
@@ -34,8 +51,10 @@ def train(cfg):
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
-    # ---- tokenizer and base model (4-bit when --use_qlora)
+    # ---- tokenizer and base model (4-bit when --use_qlora); prompts over --max_prompt_length dropped, counted
     tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    if cfg.max_prompt_length:
+        data.drop_long_prompts(train, tokenizer, cfg.max_prompt_length)
     base = model.load_model(
         cfg.model_name,
         cfg.use_qlora,
@@ -51,6 +70,7 @@ def train(cfg):
         beta=cfg.beta_value,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length or DEFAULT_COMPLETION_LENGTH,
+        **{k: v for k, v in grpo_options(cfg).items() if v is not None},
     )
     trainer = GRPOTrainer(
         model=base,
@@ -70,5 +90,22 @@ def train(cfg):
         resume_from,
         train,
         evaluation,
-        extra={"reward_funcs": cfg.reward_funcs, "fast_path": fast.record()},
+        extra={
+            "reward_funcs": cfg.reward_funcs,
+            "fast_path": fast.record(),
+            "generation": {
+                k: getattr(args, k)
+                for k in (
+                    "temperature",
+                    "num_generations",
+                    "max_completion_length",
+                    "scale_rewards",
+                    "loss_type",
+                    "reward_weights",
+                    "beta",
+                    "mask_truncated_completions",
+                    "use_vllm",
+                )
+            },
+        },
     )

@@ -37,7 +37,10 @@ def train(cfg):
 
     # ---- trainer
     args = KTOConfig(
-        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast), max_length=cfg.max_length, beta=cfg.beta_value
+        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
+        max_length=cfg.max_length,
+        beta=cfg.beta_value,
+        **({"loss_type": cfg.loss_type[0]} if cfg.loss_type else {}),
     )
     trainer = KTOTrainer(
         model=base,

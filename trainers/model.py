@@ -56,6 +56,38 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
+def check_vllm() -> None:
+    """--use_vllm runs vLLM inside the training process (TRL's colocate mode): it needs a CUDA GPU and vllm."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TunefleetError(
+            "--use_vllm needs a CUDA GPU (vLLM generates on the GPU); this machine has none: "
+            "drop --use_vllm to generate with transformers"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise TunefleetError(
+            "--use_vllm needs the vllm package (pip install vllm, matching your torch and CUDA); "
+            "or drop --use_vllm to generate with transformers"
+        )
+
+
+def check_assistant_masks(tokenizer, name: str, dataset) -> None:
+    """--assistant_only_loss needs conversations and a chat template that marks the assistant replies."""
+    if "messages" not in dataset.column_names:
+        raise TunefleetError(
+            "--assistant_only_loss works on conversations; this dataset's layout gives "
+            f"{', '.join(dataset.column_names)} (prompt-completion data already learns the completion only)"
+        )
+    if "{% generation %}" not in (tokenizer.chat_template or "").replace("{%- generation %}", "{% generation %}"):
+        raise TunefleetError(
+            f"--assistant_only_loss: the chat template of {name} does not mark assistant replies with "
+            "{% generation %} ... {% endgeneration %}; use a template that does (pass --assistant_only_loss false)"
+        )
+
+
 def quantization_config(dtype):
     from transformers import BitsAndBytesConfig
 

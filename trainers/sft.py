@@ -25,6 +25,8 @@ def train(cfg):
 
     # ---- tokenizer and base model (4-bit when --use_qlora)
     tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    if cfg.assistant_only_loss:
+        model.check_assistant_masks(tokenizer, cfg.model_name, train.dataset)
     base = model.load_model(
         cfg.model_name,
         cfg.use_qlora,
@@ -38,6 +40,7 @@ def train(cfg):
     args = SFTConfig(
         **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
         padding_free=fast.padding_free.on,
+        assistant_only_loss=cfg.assistant_only_loss,
         # padding-free without packing cannot truncate: TRL wants max_length unset then
         max_length=None if fast.padding_free.on else cfg.max_length,
     )

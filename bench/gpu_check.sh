@@ -9,7 +9,9 @@
 # What it shows, on a random-init model with the real Qwen2-0.5B-Instruct architecture (bench/qwen2_0.5b_config.json):
 #   1. tunefleet QLoRA SFT and DPO vs a plain TRL script with TRL's defaults: tokens/s, peak GPU memory, ratio;
 #   2. whether 4-bit layers were really used (run.json qlora_4bit_layers) and the fast-path choices;
-#   3. the ZeRO-3 + QLoRA path (one process, deepspeed carried) loads and trains a few steps.
+#   3. the ZeRO-3 + QLoRA path (one process, deepspeed carried) loads and trains a few steps;
+#   4. packing: 4 QLoRA runs on one GPU at once (gpus_per_run: auto) vs one after another, as a throughput ratio,
+#      and the memory estimate against torch.cuda.max_memory_allocated of each run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}
@@ -42,3 +44,7 @@ if python3 -c "import deepspeed" 2>/dev/null; then
 else
   echo "deepspeed not carried: ZeRO-3 step skipped" | tee "$out/zero3_qlora.txt"
 fi
+
+echo "== 4. packing: 4 QLoRA runs on one GPU at once vs one after another; memory estimate vs measured"
+timeout 300 python3 bench/gpu_packing.py --runs 4 --steps 20 --json "$out/packing_gpu.json" 2>&1 \
+  | grep -vE "Warning|warn\(" | tail -6 | tee "$out/packing_gpu.txt"

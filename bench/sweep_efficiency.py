@@ -68,7 +68,7 @@ def main() -> None:
         try:
             with SweepView(runs, live=False) as view:
                 t0 = time.perf_counter()
-                outcomes = run_ray(runs, Resources(cpus_per_run=1), 0, view, None)
+                outcomes, _ = run_ray(runs, Resources(cpus_per_run=1), 0, view, None)
                 return outcomes, time.perf_counter() - t0
         finally:
             ray.shutdown()

@@ -5,8 +5,9 @@ A field is declared once with `option(default, help, ...)`; from that one declar
 flags that reproduce a value on another machine's command line (`to_argv`). TRL's configs work the same way:
 a dataclass with `metadata={"help": ...}` on every field.
 
-Metadata a field may carry: `help` (required), `choices`, `required`, and ranges `at_least`, `at_most`,
-`above`, `below` (each checked by `coerce`, with a one-line error naming the key).
+Metadata a field may carry: `help` (required), `choices`, `required`, ranges `at_least`, `at_most`, `above`,
+`below` (each checked by `coerce`, with a one-line error naming the key), and `parse` (a function turning the
+given value into the field's value, raising ValueError with the reason).
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def coerce(cls, name: str, value, where: str = "", label: str | None = None):
         return None
     tp, elem = kind(cls, name)
     try:
-        if tp is list:
+        if "parse" in known[name].metadata:  # a field with its own syntax (e.g. `auto` or a number)
+            value = known[name].metadata["parse"](value)
+        elif tp is list:
             items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v.strip()]
             value = [_scalar(elem, v.strip() if isinstance(v, str) else v) for v in items]
         elif tp is dict:

@@ -121,10 +121,13 @@ def _evaluate_group(
         shard_results = [ShardResult(errors=dict.fromkeys(targets, reason))]
     seconds = time.time() - t0
 
-    pieces, errors = [], {}
+    pieces, errors, nodes = [], {}, {}
     for res in shard_results:
         pieces += res.results
         errors.update(res.errors)
+        for task, _ in res.results:
+            if res.node_id:
+                nodes.setdefault(task.target, set()).add(res.node_id)
     merged = plan.merge([p for p in pieces if p[0].target not in errors])
     base_pref, base_gen = merged.get((base_name, "pref")), merged.get((base_name, "gen"))
     meta = {base_name: {"method": "base", "seed": None, "path": base, "fp": base_fp}}
@@ -144,6 +147,7 @@ def _evaluate_group(
             fingerprint=info["fp"],
             eval_seconds=round(seconds, 2),
             error=errors.get(name),
+            eval_nodes=sorted(nodes.get(name, ())),
         )
         if name not in errors:
             entry.update(plan.perplexity_metrics(merged.get((name, "ppl"))))

@@ -32,7 +32,8 @@ def run_shards_ray(
         per_worker = settings.gpus_per_worker if gpus else 0
         slots = int(gpus / per_worker) if gpus else int(resources.get("CPU", 1))
         n_actors = max(1, min(settings.shards, len(work), slots))
-        opts = {"num_cpus": 1, "num_gpus": per_worker, "max_restarts": 0}
+        # spread the workers over the nodes: each loads the base once and scores its shards where it is
+        opts = {"num_cpus": 1, "num_gpus": per_worker, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
         remote_scorer = ray.remote(Scorer)
 
         def new_actor():

@@ -23,6 +23,7 @@ class ShardResult:
     results: list[tuple[Task, list]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # target -> message
     seconds: float = 0.0
+    node_id: str | None = None  # the Ray node that scored it
 
 
 GENERATION_CHUNK = 64  # rows (runs x prompts) per generate call: bounded memory, little padding
@@ -98,6 +99,16 @@ def reward_functions(specs) -> list[tuple[str, object]]:
     return [(spec, rewards.guarded(spec, f)) for spec, f in zip(specs, loaded)]
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 class Scorer:
     """Score tasks for many targets on one loaded base model."""
 
@@ -169,7 +180,7 @@ class Scorer:
         results += self._generate_all(
             [t for t in tasks if t.metric == "gen" and t.target not in errors], targets, errors
         )
-        return ShardResult(results, errors, time.time() - t0)
+        return ShardResult(results, errors, time.time() - t0, ray_node_id())
 
     def _generate_all(self, tasks: list[Task], targets: dict, errors: dict) -> list:
         """Greedy answers of every target to its held-out prompts, in mixed-adapter batches (rows of many runs in

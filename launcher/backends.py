@@ -1,107 +1,139 @@
 """Where a sweep's runs execute: local processes or Ray. (SLURM: launcher/slurm.py.)
 
-Both backends read as the same steps: check resources -> queue every run -> as slots free up, start the
-next -> a failed run is retried up to `retries` times, then reported -> the others go on.
+Both backends read as the same steps: check resources -> queue every run -> start each run as its GPU share
+(or CPU slot) frees up -> a failed run is retried up to `retries` times, then reported; a run that ran out of
+memory sharing a GPU is retried once with a whole GPU -> the others go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import queue
 import threading
+import time
+from collections import deque
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.raycluster import ensure_ray
 from tunefleet.common.status import RunStatus
+from tunefleet.launcher.placement import Allocator
 from tunefleet.launcher.progress import SweepView
 from tunefleet.launcher.runner import RunOutcome, run_one, stopping, terminate_children
 from tunefleet.launcher.sweep import Resources, RunPlan
 
 
-def local_slots(resources: Resources, gpu_count: int, cpu_count: int) -> tuple[int, list[list[str]]]:
-    """How many runs fit at once here, and the GPU ids each slot owns (pure)."""
-    if resources.gpus_per_run > 0:
-        if gpu_count < resources.gpus_per_run:
+class Retries:
+    """Which failed runs go again: up to `retries` times each, plus once alone after an out-of-memory."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+        self.attempts: dict[str, int] = {}
+        self.alone: set[str] = set()
+
+    def started(self, name: str) -> int:
+        self.attempts[name] = self.attempts.get(name, 0) + 1
+        return self.attempts[name]
+
+    def again(self, plan: RunPlan, outcome: RunOutcome) -> tuple[RunPlan, str] | None:
+        """(the plan to run again, why), or None when the outcome stands."""
+        if outcome.ok or stopping.is_set():
+            return None
+        if outcome.out_of_memory and plan.placement.shared and plan.name not in self.alone:
+            self.alone.add(plan.name)
+            return dataclasses.replace(plan, placement=plan.placement.alone()), "out of memory: again with a whole GPU"
+        if self.attempts[plan.name] <= self.retries:
+            return plan, f"retry {self.attempts[plan.name]}/{self.retries}: {outcome.error or ''}"
+        return None
+
+
+def gpu_ids() -> list[str]:
+    """This machine's GPUs as the ids CUDA_VISIBLE_DEVICES takes (within the visible ones, if set)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return (visible or [str(i) for i in range(count)])[:count]
+
+
+def check_local_resources(runs: list[RunPlan], allocator: Allocator) -> None:
+    for run in runs:
+        if not allocator.can_ever_fit(run.placement.gpus):
             raise TunefleetError(
-                f"each run needs {resources.gpus_per_run} GPU(s) but this machine has {gpu_count}; "
+                f"run {run.name} needs {run.placement.gpus:g} GPU(s) but this machine has {len(allocator.free)}; "
                 "lower resources.gpus_per_run or use --backend ray/slurm"
             )
-        n = gpu_count // resources.gpus_per_run
-        groups = [
-            [str(g) for g in range(i * resources.gpus_per_run, (i + 1) * resources.gpus_per_run)] for i in range(n)
-        ]
-    else:
-        n = max(1, cpu_count // max(1, resources.cpus_per_run))
-        groups = [[] for _ in range(n)]
-    if resources.max_parallel:
-        n = min(n, resources.max_parallel)
-        groups = groups[:n]
-    return n, groups
 
 
 def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: SweepView) -> list[RunOutcome]:
-    import torch
-
-    n, gpu_groups = local_slots(
-        resources, torch.cuda.device_count() if torch.cuda.is_available() else 0, os.cpu_count() or 1
-    )
-    pending: queue.Queue = queue.Queue()
-    for run in runs:
-        pending.put(run)
-    outcomes: dict[str, RunOutcome] = {}
-    lock = threading.Lock()
-
+    allocator = Allocator(gpu_ids(), resources.strategy)
+    check_local_resources(runs, allocator)
+    cpu_slots = max(1, (os.cpu_count() or 1) // resources.cpus_per_run)
+    most = resources.max_parallel or len(runs)
     # Each run gets its own cores' worth of threads, as Ray does: N runs x all cores each would thrash the CPU.
     cpu_env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(resources.cpus_per_run)}
+    pending, running, outcomes = deque(runs), {}, {}
+    tries = Retries(retries)
 
-    def slot(gpus: list[str]):
-        env = {**cpu_env, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
-        while True:
+    def start(plan: RunPlan, ids: list[str]) -> None:
+        result: dict[str, RunOutcome] = {}
+        env = {**cpu_env, **({"CUDA_VISIBLE_DEVICES": ",".join(ids)} if plan.placement.gpus > 0 else {})}
+
+        def work():
             try:
-                run = pending.get_nowait()
-            except queue.Empty:
-                return
-            for attempt in range(retries + 1):
-                if stopping.is_set():
-                    return
-                with lock:
-                    view.set(run.name, RunStatus.RUNNING, f"(attempt {attempt + 1})" if attempt else "")
-                try:
-                    outcome = run_one(run, env)
-                except Exception as exc:  # a launch that cannot even start: recorded, and the sweep goes on
-                    log = os.path.join(run.output_dir, "train.log")
-                    outcome = RunOutcome(
-                        run.name, RunStatus.FAILED, log, error=f"{type(exc).__name__}: {first_line(exc)}"
-                    )
-                if outcome.ok:
-                    break
-            with lock:
-                outcomes[run.name] = outcome
-                view.set(run.name, outcome.status, outcome.error or "")
+                result["outcome"] = run_one(plan, env)
+            except Exception as exc:  # a launch that cannot even start: recorded, and the sweep goes on
+                log = os.path.join(plan.output_dir, "train.log")
+                error = f"{type(exc).__name__}: {first_line(exc)}"
+                result["outcome"] = RunOutcome(plan.name, RunStatus.FAILED, log, error=error)
 
-    threads = [threading.Thread(target=slot, args=(g,), daemon=True) for g in gpu_groups[:n]]
-    for t in threads:
-        t.start()
+        attempt = tries.started(plan.name)
+        view.set(plan.name, RunStatus.RUNNING, f"(attempt {attempt})" if attempt > 1 else "")
+        thread = threading.Thread(target=work, daemon=True)
+        running[plan.name] = (plan, ids, thread, result)
+        thread.start()
+
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(timeout=1.0)
-                view.refresh()
+        while (pending and not stopping.is_set()) or running:
+            for plan in list(pending):  # start what fits, in order
+                cpu_bound = sum(1 for p, *_ in running.values() if p.placement.gpus == 0)
+                if len(running) >= most or (plan.placement.gpus == 0 and cpu_bound >= cpu_slots):
+                    break
+                ids = allocator.take(plan.placement.gpus)
+                if ids is None:
+                    continue
+                pending.remove(plan)
+                start(plan, ids)
+            for name, (plan, ids, thread, result) in list(running.items()):
+                if thread.is_alive():
+                    continue
+                del running[name]
+                allocator.give(ids, plan.placement.gpus)
+                outcome = result["outcome"]
+                again = tries.again(plan, outcome)
+                if again:
+                    pending.appendleft(again[0])
+                    view.set(name, RunStatus.QUEUED, again[1])
+                else:
+                    outcomes[name] = outcome
+                    view.set(name, outcome.status, outcome.error or "")
+            view.refresh()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         terminate_children()
         raise
     return [outcomes[r.name] for r in runs if r.name in outcomes]
 
 
-def check_ray_resources(resources: Resources, nodes: list[dict]) -> None:
+def check_ray_resources(runs: list[RunPlan], resources: Resources, nodes: list[dict]) -> None:
     """Refuse up front a run that no node can hold (pure: `nodes` as from ray.nodes())."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
     max_gpus = max((r.get("GPU", 0) for r in alive), default=0)
     max_cpus = max((r.get("CPU", 0) for r in alive), default=0)
-    if resources.gpus_per_run > max_gpus:
+    gpus = max((r.placement.gpus for r in runs), default=0)
+    if gpus > max_gpus:
         raise TunefleetError(
-            f"each run needs {resources.gpus_per_run} GPU(s) but the largest Ray node has "
-            f"{int(max_gpus)}; lower resources.gpus_per_run or add bigger nodes"
+            f"each run needs {gpus:g} GPU(s) but the largest Ray node has {int(max_gpus)}; lower "
+            "resources.gpus_per_run or add bigger nodes"
         )
     if resources.cpus_per_run > max_cpus:
         raise TunefleetError(
@@ -110,30 +142,41 @@ def check_ray_resources(resources: Resources, nodes: list[dict]) -> None:
         )
 
 
+def run_on_ray_node(plan: RunPlan) -> RunOutcome:
+    """The Ray task of one run: the run, told which node it is on (recorded in launch.json and run.json)."""
+    import ray
+
+    return run_one(plan, {"TUNEFLEET_NODE_ID": ray.get_runtime_context().get_node_id()})
+
+
 def run_ray(
     runs: list[RunPlan], resources: Resources, retries: int, view: SweepView, address: str | None
-) -> list[RunOutcome]:
+) -> tuple[list[RunOutcome], list[dict]]:
+    """Outcomes, and the nodes lost during the sweep (id, host, when)."""
     import ray
 
     started = ensure_ray(address)
     try:
-        check_ray_resources(resources, ray.nodes())
-        # One task per run on the resources it asks for; Ray queues what does not fit. A task whose worker
+        check_ray_resources(runs, resources, ray.nodes())
+        # One task per run on the share of a GPU it asks for; Ray queues what does not fit. A task whose worker
         # or node dies is re-executed by Ray (max_retries) and the run resumes from its checkpoint.
-        remote_run = ray.remote(run_one).options(
+        remote_run = ray.remote(run_on_ray_node)
+        options = dict(
             num_cpus=resources.cpus_per_run,
-            num_gpus=resources.gpus_per_run,
             max_retries=3,
             retry_exceptions=False,
+            scheduling_strategy="SPREAD" if resources.strategy == "spread" else "DEFAULT",
             memory=int(resources.memory_gb * 2**30) if resources.memory_gb else None,
         )
-        attempts = {r.name: 0 for r in runs}
         by_name = {r.name: r for r in runs}
+        tries = Retries(retries)
         inflight = {}
+        nodes = NodeWatch(ray.nodes())
 
-        def submit(run: RunPlan):
-            attempts[run.name] += 1
-            inflight[remote_run.remote(run)] = run.name
+        def submit(plan: RunPlan):
+            by_name[plan.name] = plan
+            tries.started(plan.name)
+            inflight[remote_run.options(**options, num_gpus=plan.placement.gpus).remote(plan)] = plan.name
 
         for run in runs:
             submit(run)
@@ -143,6 +186,7 @@ def run_ray(
             while inflight:
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 _mark_running(by_name, inflight, running, view)
+                nodes.check(ray.nodes(), view)
                 for ref in done:
                     name = inflight.pop(ref)
                     running.discard(name)
@@ -151,9 +195,10 @@ def run_ray(
                     except ray.exceptions.RayError as exc:
                         log = os.path.join(by_name[name].output_dir, "train.log")
                         outcome = RunOutcome(name, RunStatus.FAILED, log, error=first_line(exc))
-                    if not outcome.ok and attempts[name] <= retries:
-                        view.set(name, RunStatus.QUEUED, f"retry {attempts[name]}/{retries}: {outcome.error or ''}")
-                        submit(by_name[name])
+                    again = tries.again(by_name[name], outcome)
+                    if again:
+                        view.set(name, RunStatus.QUEUED, again[1])
+                        submit(again[0])
                         continue
                     outcomes[name] = outcome
                     view.set(name, outcome.status, outcome.error or "")
@@ -162,10 +207,27 @@ def run_ray(
             for ref in inflight:
                 ray.cancel(ref, force=True)  # kills the worker; its training child gets SIGTERM (PDEATHSIG)
             raise
-        return [outcomes[r.name] for r in runs if r.name in outcomes]
+        return [outcomes[r.name] for r in runs if r.name in outcomes], nodes.lost
     finally:
         if started:
             ray.shutdown()
+
+
+class NodeWatch:
+    """Nodes that die during a sweep (Ray re-executes their tasks elsewhere): said once, recorded in sweep.json."""
+
+    def __init__(self, nodes: list[dict]):
+        self.alive = {n["NodeID"]: n.get("NodeManagerAddress") for n in nodes if n.get("Alive")}
+        self.lost: list[dict] = []
+
+    def check(self, nodes: list[dict], view: SweepView) -> None:
+        from tunefleet.common.jsonfile import utc_now
+
+        now_alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+        for node_id in [n for n in self.alive if n not in now_alive]:
+            host = self.alive.pop(node_id)
+            self.lost.append({"node_id": node_id, "address": host, "lost_at": utc_now()})
+            view.note(f"node {node_id[:12]} ({host}) lost: Ray re-runs its runs elsewhere, from their checkpoints")
 
 
 def _mark_running(by_name: dict[str, RunPlan], inflight: dict, running: set, view: SweepView) -> None:

@@ -50,6 +50,14 @@ class SweepView:
             )
         self.refresh()
 
+    def note(self, text: str) -> None:
+        """A sweep-wide event (a node lost, ...): one line, above the live table on a terminal."""
+        line = f"[{time.time() - self.t0:6.1f}s] {text}"
+        if self.live:
+            self.live.console.print(line)
+        else:
+            print(line, flush=True)
+
     def counts(self) -> dict[RunStatus, int]:
         return {s: sum(v is s for v in self.state.values()) for s in RunStatus}
 

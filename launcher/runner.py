@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,8 @@ class RunOutcome:
     steps: int | None = None
     final_loss: float | None = None
     error: str | None = None
+    node_id: str | None = None  # the Ray node it ran on
+    out_of_memory: bool = False  # failed by running out of GPU (or CPU allocator) memory
 
     @property
     def ok(self) -> bool:
@@ -104,14 +107,22 @@ def summarize(output_dir: str | Path) -> RunSummary:
 
 
 def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
-    """Train one run to completion in a child process; returns its outcome (never raises for a failed run)."""
+    """Train one run to completion in a child process; returns its outcome (never raises for a failed run).
+
+    `env_extra`: what the backend gives this run (CUDA_VISIBLE_DEVICES of its GPU share, TUNEFLEET_NODE_ID of
+    the Ray node it runs on, ...).
+    """
     out = Path(plan.output_dir).resolve()
     plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=str(out)))
     log, host, t0 = str(out / "train.log"), socket.gethostname(), time.time()
+    env_extra = {**(env_extra or {}), "TUNEFLEET_PLACEMENT": json.dumps(plan.placement.record())}
+    node_id = env_extra.get("TUNEFLEET_NODE_ID")
 
     def outcome(status: RunStatus, **fields) -> RunOutcome:
         info = summarize(out)
-        return RunOutcome(plan.name, status, log, host=host, steps=info.steps, final_loss=info.final_loss, **fields)
+        return RunOutcome(
+            plan.name, status, log, host=host, steps=info.steps, final_loss=info.final_loss, node_id=node_id, **fields
+        )
 
     if summarize(out).status is RunStatus.FINISHED:
         return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
@@ -128,11 +139,12 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
         log_file.flush()
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         _children.add(proc)
-        write_json_atomic(
-            out / "launch.json",
+        record_launch(
+            out,
             {
                 "pid": proc.pid,
                 "host": host,
+                "node_id": node_id,
                 "command": cmd,
                 "started_at": utc_now(),
                 "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
@@ -147,7 +159,23 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     if rc == 0 and recorded is RunStatus.FINISHED:
         return outcome(RunStatus.FINISHED, returncode=rc, wall_s=wall)
     status = RunStatus.INTERRUPTED if recorded is RunStatus.INTERRUPTED else RunStatus.FAILED
-    return outcome(status, returncode=rc, wall_s=wall, error=_last_error(Path(log)) or f"exit code {rc}")
+    error = _last_error(Path(log)) or f"exit code {rc}"
+    return outcome(status, returncode=rc, wall_s=wall, error=error, out_of_memory=ran_out_of_memory(out, error))
+
+
+def record_launch(out: Path, launch: dict) -> None:
+    """launch.json: the latest launch at the top, every launch of the run (host, Ray node, time) in `attempts`."""
+    earlier = (read_json(out / "launch.json") or {}).get("attempts", [])
+    write_json_atomic(out / "launch.json", launch | {"attempts": [*earlier, launch]})
+
+
+OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
+
+
+def ran_out_of_memory(out: Path, error: str | None) -> bool:
+    """Whether a failed run died of memory: its run.json error or the log's last error says so."""
+    recorded = (read_json(out / "run.json") or {}).get("error") or ""
+    return any(sign in recorded or sign in (error or "") for sign in OUT_OF_MEMORY)
 
 
 def _last_error(log: Path) -> str | None:

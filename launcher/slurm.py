@@ -18,6 +18,7 @@ The renderers (`render_array_script`, `render_eval_script`, `array_spec`, `parse
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 import shutil
@@ -29,6 +30,7 @@ from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
+from tunefleet.launcher.placement import slurm_groups
 from tunefleet.launcher.runner import summarize
 
 # Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
@@ -76,16 +78,24 @@ def _resource_lines(spec, gpus: int, cpus: int, memory_gb: float | None) -> list
     return lines
 
 
-def render_array_script(spec, runs, indices: list[int], sweep_dir: str, python: str, retries: int = 1) -> str:
-    """The sbatch script of a sweep: one array task per index into `<sweep_dir>/slurm/runs.json`."""
+def task_resources(runs, tasks: list[list[int]]) -> tuple[int, int]:
+    """(GPUs, runs) the largest array task needs: an array asks the same of every task."""
+    gpus = max((math.ceil(sum(runs[i].placement.gpus for i in task) - 1e-9) for task in tasks), default=0)
+    return gpus, max((len(task) for task in tasks), default=1)
+
+
+def render_array_script(spec, runs, tasks: list[list[int]], sweep_dir: str, python: str, retries: int = 1) -> str:
+    """The sbatch script of a sweep: array task i trains the runs `tasks[i]` (positions in runs.json); runs that
+    share a GPU (gpus_per_run < 1) share one task, each in its own process."""
     s, r = spec.slurm, spec.resources
     slurm_dir = Path(sweep_dir) / "slurm"
-    names = ", ".join(f"{i}={runs[i].name}" for i in indices)
+    names = ", ".join(f"{t}={'+'.join(runs[i].name for i in task)}" for t, task in enumerate(tasks))
     requeue = s.requeue
+    gpus, per_task = task_resources(runs, tasks)
     lines = [
         f"--job-name=tf-{spec.name}",
-        f"--array={array_spec(indices, s.array_limit or r.max_parallel)}",
-        *_resource_lines(spec, r.gpus_per_run, r.cpus_per_run, r.memory_gb),
+        f"--array={array_spec(list(range(len(tasks))), s.array_limit or r.max_parallel)}",
+        *_resource_lines(spec, gpus, r.cpus_per_run * per_task, r.memory_gb and r.memory_gb * per_task),
         f"--output={slurm_dir}/%A_%a.log",
         "--open-mode=append",
     ]  # a requeued task appends to its log instead of truncating it
@@ -110,7 +120,7 @@ fi
         else ""
     )
     return f"""#!/bin/bash
-# tunefleet sweep {spec.name}: one array task per run (task index = position in runs.json).
+# tunefleet sweep {spec.name}: one array task per run, or per group of runs sharing a GPU (runs.json "tasks").
 # Written by `tunefleet sweep {spec.path or "<spec>"} --backend slurm`; tasks here: {names}
 {header}
 
@@ -147,7 +157,7 @@ def eval_command(spec, runs_dir: str, python: str, gpus: int) -> list[str]:
 def render_eval_script(spec, sweep_dir: str, python: str, after: str | None) -> str:
     """The evaluation job; with `after`, it starts once every task of that array job succeeded (pure)."""
     r, shards = spec.resources, spec.eval.shards
-    gpus = shards if r.gpus_per_run > 0 else 0  # one GPU per eval shard on a GPU sweep
+    gpus = shards if r.gpus_per_run == "auto" or r.gpus_per_run > 0 else 0  # one GPU per eval shard on a GPU sweep
     wait = (
         [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
     )  # a failed run drops the eval job (no endless PENDING)
@@ -270,11 +280,12 @@ def submit_sweep(spec, runs, a) -> int:
         dataclasses.replace(r, config=dataclasses.replace(r.config, output_dir=str(Path(r.output_dir).resolve())))
         for r in runs
     ]
-    array_script = render_array_script(spec, runs, todo, str(sweep_dir), python, a.retries) if todo else None
+    tasks = [[todo[j] for j in group] for group in slurm_groups([runs[i].placement for i in todo])]
+    array_script = render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries) if todo else None
     if a.dry_run:
         print(
-            f"# {spec.name}: {len(todo)} of {len(runs)} runs to submit ({finished} finished); runs.json holds "
-            f"{', '.join(f'{i}={r.name}' for i, r in enumerate(runs))}"
+            f"# {spec.name}: {len(todo)} of {len(runs)} runs to submit ({finished} finished) in {len(tasks)} "
+            f"task(s); runs.json holds {', '.join(f'{i}={r.name}' for i, r in enumerate(runs))}"
         )
         if array_script:
             print(f"# ---- {slurm_dir / 'sweep.sbatch'}\n{array_script}")
@@ -286,7 +297,9 @@ def submit_sweep(spec, runs, a) -> int:
         return 0
 
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(slurm_dir / "runs.json", {"sweep": spec.name, "runs": [r.to_json() for r in absolute]})
+    write_json_atomic(
+        slurm_dir / "runs.json", {"sweep": spec.name, "runs": [r.to_json() for r in absolute], "tasks": tasks}
+    )
     state = {
         "name": spec.name,
         "spec": str(a.spec),
@@ -314,8 +327,9 @@ def submit_sweep(spec, runs, a) -> int:
         (slurm_dir / "sweep.sbatch").write_text(array_script)
         array_id = sbatch(slurm_dir / "sweep.sbatch")
         state["slurm"].update(job_ids=[array_id], array_job_id=array_id, script=str(slurm_dir / "sweep.sbatch"))
-        for i in todo:
-            state["runs"][runs[i].name].update(slurm_task=i, slurm_job=f"{array_id}_{i}")
+        for t, task in enumerate(tasks):
+            for i in task:
+                state["runs"][runs[i].name].update(slurm_task=t, slurm_job=f"{array_id}_{t}")
     write_json_atomic(state_path, state)  # before the eval job: whatever happens next, a resubmission sees the array
 
     if a.eval:
@@ -332,7 +346,7 @@ def submit_sweep(spec, runs, a) -> int:
         state["slurm"].update(job_ids=state["slurm"]["job_ids"] + [eval_id], eval_job_id=eval_id)
         write_json_atomic(state_path, state)
 
-    print_submitted(spec, runs, todo, array_id, eval_id, sweep_dir)
+    print_submitted(spec, runs, tasks, array_id, eval_id, sweep_dir)
     return 0
 
 
@@ -347,18 +361,19 @@ def refuse_while_queued(spec, job_ids: list) -> None:
         )
 
 
-def print_submitted(spec, runs, todo, array_id, eval_id, sweep_dir: Path) -> None:
-    slurm_dir, finished = sweep_dir / "slurm", len(runs) - len(todo)
+def print_submitted(spec, runs, tasks, array_id, eval_id, sweep_dir: Path) -> None:
+    slurm_dir, finished = sweep_dir / "slurm", len(runs) - sum(len(t) for t in tasks)
     if array_id:
         limit = spec.slurm.array_limit or spec.resources.max_parallel
         print(
-            f"submitted sweep {spec.name}: SLURM array job {array_id}, {len(todo)} task(s) "
-            f"({array_spec(todo, None)})"
+            f"submitted sweep {spec.name}: SLURM array job {array_id}, {len(tasks)} task(s) "
+            f"({array_spec(list(range(len(tasks))), None)})"
             + (f", at most {limit} at once" if limit else "")
             + (f"; {finished} run(s) already finished" if finished else "")
         )
-        for i in todo:
-            print(f"  {array_id}_{i}: {runs[i].name}  log {slurm_dir / f'{array_id}_{i}.log'}")
+        for t, task in enumerate(tasks):
+            names = " + ".join(runs[i].name for i in task)
+            print(f"  {array_id}_{t}: {names}  log {slurm_dir / f'{array_id}_{t}.log'}")
     if eval_id:
         print(
             f"evaluation: job {eval_id}"

@@ -24,6 +24,7 @@ from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
 from tunefleet.eval.settings import EvalSettings
+from tunefleet.launcher.placement import Placement, parse_gpus, place
 from tunefleet.trainers import config
 from tunefleet.trainers.config import DatasetPart, TrainConfig
 
@@ -33,7 +34,18 @@ DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
 
 @dataclass
 class Resources:
-    gpus_per_run: int = option(0, "GPUs per run (0: CPU only).", at_least=0)
+    gpus_per_run: float | str = option(
+        0.0,
+        "GPUs per run: 0 (CPU), a share of one (0.5: two runs per GPU), whole GPUs (2), or auto (packed by "
+        "estimated memory).",
+        parse=parse_gpus,
+    )
+    gpu_memory_gb: float | None = option(
+        None, "Memory of one GPU, for gpus_per_run: auto when the planning machine has no GPU.", above=0
+    )
+    strategy: str = option(
+        "pack", "Ray and local placement: pack (fill a node first) or spread.", choices=("pack", "spread")
+    )
     cpus_per_run: int = option(1, "CPU cores per run.", at_least=1)
     memory_gb: float | None = option(None, "Memory per run in GB (Ray and SLURM reserve it).", above=0)
     max_parallel: int | None = option(None, "At most this many runs at once.", at_least=1)
@@ -56,10 +68,11 @@ class SlurmSettings:
 
 @dataclass
 class RunPlan:
-    """One run of a sweep: its name and its whole, validated train config (output_dir included)."""
+    """One run of a sweep: its name, its whole validated train config (output_dir included), and its place."""
 
     name: str
     config: TrainConfig
+    placement: Placement = field(default_factory=lambda: Placement(0.0, "CPU"))
 
     @property
     def output_dir(self) -> str:
@@ -70,11 +83,18 @@ class RunPlan:
         return self.config.method
 
     def to_json(self) -> dict:
-        return {"name": self.name, "config": {k: v for k, v in schema.to_dict(self.config).items() if v is not None}}
+        return {
+            "name": self.name,
+            "config": {k: v for k, v in schema.to_dict(self.config).items() if v is not None},
+            "placement": self.placement.record(),
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> RunPlan:
-        return cls(name=data["name"], config=config.from_dict(data["config"]))
+        placed = {k: v for k, v in (data.get("placement") or {}).items() if k != "runs_per_gpu"}
+        return cls(
+            data["name"], config.from_dict(data["config"]), Placement(**placed) if placed else Placement(0.0, "CPU")
+        )
 
 
 @dataclass
@@ -207,10 +227,30 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
         seen[name] = combo
         output_dir = str(Path(spec.runs_dir) / name)
         values["output_dir"] = output_dir
-        if spec.resources.gpus_per_run > 1:
-            values.setdefault("num_processes", spec.resources.gpus_per_run)
+        gpus = spec.resources.gpus_per_run
+        if gpus != "auto" and gpus > 1:
+            values.setdefault("num_processes", int(gpus))
         runs.append(RunPlan(name=name, config=config.from_dict(values, where=f"{spec.path}: run {name}: ")))
     return runs
+
+
+def place_runs(runs: list[RunPlan], resources: Resources, local_gpu_memory: int | None = None) -> list[RunPlan]:
+    """Each run with its placement: a share of a GPU, whole GPUs, or CPU (see launcher/placement.py)."""
+    import dataclasses
+
+    from tunefleet.trainers import memory
+
+    gpu_memory = int(resources.gpu_memory_gb * memory.GIB) if resources.gpu_memory_gb else local_gpu_memory
+    shapes: dict[str, memory.ModelShape | None] = {}
+    placed = []
+    for run in runs:
+        shape = None
+        if resources.gpus_per_run == "auto":
+            if run.config.model_name not in shapes:
+                shapes[run.config.model_name] = memory.shape_of(run.config.model_name, run.config.trust_remote_code)
+            shape = shapes[run.config.model_name]
+        placed.append(dataclasses.replace(run, placement=place(run.config, resources.gpus_per_run, gpu_memory, shape)))
+    return placed
 
 
 def data_checks(runs: list[RunPlan]) -> list[tuple[str, DatasetPart]]:

@@ -44,7 +44,8 @@ def plan_text(spec, runs) -> str:
     r = spec.resources
     lines = [
         f"sweep {spec.name}: {len(runs)} runs into {spec.runs_dir}",
-        f"resources per run: {r.gpus_per_run} GPU, {r.cpus_per_run} CPU"
+        f"resources per run: {r.gpus_per_run if r.gpus_per_run == 'auto' else format(r.gpus_per_run, 'g')} GPU, "
+        f"{r.cpus_per_run} CPU"
         + (f", {r.memory_gb:g} GB" if r.memory_gb else "")
         + (f"; at most {r.max_parallel} at once" if r.max_parallel else ""),
     ]
@@ -57,8 +58,12 @@ def plan_text(spec, runs) -> str:
             c.accelerate_config,
             python="python",
         )
+        p = run.placement
+        where = (f"{p.gpus:g} GPU" + (f" ({p.runs_per_gpu} per GPU)" if p.shared else "")) if p.gpus else "CPU"
+        estimate = f", estimated {p.estimate_gb:g} GiB" if p.estimate_gb is not None else ""
         lines.append(
             f"  {run.name}: {c.method} {c.model_name} seed {c.seed} split {c.split} lr {c.lr}\n"
+            f"    placement: {where}{estimate} ({p.reason})\n"
             f"    {' '.join(map(str, cmd))}"
         )
     return "\n".join(lines)
@@ -71,7 +76,7 @@ def cmd_sweep(argv: list[str]) -> int:
     spec = sweeps.load_spec(a.spec)
     if a.max_parallel:
         spec.resources.max_parallel = a.max_parallel
-    runs = sweeps.expand(spec)
+    runs = sweeps.place_runs(sweeps.expand(spec), spec.resources, local_gpu_memory())
     if a.dry_run and a.backend != "slurm":
         print(plan_text(spec, runs))
         return 0
@@ -90,13 +95,13 @@ def cmd_sweep(argv: list[str]) -> int:
         "runs": {r.name: {"output_dir": r.output_dir, "method": r.method, "status": RunStatus.QUEUED} for r in runs},
     }
     write_json_atomic(state_path, state)
-    outcomes, code = [], 0
+    outcomes, lost, code = [], [], 0
     try:
         with SweepView(runs) as view:
             if a.backend == "ray":
                 from tunefleet.launcher.backends import run_ray
 
-                outcomes = run_ray(runs, spec.resources, a.retries, view, a.address)
+                outcomes, lost = run_ray(runs, spec.resources, a.retries, view, a.address)
             else:
                 from tunefleet.launcher.backends import run_local
 
@@ -108,8 +113,17 @@ def cmd_sweep(argv: list[str]) -> int:
         code = 130
     for o in outcomes:
         state["runs"][o.name].update(
-            {k: getattr(o, k) for k in ("status", "steps", "final_loss", "wall_s", "log", "error", "host")}
+            {k: getattr(o, k) for k in ("status", "steps", "final_loss", "wall_s", "log", "error", "host", "node_id")}
         )
+    for run in runs:  # every launch of every run: where it ran and when (a run re-run after a node loss has two)
+        launches = (read_json(Path(run.output_dir) / "launch.json") or {}).get("attempts", [])
+        state["runs"][run.name]["placement"] = run.placement.record()
+        state["runs"][run.name]["attempts"] = [
+            {k: a.get(k) for k in ("host", "node_id", "started_at", "pid")}
+            for a in launches
+            if a.get("started_at", "") >= state["started_at"]
+        ]
+    state["lost_nodes"] = lost
     state["ended_at"] = utc_now()
     write_json_atomic(state_path, state)
     print(final_table(outcomes))
@@ -119,6 +133,13 @@ def cmd_sweep(argv: list[str]) -> int:
     if a.eval:
         code = _evaluate(spec, a)
     return 1 if failed or code else 0
+
+
+def local_gpu_memory() -> int | None:
+    """Memory of this machine's first GPU, for gpus_per_run: auto (None without a GPU)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 def _evaluate(spec, a) -> int:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tunefleet.launcher.launch import free_port
 
+HELPERS = str(Path(__file__).parent / "helpers")  # reward functions the tests' runs import on every node
+
 
 def pids_under(temp_dir: str) -> set[int]:
     """Processes whose command line names our temp dir, plus all their descendants."""
@@ -72,18 +74,104 @@ class LocalRayHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def stop(self) -> None:
-        pids = pids_under(self.temp_dir)
-        for pid in pids:
+        """TERM, then KILL after a grace period, every process of this Ray; again for any that started meanwhile
+        (a raylet may spawn a worker while it shuts down)."""
+        for _ in range(3):
+            pids = pids_under(self.temp_dir)
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10  # gcs_server/raylet may ignore SIGTERM for a while
+            while time.time() < deadline and any(_alive(p) for p in pids):
+                time.sleep(0.2)
+            for pid in pids:
+                if _alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.5)
+
+
+class LocalRayCluster(LocalRayHead):
+    """A head and more raylets joined with `ray start --address`, each with its own CPUs and fake GPUs, all under
+    one temp dir (so `stop` ends exactly them); `kill_node` kills one node's raylet: a node loss."""
+
+    def __init__(self, nodes: int = 2, num_cpus: int = 2, num_gpus: int = 1):
+        super().__init__(num_cpus)
+        self.nodes, self.num_gpus = nodes, num_gpus
+        # Notice a dead node in seconds, not the default ~30 (GCS health checks of the raylets)
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",  # the head turns token auth on; a joining node must use it too
+            "PYTHONPATH": os.pathsep.join(p for p in (HELPERS, os.environ.get("PYTHONPATH")) if p),
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_initial_delay_ms": "1000",
+        }
+
+    def start(self) -> LocalRayCluster:
+        ray = str(Path(sys.executable).parent / "ray")
+        common = [
+            "--num-cpus",
+            str(self.num_cpus),
+            "--num-gpus",
+            str(self.num_gpus),
+            "--temp-dir",
+            self.temp_dir,
+            "--node-ip-address",
+            "127.0.0.1",
+            "--disable-usage-stats",
+        ]
+        subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                "--port",
+                str(self.port),
+                "--node-name",
+                "node0",
+                *common,
+                "--include-dashboard",
+                "false",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            env=self.env,
+        )
+        for i in range(1, self.nodes):
+            subprocess.run(
+                [ray, "start", "--address", self.address, "--node-name", f"node{i}", *common],
+                check=True,
+                capture_output=True,
+                timeout=120,
+                env=self.env,
+            )
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def raylet_pid(self, node_id: str) -> int:
+        for pid in pids_under(self.temp_dir):
             try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10  # gcs_server/raylet may ignore SIGTERM for a while
-        while time.time() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        for pid in pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"/raylet") and f"--node_id={node_id}".encode() in cmd:
+                return pid
+        raise LookupError(f"no raylet of node {node_id}")
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL a node's raylet: for the cluster, the node is lost."""
+        os.kill(self.raylet_pid(node_id), signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

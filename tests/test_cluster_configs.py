@@ -413,6 +413,13 @@ def validate_ray(path: Path) -> None:
     )
     commands_text = json.dumps({k: v for k, v in cfg.items() if k.endswith("_commands")})
     assert "0.0.0.0" not in commands_text, f"{rel(path)}: a start/setup command binds 0.0.0.0"
+    # Token authentication on every node, all sharing the token made locally (GCS and raylets listen beyond loopback)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starting = [c for c in cfg[key] if "ray start" in c]
+        assert starting and all("RAY_AUTH_MODE=token" in c for c in starting), f"{rel(path)}: {key} without token auth"
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", (
+        f"{rel(path)}: file_mounts must sync the local ~/.ray/auth_token to every node"
+    )
 
     # The cluster's Ray must be the local Ray.
     docker = cfg.get("docker") or {}
@@ -572,12 +579,25 @@ MUTANTS = [
         _mutate_text("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
         "must bind loopback",
     ),
+    (
+        "ray/gcp.yaml",
+        validate_ray,
+        _mutate_text("    export RAY_AUTH_MODE=token;\n    ray start --address", "    ray start --address"),
+        "worker_start_ray_commands without token auth",
+    ),
+    (
+        "ray/onprem.yaml",
+        validate_ray,
+        _mutate_text('  "~/.ray/auth_token": "~/.ray/auth_token"\n', ""),
+        "must sync the local ~/.ray/auth_token",
+    ),
     # without its own head_start_ray_commands the YAML inherits Ray's AWS default: --dashboard-host=0.0.0.0
     (
         "ray/aws.yaml",
         validate_ray,
         _mutate_text(
             "head_start_ray_commands:\n  - ray stop\n  - >-\n    ulimit -n 65536;\n"
+            "    export RAY_AUTH_MODE=token;\n"
             "    ray start --head --port=6379 --object-manager-port=8076\n"
             "    --autoscaling-config=~/ray_bootstrap_config.yaml\n"
             "    --dashboard-host=127.0.0.1\n",

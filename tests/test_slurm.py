@@ -104,12 +104,12 @@ def test_array_script_has_the_sbatch_lines_of_the_spec():
             "signal_seconds": 300,
         },
     )
-    runs = sweeps.expand(spec)
-    text = slurm.render_array_script(spec, runs, [0, 2], "/data/rs", "/venv/bin/python", retries=2)
+    runs = sweeps.place_runs(sweeps.expand(spec), spec.resources)
+    text = slurm.render_array_script(spec, runs, [[0], [2]], "/data/rs", "/venv/bin/python", retries=2)
     lines = set(text.splitlines())
     for line in [
         "--job-name=tf-rs",
-        "--array=0,2%2",
+        "--array=0-1%2",
         "--gres=gpu:2",
         "--cpus-per-task=6",
         "--mem=48G",
@@ -129,18 +129,31 @@ def test_array_script_has_the_sbatch_lines_of_the_spec():
         in text
     )
     assert "trap 'relay USR1' USR1" in text and 'scontrol requeue "$task"' in text
-    assert "0=sft_tiny-qwen2_s1, 2=sft_tiny-qwen2_s3" in text
+    assert "0=sft_tiny-qwen2_s1, 1=sft_tiny-qwen2_s3" in text
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
     plain = spec_of(slurm={"requeue": False})
-    text = slurm.render_array_script(plain, sweeps.expand(plain), [0], "/d", "python")
+    text = slurm.render_array_script(plain, sweeps.expand(plain), [[0]], "/d", "python")
     assert (
         "--gres" not in text and "--requeue" not in text and "--signal" not in text and "scontrol requeue" not in text
     )
     assert "#SBATCH --array=0\n" in text and "#SBATCH --cpus-per-task=1" in text  # no limit: no %N
     assert "#SBATCH --signal=B:USR1@120" in slurm.render_array_script(
-        spec_of(), sweeps.expand(spec_of()), [0], "/d", "p"
+        spec_of(), sweeps.expand(spec_of()), [[0]], "/d", "p"
     )
+
+
+def test_runs_sharing_a_gpu_share_an_array_task():
+    spec = spec_of(grid={"seed": [1, 2, 3]}, resources={"gpus_per_run": 0.5, "cpus_per_run": 2, "memory_gb": 8})
+    runs = sweeps.place_runs(sweeps.expand(spec), spec.resources)
+    from tunefleet.launcher.placement import slurm_groups
+
+    tasks = slurm_groups([r.placement for r in runs])
+    assert tasks == [[0, 1], [2]]
+    text = slurm.render_array_script(spec, runs, tasks, "/d", "python")
+    for line in ("--array=0-1", "--gres=gpu:1", "--cpus-per-task=4", "--mem=16G"):
+        assert f"#SBATCH {line}" in text.splitlines(), line
+    assert "0=sft_tiny-qwen2_s1+sft_tiny-qwen2_s2, 1=sft_tiny-qwen2_s3" in text
 
 
 def test_eval_script_depends_on_the_array_and_carries_the_eval_settings():
@@ -191,7 +204,8 @@ def test_dry_run_submits_only_unfinished_runs_and_needs_no_slurm(tmp_path, capsy
     monkeypatch.setenv("PATH", "/nonexistent")
     code, out, _ = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--dry-run", "--eval", "--skip_data_check")
     assert code == 0 and "2 of 3 runs to submit (1 finished)" in out
-    assert "#SBATCH --array=0,2%4" in out and "#SBATCH --dependency=afterok:<array job id>" in out
+    assert "#SBATCH --array=0-1%4" in out and "#SBATCH --dependency=afterok:<array job id>" in out
+    assert "0=sft_tiny-qwen2_s1, 1=sft_tiny-qwen2_s3" in out  # tasks hold the unfinished runs only
     assert not (tmp_path / "runs" / "slurm").exists()  # a dry run writes nothing
 
 
@@ -289,6 +303,39 @@ def test_two_runs_one_array_on_a_gpu_each_then_the_eval_job(cluster, tmp_path, c
 
 
 @pytest.mark.slow
+def test_one_array_task_trains_two_runs_that_share_its_gpu(cluster, tmp_path, capsys, tiny_model):
+    runs_dir = tmp_path / "runs"
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="pack",
+        runs_dir=str(runs_dir),
+        base={**TINY, "max_steps": 30},
+        grid={"seed": [1, 2]},
+        resources={"gpus_per_run": 0.5, "cpus_per_run": 1},
+    )
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
+    assert code == 0, out + err
+    state = read_json(runs_dir / "sweep.json")
+    array = state["slurm"]["array_job_id"]
+    assert {r["slurm_job"] for r in state["runs"].values()} == {f"{array}_0"}  # one task for both
+    script = (runs_dir / "slurm" / "sweep.sbatch").read_text()
+    assert (
+        "#SBATCH --array=0\n" in script and "#SBATCH --gres=gpu:1" in script and "#SBATCH --cpus-per-task=2" in script
+    )
+    wait_for("the packed task", lambda: settled(array), 240, runs_dir)
+    assert states(array) == {f"{array}_0": "COMPLETED"}
+    devices, spans = set(), []
+    for seed in (1, 2):
+        run = runs_dir / f"sft_tiny-qwen2_s{seed}"
+        record = read_json(run / "run.json")
+        assert record["status"] == "finished" and record["placement"]["gpus"] == 0.5
+        devices.add(read_json(run / "launch.json")["cuda_visible_devices"])
+        spans.append((record["started_at"], record["ended_at"]))
+    assert len(devices) == 1 and devices != {None}  # the task's one GPU, shared
+    assert max(s for s, _ in spans) < min(e for _, e in spans)  # trained at the same time
+
+
+@pytest.mark.slow
 def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, tmp_path, capsys, tiny_model):
     runs_dir = tmp_path / "runs"
     # array_limit 1: the long run starts after the short one has finished, so it can be cancelled at its first
@@ -322,8 +369,9 @@ def test_cancelled_run_resubmits_alone_and_resumes_from_its_checkpoint(cluster, 
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err
     again = read_json(runs_dir / "sweep.json")["slurm"]["array_job_id"]
-    assert again != array and "1 task(s) (1)" in out and "1 run(s) already finished" in out
-    assert "#SBATCH --array=1%1\n" in (runs_dir / "slurm" / "sweep.sbatch").read_text()
+    assert again != array and "1 task(s) (0)" in out and "1 run(s) already finished" in out
+    assert f"{again}_0: {long.name}" in out  # the one task holds the unfinished run only
+    assert "#SBATCH --array=0%1\n" in (runs_dir / "slurm" / "sweep.sbatch").read_text()
     wait_for("the resubmitted run", lambda: settled(again), 180, runs_dir)
     assert read_json(long / "run.json")["status"] == "finished", (long / "train.log").read_text()[-2000:]
     resumed = re.findall(r"resuming from (\S+)", (long / "train.log").read_text())

@@ -100,6 +100,20 @@ def quantization_config(dtype):
     )
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (MiB; Linux)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+# Resident memory just before the model loads (imports, data, tokenizer): run.json subtracts it from the peak,
+# so `bench/memory_estimate.py` compares the estimate with what training itself took on CPU.
+RESIDENT_BEFORE_MODEL_MB: list[float] = []
+
+
 def load_model(
     name: str,
     use_qlora: bool,
@@ -111,6 +125,7 @@ def load_model(
     """Base model ready for LoRA training (4-bit prepared when `use_qlora`)."""
     from transformers import AutoModelForCausalLM
 
+    RESIDENT_BEFORE_MODEL_MB.append(resident_mb())
     dtype = compute_dtype(bf16)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:

@@ -235,6 +235,8 @@ def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dic
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "launch": json.loads(os.environ.get("TUNEFLEET_LAUNCH") or "null")
         or {"accelerate_config": None, "reason": "one process", "num_processes": 1},
+        "placement": json.loads(os.environ.get("TUNEFLEET_PLACEMENT") or "null"),
+        "node_id": os.environ.get("TUNEFLEET_NODE_ID"),
         "resumed_from": resume_from,
         "versions": versions(),
         "git_commit": git_commit(),
@@ -256,7 +258,11 @@ def peak_memory() -> dict:
 
     import torch
 
+    from tunefleet.trainers.model import RESIDENT_BEFORE_MODEL_MB
+
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if RESIDENT_BEFORE_MODEL_MB:
+        out["rss_before_model_mb"] = RESIDENT_BEFORE_MODEL_MB[0]
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out

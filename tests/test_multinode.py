@@ -1,0 +1,281 @@
+"""Ray across nodes, for real on this machine: a head and a second raylet (each with 2 CPUs and 1 fake GPU).
+
+Runs pack two to a GPU and spread over both nodes, the evaluator's shards run on both, and a node lost while a
+run trains on it costs nothing: Ray re-runs the run on the other node, which resumes from its checkpoint in the
+shared runs_dir. Also: what the local Ray listens on, and that a client without the cluster's token is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, checkpoint_steps, read_json
+from local_ray import LocalRayCluster, pids_under
+
+from tunefleet.common.jsonfile import read_json as maybe_json
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "model_name": "tunefleet/tiny-qwen2",
+    "dataset": "tunefleet/tiny-ultrafeedback",
+    "method": "sft",
+    "split": "train_sft",
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "use_qlora": False,
+    "logging_steps": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = LocalRayCluster(nodes=2, num_cpus=2, num_gpus=1).start()
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+    assert not pids_under(nodes.temp_dir)
+
+
+def sweep(cluster, spec: dict, path: Path, *extra: str, wait: bool = True):
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunefleet.launcher.cli",
+        "sweep",
+        str(path),
+        "--backend",
+        "ray",
+        "--address",
+        cluster.address,
+        *extra,
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def node_ids(cluster) -> dict[str, str]:
+    """Node name -> node id, from the head's own record of its nodes."""
+    code = "import ray, json; ray.init(address='%s', logging_level='ERROR'); print(json.dumps({n['NodeName']: n['NodeID'] for n in ray.nodes() if n['Alive']}))"  # noqa: E501
+    out = subprocess.run(
+        [sys.executable, "-c", code % cluster.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+        check=True,
+    )
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_packed_runs_spread_over_both_nodes_and_the_evaluator_too(cluster, tmp_path, tiny_model):
+    runs_dir = tmp_path / "runs"
+    spec = {
+        "name": "pack",
+        "runs_dir": str(runs_dir),
+        "base": {**TINY, "max_steps": 40},
+        "grid": {"seed": [1, 2, 3, 4]},
+        "resources": {"gpus_per_run": 0.5, "cpus_per_run": 1, "strategy": "spread"},
+        "eval": {
+            "backend": "ray",
+            "shards": 2,
+            "max_samples": 10,
+            "max_generation_samples": 1,
+            "skip_perplexity": True,
+        },
+    }
+    done = sweep(cluster, spec, tmp_path / "s.yaml", "--eval")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    nodes = set(node_ids(cluster).values())
+    starts, ends, used = [], [], {}
+    for seed in (1, 2, 3, 4):
+        run = runs_dir / f"sft_tiny-qwen2_s{seed}"
+        launch, record = read_json(run / "launch.json"), read_json(run / "run.json")
+        assert record["status"] == "finished" and record["placement"]["gpus"] == 0.5
+        assert launch["cuda_visible_devices"] == "0"  # each node's one (fake) GPU, set by Ray
+        assert launch["node_id"] in nodes and record["node_id"] == launch["node_id"]
+        used[launch["node_id"]] = used.get(launch["node_id"], 0) + 1
+        starts.append(launch["started_at"])
+        ends.append(record["ended_at"])
+    assert sorted(used.values()) == [2, 2]  # two runs on each node's GPU
+    assert max(starts) < min(ends), (starts, ends)  # all four trained at the same time
+    state = read_json(runs_dir / "sweep.json")
+    assert {r["node_id"] for r in state["runs"].values()} == nodes and state["lost_nodes"] == []
+    results = read_json(runs_dir / "evaluation_results.json")
+    assert set().union(*(e["eval_nodes"] for e in results.values())) == nodes  # shards scored on both nodes
+
+
+def test_a_packed_run_out_of_memory_goes_again_alone(cluster, tmp_path, tiny_model):
+    runs_dir = tmp_path / "runs"
+    base = {
+        **TINY,
+        "method": "grpo",
+        "split": "train_gen",
+        "max_steps": 2,
+        "num_generations": 2,
+        "max_completion_length": 4,
+        "reward_funcs": ["oom_when_shared:reward"],
+    }
+    spec = {"name": "oom", "runs_dir": str(runs_dir), "base": base, "resources": {"gpus_per_run": 0.5}}
+    done = sweep(cluster, spec, tmp_path / "s.yaml", "--retries", "0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "out of memory: again with a whole GPU" in done.stdout
+    run = runs_dir / "grpo_tiny-qwen2_s42"
+    record = read_json(run / "run.json")
+    assert record["status"] == "finished" and record["attempts"] == 2
+    assert record["placement"]["gpus"] == 1.0 and "ran out of memory sharing a GPU" in record["placement"]["reason"]
+    assert len(read_json(run / "launch.json")["attempts"]) == 2
+
+
+def test_a_lost_node_costs_nothing(cluster, tmp_path, tiny_model):
+    runs_dir = tmp_path / "runs"
+    spec = {
+        "name": "loss",
+        "runs_dir": str(runs_dir),
+        "base": {**TINY, "max_steps": 300, "save_steps": 10},
+        "grid": {"seed": [1, 2]},
+        "resources": {"gpus_per_run": 0.5, "cpus_per_run": 1, "strategy": "spread"},
+    }
+    names = node_ids(cluster)
+    second = names["node1"]
+    proc = sweep(cluster, spec, tmp_path / "s.yaml", "--retries", "0", wait=False)
+    victim = None
+    deadline = time.time() + 240
+    while time.time() < deadline and victim is None:  # the run training on the second node, once it checkpointed
+        for seed in (1, 2):
+            run = runs_dir / f"sft_tiny-qwen2_s{seed}"
+            if (maybe_json(run / "launch.json") or {}).get("node_id") == second and checkpoint_steps(run):
+                victim = run
+        time.sleep(0.3)
+    assert victim is not None, "no run checkpointed on the second node"
+    cluster.kill_node(second)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    record, launch = read_json(victim / "run.json"), read_json(victim / "launch.json")
+    assert record["status"] == "finished" and record["global_step"] == 300
+    assert [a["node_id"] for a in launch["attempts"]][0] == second and launch["node_id"] != second
+    assert record["resumed_from"] and "resuming from" in (victim / "train.log").read_text()
+    state = read_json(runs_dir / "sweep.json")
+    assert [n["node_id"] for n in state["lost_nodes"]] == [second]
+    attempts = state["runs"][victim.name]["attempts"]
+    assert len(attempts) == 2 and attempts[0]["node_id"] == second != attempts[1]["node_id"]
+    assert re.search(r"node \w+ \([\d.]+\) lost", out)
+
+
+# ------------------------------------------------------------------ what the local Ray listens on
+def sockets_of(pids: set[int]) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(listening (address, port), established (local, remote) addresses) of these processes (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    listening, established = [], []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[9] not in inodes:
+                continue
+            local, remote = (_address(c, family) for c in cols[1:3])
+            if cols[3] == "0A":
+                listening.append(local)
+            elif cols[3] == "01":
+                established.append((local[0], remote[0]))
+    return listening, established
+
+
+def _address(hex_addr: str, family) -> tuple[str, int]:
+    ip, port = hex_addr.split(":")
+    raw = bytes.fromhex(ip)
+    if family == socket.AF_INET:
+        raw = raw[::-1]
+    else:  # four little-endian 32-bit words
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    return socket.inet_ntop(family, raw).removeprefix("::ffff:"), int(port, 16)  # IPv4 as itself
+
+
+def test_local_ray_is_guarded_by_its_token(tmp_path):
+    """The Ray a sweep starts: every connection stays on this host, the open ports need the token, the dashboard
+    does not run."""
+    script = (
+        "import ray, sys, time\n"
+        "from tunefleet.common.raycluster import ensure_ray\n"
+        "ensure_ray(num_cpus=1)\n"
+        "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        gcs = proc.stdout.readline().strip()
+        assert gcs, "the local Ray did not start"
+        port = int(gcs.rsplit(":", 1)[1])
+        tree = pids_in_tree(proc.pid)
+        listening, established = sockets_of(tree)
+        own = {"127.0.0.1", "::1", gcs.rsplit(":", 1)[0]}  # loopback and this host's own address
+        assert established and all(remote in own for _, remote in established), established  # no other host
+        assert ("0.0.0.0", port) in listening or ("::", port) in listening  # GCS: all interfaces, so ...
+        refused = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR')"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={
+                **os.environ,
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": "0" * 64,
+                "RAY_gcs_server_port_wait_time_s": "3",
+            },  # give up after a few refusals
+        )
+        assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr  # ... the token guards it
+        assert not any("dashboard.py" in _cmdline(p) and "--disable-frontend" not in _cmdline(p) for p in tree)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+def pids_in_tree(root: int) -> set[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, grew = {root}, True
+    while grew:
+        kids = {p for p, pp in parents.items() if pp in tree and p not in tree}
+        grew = bool(kids)
+        tree |= kids
+    return tree
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -8,7 +8,6 @@ tunefleet report --runs_dir runs
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
@@ -35,12 +34,14 @@ def parse_eval_args(argv: list[str]) -> tuple[argparse.Namespace, EvalSettings]:
 def cmd_eval(argv: list[str]) -> int:
     from tunefleet.eval.evaluate import evaluate
     from tunefleet.eval.report import table
+    from tunefleet.eval.results import results_path, split_location
 
     a, settings = parse_eval_args(argv)
     merged = evaluate(a.runs_dir, settings, a.output, a.address)
-    out = Path(a.output or Path(a.runs_dir) / "evaluation_results.json")
+    out = results_path(a.runs_dir, a.output)
+    store, _ = split_location(out)
     print(table(merged))
-    print(f"results: {out}\nreport:  {out.parent / 'evaluation_report.md'}")
+    print(f"results: {out}\nreport:  {store.url('evaluation_report.md')}")
     failed = [n for n, e in merged.items() if e.get("error")]
     for name in failed:
         print(f"error in {name}: {merged[name]['error']}")
@@ -49,14 +50,15 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_report(argv: list[str]) -> int:
     from tunefleet.eval.report import table, write_report
-    from tunefleet.eval.results import load_results
+    from tunefleet.eval.results import load_results, results_path, split_location
 
     p = argparse.ArgumentParser(prog="tunefleet report", description="Rebuild the report from the results JSON.")
     p.add_argument("--runs_dir", default="runs", help="Folder holding evaluation_results.json (default: runs).")
     p.add_argument("--output", help="Results file (default: <runs_dir>/evaluation_results.json).")
     a = p.parse_args(argv)
-    path = Path(a.output or Path(a.runs_dir) / "evaluation_results.json")
-    if not path.is_file():
+    path = results_path(a.runs_dir, a.output)
+    store, name = split_location(path)
+    if not store.exists(name):
         raise TunefleetError(f"{path} not found: run `tunefleet eval --runs_dir {a.runs_dir}` first")
     report = write_report(path, a.runs_dir)
     print(table(load_results(path)))

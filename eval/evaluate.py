@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.common.storage import refuse_ray_job_temp
 from tunefleet.eval import plan, results
 from tunefleet.eval.progress import shard_progress
 from tunefleet.eval.settings import EvalData, EvalSettings
@@ -31,7 +31,8 @@ def evaluate(
 ) -> dict:
     """Evaluate, merge into the results file, rebuild the report. Returns the whole results dict."""
     settings = settings or EvalSettings()
-    out_path = Path(output or Path(runs_dir) / "evaluation_results.json")
+    refuse_ray_job_temp(runs_dir, "--runs_dir")
+    out_path = results.results_path(runs_dir, output)
     methods = settings.methods
     runs = results.discover(runs_dir, methods)
     if not runs:
@@ -52,11 +53,16 @@ def evaluate(
         if base and dataset:
             groups.setdefault((base, dataset), []).append(run)
         else:
-            updates[run.name] = results.empty_entry(run.name, str(run.path)) | {
+            updates[run.name] = results.empty_entry(run.name, run.location) | {
                 "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"
             }
-    for (base, dataset), members in groups.items():
-        updates.update(_evaluate_group(base, dataset, members, settings, reward_funcs, existing, address, progress))
+    try:
+        for (base, dataset), members in groups.items():
+            updates.update(
+                _evaluate_group(base, dataset, members, settings, reward_funcs, existing, address, progress)
+            )
+    finally:
+        results.drop_fetched(runs_dir)
     merged = results.save_results(out_path, updates)
     from tunefleet.eval.report import write_report
 
@@ -132,7 +138,7 @@ def _evaluate_group(
     base_pref, base_gen = merged.get((base_name, "pref")), merged.get((base_name, "gen"))
     meta = {base_name: {"method": "base", "seed": None, "path": base, "fp": base_fp}}
     meta |= {
-        run.name: {"method": run.method, "seed": run.seed, "path": str(run.path), "fp": fp, "run": run}
+        run.name: {"method": run.method, "seed": run.seed, "path": run.location, "fp": fp, "run": run}
         for run, fp in todo
     }
     for name, info in meta.items():

@@ -8,10 +8,12 @@ curves, GRPO reward curves, held-out reward, preference accuracy and perplexity 
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 from pathlib import Path
 
-from tunefleet.eval.results import load_results, loss_curve, reward_curve
+from tunefleet.common.storage import scratch_dir
+from tunefleet.eval.results import load_results, loss_curve, reward_curve, split_location
 
 # column, header, better ("min" / "max" / None), format
 COLUMNS = [
@@ -140,7 +142,7 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, entry in _ordered(results):
         path = entry.get("model_path")
-        curve = loss_curve(Path(path)) if path and Path(path).is_dir() else []
+        curve = loss_curve(path) if path and entry.get("method") != "base" else []
         if curve:
             ax.plot(*zip(*curve), label=name, linewidth=1)
     ax.set(xlabel="step", ylabel="training loss", title="Training loss")
@@ -154,7 +156,7 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, entry in _ordered(results):
         path = entry.get("model_path")
-        curve = reward_curve(Path(path)) if path and Path(path).is_dir() else []
+        curve = reward_curve(path) if path and entry.get("method") == "grpo" else []
         if curve:
             ax.plot(*zip(*curve), label=name, linewidth=1.2)
     ax.set(xlabel="step", ylabel="mean reward of the sampled answers", title="GRPO reward during training")
@@ -187,16 +189,22 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
     return written
 
 
-def write_report(results_path: Path | str, runs_dir: str | None = None) -> Path:
-    """Rebuild the report and plots beside the results file."""
-    results_path = Path(results_path)
-    results = load_results(results_path)
-    out = results_path.parent / "evaluation_report.md"
+def write_report(results_file: str, runs_dir: str | None = None) -> str:
+    """Rebuild the report and plots beside the results file (uploaded when it lives in a store)."""
+    results = load_results(results_file)
+    store, _ = split_location(results_file)
+    local = Path(store.root) if not store.remote else scratch_dir(store.root, "report")
+    local.mkdir(parents=True, exist_ok=True)
+    out = local / "evaluation_report.md"
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(markdown(results))
     tmp.replace(out)
-    plots(results, results_path.parent, runs_dir)
-    return out
+    written = [out, *plots(results, local, runs_dir)]
+    if store.remote:
+        for path in written:
+            store.upload(path, path.name)
+        shutil.rmtree(local, ignore_errors=True)
+    return store.url("evaluation_report.md")
 
 
 def table(results: dict) -> str:

@@ -1,18 +1,23 @@
 """Run discovery, training metrics from trainer_state.json, and the results file (atomic, merged).
 
-Only JSON and safetensors are read from run folders; `training_args.bin` and other pickles never are.
+Only JSON and safetensors are read from run folders; `training_args.bin` and other pickles never are. The runs
+folder may be a store (`s3://...`): each run's adapter and records are fetched into node-local scratch to be
+scored, and the results file is written back in one atomic PUT.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError
-from tunefleet.common.jsonfile import read_json, write_json_atomic
+from tunefleet.common.storage import Store, join, scratch_dir
 from tunefleet.trainers.config import METHODS
+
+FETCHED = ("adapter_config.json", "adapter_model.safetensors", "run.json", "trainer_state.json")
 
 RESULT_KEYS = (
     "model_name",
@@ -39,7 +44,8 @@ RESULT_KEYS = (
 @dataclass
 class RunInfo:
     name: str
-    path: Path
+    path: Path  # a local folder with the adapter (the run itself, or its copy fetched from a store)
+    location: str  # where the run lives: its folder or its URI
     method: str | None
     seed: int | None
     base_model: str | None
@@ -57,31 +63,39 @@ class RunInfo:
 
 def discover(runs_dir: str, methods: list[str] | None = None) -> list[RunInfo]:
     """Every folder under `runs_dir` (nested too) with an adapter at its top, checkpoints excluded."""
-    root = Path(runs_dir)
-    if not root.is_dir():
+    store = Store(runs_dir)
+    if not store.exists():
         raise TunefleetError(f"runs_dir {runs_dir} does not exist")
     runs = []
-    for cfg in sorted(root.rglob("adapter_config.json")):
-        path = cfg.parent
-        if any(part.startswith("checkpoint-") for part in path.relative_to(root).parts):
+    for found in store.find("adapter_config.json"):
+        name = found.rsplit("/", 1)[0] if "/" in found else ""
+        if not name or any(part.startswith("checkpoint-") for part in name.split("/")):
             continue
-        record = read_json(path / "run.json") or {}
-        method = record.get("method") or _method_from_name(path.name)
+        run = store.child(name)
+        record = run.read_json("run.json") or {}
+        method = record.get("method") or _method_from_name(name.rsplit("/", 1)[-1])
         if methods and method not in methods:
             continue
-        base = record.get("base_model") or (read_json(cfg) or {}).get("base_model_name_or_path")
-        runs.append(
-            RunInfo(
-                name=path.relative_to(root).as_posix(),
-                path=path,
-                method=method,
-                seed=record.get("seed"),
-                base_model=base,
-                dataset=record.get("dataset"),
-                record=record,
-            )
-        )
+        path = Path(run.url()) if not store.remote else fetch(run, scratch_dir(runs_dir, "eval") / name)
+        base = record.get("base_model") or (run.read_json("adapter_config.json") or {}).get("base_model_name_or_path")
+        runs.append(RunInfo(name, path, run.url(), method, record.get("seed"), base, record.get("dataset"), record))
     return runs
+
+
+def drop_fetched(runs_dir: str) -> None:
+    """Remove this node's copies of a store's runs (once they are scored)."""
+    if Store(runs_dir).remote:
+        shutil.rmtree(scratch_dir(runs_dir, "eval"), ignore_errors=True)
+
+
+def fetch(run: Store, local: Path) -> Path:
+    """The files the evaluator reads of a run kept in a store, copied into `local`."""
+    local.mkdir(parents=True, exist_ok=True)
+    for name in FETCHED:
+        data = run.read_bytes(name)
+        if data is not None:
+            (local / name).write_bytes(data)
+    return local
 
 
 def _method_from_name(name: str) -> str | None:
@@ -89,9 +103,9 @@ def _method_from_name(name: str) -> str | None:
     return prefix if prefix in METHODS else None
 
 
-def training_metrics(run_dir: Path) -> dict:
+def training_metrics(run_dir: str | Path) -> dict:
     """The original tool's training keys from trainer_state.json; all None when missing or corrupt."""
-    state = read_json(Path(run_dir) / "trainer_state.json") or {}
+    state = Store(str(run_dir)).read_json("trainer_state.json") or {}
     history = state.get("log_history") if isinstance(state.get("log_history"), list) else []
     losses = [e["loss"] for e in history if isinstance(e, dict) and isinstance(e.get("loss"), (int, float))]
     evals = [e["eval_loss"] for e in history if isinstance(e, dict) and isinstance(e.get("eval_loss"), (int, float))]
@@ -120,14 +134,14 @@ def grpo_rewards(runs: list[RunInfo]) -> list[str]:
     return found
 
 
-def reward_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """GRPO's mean reward per logged step, from trainer_state.json."""
-    state = read_json(Path(run_dir) / "trainer_state.json") or {}
+def reward_curve(run_dir: str) -> list[tuple[int, float]]:
+    """GRPO's mean reward per logged step, from trainer_state.json (a run's folder or URI)."""
+    state = Store(run_dir).read_json("trainer_state.json") or {}
     return [(e["step"], e["reward"]) for e in state.get("log_history", []) if isinstance(e, dict) and "reward" in e]
 
 
-def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
-    state = read_json(Path(run_dir) / "trainer_state.json") or {}
+def loss_curve(run_dir: str) -> list[tuple[int, float]]:
+    state = Store(run_dir).read_json("trainer_state.json") or {}
     return [
         (e["step"], e["loss"])
         for e in state.get("log_history", [])
@@ -139,13 +153,25 @@ def empty_entry(name: str, path: str) -> dict:
     return dict.fromkeys(RESULT_KEYS) | {"model_name": name, "model_path": path, "generation_samples": []}
 
 
-def load_results(path: Path) -> dict:
-    return read_json(path) or {}
+def results_path(runs_dir: str, output: str | None = None) -> str:
+    return str(output) if output else join(runs_dir, "evaluation_results.json")
 
 
-def save_results(path: Path, updates: dict) -> dict:
+def split_location(path: str) -> tuple[Store, str]:
+    """(the folder's store, the file name) of a file's path or URI."""
+    folder, _, name = str(path).rstrip("/").rpartition("/")
+    return Store(folder or "."), name
+
+
+def load_results(path: str) -> dict:
+    store, name = split_location(path)
+    return store.read_json(name) or {}
+
+
+def save_results(path: str, updates: dict) -> dict:
     """Merge `updates` into the file's entries (others kept) and write atomically."""
     merged = load_results(path)
     merged.update(updates)
-    write_json_atomic(path, merged)
+    store, name = split_location(path)
+    store.write_json(name, merged)
     return merged

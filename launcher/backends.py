@@ -16,6 +16,7 @@ from collections import deque
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.raycluster import ensure_ray
 from tunefleet.common.status import RunStatus
+from tunefleet.common.storage import Store, join
 from tunefleet.launcher.placement import Allocator
 from tunefleet.launcher.progress import SweepView
 from tunefleet.launcher.runner import RunOutcome, run_one, stopping, terminate_children
@@ -82,7 +83,7 @@ def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: Swe
             try:
                 result["outcome"] = run_one(plan, env)
             except Exception as exc:  # a launch that cannot even start: recorded, and the sweep goes on
-                log = os.path.join(plan.output_dir, "train.log")
+                log = join(plan.output_dir, "train.log")
                 error = f"{type(exc).__name__}: {first_line(exc)}"
                 result["outcome"] = RunOutcome(plan.name, RunStatus.FAILED, log, error=error)
 
@@ -193,7 +194,7 @@ def run_ray(
                     try:
                         outcome = ray.get(ref)
                     except ray.exceptions.RayError as exc:
-                        log = os.path.join(by_name[name].output_dir, "train.log")
+                        log = join(by_name[name].output_dir, "train.log")
                         outcome = RunOutcome(name, RunStatus.FAILED, log, error=first_line(exc))
                     again = tries.again(by_name[name], outcome)
                     if again:
@@ -233,7 +234,9 @@ class NodeWatch:
 def _mark_running(by_name: dict[str, RunPlan], inflight: dict, running: set, view: SweepView) -> None:
     """A run counts as running once its process has written launch.json (Ray queues the rest)."""
     for name in inflight.values():
-        launch = os.path.join(by_name[name].output_dir, "launch.json")
-        if name not in running and os.path.exists(launch) and os.path.getmtime(launch) >= view.t0:
+        if name in running:
+            continue
+        started = (Store(by_name[name].output_dir).read_json("launch.json") or {}).get("started_at", "")
+        if started >= view.started_at:
             running.add(name)
             view.set(name, RunStatus.RUNNING)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from tunefleet.common.jsonfile import read_json
+from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
+from tunefleet.common.storage import Store
 from tunefleet.launcher.runner import RunOutcome
 from tunefleet.launcher.sweep import RunPlan
 
@@ -23,6 +23,7 @@ class SweepView:
         self.live_enabled = sys.stdout.isatty() if live is None else live
         self.live = None
         self.t0 = time.time()
+        self.started_at = utc_now()  # launches at or after it belong to this sweep
 
     def __enter__(self):
         if self.live_enabled:
@@ -74,7 +75,7 @@ class SweepView:
             table.add_column(col)
         for name, run in self.runs.items():
             running = self.state[name] is RunStatus.RUNNING
-            progress = (read_json(Path(run.output_dir) / "progress.json") or {}) if running else {}
+            progress = (Store(run.output_dir).read_json("progress.json") or {}) if running else {}
             step = f"{progress.get('step', '')}/{progress.get('max_steps', '')}" if progress else ""
             loss = progress.get("loss")
             table.add_row(

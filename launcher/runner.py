@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunefleet.common import schema
-from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
+from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.launcher.launch import free_port, launch_command, plan_launch
 from tunefleet.launcher.sweep import RunPlan
 
@@ -75,17 +77,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def write_run_config(plan: RunPlan) -> Path:
+def write_run_config(plan: RunPlan, folder: Path) -> Path:
+    """The run's config.yaml in `folder` (the run's own folder, or node-local scratch for a run in a store)."""
     import yaml
 
-    out = Path(plan.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
     tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
     values = {k: v for k, v in schema.to_dict(plan.config).items() if v is not None}
     tmp.write_text(
         f"# {plan.name}: written by tunefleet sweep; rerun with\n"
-        f"#   tunefleet train --config {path}\n" + yaml.safe_dump(values, sort_keys=False)
+        f"#   tunefleet train --config {join(plan.output_dir, 'config.yaml')}\n"
+        + yaml.safe_dump(values, sort_keys=False)
     )
     tmp.replace(path)
     return path
@@ -93,10 +96,10 @@ def write_run_config(plan: RunPlan) -> Path:
 
 def summarize(output_dir: str | Path) -> RunSummary:
     """Status, steps and last loss of a run, from its run.json, progress.json and trainer_state.json."""
-    out = Path(output_dir)
-    record = read_json(out / "run.json") or {}
-    progress = read_json(out / "progress.json") or {}
-    state = read_json(out / "trainer_state.json") or {}
+    store = Store(str(output_dir))
+    record = store.read_json("run.json") or {}
+    progress = store.read_json("progress.json") or {}
+    state = store.read_json("trainer_state.json") or {}
     losses = [e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e]
     return RunSummary(
         status=RunStatus.of(record.get("status")),
@@ -110,18 +113,28 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     """Train one run to completion in a child process; returns its outcome (never raises for a failed run).
 
     `env_extra`: what the backend gives this run (CUDA_VISIBLE_DEVICES of its GPU share, TUNEFLEET_NODE_ID of
-    the Ray node it runs on, ...).
+    the Ray node it runs on, ...). A run kept in a store (`s3://...`) is launched from node-local scratch (its
+    config.yaml and log), which goes once the log is appended to the store's train.log.
     """
-    out = Path(plan.output_dir).resolve()
-    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=str(out)))
-    log, host, t0 = str(out / "train.log"), socket.gethostname(), time.time()
+    out = plan.output_dir if is_uri(plan.output_dir) else str(Path(plan.output_dir).resolve())
+    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=out))
+    store = Store(out)
+    here = scratch_dir(out, "launch") if store.remote else Path(out)  # config.yaml and train.log while it runs
+    log, host, t0 = here / "train.log", socket.gethostname(), time.time()
     env_extra = {**(env_extra or {}), "TUNEFLEET_PLACEMENT": json.dumps(plan.placement.record())}
     node_id = env_extra.get("TUNEFLEET_NODE_ID")
 
     def outcome(status: RunStatus, **fields) -> RunOutcome:
         info = summarize(out)
         return RunOutcome(
-            plan.name, status, log, host=host, steps=info.steps, final_loss=info.final_loss, node_id=node_id, **fields
+            plan.name,
+            status,
+            join(out, "train.log"),
+            host=host,
+            steps=info.steps,
+            final_loss=info.final_loss,
+            node_id=node_id,
+            **fields,
         )
 
     if summarize(out).status is RunStatus.FINISHED:
@@ -132,7 +145,9 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     )
     if stopping.is_set():
         return outcome(RunStatus.FAILED, error="sweep interrupted before this run started")
-    cfg_path = write_run_config(plan)
+    cfg_path = write_run_config(plan, here)
+    if store.remote:
+        store.upload(cfg_path, "config.yaml")
     cmd = launch_command(["--config", str(cfg_path)], plan.config.num_processes, free_port(), choice.config)
     with open(log, "a") as log_file:
         log_file.write(f"\n=== {utc_now()} on {host}: {' '.join(cmd)}\n")
@@ -140,7 +155,7 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         _children.add(proc)
         record_launch(
-            out,
+            store,
             {
                 "pid": proc.pid,
                 "host": host,
@@ -154,27 +169,30 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
             rc = proc.wait()
         finally:
             _children.discard(proc)
+    error = _last_error(log) or f"exit code {rc}"
+    if store.remote:  # this attempt's log joins the earlier ones in the store; the scratch goes
+        store.write_bytes("train.log", (store.read_bytes("train.log") or b"") + log.read_bytes())
+        shutil.rmtree(here, ignore_errors=True)
     wall = round(time.time() - t0, 2)
     recorded = summarize(out).status
     if rc == 0 and recorded is RunStatus.FINISHED:
         return outcome(RunStatus.FINISHED, returncode=rc, wall_s=wall)
     status = RunStatus.INTERRUPTED if recorded is RunStatus.INTERRUPTED else RunStatus.FAILED
-    error = _last_error(Path(log)) or f"exit code {rc}"
-    return outcome(status, returncode=rc, wall_s=wall, error=error, out_of_memory=ran_out_of_memory(out, error))
+    return outcome(status, returncode=rc, wall_s=wall, error=error, out_of_memory=ran_out_of_memory(store, error))
 
 
-def record_launch(out: Path, launch: dict) -> None:
+def record_launch(store: Store, launch: dict) -> None:
     """launch.json: the latest launch at the top, every launch of the run (host, Ray node, time) in `attempts`."""
-    earlier = (read_json(out / "launch.json") or {}).get("attempts", [])
-    write_json_atomic(out / "launch.json", launch | {"attempts": [*earlier, launch]})
+    earlier = (store.read_json("launch.json") or {}).get("attempts", [])
+    store.write_json("launch.json", launch | {"attempts": [*earlier, launch]})
 
 
 OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
 
 
-def ran_out_of_memory(out: Path, error: str | None) -> bool:
+def ran_out_of_memory(store: Store, error: str | None) -> bool:
     """Whether a failed run died of memory: its run.json error or the log's last error says so."""
-    recorded = (read_json(out / "run.json") or {}).get("error") or ""
+    recorded = (store.read_json("run.json") or {}).get("error") or ""
     return any(sign in recorded or sign in (error or "") for sign in OUT_OF_MEMORY)
 
 

@@ -30,6 +30,7 @@ from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
+from tunefleet.common.storage import is_uri
 from tunefleet.launcher.placement import slurm_groups
 from tunefleet.launcher.runner import summarize
 
@@ -258,6 +259,11 @@ def submit_sweep(spec, runs, a) -> int:
         raise TunefleetError(
             "sbatch not found on PATH: install SLURM's client tools (apt-get install slurm-wlm) "
             "or run the sweep with --backend local / --backend ray"
+        )
+    if is_uri(spec.runs_dir):
+        raise TunefleetError(
+            f"runs_dir {spec.runs_dir}: --backend slurm keeps its scripts and logs beside the runs, on the cluster's "
+            "shared filesystem: give a shared path (URIs work with --backend local and ray)"
         )
     sweep_dir = Path(spec.runs_dir).resolve()
     slurm_dir = sweep_dir / "slurm"

@@ -23,6 +23,7 @@ from pathlib import Path
 from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
+from tunefleet.common.storage import join
 from tunefleet.eval.settings import EvalSettings
 from tunefleet.launcher.placement import Placement, parse_gpus, place
 from tunefleet.trainers import config
@@ -225,7 +226,7 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
                 + " to 'naming'"
             )
         seen[name] = combo
-        output_dir = str(Path(spec.runs_dir) / name)
+        output_dir = join(spec.runs_dir, name)  # a URI stays one (a Path would make s3://b into s3:/b)
         values["output_dir"] = output_dir
         gpus = spec.resources.gpus_per_run
         if gpus != "auto" and gpus > 1:

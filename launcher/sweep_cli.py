@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError
-from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
+from tunefleet.common.storage import Store, join, refuse_ray_job_temp
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.launch import launch_command
 
@@ -36,6 +37,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="Evaluate the sweep's runs when training ends.")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray for this sweep).")
     p.add_argument("--max_parallel", type=int, help="At most this many runs at once (overrides resources).")
+    p.add_argument("--runs_dir", help="Where the runs go (overrides the spec): a shared path or a URI (s3://...).")
     p.add_argument("--skip_data_check", action="store_true", help="Do not load each split before starting.")
     return p
 
@@ -74,6 +76,9 @@ def cmd_sweep(argv: list[str]) -> int:
 
     a = sweep_parser().parse_args(argv)
     spec = sweeps.load_spec(a.spec)
+    if a.runs_dir:
+        spec.runs_dir = a.runs_dir
+    refuse_ray_job_temp(spec.runs_dir, "runs_dir")
     if a.max_parallel:
         spec.resources.max_parallel = a.max_parallel
     runs = sweeps.place_runs(sweeps.expand(spec), spec.resources, local_gpu_memory())
@@ -86,7 +91,7 @@ def cmd_sweep(argv: list[str]) -> int:
         from tunefleet.launcher.slurm import submit_sweep
 
         return submit_sweep(spec, runs, a)
-    state_path = Path(spec.runs_dir) / "sweep.json"
+    store = Store(spec.runs_dir)
     state = {
         "name": spec.name,
         "spec": str(a.spec),
@@ -94,7 +99,7 @@ def cmd_sweep(argv: list[str]) -> int:
         "started_at": utc_now(),
         "runs": {r.name: {"output_dir": r.output_dir, "method": r.method, "status": RunStatus.QUEUED} for r in runs},
     }
-    write_json_atomic(state_path, state)
+    store.write_json("sweep.json", state)
     outcomes, lost, code = [], [], 0
     try:
         with SweepView(runs) as view:
@@ -116,7 +121,7 @@ def cmd_sweep(argv: list[str]) -> int:
             {k: getattr(o, k) for k in ("status", "steps", "final_loss", "wall_s", "log", "error", "host", "node_id")}
         )
     for run in runs:  # every launch of every run: where it ran and when (a run re-run after a node loss has two)
-        launches = (read_json(Path(run.output_dir) / "launch.json") or {}).get("attempts", [])
+        launches = (Store(run.output_dir).read_json("launch.json") or {}).get("attempts", [])
         state["runs"][run.name]["placement"] = run.placement.record()
         state["runs"][run.name]["attempts"] = [
             {k: a.get(k) for k in ("host", "node_id", "started_at", "pid")}
@@ -125,7 +130,7 @@ def cmd_sweep(argv: list[str]) -> int:
         ]
     state["lost_nodes"] = lost
     state["ended_at"] = utc_now()
-    write_json_atomic(state_path, state)
+    store.write_json("sweep.json", state)
     print(final_table(outcomes))
     failed = [o for o in outcomes if not o.ok]
     if code:
@@ -151,7 +156,7 @@ def _evaluate(spec, a) -> int:
         settings = dataclasses.replace(settings, backend="ray" if a.backend == "ray" else "local")
     merged = evaluate(spec.runs_dir, settings, None, a.address)
     print(table(merged))
-    print(f"results: {Path(spec.runs_dir) / 'evaluation_results.json'}")
+    print(f"results: {join(spec.runs_dir, 'evaluation_results.json')}")
     return 1 if any(e.get("error") for e in merged.values()) else 0
 
 
@@ -159,7 +164,7 @@ def cmd_status(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tunefleet status", description="State of a sweep's runs.")
     p.add_argument("sweep_dir", nargs="?", default="runs", help="The sweep's runs_dir (holds sweep.json).")
     a = p.parse_args(argv)
-    state = read_json(Path(a.sweep_dir) / "sweep.json")
+    state = Store(a.sweep_dir).read_json("sweep.json")
     if not state:
         raise TunefleetError(f"{a.sweep_dir} holds no sweep.json: not a sweep folder")
     from tunefleet.launcher.runner import summarize
@@ -176,7 +181,7 @@ def cmd_status(argv: list[str]) -> int:
         status = s.status or RunStatus.QUEUED  # run.json says where a run stands; no run.json: not started
         job = info.get("slurm_job")  # "ARRAYID_TASK" of the latest submission that included this run
         loss = s.final_loss
-        logs = str(Path(info["output_dir"]) / "train.log")
+        logs = join(info["output_dir"], "train.log")
         if job:
             logs += f"  {Path(a.sweep_dir) / 'slurm' / f'{job}.log'}"
         print(
@@ -195,7 +200,7 @@ def cmd_cancel(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tunefleet cancel", description="Cancel a SLURM sweep's jobs.")
     p.add_argument("sweep_dir", help="The sweep's runs_dir (holds sweep.json).")
     a = p.parse_args(argv)
-    state = read_json(Path(a.sweep_dir) / "sweep.json")
+    state = Store(a.sweep_dir).read_json("sweep.json")
     if not state or not state.get("slurm"):
         raise TunefleetError(
             f"{a.sweep_dir} holds no SLURM sweep (sweep.json with job ids); local and Ray sweeps stop with Ctrl-C"

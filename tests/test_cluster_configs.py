@@ -459,6 +459,8 @@ def validate_ray(path: Path) -> None:
     jp = job_cli_group.get_command(None, "submit").make_context("submit", shlex.split(jobs[0])[3:]).params
     assert jp["address"] == "http://127.0.0.1:8265" and jp["working_dir"] == "."
     assert jp["entrypoint"][:2] == ("tunefleet", "sweep") and "--backend" in jp["entrypoint"]
+    runs_dir = jp["entrypoint"][jp["entrypoint"].index("--runs_dir") + 1]  # a relative one is refused in a job
+    assert runs_dir.startswith(("s3://", "gs://", "/")), f"{rel(path)}: the job's --runs_dir must outlive the job"
     assert "ray down" in text
 
 

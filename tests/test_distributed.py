@@ -67,7 +67,8 @@ def test_ddp_two_processes(method, tmp_path, tiny_model):
     assert (out / "checkpoint-4" / "rng_state_1.pth").exists()  # both ranks checkpointed their RNG
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])  # DPO: the reference is the adapter-disabled base under ZeRO
+# DPO: the reference is the adapter-disabled base under ZeRO. (SFT under ZeRO-2 runs in the wheel test.)
+@pytest.mark.parametrize("method", ["dpo"])
 def test_zero2_two_processes(method, tmp_path, tiny_model):
     out = tmp_path / "z2"
     proc = cli(*train_args(method, out, "--max_steps", 4, "--save_steps", 2, "--accelerate_config", "zero2"))

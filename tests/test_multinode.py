@@ -117,6 +117,10 @@ def test_packed_runs_spread_over_both_nodes_and_the_evaluator_too(cluster, tmp_p
     assert {r["node_id"] for r in state["runs"].values()} == nodes and state["lost_nodes"] == []
     results = read_json(runs_dir / "evaluation_results.json")
     assert set().union(*(e["eval_nodes"] for e in results.values())) == nodes  # shards scored on both nodes
+    assert "finished 4" in done.stdout and "final loss" in done.stdout
+
+    again = sweep(cluster, spec, tmp_path / "s.yaml")  # a rerun skips what finished
+    assert again.returncode == 0 and again.stdout.count("skipped: finished before") == 4
 
 
 def test_a_packed_run_out_of_memory_goes_again_alone(cluster, tmp_path, tiny_model):

@@ -31,8 +31,8 @@ def grpo_options(cfg) -> dict:
 
 
 def train(cfg):
-    # ---- output folder: refuse a finished run, find a checkpoint to resume
-    resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    # ---- output folder (a folder or a URI): refuse a finished run, find a checkpoint to resume
+    folder, resume_from = run.prepare_output_dir(cfg)
 
     # ---- generation backend: vLLM (colocate) only where it can run
     if cfg.use_vllm:
@@ -66,7 +66,7 @@ def train(cfg):
 
     # ---- trainer
     args = GRPOConfig(
-        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
+        **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         beta=cfg.beta_value,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length or DEFAULT_COMPLETION_LENGTH,
@@ -80,13 +80,14 @@ def train(cfg):
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
-        callbacks=[run.progress_callback(cfg.output_dir)],
+        callbacks=[run.progress_callback(folder)],
     )
 
     # ---- train, save the documented layout, record run.json
     return run.train_and_save(
         trainer,
         cfg,
+        folder,
         resume_from,
         train,
         evaluation,

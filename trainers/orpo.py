@@ -13,8 +13,8 @@ from tunefleet.trainers import data, model, run, speed
 
 
 def train(cfg):
-    # ---- output folder: refuse a finished run, find a checkpoint to resume
-    resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    # ---- output folder (a folder or a URI): refuse a finished run, find a checkpoint to resume
+    folder, resume_from = run.prepare_output_dir(cfg)
 
     # ---- data: any preference layout -> prompt / chosen / rejected (rows that cannot train dropped, counted)
     train = data.training_data(cfg)
@@ -36,7 +36,7 @@ def train(cfg):
 
     # ---- trainer
     args = ORPOConfig(
-        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
+        **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         max_length=cfg.max_length,
         max_completion_length=cfg.max_completion_length,
         beta=cfg.beta_value,
@@ -48,10 +48,10 @@ def train(cfg):
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
-        callbacks=[run.progress_callback(cfg.output_dir)],
+        callbacks=[run.progress_callback(folder)],
     )
     if fast.group_by_length.on:
         run.group_by_token_length(trainer)
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from, train, evaluation, extra={"fast_path": fast.record()})
+    return run.train_and_save(trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()})

@@ -5,6 +5,9 @@
 - Only the main process writes `run.json`, `progress.json` and the final files; JSON is written atomically.
 - The top level of `output_dir` gets the layout the original tool documented: adapter files,
   `trainer_state.json`, `training_args.bin`, tokenizer files, `checkpoint-{step}/`.
+- `output_dir` may be a URI (s3://, gs://, ...): the run then trains in node-local scratch, uploads each checkpoint
+  as it is saved (complete once its marker is written, last; older ones are deleted only after that), and its
+  final files at the end; a rerun on any node downloads the latest complete checkpoint and resumes from it.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import time
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
-from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
+from tunefleet.common.storage import Store, refuse_ray_job_temp, scratch_dir
 from tunefleet.trainers import data
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
@@ -32,6 +36,9 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+CHECKPOINT_MARKER = ".tunefleet-complete"  # written last into a stored checkpoint: what makes it complete
+
+
 def latest_checkpoint(output_dir: Path) -> str | None:
     steps = [
         (int(p.name.split("-")[1]), p)
@@ -41,21 +48,105 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return str(max(steps)[1]) if steps else None
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool) -> str | None:
-    """Refuse a finished run (unless overwrite); return the checkpoint to resume from, if any."""
-    out = Path(output_dir)
-    record = read_json(out / "run.json") or {}
+def complete_checkpoints(store: Store) -> list[int]:
+    """Steps of the checkpoints in a store whose upload finished (their marker exists), ascending."""
+    steps = [int(n.split("-")[1]) for n in store.listdir() if n.startswith("checkpoint-") and n[11:].isdigit()]
+    return sorted(step for step in steps if store.exists(f"checkpoint-{step}/{CHECKPOINT_MARKER}"))
+
+
+class RunFolder:
+    """Where a run lives (`output_dir`: a folder or a URI) and where it trains (`local`: that folder itself, or
+    node-local scratch whose checkpoints and final files go up to the store)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.store = Store(output_dir)
+        self.local = scratch_dir(output_dir) if self.store.remote else Path(output_dir)
+
+    def write_json(self, name: str, data, durable: bool = True) -> None:
+        if is_main_process():
+            self.store.write_json(name, data, durable)
+
+    def read_json(self, name: str) -> dict | None:
+        return self.store.read_json(name)
+
+    def upload_checkpoint(self, step: int, keep: int | None) -> None:
+        """Checkpoint `step` up to the store, its marker last; then the older ones beyond `keep` go."""
+        if not self.store.remote or not is_main_process():
+            return
+        name = f"checkpoint-{step}"
+        files = {
+            p.relative_to(self.local / name).as_posix(): p.stat().st_size
+            for p in (self.local / name).rglob("*")
+            if p.is_file()
+        }
+        self.store.upload(self.local / name, name)
+        self.store.write_json(f"{name}/{CHECKPOINT_MARKER}", {"step": step, "files": files})
+        older = [s for s in complete_checkpoints(self.store) if s < step]
+        for old in older[: max(0, len(older) - (keep - 1))] if keep else []:
+            self.store.remove(f"checkpoint-{old}")
+
+    def publish(self) -> None:
+        """The final files (adapter, tokenizer, trainer state) up to the store, beside the checkpoints."""
+        if self.store.remote and is_main_process():
+            for path in sorted(self.local.iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    self.store.upload(path, path.name)
+
+    def clean_scratch(self) -> None:
+        if self.store.remote and is_main_process():
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
+    """Refuse a finished run (unless --overwrite); the run's folder and the checkpoint to resume from, if any.
+
+    With a URI, the main process starts from an empty scratch folder holding only the latest complete
+    checkpoint of the store; the other processes of the launch wait until it is there.
+    """
+    refuse_ray_job_temp(cfg.output_dir, "--output_dir")
+    folder = RunFolder(cfg.output_dir)
+    record = folder.read_json("run.json") or {}
     if RunStatus.of(record.get("status")) is RunStatus.FINISHED:
-        if not overwrite:
+        if not cfg.overwrite:
             raise TunefleetError(
-                f"{output_dir} holds a finished run; pass --overwrite to retrain it or choose another --output_dir"
+                f"{cfg.output_dir} holds a finished run; pass --overwrite to retrain it or choose another --output_dir"
             )
         if is_main_process():
-            shutil.rmtree(out)
-        return None
-    if out.exists() and not out.is_dir():
-        raise TunefleetError(f"--output_dir {output_dir} is a file, not a folder")
-    return latest_checkpoint(out) if out.exists() else None
+            folder.store.remove()
+    if not folder.store.remote:
+        if folder.local.exists() and not folder.local.is_dir():
+            raise TunefleetError(f"--output_dir {cfg.output_dir} is a file, not a folder")
+        return folder, latest_checkpoint(folder.local) if folder.local.exists() else None
+    ready = folder.local / ".ready"
+    launch = os.environ.get("MASTER_PORT", "one process")  # tells this launch's marker from an older one
+    if is_main_process():
+        shutil.rmtree(folder.local, ignore_errors=True)
+        folder.local.mkdir(parents=True)
+        steps = complete_checkpoints(folder.store)
+        if steps:
+            print(f"downloading checkpoint-{steps[-1]} from {cfg.output_dir}", flush=True)
+            folder.store.download(f"checkpoint-{steps[-1]}", folder.local / f"checkpoint-{steps[-1]}")
+            (folder.local / f"checkpoint-{steps[-1]}" / CHECKPOINT_MARKER).unlink(missing_ok=True)
+        ready.write_text(launch)
+    else:
+        deadline = time.time() + 900
+        while not (ready.exists() and ready.read_text() == launch):
+            if time.time() > deadline:
+                raise TunefleetError(f"timed out waiting for the main process to fetch {cfg.output_dir}")
+            time.sleep(0.5)
+    return folder, latest_checkpoint(folder.local)
+
+
+def checkpoint_upload_callback(folder: RunFolder):
+    """Uploads each checkpoint to the store as soon as the trainer saved it (runs kept in a store only)."""
+    from transformers import TrainerCallback
+
+    class UploadCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder.upload_checkpoint(state.global_step, args.save_total_limit)
+
+    return UploadCheckpoints()
 
 
 def versions() -> dict:
@@ -88,7 +179,7 @@ def git_commit() -> str | None:
     return top[1]
 
 
-def training_args(cfg, dtype, fast: FastPath | None = None) -> dict:
+def training_args(cfg, folder: RunFolder, dtype, fast: FastPath | None = None) -> dict:
     """TrainingArguments shared by all five TRL configs (`fast`: speed choices)."""
     import torch
 
@@ -98,7 +189,7 @@ def training_args(cfg, dtype, fast: FastPath | None = None) -> dict:
         not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     )
     return dict(
-        output_dir=cfg.output_dir,
+        output_dir=str(folder.local),
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -153,13 +244,16 @@ def group_by_token_length(trainer) -> None:
     trainer._signature_columns = [*trainer._signature_columns, "length"]
 
 
-def progress_callback(output_dir: str):
+def progress_callback(folder: RunFolder):
     """One line per log and `progress.json` (step, loss, tokens/s) for the sweep's live view."""
     from transformers import TrainerCallback
+
+    every = 2.0 if folder.store.remote else 0.0  # a store gets at most one progress write per 2 s
 
     class Progress(TrainerCallback):
         def __init__(self):
             self.t0 = time.time()
+            self.written = 0.0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -175,7 +269,9 @@ def progress_callback(output_dir: str):
                     " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()),
                     flush=True,
                 )
-            write_json_atomic(Path(output_dir) / "progress.json", info, durable=False)
+            if time.time() - self.written >= every or state.global_step >= state.max_steps:
+                folder.write_json("progress.json", info, durable=False)
+                self.written = time.time()
 
     return Progress()
 
@@ -222,7 +318,7 @@ def preemption_callback():
     return callback
 
 
-def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dict:
+def start_record(cfg, folder: RunFolder, resume_from: str | None, extra: dict | None = None) -> dict:
     record = {
         "status": RunStatus.RUNNING,
         "method": cfg.method,
@@ -246,9 +342,9 @@ def start_record(cfg, resume_from: str | None, extra: dict | None = None) -> dic
         **(extra or {}),
     }
     if is_main_process():
-        previous = read_json(Path(cfg.output_dir) / "run.json") or {}
+        previous = folder.read_json("run.json") or {}
         record["attempts"] = previous.get("attempts", 0) + 1
-        write_json_atomic(Path(cfg.output_dir) / "run.json", record)
+        folder.write_json("run.json", record)
     return record
 
 
@@ -268,10 +364,9 @@ def peak_memory() -> dict:
     return out
 
 
-def finish_record(cfg, record: dict, status: RunStatus, **fields) -> None:
+def finish_record(folder: RunFolder, record: dict, status: RunStatus, **fields) -> None:
     record.update(status=status, ended_at=utc_now(), **fields)
-    if is_main_process():
-        write_json_atomic(Path(cfg.output_dir) / "run.json", record)
+    folder.write_json("run.json", record)
 
 
 def check_world_size(launched: int, seen: int) -> None:
@@ -291,6 +386,7 @@ def check_world_size(launched: int, seen: int) -> None:
 def train_and_save(
     trainer,
     cfg,
+    folder: RunFolder,
     resume_from: str | None,
     train_data: Prepared,
     eval_data: Prepared | None = None,
@@ -324,30 +420,36 @@ def train_and_save(
             print(f"example {column}: {text[:300]!r}", flush=True)
     preemption = preemption_callback()
     trainer.add_callback(preemption)
-    record = start_record(cfg, resume_from, extra)
+    if folder.store.remote:
+        trainer.add_callback(checkpoint_upload_callback(folder))
+    record = start_record(cfg, folder, resume_from, extra)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
-        finish_record(cfg, record, RunStatus.INTERRUPTED)
+        finish_record(folder, record, RunStatus.INTERRUPTED)
+        folder.clean_scratch()
         raise
     except Exception as exc:
-        finish_record(cfg, record, RunStatus.FAILED, error=f"{type(exc).__name__}: {first_line(exc)}")
+        finish_record(folder, record, RunStatus.FAILED, error=f"{type(exc).__name__}: {first_line(exc)}")
+        folder.clean_scratch()
         raise
     if preemption.signum is not None:
+        folder.clean_scratch()
         finish_record(
-            cfg,
+            folder,
             record,
             RunStatus.INTERRUPTED,
             global_step=trainer.state.global_step,
             note=f"signal {preemption.signum}: checkpoint-{trainer.state.global_step} saved",
         )
         raise Preempted(preemption.signum)
-    trainer.save_model(cfg.output_dir)  # adapter, training_args.bin, tokenizer at the top level
+    trainer.save_model(str(folder.local))  # adapter, training_args.bin, tokenizer at the top level
     trainer.save_state()  # trainer_state.json at the top level
+    folder.publish()  # before the record says finished: a finished run in a store is a whole one
     finish_record(
-        cfg,
+        folder,
         record,
         RunStatus.FINISHED,
         global_step=trainer.state.global_step,
@@ -356,4 +458,5 @@ def train_and_save(
         train_loss=result.metrics.get("train_loss"),
         world_size=trainer.accelerator.num_processes,
     )
+    folder.clean_scratch()
     return record

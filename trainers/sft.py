@@ -13,8 +13,8 @@ from tunefleet.trainers import data, model, run, speed
 
 
 def train(cfg):
-    # ---- output folder: refuse a finished run, find a checkpoint to resume
-    resume_from = run.prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    # ---- output folder (a folder or a URI): refuse a finished run, find a checkpoint to resume
+    folder, resume_from = run.prepare_output_dir(cfg)
 
     # ---- data: any SFT layout (messages, ShareGPT, Alpaca, prompt/completion, text) -> TRL's columns
     train = data.training_data(cfg)
@@ -38,7 +38,7 @@ def train(cfg):
 
     # ---- trainer
     args = SFTConfig(
-        **run.training_args(cfg, model.compute_dtype(cfg.bf16), fast),
+        **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         padding_free=fast.padding_free.on,
         assistant_only_loss=cfg.assistant_only_loss,
         # padding-free without packing cannot truncate: TRL wants max_length unset then
@@ -51,8 +51,8 @@ def train(cfg):
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
-        callbacks=[run.progress_callback(cfg.output_dir)],
+        callbacks=[run.progress_callback(folder)],
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, resume_from, train, evaluation, extra={"fast_path": fast.record()})
+    return run.train_and_save(trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()})

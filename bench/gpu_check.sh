@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ONE prepared GPU check, for a session that is lent a GPU machine (~10 minutes of device time).
+# ONE prepared GPU check, for a session that is lent a GPU machine (under 8 minutes of device time).
 # The GPU image has torch/transformers/peft/accelerate but not trl, datasets, bitsandbytes, ray or deepspeed:
 # carry their wheels in .whl/ (git-ignored), as the device notes explain, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
@@ -31,7 +31,7 @@ python3 -c "import torch, transformers, trl, peft, bitsandbytes; print('torch', 
   | tee -a "$out/gpu.txt"
 
 echo "== 1-2. tunefleet vs plain TRL, QLoRA, Qwen2-0.5B architecture (random init)"
-timeout 420 python3 bench/train_throughput.py --models --qwen05b --qlora --methods sft dpo --samples 256 --batch 8 \
+timeout 240 python3 bench/train_throughput.py --models --qwen05b --qlora --methods sft dpo --samples 192 --batch 8 \
   --json "$out/train_throughput_gpu.json" 2>&1 | grep -vE "Warning|warn\(" | tee "$out/train_throughput_gpu.txt"
 
 echo "== 3. ZeRO-3 + QLoRA (one process)"
@@ -46,5 +46,5 @@ else
 fi
 
 echo "== 4. packing: 4 QLoRA runs on one GPU at once vs one after another; memory estimate vs measured"
-timeout 300 python3 bench/gpu_packing.py --runs 4 --steps 20 --json "$out/packing_gpu.json" 2>&1 \
+timeout 200 python3 bench/gpu_packing.py --runs 4 --steps 20 --json "$out/packing_gpu.json" 2>&1 \
   | grep -vE "Warning|warn\(" | tail -6 | tee "$out/packing_gpu.txt"

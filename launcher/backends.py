@@ -116,7 +116,7 @@ def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: Swe
                     view.set(name, RunStatus.QUEUED, again[1])
                 else:
                     outcomes[name] = outcome
-                    view.set(name, outcome.status, outcome.error or "")
+                    view.set(name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
             view.refresh()
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -202,7 +202,7 @@ def run_ray(
                         submit(again[0])
                         continue
                     outcomes[name] = outcome
-                    view.set(name, outcome.status, outcome.error or "")
+                    view.set(name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
                 view.refresh()
         except KeyboardInterrupt:
             for ref in inflight:

@@ -32,10 +32,11 @@ def cmd_train(argv: list[str]) -> int:
     from tunefleet.trainers.config import parse_args
 
     cfg = parse_args(argv)
-    from tunefleet.launcher.launch import free_port, launch_command, plan_launch
+    from tunefleet.launcher.launch import plan_launch
 
     choice, env = plan_launch(cfg)
     if choice.config is None:
+        from tunefleet.trainers import recovery
         from tunefleet.trainers.run import Preempted
         from tunefleet.trainers.train import run
 
@@ -44,11 +45,41 @@ def cmd_train(argv: list[str]) -> int:
         except Preempted as exc:
             print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
             return 128 + exc.signum
+        except recovery.OutOfMemory as exc:
+            print(f"error: {recovery.no_smaller_setup(exc, cfg)}", file=sys.stderr)
+            return 3
         print(f"done: {cfg.output_dir} (status {record['status']}, step {record.get('global_step')})")
         return 0
-    cmd = launch_command([*argv, "--accelerate_config", choice.config], cfg.num_processes, free_port(), choice.config)
-    print(f"launch: {choice.config} ({choice.reason})\n  {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd, env=env)
+    return launch_processes(cfg, argv, choice.config, choice.reason, env)
+
+
+def launch_processes(cfg, argv: list[str], config: str, reason: str, env: dict) -> int:
+    """`accelerate launch` the run; after running out of memory, again with the next smaller set-up."""
+    from tunefleet.common.storage import Store
+    from tunefleet.launcher.launch import free_port, launch_command
+    from tunefleet.trainers import recovery
+
+    while True:
+        cmd = launch_command([*argv, "--accelerate_config", config], cfg.num_processes, free_port(), config)
+        print(f"launch: {config} ({reason})\n  {' '.join(cmd)}", flush=True)
+        rc = subprocess.call(cmd, env=env)
+        store = Store(cfg.output_dir)
+        out_of_memory = bool((store.read_json("run.json") or {}).get("out_of_memory"))
+        retry = recovery.after_failed_launch(cfg, store, out_of_memory) if rc else None
+        if retry is None:
+            return rc
+        smaller, step = retry
+        print(step.describe(), flush=True)
+        argv = [
+            *argv,
+            "--gradient_checkpointing",
+            "true",
+            "--per_device_train_batch_size",
+            str(smaller.per_device_train_batch_size),
+            "--gradient_accumulation_steps",
+            str(smaller.gradient_accumulation_steps),
+        ]
+        cfg = smaller
 
 
 def cmd_check_data(argv: list[str]) -> int:

@@ -57,21 +57,6 @@ def parse_gpus(value) -> float | str:
     return gpus
 
 
-def estimate_run(cfg: TrainConfig, shape: memory.ModelShape) -> memory.MemoryEstimate:
-    """The run's peak GPU memory per process (bf16 compute, flash or memory-efficient attention)."""
-    return memory.estimate(
-        shape,
-        cfg.method,
-        cfg.per_device_train_batch_size,
-        cfg.max_length,
-        cfg.lora_r,
-        cfg.use_qlora,
-        dtype_bytes=2,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        completion_len=cfg.max_completion_length or 64,
-    )
-
-
 def place(cfg: TrainConfig, gpus_per_run, gpu_memory_bytes: int | None, shape: memory.ModelShape | None) -> Placement:
     """One run's placement (pure: the model shape and the GPU's memory are given)."""
     if gpus_per_run != "auto":
@@ -86,11 +71,21 @@ def place(cfg: TrainConfig, gpus_per_run, gpu_memory_bytes: int | None, shape: m
         return Placement(
             1.0, f"model size of {cfg.model_name} unknown (config not readable): a whole GPU", None, gpu_gb
         )
-    peak = estimate_run(cfg, shape).total
+    checkpointing = bool(cfg.gradient_checkpointing)
+    peak = memory.estimate_run(cfg, shape, checkpointing).total
+    if cfg.gradient_checkpointing is None and peak > PACKING_MARGIN * gpu_memory_bytes:
+        checkpointing = True  # what the run itself will choose (trainers.speed): plan with its smaller peak
+        peak = memory.estimate_run(cfg, shape, checkpointing).total
     per_gpu = memory.runs_per_gpu(peak, gpu_memory_bytes, PACKING_MARGIN)
     if per_gpu == 1:
         fits = peak <= PACKING_MARGIN * gpu_memory_bytes
-        why = "fits one per GPU" if fits else "needs more than one GPU's margin: give it gradient checkpointing"
+        why = (
+            ("fits one per GPU" + (" with gradient checkpointing" if checkpointing else ""))
+            if fits
+            else "more than one GPU's margin"
+            + (" even with gradient checkpointing" if checkpointing else " (gradient checkpointing off by flag)")
+            + ": lower the batch or shard the run (--num_processes)"
+        )
         return Placement(1.0, f"estimated {peak / memory.GIB:.1f} GiB: {why}", round(peak / memory.GIB, 2), gpu_gb)
     return Placement(
         math.floor(10000 / per_gpu) / 10000,

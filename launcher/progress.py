@@ -108,6 +108,7 @@ def final_table(outcomes: list[RunOutcome]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     for o in outcomes:
+        lines += [f"memory {o.name}: {step}" for step in o.memory_steps]
         if not o.ok and o.error:
             lines.append(f"{o.status} {o.name}: {o.error}")
     return "\n".join(lines)

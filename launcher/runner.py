@@ -27,6 +27,7 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.launcher.launch import free_port, launch_command, plan_launch
 from tunefleet.launcher.sweep import RunPlan
+from tunefleet.trainers import recovery
 
 _children: set[subprocess.Popen] = set()
 stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
@@ -40,6 +41,7 @@ class RunSummary:
     steps: int | None = None
     max_steps: int | None = None
     final_loss: float | None = None
+    memory_steps: list[str] = dataclasses.field(default_factory=list)  # out-of-memory steps down, described
 
 
 @dataclass
@@ -58,6 +60,7 @@ class RunOutcome:
     error: str | None = None
     node_id: str | None = None  # the Ray node it ran on
     out_of_memory: bool = False  # failed by running out of GPU (or CPU allocator) memory
+    memory_steps: list[str] = dataclasses.field(default_factory=list)  # out-of-memory steps down it took
 
     @property
     def ok(self) -> bool:
@@ -106,6 +109,7 @@ def summarize(output_dir: str | Path) -> RunSummary:
         steps=record.get("global_step") or progress.get("step"),
         max_steps=progress.get("max_steps"),
         final_loss=losses[-1] if losses else progress.get("loss"),
+        memory_steps=recovery.describe_steps(record),
     )
 
 
@@ -134,6 +138,7 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
             steps=info.steps,
             final_loss=info.final_loss,
             node_id=node_id,
+            memory_steps=info.memory_steps,
             **fields,
         )
 
@@ -145,13 +150,41 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     )
     if stopping.is_set():
         return outcome(RunStatus.FAILED, error="sweep interrupted before this run started")
+    while True:
+        rc, error, out_of_memory = launch_once(plan, choice.config, env, store, here, host, node_id)
+        retry = None
+        if rc != 0 and plan.config.num_processes > 1 and not plan.placement.shared:
+            retry = recovery.after_failed_launch(plan.config, store, out_of_memory)  # one process recovers itself
+        if retry is None or stopping.is_set():
+            break
+        plan = dataclasses.replace(plan, config=retry[0])
+        with open(log, "a") as log_file:
+            log_file.write(f"\n=== {retry[1].describe()}\n")
+    if store.remote:  # this attempt's log joins the earlier ones in the store; the scratch goes
+        store.write_bytes("train.log", (store.read_bytes("train.log") or b"") + log.read_bytes())
+        shutil.rmtree(here, ignore_errors=True)
+    wall = round(time.time() - t0, 2)
+    recorded = summarize(out).status
+    if rc == 0 and recorded is RunStatus.FINISHED:
+        return outcome(RunStatus.FINISHED, returncode=rc, wall_s=wall)
+    status = RunStatus.INTERRUPTED if recorded is RunStatus.INTERRUPTED else RunStatus.FAILED
+    return outcome(status, returncode=rc, wall_s=wall, error=error, out_of_memory=out_of_memory)
+
+
+def launch_once(
+    plan: RunPlan, accelerate_config: str | None, env: dict, store: Store, here: Path, host: str, node_id: str | None
+) -> tuple[int, str, bool]:
+    """One launch of the run's processes, its output appended to `here`/train.log: exit code, last error line,
+    and whether it ran out of memory (run.json or any line of this launch's output says so)."""
     cfg_path = write_run_config(plan, here)
     if store.remote:
         store.upload(cfg_path, "config.yaml")
-    cmd = launch_command(["--config", str(cfg_path)], plan.config.num_processes, free_port(), choice.config)
+    cmd = launch_command(["--config", str(cfg_path)], plan.config.num_processes, free_port(), accelerate_config)
+    log = here / "train.log"
     with open(log, "a") as log_file:
         log_file.write(f"\n=== {utc_now()} on {host}: {' '.join(cmd)}\n")
         log_file.flush()
+        start = log_file.tell()
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         _children.add(proc)
         record_launch(
@@ -169,16 +202,15 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
             rc = proc.wait()
         finally:
             _children.discard(proc)
-    error = _last_error(log) or f"exit code {rc}"
-    if store.remote:  # this attempt's log joins the earlier ones in the store; the scratch goes
-        store.write_bytes("train.log", (store.read_bytes("train.log") or b"") + log.read_bytes())
-        shutil.rmtree(here, ignore_errors=True)
-    wall = round(time.time() - t0, 2)
-    recorded = summarize(out).status
-    if rc == 0 and recorded is RunStatus.FINISHED:
-        return outcome(RunStatus.FINISHED, returncode=rc, wall_s=wall)
-    status = RunStatus.INTERRUPTED if recorded is RunStatus.INTERRUPTED else RunStatus.FAILED
-    return outcome(status, returncode=rc, wall_s=wall, error=error, out_of_memory=ran_out_of_memory(store, error))
+    with open(log, errors="replace") as log_file:
+        log_file.seek(start)
+        output = log_file.read()
+    error = _last_error(output) or f"exit code {rc}"
+    recorded = store.read_json("run.json") or {}
+    out_of_memory = rc != 0 and (
+        bool(recorded.get("out_of_memory")) or any(sign in output for sign in recovery.OUT_OF_MEMORY)
+    )
+    return rc, error, out_of_memory
 
 
 def record_launch(store: Store, launch: dict) -> None:
@@ -187,20 +219,8 @@ def record_launch(store: Store, launch: dict) -> None:
     store.write_json("launch.json", launch | {"attempts": [*earlier, launch]})
 
 
-OUT_OF_MEMORY = ("OutOfMemoryError", "CUDA out of memory", "DefaultCPUAllocator: can't allocate memory")
-
-
-def ran_out_of_memory(store: Store, error: str | None) -> bool:
-    """Whether a failed run died of memory: its run.json error or the log's last error says so."""
-    recorded = (store.read_json("run.json") or {}).get("error") or ""
-    return any(sign in recorded or sign in (error or "") for sign in OUT_OF_MEMORY)
-
-
-def _last_error(log: Path) -> str | None:
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return None
+def _last_error(output: str) -> str | None:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
     for line in reversed(lines[-50:]):
         if line.startswith("error:") or "Error" in line.split(":")[0]:
             return line[:300]

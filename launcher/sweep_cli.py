@@ -118,7 +118,10 @@ def cmd_sweep(argv: list[str]) -> int:
         code = 130
     for o in outcomes:
         state["runs"][o.name].update(
-            {k: getattr(o, k) for k in ("status", "steps", "final_loss", "wall_s", "log", "error", "host", "node_id")}
+            {
+                k: getattr(o, k)
+                for k in ("status", "steps", "final_loss", "wall_s", "log", "error", "host", "node_id", "memory_steps")
+            }
         )
     for run in runs:  # every launch of every run: where it ran and when (a run re-run after a node loss has two)
         launches = (Store(run.output_dir).read_json("launch.json") or {}).get("attempts", [])
@@ -190,6 +193,8 @@ def cmd_status(argv: list[str]) -> int:
             + (f"{job} {jobs.get(job, '-'):<11} " if job else "")
             + logs
         )
+        for step in s.memory_steps:
+            print(f"    memory: {step}")
     if slurm.get("eval_job_id"):
         eid = str(slurm["eval_job_id"])
         print(f"  evaluation job {eid}: {jobs.get(eid, '-')}  {Path(a.sweep_dir) / 'slurm' / f'eval_{eid}.log'}")

@@ -57,7 +57,31 @@ def wait_for(what: str, check, timeout: float, logs: Path | None = None):
     dump = ""
     if logs and logs.exists():
         dump = "\n".join(f"---- {p}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(logs.rglob("*.log")))
+    dump += "\n" + cluster_view()
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{dump}")
+
+
+def cluster_view() -> str:
+    """What SLURM says about its queue and node, for a wait that timed out (a job pending on what?)."""
+    views = []
+    for command in (
+        ["squeue", "--all", "-h", "-o", "%i %T %r cpus=%C gres=%b"],
+        ["sinfo", "-N", "-h", "-o", "%N %T cpus(A/I/O/T)=%C reason=%E"],
+    ):
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=20)
+            views.append(f"---- {' '.join(command[:2])}\n{proc.stdout}{proc.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            views.append(f"---- {command[0]}: {exc}")
+    ctld_log = Path(SLURM_DIR) / "log" / "slurmctld.log"
+    if ctld_log.exists():
+        views.append(f"---- {ctld_log}\n{ctld_log.read_text(errors='replace')[-2500:]}")
+    return "\n".join(views)
+
+
+def queue_is_empty() -> bool:
+    proc = subprocess.run(["squeue", "-h", "-t", "PD,R,CG,CF,S"], capture_output=True, text=True, timeout=20)
+    return proc.returncode == 0 and not proc.stdout.strip()
 
 
 def states(*job_ids) -> dict:
@@ -304,6 +328,7 @@ def test_two_runs_one_array_on_a_gpu_each_then_the_eval_job(cluster, tmp_path, c
 
 @pytest.mark.slow
 def test_one_array_task_trains_two_runs_that_share_its_gpu(cluster, tmp_path, capsys, tiny_model):
+    wait_for("the jobs of earlier tests to leave the node (this task needs all its CPUs)", queue_is_empty, 120)
     runs_dir = tmp_path / "runs"
     spec = write_spec(
         tmp_path / "s.yaml",

@@ -22,7 +22,8 @@ def cfg(method, **kw):
 
 
 def test_cpu_choices():
-    fast = speed.choose(cfg("sft"), has_gpu=False, flash=False, liger=False)
+    fits = speed.MemoryFit(2**30, 16 * 2**30, "free CPU memory")
+    fast = speed.choose(cfg("sft"), has_gpu=False, flash=False, liger=False, memory=fits)
     assert {k: v["on"] for k, v in fast.record().items()} == {
         "group_by_length": True,
         "attn_implementation": "sdpa",

@@ -32,7 +32,6 @@ def train(cfg):
         cfg.use_qlora,
         cfg.bf16,
         cfg.trust_remote_code,
-        cfg.gradient_checkpointing,
         fast.attn_implementation.on,
     )
 

@@ -139,6 +139,30 @@ def estimate(
     return MemoryEstimate(int(weights), int(adapter), int(activations), int(logits), int(generation))
 
 
+def estimate_run(
+    cfg,
+    shape: ModelShape,
+    gradient_checkpointing: bool,
+    device: str = "gpu",
+    dtype_bytes: int = 2,
+    quadratic_attention: bool = False,
+) -> MemoryEstimate:
+    """The peak of one process of the run `cfg` (a TrainConfig) at its longest allowed sequences."""
+    return estimate(
+        shape,
+        cfg.method,
+        cfg.per_device_train_batch_size,
+        cfg.max_length,
+        cfg.lora_r,
+        cfg.use_qlora,
+        dtype_bytes=dtype_bytes,
+        gradient_checkpointing=gradient_checkpointing,
+        quadratic_attention=quadratic_attention,
+        completion_len=cfg.max_completion_length or 64,
+        device=device,
+    )
+
+
 def runs_per_gpu(estimate_bytes: int, gpu_bytes: int, margin: float = 0.8, most: int = 8) -> int:
     """How many runs of this size share one GPU under `margin` of its memory (pure; at least 1)."""
     return max(1, min(most, math.floor(margin * gpu_bytes / max(estimate_bytes, 1))))

@@ -119,7 +119,6 @@ def load_model(
     use_qlora: bool,
     bf16: bool | None = None,
     trust_remote_code: bool = False,
-    gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
 ):
     """Base model ready for LoRA training (4-bit prepared when `use_qlora`)."""
@@ -148,7 +147,8 @@ def load_model(
     if use_qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # Checkpointing is the trainer's to turn on (`activation_checkpointing`), with the input gradients PEFT needs.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 

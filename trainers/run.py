@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, refuse_ray_job_temp, scratch_dir
-from tunefleet.trainers import data
+from tunefleet.trainers import data, recovery
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
 
@@ -179,11 +178,11 @@ def git_commit() -> str | None:
     return top[1]
 
 
-def training_args(cfg, folder: RunFolder, dtype, fast: FastPath | None = None) -> dict:
+def training_args(cfg, folder: RunFolder, dtype, fast: FastPath) -> dict:
     """TrainingArguments shared by all five TRL configs (`fast`: speed choices)."""
     import torch
 
-    on = {k: v.on for k, v in vars(fast).items()} if fast else {}
+    on = {k: v.on for k, v in vars(fast).items()}
     evaluate = cfg.eval_split is not None
     deepspeed_on_cpu = (
         not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -211,8 +210,8 @@ def training_args(cfg, folder: RunFolder, dtype, fast: FastPath | None = None) -
         # ignores (DeepSpeed runs on CPU through its own CPU accelerator and gloo).
         use_cpu=not torch.cuda.is_available() and not deepspeed_on_cpu,
         ddp_backend="gloo" if deepspeed_on_cpu else None,  # without it accelerate forms no world (size 1)
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        disable_tqdm=not sys.stderr.isatty(),
+        activation_checkpointing=on["gradient_checkpointing"],  # TRL's configs default to on
+        disable_tqdm=True,  # progress_callback draws the bar (and prints one line per log off a terminal)
         ddp_find_unused_parameters=False,
         **(
             {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
@@ -344,6 +343,8 @@ def start_record(cfg, folder: RunFolder, resume_from: str | None, extra: dict | 
     if is_main_process():
         previous = folder.read_json("run.json") or {}
         record["attempts"] = previous.get("attempts", 0) + 1
+        if previous.get("memory_steps"):
+            record["memory_steps"] = previous["memory_steps"]
         folder.write_json("run.json", record)
     return record
 
@@ -432,8 +433,20 @@ def train_and_save(
         folder.clean_scratch()
         raise
     except Exception as exc:
-        finish_record(folder, record, RunStatus.FAILED, error=f"{type(exc).__name__}: {first_line(exc)}")
+        error = f"{type(exc).__name__}: {first_line(exc)}"
+        out_of_memory = recovery.is_out_of_memory(exc)
+        step = trainer.state.global_step
+        finish_record(
+            folder,
+            record,
+            RunStatus.FAILED,
+            error=error,
+            global_step=step,
+            **({"out_of_memory": True} if out_of_memory else {}),
+        )
         folder.clean_scratch()
+        if out_of_memory:
+            raise recovery.OutOfMemory(step, error, bool(args.activation_checkpointing)) from exc
         raise
     if preemption.signum is not None:
         folder.clean_scratch()

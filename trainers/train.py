@@ -8,17 +8,53 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
 
 from tunefleet.common.errors import TunefleetError
+from tunefleet.common.storage import Store
+from tunefleet.trainers import recovery
 from tunefleet.trainers.config import parse_args
 from tunefleet.trainers.run import Preempted
 
 
 def run(cfg) -> dict:
-    """Train one method in this process; returns the run record."""
+    """Train one method in this process; returns the run record.
+
+    Out of memory, a run of one process resumes here from its latest checkpoint with the next smaller set-up
+    (trainers.recovery); in a launch of several processes, or on a GPU share (where the sweep first moves the
+    run to a GPU of its own), the error goes up to the launcher.
+    """
     trainer_module = importlib.import_module(f"tunefleet.trainers.{cfg.method}")  # sft.py ... grpo.py
-    return trainer_module.train(cfg)
+    while True:
+        try:
+            return trainer_module.train(cfg)
+        except recovery.OutOfMemory as exc:
+            smaller = recovery.step_down(cfg, exc.checkpointing) if recover_here(cfg) else None
+            if smaller is None:
+                raise
+            step = recovery.record_step(Store(cfg.output_dir), exc.at_step, exc.error, smaller)
+            print(f"{step.describe()} ({exc.error})", file=sys.stderr, flush=True)
+        release_memory()
+        cfg = smaller
+
+
+def recover_here(cfg) -> bool:
+    placement = json.loads(os.environ.get("TUNEFLEET_PLACEMENT") or "null") or {}
+    shared = 0 < (placement.get("gpus") or 0) < 1
+    return cfg.oom_recovery and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not shared
+
+
+def release_memory() -> None:
+    """What the failed attempt held (its trainer and model went with the exception) back to the device."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,10 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except recovery.OutOfMemory as exc:
+        print(f"error: {recovery.no_smaller_setup(exc, cfg)}", file=sys.stderr)
+        return 3
     except Preempted as exc:
         print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
         return 128 + exc.signum
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the process group before exit: a gloo group left to interpreter shutdown can abort a rank
+    ("terminate called without an active exception") after its run finished, failing the whole launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

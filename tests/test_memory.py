@@ -1,0 +1,163 @@
+"""Memory-aware defaults and out-of-memory recovery: the choices (pure) and a real run under an address-space limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, read_json
+
+from tunefleet.launcher.placement import place
+from tunefleet.trainers import memory, recovery
+from tunefleet.trainers.config import from_dict
+from tunefleet.trainers.speed import MEMORY_MARGIN, Choice, MemoryFit, checkpointing_choice
+
+GIB = 2**30
+
+
+def cfg(**kw):
+    values = {"method": "sft", "model_name": "m", "dataset": "d", "output_dir": "o"}
+    return from_dict(values | kw)
+
+
+def test_checkpointing_is_off_only_when_the_estimate_fits_with_a_margin():
+    assert checkpointing_choice(None, MemoryFit(int(7.9 * GIB), 10 * GIB, "GPU 0")).on is False
+    over = checkpointing_choice(None, MemoryFit(int(8.1 * GIB), 10 * GIB, "GPU 0"))
+    assert over.on is True and "estimated peak 8.10 GiB, GPU 0 10.0 GiB" in over.why
+    unknown = checkpointing_choice(None, MemoryFit(None, 10 * GIB, "GPU 0"))
+    assert unknown == Choice(True, "model size unknown: on, as TRL does")
+    assert checkpointing_choice(None, MemoryFit(GIB, None, "free CPU memory")).on is True
+    assert checkpointing_choice(False, MemoryFit(20 * GIB, GIB, "GPU 0")).why == "set by flag"
+    assert MEMORY_MARGIN == 0.8
+
+
+def test_a_7b_qlora_run_gets_checkpointing_where_plain_trl_would_fit():
+    """Qwen2-7B-like shape, batch 4 x 1024 tokens: ~60 GiB of activations without checkpointing, so on a 24 GiB
+    GPU tunefleet turns it on (as TRL does); a sweep packing for 80 GiB GPUs plans with the same choice."""
+    shape = memory.ModelShape(7_600_000_000, 6_500_000_000, 3584, 28, 28, 512, 18944, 152064)
+    run = cfg(per_device_train_batch_size=4, max_length=1024)
+    peak = memory.estimate_run(run, shape, gradient_checkpointing=False).total
+    assert checkpointing_choice(None, MemoryFit(peak, 24 * GIB, "GPU 0")).on is True
+    small = cfg(per_device_train_batch_size=1, max_length=256)
+    assert (
+        checkpointing_choice(None, MemoryFit(memory.estimate_run(small, shape, False).total, 80 * GIB, "GPU 0")).on
+        is False
+    )
+    placed = place(run, "auto", 24 * GIB, shape)
+    assert placed.gpus == 1.0 and "with gradient checkpointing" in placed.reason
+    forced_off = place(
+        cfg(per_device_train_batch_size=4, max_length=1024, gradient_checkpointing=False), "auto", 24 * GIB, shape
+    )
+    assert "gradient checkpointing off by flag" in forced_off.reason
+
+
+def test_steps_down_keep_the_effective_batch():
+    run = cfg(per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    seen = []
+    checkpointing = False
+    while (run := recovery.step_down(run, checkpointing)) is not None:
+        checkpointing = True
+        seen.append((run.gradient_checkpointing, run.per_device_train_batch_size, run.gradient_accumulation_steps))
+    assert seen == [(True, 8, 2), (True, 4, 4), (True, 2, 8), (True, 1, 16)]
+    odd = recovery.step_down(cfg(per_device_train_batch_size=6, gradient_accumulation_steps=1), True)
+    assert (odd.per_device_train_batch_size, odd.gradient_accumulation_steps) == (3, 2)
+    three = recovery.step_down(odd, True)
+    assert (three.per_device_train_batch_size, three.gradient_accumulation_steps) == (1, 6)
+
+
+def test_out_of_memory_errors_are_recognised():
+    assert recovery.is_out_of_memory(MemoryError())
+    assert recovery.is_out_of_memory(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
+    )
+    assert recovery.is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not recovery.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def long_completions(path: Path) -> Path:
+    """64 SFT rows of ~1000 tokens: activations, not the libraries, decide the peak."""
+    import random
+
+    rng = random.Random(0)
+    words = "snow is white and the sky is blue while grass grows green under a bright warm sun".split()
+    with path.open("w") as fh:
+        for i in range(64):
+            text = " ".join(rng.choice(words) for _ in range(1500))
+            fh.write(json.dumps({"prompt": f"Tell me a story {i}.", "completion": text}) + "\n")
+    return path
+
+
+def train_command(data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tunefleet.launcher.cli",
+        "train",
+        "--method",
+        "sft",
+        "--model_name",
+        "tunefleet/tiny-qwen2",
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_length",
+        "1024",
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}  # fewer threads and arenas: a steadier size
+
+
+def peak_address_space(cmd: list[str]) -> int:
+    """VmPeak (bytes) of a process run to its end, read from /proc while it runs."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = max(peak, int(status.split("VmPeak:")[1].split()[0]) * 1024)
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(0.05)
+    assert proc.returncode == 0
+    return peak
+
+
+def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effective_batch(tmp_path, tiny_model):
+    """An address-space limit (RLIMIT_AS) below what batch 8 needs: torch's CPU allocator fails in the first step;
+    the run resumes with checkpointing on, then halves the batch until it fits, and finishes with batch x accumulation
+    still 16. The limit is set from the same run's measured peak (below it by what checkpointing and one halving
+    save on this data, ~300 MiB), so it holds on machines whose libraries take more or less room."""
+    data = long_completions(tmp_path / "long.jsonl")
+    unlimited = peak_address_space(train_command(data, tmp_path / "measure"))
+    limit = unlimited - 400 * 2**20
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["prlimit", f"--as={limit}", *train_command(data, out)], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_json(out / "run.json")
+    steps = record["memory_steps"]
+    assert record["status"] == "finished" and record["global_step"] == 2
+    assert steps[0]["gradient_checkpointing"] is True and steps[0]["per_device_train_batch_size"] == 8
+    assert "can't allocate memory" in steps[0]["error"]
+    final = record["config"]
+    assert final["per_device_train_batch_size"] < 8
+    assert final["per_device_train_batch_size"] * final["gradient_accumulation_steps"] == 16
+    assert record["effective_batch_size"] == 16
+    assert "out of memory at step 0: resumed with batch 8 x accumulation 2, gradient checkpointing on" in proc.stderr
+    state = read_json(out / "trainer_state.json")
+    assert state["train_batch_size"] == final["per_device_train_batch_size"]

@@ -13,21 +13,21 @@ import statistics
 from pathlib import Path
 
 from tunefleet.common.storage import scratch_dir
-from tunefleet.eval.results import load_results, loss_curve, reward_curve, split_location
+from tunefleet.eval.results import BETTER, load_results, loss_curve, reward_curve, split_location
 
-# column, header, better ("min" / "max" / None), format
+# column, header, format; a column with a direction in BETTER has its best value in bold
 COLUMNS = [
-    ("method", "method", None, "{}"),
-    ("seed", "seed", None, "{}"),
-    ("total_steps", "steps", None, "{}"),
-    ("final_train_loss", "final train loss", None, "{:.4f}"),  # losses of different methods do not compare
-    ("test_loss", "test loss", "min", "{:.4f}"),
-    ("perplexity", "perplexity", "min", "{:.3f}"),
-    ("preference_accuracy", "pref. acc.", "max", "{:.3f}"),
-    ("reward_accuracy", "reward acc.", "max", "{:.3f}"),
-    ("loss_margin", "loss margin", "max", "{:.4f}"),
-    ("heldout_reward", "held-out reward", "max", "{:.3f}"),
-    ("win_rate_vs_base", "win rate vs base", "max", "{:.2f}"),
+    ("method", "method", "{}"),
+    ("seed", "seed", "{}"),
+    ("total_steps", "steps", "{}"),
+    ("final_train_loss", "final train loss", "{:.4f}"),  # losses of different methods do not compare
+    ("test_loss", "test loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("preference_accuracy", "pref. acc.", "{:.3f}"),
+    ("reward_accuracy", "reward acc.", "{:.3f}"),
+    ("loss_margin", "loss margin", "{:.4f}"),
+    ("heldout_reward", "held-out reward", "{:.3f}"),
+    ("win_rate_vs_base", "win rate vs base", "{:.2f}"),
 ]
 SUMMARY = [
     "test_loss",
@@ -53,7 +53,8 @@ def _ordered(results: dict) -> list[tuple[str, dict]]:
 def markdown(results: dict) -> str:
     rows = _ordered(results)
     best = {}
-    for key, _, better, _ in COLUMNS:
+    for key, _, _ in COLUMNS:
+        better = BETTER.get(key)
         values = [e.get(key) for _, e in rows if isinstance(e.get(key), (int, float)) and not e.get("error")]
         if better and values:
             best[key] = min(values) if better == "min" else max(values)
@@ -62,12 +63,13 @@ def markdown(results: dict) -> str:
         "",
         f"{len(rows)} rows; **bold** = best in column. Definitions: README, section Evaluation.",
         "",
-        "| run | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |",
+        "| run | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
     ]
     for name, entry in rows:
         cells = []
-        for key, _, better, pattern in COLUMNS:
+        for key, _, pattern in COLUMNS:
+            better = BETTER.get(key)
             text = _fmt(entry.get(key), pattern)
             cells.append(f"**{text}**" if better and key in best and entry.get(key) == best[key] else text)
         label = f"{name} (error: {entry['error']})" if entry.get("error") else name

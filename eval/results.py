@@ -40,6 +40,20 @@ RESULT_KEYS = (
     "generation_samples",
 )
 
+# Which way each metric that compares runs is better: "min" or "max" (the report's bold, `tunefleet export --best`).
+# final_train_loss is not here: losses of different methods do not compare.
+BETTER = {
+    "test_loss": "min",
+    "perplexity": "min",
+    "best_eval_loss": "min",
+    "final_eval_loss": "min",
+    "preference_accuracy": "max",
+    "reward_accuracy": "max",
+    "loss_margin": "max",
+    "heldout_reward": "max",
+    "win_rate_vs_base": "max",
+}
+
 
 @dataclass
 class RunInfo:

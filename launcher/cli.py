@@ -6,6 +6,7 @@
     tunefleet sweep sweeps/demo.yaml --backend ray --eval
     tunefleet eval --runs_dir runs
     tunefleet report --runs_dir runs
+    tunefleet export --runs_dir runs --best win_rate_vs_base --out exported/best
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {
     "sweep": "Run a sweep spec (methods x seeds x models) on local processes, Ray or SLURM.",
     "eval": "Score every run under --runs_dir into evaluation_results.json and a report.",
     "report": "Rebuild evaluation_report.md and plots from evaluation_results.json.",
+    "export": "Write a run's model merged into its base (or the best run's, by a metric) for serving.",
     "status": "Show the state of a sweep's runs (and its SLURM jobs).",
     "cancel": "Cancel a sweep's SLURM jobs.",
 }
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ("sweep", "tunefleet.launcher.sweep_cli"),
         ("eval", "tunefleet.eval.cli"),
         ("report", "tunefleet.eval.cli"),
+        ("export", "tunefleet.launcher.export"),
         ("status", "tunefleet.launcher.sweep_cli"),
         ("cancel", "tunefleet.launcher.sweep_cli"),
     ):

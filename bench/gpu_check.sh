@@ -46,5 +46,5 @@ else
 fi
 
 echo "== 4. packing: 4 QLoRA runs on one GPU at once vs one after another; memory estimate vs measured"
-timeout 200 python3 bench/gpu_packing.py --runs 4 --steps 20 --json "$out/packing_gpu.json" 2>&1 \
+timeout 200 python3 bench/gpu_packing.py --runs 4 --steps 10 --json "$out/packing_gpu.json" 2>&1 \
   | grep -vE "Warning|warn\(" | tail -6 | tee "$out/packing_gpu.txt"

@@ -45,19 +45,45 @@ def build(root: Path) -> Path:
     return path
 
 
-def sweep(root: Path, model: Path, runs: int, steps: int, gpus) -> tuple[float, list[dict]]:
+MAX_LENGTH = 512
+
+
+def long_conversations(root: Path, tokenizer_path: Path, rows: int = 256) -> Path:
+    """SFT rows longer than MAX_LENGTH tokens, so every sequence is truncated to exactly MAX_LENGTH: the estimate
+    assumes sequences at max_length, and only full-length batches measure it (short data would flatter nothing
+    but make the estimate look 5-8x too high)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    rng = random.Random(0)
+    words = "snow is white grass is green the sky is blue two plus three is five".split()
+    path = root / "long_sft.jsonl"
+    with path.open("w") as f:
+        for _ in range(rows):
+            reply = " ".join(rng.choice(words) for _ in range(700))
+            messages = [{"role": "user", "content": "Tell me a long story."}, {"role": "assistant", "content": reply}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    first = json.loads(path.read_text().splitlines()[0])["messages"]
+    tokens = len(tokenizer(tokenizer.apply_chat_template(first, tokenize=False)).input_ids)
+    assert tokens > MAX_LENGTH, f"a row has {tokens} tokens, not more than {MAX_LENGTH}"
+    return path
+
+
+def sweep(root: Path, model: Path, data: Path, runs: int, steps: int, gpus) -> tuple[float, list[dict]]:
     spec = {
         "name": f"pack-{gpus}",
         "runs_dir": str(root / f"runs-{gpus}"),
         "base": {
             "model_name": str(model),
-            "dataset": "tunefleet/tiny-ultrafeedback",
+            "dataset": str(data),
             "method": "sft",
-            "split": "train_sft",
+            "split": "train",
             "max_steps": steps,
             "per_device_train_batch_size": 8,
             "gradient_accumulation_steps": 1,
-            "max_length": 512,
+            "max_length": MAX_LENGTH,
             "use_qlora": True,
             "logging_steps": 10,
         },
@@ -86,12 +112,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tf-bench-pack-"))
     try:
         model = build(root)
-        alone, _ = sweep(root, model, a.runs, a.steps, 1)
-        packed, records = sweep(root, model, a.runs, a.steps, "auto")
+        data = long_conversations(root, model)
+        alone, _ = sweep(root, model, data, a.runs, a.steps, 1)
+        packed, records = sweep(root, model, data, a.runs, a.steps, "auto")
         placement = records[0]["placement"]
         peaks = [r.get("peak_gpu_mb") for r in records]
         estimate_mb = placement["estimate_gb"] * 1024 if placement.get("estimate_gb") else None
-        print(f"\n{a.runs} QLoRA SFT runs of the Qwen2-0.5B architecture, {a.steps} steps each")
+        print(
+            f"\n{a.runs} QLoRA SFT runs of the Qwen2-0.5B architecture, {a.steps} steps each, batch 8 of "
+            f"{MAX_LENGTH}-token sequences"
+        )
         print(
             f"one at a time: {alone:.1f} s; packed ({placement['runs_per_gpu']} per GPU, {placement['reason']}): "
             f"{packed:.1f} s; throughput ratio {alone / packed:.2f}x"

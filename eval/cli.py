@@ -11,6 +11,7 @@ import argparse
 
 from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
+from tunefleet.common.terminal import calm
 from tunefleet.eval.settings import EvalSettings
 
 
@@ -37,6 +38,7 @@ def cmd_eval(argv: list[str]) -> int:
     from tunefleet.eval.results import results_path, split_location
 
     a, settings = parse_eval_args(argv)
+    calm()
     merged = evaluate(a.runs_dir, settings, a.output, a.address)
     out = results_path(a.runs_dir, a.output)
     store, _ = split_location(out)

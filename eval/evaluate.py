@@ -8,10 +8,12 @@ evaluate("runs", EvalSettings(backend="ray", shards=4))    # same numbers as sha
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.storage import refuse_ray_job_temp
+from tunefleet.common.tracking import Tracking, log_evaluation
 from tunefleet.eval import plan, results
 from tunefleet.eval.progress import shard_progress
 from tunefleet.eval.settings import EvalData, EvalSettings
@@ -64,10 +66,29 @@ def evaluate(
     finally:
         results.drop_fetched(runs_dir)
     merged = results.save_results(out_path, updates)
+    log_to_trackers(runs, updates)
     from tunefleet.eval.report import write_report
 
     write_report(out_path, runs_dir)
     return merged
+
+
+def log_to_trackers(runs: list, updates: dict) -> None:
+    """Each scored run's metrics into the tracker runs it trained in (run.json `tracking`), as `eval/<metric>`."""
+    for run in runs:
+        tracked = Tracking.from_record(run.record.get("tracking"))
+        entry = updates.get(run.name) or {}
+        if tracked is None or entry.get("error"):
+            continue
+        metrics = {k: float(entry[k]) for k in results.BETTER if isinstance(entry.get(k), (int, float))}
+        for group in ("heldout_rewards", "win_rates_vs_base"):
+            for reward, value in (entry.get(group) or {}).items():
+                metrics[f"{group}/{reward}"] = float(value)
+        if not metrics:
+            continue
+        step = run.record.get("global_step") or 0
+        for failure in log_evaluation(tracked, run.location, metrics, step):
+            print(f"warning: {run.name}: evaluation not logged to {failure}", file=sys.stderr, flush=True)
 
 
 def _evaluate_group(

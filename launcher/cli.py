@@ -34,6 +34,9 @@ def cmd_train(argv: list[str]) -> int:
     from tunefleet.trainers.config import parse_args
 
     cfg = parse_args(argv)
+    from tunefleet.common.terminal import calm
+
+    calm(cfg.verbose)
     from tunefleet.launcher.launch import plan_launch
 
     choice, env = plan_launch(cfg)

@@ -23,6 +23,7 @@ from pathlib import Path
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
+from tunefleet.common.terminal import calm
 from tunefleet.eval.results import BETTER, load_results, results_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -276,7 +277,7 @@ def model_card(chosen: Chosen, record: dict, base: str, saved: str, adapter_only
             f"{config.get('lora_r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')}",
         ),
         ("QLoRA (4-bit base)", config.get("use_qlora")),
-        ("final train loss", record.get("train_loss")),
+        ("mean train loss", record.get("train_loss")),
     ]
     if method in ("dpo", "orpo", "kto"):
         shown.append(("beta", config.get("beta")))
@@ -373,6 +374,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def cmd_export(argv: list[str]) -> int:
     a = export_parser().parse_args(argv)
+    calm()
     if bool(a.run) == bool(a.best):
         raise TunefleetError("give a run folder, or --runs_dir with --best METRIC (not both)")
     if a.best and not a.runs_dir:

@@ -228,6 +228,8 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
         seen[name] = combo
         output_dir = join(spec.runs_dir, name)  # a URI stays one (a Path would make s3://b into s3:/b)
         values["output_dir"] = output_dir
+        values.setdefault("run_name", name)  # trackers: named by run, grouped by sweep
+        values.setdefault("tracking_group", spec.name)
         gpus = spec.resources.gpus_per_run
         if gpus != "auto" and gpus > 1:
             values.setdefault("num_processes", int(gpus))

@@ -193,15 +193,16 @@ def test_qlora_run_merges_into_the_full_precision_base(tmp_path, tiny_model):
     assert loaded["peft_imported"] is False
     assert max_difference(adapter_logits(tiny_model, run), loaded["logits"]) < 1e-4
 
-    # NF4 keeps ~3.6 bits per weight: on this model, logits move by a few percent of their spread, and the next
-    # token chosen stays the same almost everywhere.
+    # Stated tolerance against the dequantized 4-bit base + adapter (measured on this model, 6 DPO steps: mean
+    # |difference| 0.04 of the logits' spread, largest 1.5 spreads on one logit, the same next token at every
+    # position): NF4 rounding of the base moves logits by a few percent and leaves the argmax alone.
     import torch
 
     dequantized = adapter_logits(tiny_model, run, quantized=True)
     merged = [torch.tensor(g) for g in loaded["logits"]]
     spread = max(float(e.std()) for e in dequantized)
-    assert max_difference(dequantized, loaded["logits"]) < 0.25 * spread * 10
     mean_difference = sum(float((e - m).abs().mean()) for e, m in zip(dequantized, merged, strict=True)) / len(merged)
-    assert mean_difference < 0.25 * spread
+    assert mean_difference < 0.15 * spread
+    assert max_difference(dequantized, loaded["logits"]) < 3 * spread
     same_top = sum(int((e.argmax(-1) == m.argmax(-1)).sum()) for e, m in zip(dequantized, merged, strict=True))
-    assert same_top / sum(len(m) for m in merged) >= 0.8
+    assert same_top / sum(len(m) for m in merged) >= 0.9

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from tunefleet.common import schema
+from tunefleet.common import schema, tracking
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
 
@@ -148,7 +148,15 @@ class TrainConfig:
         None, "Evaluate every N steps (default: logging_steps) when eval_split is set.", at_least=1
     )
     per_device_eval_batch_size: int = option(8, "Evaluation batch size per device.", at_least=1)
-    report_to: str = option("none", "Trackers: none, wandb, tensorboard, ... (comma separated).")
+    report_to: str = option(
+        "none",
+        "Trackers: none, or any of tensorboard, mlflow, wandb (comma separated; pip install 'tunefleet[NAME]').",
+    )
+    verbose: bool = option(False, "Show every library warning, progress bar and the trainer's raw log lines.")
+    run_name: str | None = option(None, "The run's name in trackers (default: the output folder's name).")
+    tracking_group: str | None = option(
+        None, "Group of runs in trackers: W&B group, MLflow experiment (a sweep sets its name)."
+    )
     bf16: bool | None = option(None, "bf16 compute (default: on where the GPU supports it).")
     gradient_checkpointing: bool | None = option(
         None,
@@ -226,6 +234,7 @@ def from_dict(values: dict, where: str = "", check_required: bool = True) -> Tra
 
 def validate(cfg: TrainConfig, where: str = "") -> None:
     """What no single field can say alone (each field's own range is checked by `coerce`)."""
+    tracking.parse_report_to(cfg.report_to)  # a misspelt tracker: one line before anything loads
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise TunefleetError(f"{where}'max_steps' must be -1 (use epochs) or at least 1")
     if cfg.method == "grpo" and not cfg.reward_funcs:

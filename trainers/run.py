@@ -20,10 +20,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from tunefleet.common import tracking
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, refuse_ray_job_temp, scratch_dir
+from tunefleet.common.tracking import Tracking
 from tunefleet.trainers import data, recovery
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
@@ -61,6 +63,7 @@ class RunFolder:
         self.output_dir = output_dir
         self.store = Store(output_dir)
         self.local = scratch_dir(output_dir) if self.store.remote else Path(output_dir)
+        self.tracking: Tracking | None = None  # set by start_tracking in the main process
 
     def write_json(self, name: str, data, durable: bool = True) -> None:
         if is_main_process():
@@ -89,7 +92,7 @@ class RunFolder:
         """The final files (adapter, tokenizer, trainer state) up to the store, beside the checkpoints."""
         if self.store.remote and is_main_process():
             for path in sorted(self.local.iterdir()):
-                if path.is_file() and not path.name.startswith("."):
+                if (path.is_file() and not path.name.startswith(".")) or path.name == tracking.TENSORBOARD_DIR:
                     self.store.upload(path, path.name)
 
     def clean_scratch(self) -> None:
@@ -113,6 +116,8 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
             )
         if is_main_process():
             folder.store.remove()
+        record = {}
+    start_tracking(cfg, folder, record)
     if not folder.store.remote:
         if folder.local.exists() and not folder.local.is_dir():
             raise TunefleetError(f"--output_dir {cfg.output_dir} is a file, not a folder")
@@ -135,6 +140,26 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
                 raise TunefleetError(f"timed out waiting for the main process to fetch {cfg.output_dir}")
             time.sleep(0.5)
     return folder, latest_checkpoint(folder.local)
+
+
+def run_name(cfg) -> str:
+    """The run's name in trackers: --run_name (a sweep gives its run name), else the output folder's name."""
+    return cfg.run_name or cfg.output_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+def start_tracking(cfg, folder: RunFolder, previous: dict) -> None:
+    """Name, group and tag the run in the --report_to trackers (main process; a resumed run keeps its ids)."""
+    trackers = tracking.parse_report_to(cfg.report_to)
+    if not trackers:
+        return
+    tracking.check_installed(trackers)
+    if not is_main_process():
+        return
+    model_short = cfg.model_name.rstrip("/").rsplit("/", 1)[-1]
+    tags = {"method": cfg.method, "seed": str(cfg.seed), "model": model_short}
+    folder.tracking = tracking.start(
+        trackers, run_name(cfg), cfg.tracking_group, tags, str(folder.local), previous.get("tracking")
+    )
 
 
 def checkpoint_upload_callback(folder: RunFolder):
@@ -202,7 +227,8 @@ def training_args(cfg, folder: RunFolder, dtype, fast: FastPath) -> dict:
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=(cfg.eval_steps or cfg.logging_steps) if evaluate else None,
-        report_to=[] if cfg.report_to == "none" else cfg.report_to.split(","),
+        report_to=tracking.parse_report_to(cfg.report_to),
+        run_name=run_name(cfg),
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=dtype == torch.bfloat16,
@@ -243,16 +269,42 @@ def group_by_token_length(trainer) -> None:
     trainer._signature_columns = [*trainer._signature_columns, "length"]
 
 
-def progress_callback(folder: RunFolder):
-    """One line per log and `progress.json` (step, loss, tokens/s) for the sweep's live view."""
+def progress_callback(folder: RunFolder, bar: bool | None = None):
+    """A progress bar (step/total, loss, time left) on a terminal, else one line per log; and `progress.json`
+    (step, loss) for the sweep's live view. `bar`: draw the bar (default: when stdout is a terminal)."""
+    import sys
+
     from transformers import TrainerCallback
 
     every = 2.0 if folder.store.remote else 0.0  # a store gets at most one progress write per 2 s
+    name = folder.output_dir.rstrip("/").rsplit("/", 1)[-1]
 
     class Progress(TrainerCallback):
         def __init__(self):
             self.t0 = time.time()
             self.written = 0.0
+            self.bar = sys.stdout.isatty() if bar is None else bar
+            self.view = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not self.bar or not state.is_world_process_zero:
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.view = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.view.add_task(name, total=state.max_steps, completed=state.global_step, loss="–")
+            self.view.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.view is not None:
+                self.view.update(self.task, completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -263,14 +315,25 @@ def progress_callback(folder: RunFolder):
                 "elapsed_s": round(time.time() - self.t0, 2),
             }
             info.update({k: logs[k] for k in ("loss", "eval_loss", "learning_rate") if k in logs})
-            if "loss" in logs or "eval_loss" in logs:
-                print(
-                    " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()),
-                    flush=True,
-                )
+            line = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+            if self.view is not None:
+                if "loss" in logs:
+                    self.view.update(self.task, loss=f"{logs['loss']:.4g}")
+                if "eval_loss" in logs:
+                    self.view.console.print(line)
+            elif "loss" in logs or "eval_loss" in logs:
+                print(line, flush=True)
             if time.time() - self.written >= every or state.global_step >= state.max_steps:
                 folder.write_json("progress.json", info, durable=False)
                 self.written = time.time()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.close()
+
+        def close(self):
+            if self.view is not None:
+                self.view.stop()
+                self.view = None
 
     return Progress()
 
@@ -317,6 +380,12 @@ def preemption_callback():
     return callback
 
 
+def close_progress(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if hasattr(callback, "close") and callable(callback.close):
+            callback.close()
+
+
 def start_record(cfg, folder: RunFolder, resume_from: str | None, extra: dict | None = None) -> dict:
     record = {
         "status": RunStatus.RUNNING,
@@ -338,6 +407,7 @@ def start_record(cfg, folder: RunFolder, resume_from: str | None, extra: dict | 
         "host": platform.node(),
         "started_at": utc_now(),
         "ended_at": None,
+        **({"tracking": folder.tracking.record()} if folder.tracking else {}),
         **(extra or {}),
     }
     if is_main_process():
@@ -402,7 +472,8 @@ def train_and_save(
 
     from tunefleet.trainers.model import count_4bit_layers
 
-    trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
+    if not cfg.verbose:
+        trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
     world = trainer.accelerator.num_processes
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")), world)
     args = trainer.args
@@ -427,7 +498,10 @@ def train_and_save(
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            close_progress(trainer)  # the bar gives the terminal back before any error is printed
     except KeyboardInterrupt:
         finish_record(folder, record, RunStatus.INTERRUPTED)
         folder.clean_scratch()

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from tunefleet.common import terminal
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.storage import Store
 from tunefleet.trainers import recovery
@@ -60,6 +61,7 @@ def release_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
+        terminal.calm(cfg.verbose)
         run(cfg)
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,40 @@
+"""A calm terminal: library progress bars off, known noise off, the remaining library warnings once each.
+
+`--verbose` (train) leaves every library as it is. What is turned off, and why:
+- the "Loading weights" / "Writing model shards" bars of transformers, the hub's download bars and the datasets'
+  map bars: tunefleet draws one bar per run (trainers.run.progress_callback) and prints one line per data step;
+- DeepSpeed's "Setting accelerator to CPU" warning, printed on every import on a host without a GPU: on such a
+  host tunefleet names the CPU accelerator itself (DS_ACCELERATOR=cpu, what DeepSpeed would pick);
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": a hint that an optional faster CPU
+  kernel package is missing, printed by every process that loads a 4-bit model on CPU.
+Every other warning still shows, once per message (FutureWarnings of the libraries calling each other included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def calm(verbose: bool = False) -> None:
+    """Call once at the start of a process, before the ML libraries are imported."""
+    if verbose:
+        return
+    warnings.filterwarnings("once", category=FutureWarning)
+    warnings.filterwarnings("once", category=UserWarning)
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()

@@ -1,0 +1,78 @@
+"""`tunefleet train` on a terminal (a real pseudo-terminal): one progress bar with step/total, loss and time left,
+and none of the noise: no warning caused by tunefleet's own arguments, no library bars, no raw log dicts. Off a
+terminal: one line per logged step. `--verbose`: everything the libraries print."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+
+from conftest import ROOT, TINY, tunefleet
+
+NOISE = (
+    "`gradient_checkpointing` is deprecated",  # was caused by tunefleet's own TrainingArguments
+    "Setting accelerator to CPU",  # DeepSpeed on a host without a GPU
+    "gemm_4bit_forward",  # bitsandbytes' optional CPU kernel hint
+    "Loading weights",  # transformers' bar
+    "Writing model shards",
+    "{'loss':",  # the trainer's raw log dict
+)
+
+
+def train_args(out, *extra) -> list[str]:
+    return [
+        "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", str(out), "--max_steps", "6",
+        "--logging_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+        "--use_qlora", "true", *extra,
+    ]  # fmt: skip
+
+
+def run_on_a_terminal(args: list[str]) -> tuple[int, str]:
+    """Run the CLI with stdout and stderr on a pseudo-terminal; everything it wrote there, decoded."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunefleet.launcher.cli", *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm-256color"},
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: every process holding it has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+def test_a_terminal_gets_one_bar_with_loss_and_time_left_and_no_noise(tmp_path):
+    code, screen = run_on_a_terminal(train_args(tmp_path / "run"))
+    assert code == 0, screen[-3000:]
+    assert "6/6" in screen and "left" in screen and "loss " in screen, screen[-2000:]
+    assert "\x1b[?25l" in screen  # the bar's live display (cursor hidden while it draws)
+    assert "step 2 | max_steps 6" not in screen  # no per-log lines under the bar
+    for noise in NOISE:
+        assert noise not in screen, f"{noise!r} on the terminal:\n{screen[:3000]}"
+    assert "done: " in screen
+
+
+def test_off_a_terminal_one_line_per_log_and_verbose_shows_everything(tmp_path):
+    proc = tunefleet(*train_args(tmp_path / "plain"))
+    output = proc.stdout + proc.stderr
+    assert "step 2 | max_steps 6" in output and "step 6 | max_steps 6" in output
+    assert "\x1b[" not in proc.stdout  # no bar, no colour codes in a log file
+    for noise in NOISE:
+        assert noise not in output, f"{noise!r} in the output:\n{output[:3000]}"
+
+    proc = tunefleet(*train_args(tmp_path / "verbose", "--verbose", "true"))
+    output = proc.stdout + proc.stderr
+    assert "Loading weights" in output and "{'loss':" in output

@@ -30,11 +30,12 @@ def calm(verbose: bool = False) -> None:
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()

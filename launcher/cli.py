@@ -69,7 +69,7 @@ def launch_processes(cfg, argv: list[str], config: str, reason: str, env: dict) 
         print(f"launch: {config} ({reason})\n  {' '.join(cmd)}", flush=True)
         rc = subprocess.call(cmd, env=env)
         store = Store(cfg.output_dir)
-        out_of_memory = bool((store.read_json("run.json") or {}).get("out_of_memory"))
+        out_of_memory = recovery.launch_ran_out_of_memory(store)
         retry = recovery.after_failed_launch(cfg, store, out_of_memory) if rc else None
         if retry is None:
             return rc

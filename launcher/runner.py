@@ -206,10 +206,8 @@ def launch_once(
         log_file.seek(start)
         output = log_file.read()
     error = _last_error(output) or f"exit code {rc}"
-    recorded = store.read_json("run.json") or {}
-    out_of_memory = rc != 0 and (
-        bool(recorded.get("out_of_memory")) or any(sign in output for sign in recovery.OUT_OF_MEMORY)
-    )
+    ran_out = recovery.launch_ran_out_of_memory(store)  # also consumes the ranks' markers
+    out_of_memory = rc != 0 and (ran_out or any(sign in output for sign in recovery.OUT_OF_MEMORY))
     return rc, error, out_of_memory
 
 

@@ -161,3 +161,59 @@ def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effectiv
     assert "out of memory at step 0: resumed with batch 8 x accumulation 2, gradient checkpointing on" in proc.stderr
     state = read_json(out / "trainer_state.json")
     assert state["train_batch_size"] == final["per_device_train_batch_size"]
+
+
+def tree_peak_address_space(cmd: list[str]) -> int:
+    """The largest VmPeak (bytes) among a command's processes (the launcher and the ranks it starts), polled."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        family, parents = {proc.pid}, {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        grew = True
+        while grew:
+            found = {pid for pid, parent in parents.items() if parent in family} - family
+            family |= found
+            grew = bool(found)
+        for pid in family:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                peak = max(peak, int(status.split("VmPeak:")[1].split()[0]) * 1024)
+            except (OSError, IndexError, ValueError):
+                pass
+        time.sleep(0.1)
+    assert proc.returncode == 0
+    return peak
+
+
+def test_a_two_process_run_out_of_memory_is_relaunched_smaller(tmp_path, tiny_model):
+    """The same limit on a DDP launch of 2 processes (each rank inherits RLIMIT_AS): whichever rank fails, the
+    launcher sees it (run.json, or the rank's marker) and launches again with the next smaller set-up, until the
+    run finishes with the same effective batch (per-device batch x accumulation x 2 processes = 32)."""
+    data = long_completions(tmp_path / "long.jsonl")
+    two = ["--num_processes", "2", "--save_steps", "1"]
+    unlimited = tree_peak_address_space([*train_command(data, tmp_path / "measure"), *two])
+    limit = unlimited - 400 * 2**20
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["prlimit", f"--as={limit}", *train_command(data, out), *two],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = read_json(out / "run.json")
+    assert record["status"] == "finished" and record["world_size"] == 2 and record["memory_steps"]
+    assert record["memory_steps"][0]["gradient_checkpointing"] is True
+    final = record["config"]
+    assert final["per_device_train_batch_size"] * final["gradient_accumulation_steps"] == 16
+    assert record["effective_batch_size"] == 32
+    assert proc.stdout.count("launch: ddp") == len(record["memory_steps"]) + 1
+    assert not list(out.glob("out_of_memory-rank*"))  # the markers were consumed

@@ -188,7 +188,7 @@ def test_ruff_config_is_the_usual_one():
 @pytest.mark.slow
 def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tmp_path, tiny_model):
     """pip install of the wheel (not editable) into a fresh venv; from a folder whose own `trainers/` and `eval/`
-    packages would break anything that imported them: train on 1 and 2 processes (ZeRO-2), sweep, eval."""
+    packages would break anything that imported them: train on 2 processes (ZeRO-2), a sweep, eval."""
     wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "project"
 
     def run(cmd, cwd=tmp_path, timeout=900, **env):
@@ -239,9 +239,6 @@ def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tm
         "--use_qlora",
         "false",
     ]
-    run([tunefleet, "train", "--method", "sft", *tiny, "--output_dir", "runs/one"], cwd=work)
-    assert read_json(work / "runs" / "one" / "run.json")["status"] == "finished"
-
     run(
         [
             tunefleet,

@@ -73,6 +73,16 @@ def test_off_a_terminal_one_line_per_log_and_verbose_shows_everything(tmp_path):
     for noise in NOISE:
         assert noise not in output, f"{noise!r} in the output:\n{output[:3000]}"
 
-    proc = tunefleet(*train_args(tmp_path / "verbose", "--verbose", "true"))
+    quiet_switches = ("HF_HUB_DISABLE_PROGRESS_BARS", "DS_ACCELERATOR")  # as a user's shell has them: unset
+    env = {k: v for k, v in os.environ.items() if k not in quiet_switches}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunefleet.launcher.cli", *train_args(tmp_path / "verbose", "--verbose", "true")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "Loading weights" in output and "{'loss':" in output

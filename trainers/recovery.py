@@ -97,6 +97,24 @@ def record_step(store: Store, at_step: int, error: str, smaller) -> MemoryStep:
     return step
 
 
+RANK_MARKER = "out_of_memory-rank"  # `<prefix><rank>.json`: a rank other than 0 ran out of memory
+
+
+def mark_rank(store: Store, rank: int, at_step: int, error: str) -> None:
+    """A rank other than the main one ran out of memory: only the main rank writes run.json, and it is often
+    the one the launcher stops (not the one that failed), so the failing rank leaves this marker for the launcher."""
+    store.write_json(f"{RANK_MARKER}{rank}.json", {"rank": rank, "at_step": at_step, "error": error}, durable=False)
+
+
+def launch_ran_out_of_memory(store: Store) -> bool:
+    """Whether the launch that just ended ran out of memory on any rank (run.json or a rank's marker); the markers
+    are consumed."""
+    markers = [name for name in store.listdir() if name.startswith(RANK_MARKER)]
+    for name in markers:
+        store.remove(name)
+    return bool((store.read_json("run.json") or {}).get("out_of_memory")) or bool(markers)
+
+
 def after_failed_launch(cfg, store: Store, out_of_memory: bool):
     """For a launcher whose run failed (`out_of_memory`: its run.json or log says so): the smaller config to launch
     again with and its step (recorded in run.json); None when recovery is off or nothing smaller is left."""

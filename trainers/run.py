@@ -520,6 +520,8 @@ def train_and_save(
         )
         folder.clean_scratch()
         if out_of_memory:
+            if not is_main_process():
+                recovery.mark_rank(folder.store, int(os.environ["RANK"]), step, error)
             raise recovery.OutOfMemory(step, error, bool(args.activation_checkpointing)) from exc
         raise
     if preemption.signum is not None:

@@ -102,10 +102,10 @@ def drop_fetched(runs_dir: str) -> None:
         shutil.rmtree(scratch_dir(runs_dir, "eval"), ignore_errors=True)
 
 
-def fetch(run: Store, local: Path) -> Path:
-    """The files the evaluator reads of a run kept in a store, copied into `local`."""
+def fetch(run: Store, local: Path, names: tuple[str, ...] = FETCHED) -> Path:
+    """Files of a run kept in a store (by default those the evaluator reads), copied into `local`."""
     local.mkdir(parents=True, exist_ok=True)
-    for name in FETCHED:
+    for name in names:
         data = run.read_bytes(name)
         if data is not None:
             (local / name).write_bytes(data)

@@ -24,7 +24,7 @@ from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.common.terminal import calm
-from tunefleet.eval.results import BETTER, load_results, results_path
+from tunefleet.eval.results import BETTER, fetch, load_results, results_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -107,13 +107,7 @@ def local_run(location: str) -> Path:
         raise TunefleetError(f"{location} holds no adapter_config.json: not a finished run{hint}")
     if not store.remote:
         return Path(location)
-    local = scratch_dir(location, "export")
-    local.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        data = store.read_bytes(name)
-        if data is not None:
-            (local / name).write_bytes(data)
-    return local
+    return fetch(store, scratch_dir(location, "export"), COPIED)
 
 
 def check_finished(record: dict, location: str) -> None:

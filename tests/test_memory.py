@@ -121,48 +121,6 @@ def train_command(data: Path, out: Path) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}  # fewer threads and arenas: a steadier size
 
 
-def peak_address_space(cmd: list[str]) -> int:
-    """VmPeak (bytes) of a process run to its end, read from /proc while it runs."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            peak = max(peak, int(status.split("VmPeak:")[1].split()[0]) * 1024)
-        except (OSError, IndexError, ValueError):
-            pass
-        time.sleep(0.05)
-    assert proc.returncode == 0
-    return peak
-
-
-def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effective_batch(tmp_path, tiny_model):
-    """An address-space limit (RLIMIT_AS) below what batch 8 needs: torch's CPU allocator fails in the first step;
-    the run resumes with checkpointing on, then halves the batch until it fits, and finishes with batch x accumulation
-    still 16. The limit is set from the same run's measured peak (below it by what checkpointing and one halving
-    save on this data, ~300 MiB), so it holds on machines whose libraries take more or less room."""
-    data = long_completions(tmp_path / "long.jsonl")
-    unlimited = peak_address_space(train_command(data, tmp_path / "measure"))
-    limit = unlimited - 400 * 2**20
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        ["prlimit", f"--as={limit}", *train_command(data, out)], cwd=ROOT, env=ENV, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = read_json(out / "run.json")
-    steps = record["memory_steps"]
-    assert record["status"] == "finished" and record["global_step"] == 2
-    assert steps[0]["gradient_checkpointing"] is True and steps[0]["per_device_train_batch_size"] == 8
-    assert "can't allocate memory" in steps[0]["error"]
-    final = record["config"]
-    assert final["per_device_train_batch_size"] < 8
-    assert final["per_device_train_batch_size"] * final["gradient_accumulation_steps"] == 16
-    assert record["effective_batch_size"] == 16
-    assert "out of memory at step 0: resumed with batch 8 x accumulation 2, gradient checkpointing on" in proc.stderr
-    state = read_json(out / "trainer_state.json")
-    assert state["train_batch_size"] == final["per_device_train_batch_size"]
-
-
 def tree_peak_address_space(cmd: list[str]) -> int:
     """The largest VmPeak (bytes) among a command's processes (the launcher and the ranks it starts), polled."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -189,6 +147,33 @@ def tree_peak_address_space(cmd: list[str]) -> int:
         time.sleep(0.1)
     assert proc.returncode == 0
     return peak
+
+
+def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effective_batch(tmp_path, tiny_model):
+    """An address-space limit (RLIMIT_AS) below what batch 8 needs: torch's CPU allocator fails in the first step;
+    the run resumes with checkpointing on, then halves the batch until it fits, and finishes with batch x accumulation
+    still 16. The limit is set from the same run's measured peak (below it by what checkpointing and one halving
+    save on this data, ~300 MiB), so it holds on machines whose libraries take more or less room."""
+    data = long_completions(tmp_path / "long.jsonl")
+    unlimited = tree_peak_address_space(train_command(data, tmp_path / "measure"))
+    limit = unlimited - 400 * 2**20
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["prlimit", f"--as={limit}", *train_command(data, out)], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_json(out / "run.json")
+    steps = record["memory_steps"]
+    assert record["status"] == "finished" and record["global_step"] == 2
+    assert steps[0]["gradient_checkpointing"] is True and steps[0]["per_device_train_batch_size"] == 8
+    assert "can't allocate memory" in steps[0]["error"]
+    final = record["config"]
+    assert final["per_device_train_batch_size"] < 8
+    assert final["per_device_train_batch_size"] * final["gradient_accumulation_steps"] == 16
+    assert record["effective_batch_size"] == 16
+    assert "out of memory at step 0: resumed with batch 8 x accumulation 2, gradient checkpointing on" in proc.stderr
+    state = read_json(out / "trainer_state.json")
+    assert state["train_batch_size"] == final["per_device_train_batch_size"]
 
 
 def test_a_two_process_run_out_of_memory_is_relaunched_smaller(tmp_path, tiny_model):

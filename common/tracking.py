@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 from tunefleet.common.errors import TunefleetError, first_line
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-MODULE = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # each also the name of its package's module and of its extra
 DEFAULT_PROJECT = "tunefleet"
 TENSORBOARD_DIR = "tensorboard"  # inside the run's folder
 
@@ -38,10 +38,8 @@ def parse_report_to(value: str | None) -> list[str]:
 
 def check_installed(trackers: list[str]) -> None:
     for name in trackers:
-        if importlib.util.find_spec(MODULE[name]) is None:
-            raise TunefleetError(
-                f"--report_to {name} needs the {MODULE[name]} package: pip install 'tunefleet[{name}]'"
-            )
+        if importlib.util.find_spec(name) is None:
+            raise TunefleetError(f"--report_to {name} needs the {name} package: pip install 'tunefleet[{name}]'")
 
 
 @dataclass
@@ -81,7 +79,6 @@ def start(
 ) -> Tracking:
     """Name, group and tag the run for each tracker through the environment transformers' callbacks read, with run
     ids fixed now (those of `previous` on a resume). Call in the training process before the trainer exists."""
-    check_installed(trackers)
     before = Tracking.from_record(previous)
     tracking = Tracking(trackers, name, group, tags)
     if "tensorboard" in trackers:
@@ -112,31 +109,48 @@ def new_wandb_id() -> str:
 
 
 def start_mlflow(tracking: Tracking, before: Tracking | None) -> None:
-    """Create (or keep) the MLflow run; transformers' MLflowCallback then resumes it through MLFLOW_RUN_ID."""
+    """Create (or keep) the MLflow run; transformers' MLflowCallback then resumes it through MLFLOW_RUN_ID, in the
+    experiment given by id (a name could match two experiments that runs starting at once both created)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else ./mlruns
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or tracking.group or DEFAULT_PROJECT
+    uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else MLflow's default store
+    experiment = os.environ.pop("MLFLOW_EXPERIMENT_NAME", None) or tracking.group or DEFAULT_PROJECT
     try:
         client = MlflowClient(uri)
         if before and before.mlflow_run_id and before.mlflow_tracking_uri == uri:
-            run_id = before.mlflow_run_id
-            client.get_run(run_id)  # still there
+            run = client.get_run(before.mlflow_run_id)  # still there
         else:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
             run = client.create_run(
-                experiment_id,
+                shared_experiment(client, experiment),
                 run_name=tracking.name,
                 tags={**tracking.tags, **({"group": tracking.group} if tracking.group else {})},
             )
-            run_id = run.info.run_id
     except Exception as exc:
         raise TunefleetError(f"MLflow at {uri}: {first_line(exc)}") from None
-    tracking.mlflow_tracking_uri, tracking.mlflow_experiment, tracking.mlflow_run_id = uri, experiment, run_id
-    os.environ.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=experiment, MLFLOW_RUN_ID=run_id)
+    tracking.mlflow_tracking_uri, tracking.mlflow_experiment, tracking.mlflow_run_id = uri, experiment, run.info.run_id
+    os.environ.update(
+        MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_ID=run.info.experiment_id, MLFLOW_RUN_ID=run.info.run_id
+    )
     os.environ["MLFLOW_TAGS"] = json.dumps(tracking.tags)
+
+
+def shared_experiment(client, name: str) -> str:
+    """The id of the experiment called `name`, created when missing. A sweep's runs start at once: a database
+    store refuses a second experiment of one name, but a file store can end up with two. Then every run takes
+    the first created and the others are deleted, so the sweep stays one experiment."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        created = client.create_experiment(name)
+    except Exception:  # another run created it first
+        return client.get_experiment_by_name(name).experiment_id
+    same = client.search_experiments(filter_string=f"name = '{name}'")
+    first = min(same, key=lambda e: (e.creation_time or 0, e.experiment_id)).experiment_id if same else created
+    if first != created:
+        client.delete_experiment(created)
+    return first
 
 
 def log_evaluation(tracking: Tracking, run_folder: str, metrics: dict[str, float], step: int) -> list[str]:
@@ -147,8 +161,6 @@ def log_evaluation(tracking: Tracking, run_folder: str, metrics: dict[str, float
             if name == "tensorboard" and tracking.tensorboard_dir:
                 write_scalars(run_folder, tracking.tensorboard_dir, metrics, step)
             elif name == "mlflow" and tracking.mlflow_run_id:
-                import time
-
                 from mlflow.entities import Metric
                 from mlflow.tracking import MlflowClient
 

@@ -114,8 +114,8 @@ def check_finished(record: dict, location: str) -> None:
     status = record.get("status")
     if status and status != RunStatus.FINISHED:
         raise TunefleetError(
-            f"run {location} is {status}, not finished: its adapter is a partial model; finish it (rerun its "
-            "command to resume) or export one of its checkpoints' runs"
+            f"run {location} is {status}, not finished: its adapter is a partial model; finish it first (rerun "
+            "its command: it resumes from its latest checkpoint)"
         )
 
 

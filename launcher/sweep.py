@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
@@ -27,7 +26,7 @@ from tunefleet.common.storage import join
 from tunefleet.eval.settings import EvalSettings
 from tunefleet.launcher.placement import Placement, parse_gpus, place
 from tunefleet.trainers import config
-from tunefleet.trainers.config import DatasetPart, TrainConfig
+from tunefleet.trainers.config import DatasetPart, TrainConfig, model_short
 
 TOP_KEYS = ("name", "runs_dir", "base", "grid", "methods", "resources", "naming", "slurm", "eval")
 DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
@@ -193,10 +192,6 @@ def load_spec(path: str) -> SweepSpec:
 
 
 # ---------------------------------------------------------------- expansion
-def model_short(model_name: str) -> str:
-    return Path(str(model_name).rstrip("/")).name.lower()
-
-
 def run_name(pattern: str, values: dict) -> str:
     defaults = schema.to_dict(TrainConfig())
     fields = {**defaults, **values, "model_short": model_short(values.get("model_name") or "model")}

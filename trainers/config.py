@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from tunefleet.common import schema, tracking
 from tunefleet.common.errors import TunefleetError
@@ -212,6 +213,11 @@ class TrainConfig:
 
 
 FIELDS = schema.fields(TrainConfig)
+
+
+def model_short(model_name: str) -> str:
+    """A model's short name (`Qwen/Qwen2-0.5B-Instruct` -> `qwen2-0.5b-instruct`): run names, tracker tags."""
+    return Path(str(model_name).rstrip("/")).name.lower()
 
 
 def coerce(name: str, value, where: str = ""):

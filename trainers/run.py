@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, refuse_ray_job_temp, scratch_dir
 from tunefleet.common.tracking import Tracking
 from tunefleet.trainers import data, recovery
+from tunefleet.trainers.config import model_short
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
 
@@ -155,8 +157,7 @@ def start_tracking(cfg, folder: RunFolder, previous: dict) -> None:
     tracking.check_installed(trackers)
     if not is_main_process():
         return
-    model_short = cfg.model_name.rstrip("/").rsplit("/", 1)[-1]
-    tags = {"method": cfg.method, "seed": str(cfg.seed), "model": model_short}
+    tags = {"method": cfg.method, "seed": str(cfg.seed), "model": model_short(cfg.model_name)}
     folder.tracking = tracking.start(
         trackers, run_name(cfg), cfg.tracking_group, tags, str(folder.local), previous.get("tracking")
     )
@@ -269,11 +270,9 @@ def group_by_token_length(trainer) -> None:
     trainer._signature_columns = [*trainer._signature_columns, "length"]
 
 
-def progress_callback(folder: RunFolder, bar: bool | None = None):
-    """A progress bar (step/total, loss, time left) on a terminal, else one line per log; and `progress.json`
-    (step, loss) for the sweep's live view. `bar`: draw the bar (default: when stdout is a terminal)."""
-    import sys
-
+def progress_callback(folder: RunFolder):
+    """A progress bar (step/total, loss, time left) when stdout is a terminal, else one line per log; and
+    `progress.json` (step, loss) for the sweep's live view."""
     from transformers import TrainerCallback
 
     every = 2.0 if folder.store.remote else 0.0  # a store gets at most one progress write per 2 s
@@ -283,7 +282,7 @@ def progress_callback(folder: RunFolder, bar: bool | None = None):
         def __init__(self):
             self.t0 = time.time()
             self.written = 0.0
-            self.bar = sys.stdout.isatty() if bar is None else bar
+            self.bar = sys.stdout.isatty()
             self.view = None
 
         def on_train_begin(self, args, state, control, **kwargs):

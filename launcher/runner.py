@@ -27,7 +27,7 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.launcher.launch import free_port, launch_command, plan_launch
 from tunefleet.launcher.sweep import RunPlan
-from tunefleet.trainers import recovery
+from tunefleet.trainers import memory, recovery
 
 _children: set[subprocess.Popen] = set()
 stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
@@ -125,7 +125,7 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     store = Store(out)
     here = scratch_dir(out, "launch") if store.remote else Path(out)  # config.yaml and train.log while it runs
     log, host, t0 = here / "train.log", socket.gethostname(), time.time()
-    env_extra = {**(env_extra or {}), "TUNEFLEET_PLACEMENT": json.dumps(plan.placement.record())}
+    env_extra = {**(env_extra or {}), memory.PLACEMENT_ENV: json.dumps(plan.placement.record())}
     node_id = env_extra.get("TUNEFLEET_NODE_ID")
 
     def outcome(status: RunStatus, **fields) -> RunOutcome:

@@ -22,7 +22,9 @@ compares it with measured peaks (bench/README.md gives the error).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
 
 GIB = 2**30
@@ -166,3 +168,16 @@ def estimate_run(
 def runs_per_gpu(estimate_bytes: int, gpu_bytes: int, margin: float = 0.8, most: int = 8) -> int:
     """How many runs of this size share one GPU under `margin` of its memory (pure; at least 1)."""
     return max(1, min(most, math.floor(margin * gpu_bytes / max(estimate_bytes, 1))))
+
+
+PLACEMENT_ENV = "TUNEFLEET_PLACEMENT"  # a launcher's placement of the run (launcher.placement.Placement.record())
+
+
+def launched_placement() -> dict | None:
+    """The placement the launcher gave this run's processes; None for a run started by hand."""
+    return json.loads(os.environ.get(PLACEMENT_ENV) or "null")
+
+
+def gpu_share() -> float:
+    """This process's share of its GPU: below 1 where a sweep packs several runs on one GPU, else 1."""
+    return (launched_placement() or {}).get("gpus") or 1.0

@@ -27,7 +27,7 @@ from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, refuse_ray_job_temp, scratch_dir
 from tunefleet.common.tracking import Tracking
-from tunefleet.trainers import data, recovery
+from tunefleet.trainers import data, memory, recovery
 from tunefleet.trainers.config import model_short
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
@@ -398,7 +398,7 @@ def start_record(cfg, folder: RunFolder, resume_from: str | None, extra: dict | 
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "launch": json.loads(os.environ.get("TUNEFLEET_LAUNCH") or "null")
         or {"accelerate_config": None, "reason": "one process", "num_processes": 1},
-        "placement": json.loads(os.environ.get("TUNEFLEET_PLACEMENT") or "null"),
+        "placement": memory.launched_placement(),
         "node_id": os.environ.get("TUNEFLEET_NODE_ID"),
         "resumed_from": resume_from,
         "versions": versions(),

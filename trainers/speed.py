@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 
@@ -148,7 +147,7 @@ def memory_fit(cfg) -> MemoryFit:
     if has_gpu:
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         total = torch.cuda.get_device_properties(rank).total_memory
-        share = (json.loads(os.environ.get("TUNEFLEET_PLACEMENT") or "null") or {}).get("gpus") or 1.0
+        share = memory.gpu_share()
         if share < 1:
             return MemoryFit(peak, int(total * share), f"{share:g} of GPU {rank}")
         return MemoryFit(peak, total, f"GPU {rank}")

@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 
 from tunefleet.common import terminal
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.storage import Store
-from tunefleet.trainers import recovery
+from tunefleet.trainers import memory, recovery
 from tunefleet.trainers.config import parse_args
 from tunefleet.trainers.run import Preempted
 
@@ -42,9 +41,7 @@ def run(cfg) -> dict:
 
 
 def recover_here(cfg) -> bool:
-    placement = json.loads(os.environ.get("TUNEFLEET_PLACEMENT") or "null") or {}
-    shared = 0 < (placement.get("gpus") or 0) < 1
-    return cfg.oom_recovery and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not shared
+    return cfg.oom_recovery and int(os.environ.get("WORLD_SIZE", "1")) == 1 and memory.gpu_share() == 1
 
 
 def release_memory() -> None:

@@ -75,10 +75,8 @@ def wait_for_checkpoint(run_dir, timeout: float = 240) -> None:
         time.sleep(0.2)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant (torch elastic starts ranks in sessions of their own)."""
-    import signal
-
+def pids_in_tree(root: int) -> set[int]:
+    """A process and all its descendants, from /proc (torch elastic starts ranks in sessions of their own)."""
     parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -86,12 +84,19 @@ def kill_tree(pid: int) -> None:
                 parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 pass
-    tree, grew = {pid}, True
+    tree, grew = {root}, True
     while grew:
         kids = {p for p, pp in parents.items() if pp in tree and p not in tree}
         grew = bool(kids)
         tree |= kids
-    for p in tree:
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant."""
+    import signal
+
+    for p in pids_in_tree(pid):
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:

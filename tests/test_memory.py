@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, read_json
+from conftest import ROOT, pids_in_tree, read_json
 
 from tunefleet.launcher.placement import place
 from tunefleet.trainers import memory, recovery
@@ -126,19 +126,7 @@ def tree_peak_address_space(cmd: list[str]) -> int:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0
     while proc.poll() is None:
-        family, parents = {proc.pid}, {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    pass
-        grew = True
-        while grew:
-            found = {pid for pid, parent in parents.items() if parent in family} - family
-            family |= found
-            grew = bool(found)
-        for pid in family:
+        for pid in pids_in_tree(proc.pid):
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
                 peak = max(peak, int(status.split("VmPeak:")[1].split()[0]) * 1024)

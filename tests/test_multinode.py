@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, checkpoint_steps, read_json
+from conftest import ROOT, checkpoint_steps, pids_in_tree, read_json
 from local_ray import LocalRayCluster, pids_under
 
 from tunefleet.common.jsonfile import read_json as maybe_json
@@ -260,22 +260,6 @@ def test_local_ray_is_guarded_by_its_token(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
-
-
-def pids_in_tree(root: int) -> set[int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, grew = {root}, True
-    while grew:
-        kids = {p for p, pp in parents.items() if pp in tree and p not in tree}
-        grew = bool(kids)
-        tree |= kids
-    return tree
 
 
 def _cmdline(pid: int) -> str:

@@ -39,3 +39,15 @@ def calm(verbose: bool = False) -> None:
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+def closed_pipe() -> int:
+    """stdout's reader went away (`tunefleet ... | head`): end quietly with the exit code of a tool that SIGPIPE
+    ended (128 + 13), as `ls | head` does. Python ignores SIGPIPE and raises BrokenPipeError instead; restoring the
+    signal's default would also kill a sweep whose Ray or object-store socket closes, so it is caught here."""
+    import signal
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush at exit must not fail again
+    return 128 + signal.SIGPIPE

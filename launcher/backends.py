@@ -17,6 +17,7 @@ from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.raycluster import ensure_ray
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, join
+from tunefleet.launcher import warm
 from tunefleet.launcher.placement import Allocator
 from tunefleet.launcher.progress import SweepView
 from tunefleet.launcher.runner import RunOutcome, run_one, stopping, terminate_children
@@ -72,6 +73,7 @@ def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: Swe
     most = resources.max_parallel or len(runs)
     # Each run gets its own cores' worth of threads, as Ray does: N runs x all cores each would thrash the CPU.
     cpu_env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(resources.cpus_per_run)}
+    warm.prestart()  # imports the training stack while the first runs are placed; each run is forked from it
     pending, running, outcomes = deque(runs), {}, {}
     tries = Retries(retries)
 
@@ -156,6 +158,11 @@ def run_ray(
     """Outcomes, and the nodes lost during the sweep (id, host, when)."""
     import ray
 
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:  # the local Ray's workers inherit the warm process's address, and fork every run from it
+        advertised = warm.prestart()
+        if advertised:
+            os.environ[warm.SOCKET_ENV] = advertised
     started = ensure_ray(address)
     try:
         check_ray_resources(runs, resources, ray.nodes())
@@ -212,6 +219,8 @@ def run_ray(
     finally:
         if started:
             ray.shutdown()
+        if local:
+            os.environ.pop(warm.SOCKET_ENV, None)
 
 
 class NodeWatch:

@@ -133,7 +133,15 @@ def cmd_check_data(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return dispatch(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        from tunefleet.common.terminal import closed_pipe
+
+        return closed_pipe()
+
+
+def dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: tunefleet COMMAND [flags]   (tunefleet COMMAND --help for its flags)\n\ncommands:")
         for name, text in COMMANDS.items():

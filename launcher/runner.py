@@ -8,12 +8,10 @@ from the run's own `run.json`. A finished run is skipped; an interrupted one res
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -25,11 +23,12 @@ from tunefleet.common import schema
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
+from tunefleet.launcher import warm
 from tunefleet.launcher.launch import free_port, launch_command, plan_launch
 from tunefleet.launcher.sweep import RunPlan
 from tunefleet.trainers import memory, recovery
 
-_children: set[subprocess.Popen] = set()
+_children: set[subprocess.Popen | warm.WarmProcess] = set()
 stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
 
 
@@ -67,17 +66,9 @@ class RunOutcome:
         return self.status is RunStatus.FINISHED
 
 
-def training_processes() -> list[subprocess.Popen]:
+def training_processes() -> list[subprocess.Popen | warm.WarmProcess]:
     """The training processes this process started and that have not been reaped yet."""
     return list(_children)
-
-
-def _die_with_parent() -> None:
-    """Linux: the training process gets SIGTERM when the thread that started it dies (Ctrl-C, killed worker)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def write_run_config(plan: RunPlan, folder: Path) -> Path:
@@ -185,7 +176,8 @@ def launch_once(
         log_file.write(f"\n=== {utc_now()} on {host}: {' '.join(cmd)}\n")
         log_file.flush()
         start = log_file.tell()
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        # Forked from a warm process that has the training stack imported (one process of two or more: cold).
+        proc = warm.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         _children.add(proc)
         record_launch(
             store,

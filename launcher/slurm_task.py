@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from tunefleet.launcher import runner
+from tunefleet.launcher import runner, warm
 from tunefleet.launcher.runner import RunOutcome
 from tunefleet.launcher.sweep import RunPlan
 
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     task = spec.get("tasks", [[i] for i in range(len(spec["runs"]))])[a.index]
     runs = [RunPlan.from_json(spec["runs"][i]) for i in task]
     received = relay_signals()
+    warm.prestart()  # imports the training stack once for the runs of this task
     cpus = max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", len(runs))) // len(runs))
     env = {"OMP_NUM_THREADS": str(cpus)} if len(runs) > 1 else {}
 

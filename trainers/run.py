@@ -379,6 +379,38 @@ def preemption_callback():
     return callback
 
 
+def process_started_at() -> float:
+    """When this run's process was started: by its launcher's clock (TUNEFLEET_STARTED_AT, set for warm and cold
+    starts alike), else the process's own start time from /proc."""
+    stamp = os.environ.get("TUNEFLEET_STARTED_AT")
+    if stamp:
+        return float(stamp)
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def startup_clock():
+    """Notes when the first training step begins: run.json's `startup` is the time from process start to it."""
+    from transformers import TrainerCallback
+
+    class StartupClock(TrainerCallback):
+        first_step_at: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+
+        def record(self) -> dict:
+            seconds = None if self.first_step_at is None else round(self.first_step_at - process_started_at(), 2)
+            return {"kind": os.environ.get("TUNEFLEET_START", "cold"), "to_first_step_s": seconds}
+
+    return StartupClock()
+
+
 def close_progress(trainer) -> None:
     for callback in trainer.callback_handler.callbacks:
         if hasattr(callback, "close") and callable(callback.close):
@@ -434,8 +466,10 @@ def peak_memory() -> dict:
     return out
 
 
-def finish_record(folder: RunFolder, record: dict, status: RunStatus, **fields) -> None:
+def finish_record(folder: RunFolder, record: dict, status: RunStatus, clock=None, **fields) -> None:
     record.update(status=status, ended_at=utc_now(), **fields)
+    if clock is not None:
+        record["startup"] = clock.record()
     folder.write_json("run.json", record)
 
 
@@ -491,6 +525,8 @@ def train_and_save(
             print(f"example {column}: {text[:300]!r}", flush=True)
     preemption = preemption_callback()
     trainer.add_callback(preemption)
+    clock = startup_clock()
+    trainer.add_callback(clock)
     if folder.store.remote:
         trainer.add_callback(checkpoint_upload_callback(folder))
     record = start_record(cfg, folder, resume_from, extra)
@@ -502,7 +538,7 @@ def train_and_save(
         finally:
             close_progress(trainer)  # the bar gives the terminal back before any error is printed
     except KeyboardInterrupt:
-        finish_record(folder, record, RunStatus.INTERRUPTED)
+        finish_record(folder, record, RunStatus.INTERRUPTED, clock)
         folder.clean_scratch()
         raise
     except Exception as exc:
@@ -513,6 +549,7 @@ def train_and_save(
             folder,
             record,
             RunStatus.FAILED,
+            clock,
             error=error,
             global_step=step,
             **({"out_of_memory": True} if out_of_memory else {}),
@@ -529,6 +566,7 @@ def train_and_save(
             folder,
             record,
             RunStatus.INTERRUPTED,
+            clock,
             global_step=trainer.state.global_step,
             note=f"signal {preemption.signum}: checkpoint-{trainer.state.global_step} saved",
         )
@@ -540,6 +578,7 @@ def train_and_save(
         folder,
         record,
         RunStatus.FINISHED,
+        clock,
         global_step=trainer.state.global_step,
         **peak_memory(),
         train_runtime_s=result.metrics.get("train_runtime"),

@@ -1,0 +1,234 @@
+"""Warm starts: runs forked from a process that has the training stack imported behave as cold ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST, ROOT, TINY, checkpoint_steps, pids_in_tree, read_json
+
+from tunefleet.launcher import warm
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(method: str, split: str, out, steps: int = 3, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tunefleet.trainers.train",
+        "--method",
+        method,
+        *TINY,
+        "--split",
+        split,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--use_qlora",
+        "false",
+        "--learning_rate",
+        "1e-3",
+        *FAST,
+        *map(str, extra),
+    ]
+
+
+def start(cmd: list[str], log_path, env: dict | None = None):
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        return warm.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or ENV, cwd=str(ROOT))
+
+
+def cold(cmd: list[str], log_path):
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+
+
+def losses(run_dir) -> list[float]:
+    return [e["loss"] for e in read_json(run_dir / "trainer_state.json")["log_history"] if "loss" in e]
+
+
+@pytest.mark.parametrize("method,split", [("sft", "train_sft"), ("dpo", "train_prefs")])
+def test_warm_and_cold_runs_are_identical(method, split, tmp_path, tiny_model):
+    """Same seed, same command: the same losses at every step and the same adapter, byte for byte."""
+    cold_dir, warm_dir = tmp_path / "cold", tmp_path / "warm"
+    proc = cold(train_command(method, split, cold_dir), tmp_path / "cold.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "cold.log").read_text()[-2000:]
+    proc = start(train_command(method, split, warm_dir), tmp_path / "warm.log")
+    assert isinstance(proc, warm.WarmProcess)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "warm.log").read_text()[-2000:]
+
+    assert read_json(warm_dir / "run.json")["startup"]["kind"] == "warm"
+    assert read_json(cold_dir / "run.json")["startup"]["kind"] == "cold"
+    assert losses(warm_dir) == losses(cold_dir) and len(losses(cold_dir)) == 3
+    adapter = "adapter_model.safetensors"
+    assert (warm_dir / adapter).read_bytes() == (cold_dir / adapter).read_bytes()
+    # The run's own output reached its log through the streams the launcher passed.
+    assert "step 3 | max_steps 3" in (tmp_path / "warm.log").read_text()
+
+
+def test_a_warm_run_stopped_by_a_signal_checkpoints_and_exits_as_a_cold_one(tmp_path, tiny_model):
+    """SIGTERM (a sweep's Ctrl-C, SLURM) mid-training: checkpoint, status interrupted, exit code 128 + 15."""
+    outcomes = {}
+    for kind in ("cold", "warm"):
+        out = tmp_path / kind
+        cmd = train_command("sft", "train_sft", out, 400, "--save_steps", 1000)
+        proc = (cold if kind == "cold" else start)(cmd, tmp_path / f"{kind}.log")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "progress.json").exists():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        record = read_json(out / "run.json")
+        outcomes[kind] = (code, record["status"], bool(checkpoint_steps(out)))
+    assert outcomes["warm"] == outcomes["cold"] == (128 + signal.SIGTERM, "interrupted", True)
+
+
+def test_a_warm_run_out_of_memory_recovers_as_a_cold_one(tmp_path, tiny_model):
+    """An address-space limit on the forked run: the first step fails, the run resumes with checkpointing on and a
+    smaller batch, and finishes with the same effective batch (as tests/test_memory.py shows for a cold run)."""
+    from test_memory import long_completions
+
+    data = long_completions(tmp_path / "long.jsonl")
+
+    def command(out):
+        return [
+            sys.executable,
+            "-m",
+            "tunefleet.trainers.train",
+            "--method",
+            "sft",
+            "--model_name",
+            "tunefleet/tiny-qwen2",
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_length",
+            "1024",
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "2",
+            "--max_steps",
+            "2",
+            "--logging_steps",
+            "1",
+        ]
+
+    def peak_of(proc) -> int:
+        peak = 0
+        while proc.poll() is None:
+            try:
+                status = open(f"/proc/{proc.pid}/status").read()
+                peak = max(peak, int(status.split("VmPeak:")[1].split()[0]) * 1024)
+            except (OSError, IndexError, ValueError):
+                pass
+            time.sleep(0.05)
+        return peak
+
+    env = {**ENV, "MALLOC_ARENA_MAX": "2"}
+    measure = start(command(tmp_path / "measure"), tmp_path / "measure.log", env)
+    unlimited = peak_of(measure)
+    assert measure.returncode == 0
+    proc = start(command(tmp_path / "run"), tmp_path / "run.log", env)
+    subprocess.run(["prlimit", f"--pid={proc.pid}", f"--as={unlimited - 400 * 2**20}"], check=True)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    record = read_json(tmp_path / "run" / "run.json")
+    assert record["startup"]["kind"] == "warm" and record["status"] == "finished"
+    steps = record["memory_steps"]
+    assert steps and steps[0]["gradient_checkpointing"] is True and "can't allocate memory" in steps[0]["error"]
+    final = record["config"]
+    assert final["per_device_train_batch_size"] < 8
+    assert final["per_device_train_batch_size"] * final["gradient_accumulation_steps"] == 16
+
+
+def test_a_run_whose_launcher_dies_is_stopped_and_keeps_its_checkpoint(tmp_path, tiny_model):
+    """The launcher (a sweep's thread, a Ray worker) is killed: its warm-started run gets SIGTERM, as a cold child
+    gets it through PR_SET_PDEATHSIG, and saves a checkpoint. No process of the launcher's is left."""
+    out = tmp_path / "run"
+    script = (
+        "import subprocess, sys, time\n"
+        "from tunefleet.launcher import warm\n"
+        f"cmd = {train_command('sft', 'train_sft', out, 400, '--save_steps', 1000)!r}\n"
+        f"log = open({str(tmp_path / 'run.log')!r}, 'a')\n"
+        "proc = warm.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)\n"
+        "print(type(proc).__name__, proc.pid, flush=True)\n"
+        "proc.wait()\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    kind, pid = launcher.stdout.readline().split()
+    assert kind == "WarmProcess"
+    tree = pids_in_tree(launcher.pid)
+    assert int(pid) in tree  # the run is a descendant of its launcher (through the launcher's warm process)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "progress.json").exists():
+        time.sleep(0.1)
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in tree - {launcher.pid}):
+        time.sleep(0.2)
+    assert not [p for p in tree - {launcher.pid} if os.path.exists(f"/proc/{p}")]
+    assert read_json(out / "run.json")["status"] == "interrupted" and checkpoint_steps(out)
+
+
+def test_warm_start_falls_back_to_cold_and_says_why(tmp_path, tiny_model):
+    """Switched off, or an advertised warm process that is gone: the run starts cold and its log says why."""
+    off = start(
+        train_command("sft", "train_sft", tmp_path / "off", 1), tmp_path / "off.log", {**ENV, warm.SWITCH_ENV: "0"}
+    )
+    assert isinstance(off, subprocess.Popen) and off.wait(timeout=300) == 0
+    assert read_json(tmp_path / "off" / "run.json")["startup"]["kind"] == "cold"
+
+    gone = {**ENV, warm.SOCKET_ENV: str(tmp_path / "no-such-socket")}
+    proc = start(train_command("sft", "train_sft", tmp_path / "gone", 1), tmp_path / "gone.log", gone)
+    assert proc.wait(timeout=300) == 0
+    # The advertised one is unreachable; this process's own warm process serves the run instead.
+    assert read_json(tmp_path / "gone" / "run.json")["startup"]["kind"] == "warm"
+
+
+def test_an_environment_read_at_import_gets_its_own_warm_process():
+    """Variables read when used (the GPU, threads, tunefleet's own) may differ; others (HF_HOME, read when
+    huggingface_hub is imported) may not: such a run is served by a warm process started with its environment."""
+    base = {"HF_HOME": "/a", "PATH": "/bin"}
+    assert warm.env_difference(base, {**base, "CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "4"}) is None
+    assert warm.env_difference(base, {**base, "TUNEFLEET_NODE_ID": "x", "RAY_JOB_ID": "2"}) is None
+    assert warm.env_difference(base, {**base, "HF_HOME": "/b"}) == "HF_HOME"
+    assert warm.env_difference(base, {"PATH": "/bin"}) == "HF_HOME"
+    assert warm.warm_entry([sys.executable, "-m", "tunefleet.trainers.train", "--x"]) == "tunefleet.trainers.train"
+    assert warm.warm_entry([sys.executable, "-m", "accelerate.commands.launch", "-m", "x"]) is None
+    assert warm.warm_entry(["/other/python", "-m", "tunefleet.trainers.train"]) is None
+
+
+def test_the_warm_process_ends_with_its_owner(tmp_path):
+    """A process that started a warm process and exits (or is killed) leaves nothing behind."""
+    script = (
+        "import os, time\n"
+        "from tunefleet.launcher import warm\n"
+        "path = warm.prestart()\n"
+        "server = warm.own_server(dict(os.environ))\n"
+        "print(server.proc.pid, flush=True)\n"
+        "server.wait_ready()\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    server_pid = int(owner.stdout.readline())
+    time.sleep(1)
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and os.path.exists(f"/proc/{server_pid}"):
+        status = open(f"/proc/{server_pid}/status").read() if os.path.exists(f"/proc/{server_pid}") else ""
+        if "State:\tZ" in status:
+            break
+        time.sleep(0.2)
+    status = open(f"/proc/{server_pid}/status").read() if os.path.exists(f"/proc/{server_pid}") else ""
+    assert not status or "State:\tZ" in status

@@ -2,8 +2,9 @@
 
 (a) scorer tokens/s: length-sorted batches vs unsorted batches vs a per-sample loop, same ~10M-param model
     and data;
-(b) end to end: `tunefleet eval` on a 10-run sweep vs the original way (each run: load base + adapter,
-    score every sample on its own, chosen and rejected separately), checking both give the same numbers.
+(b) end to end: `tunefleet eval` on 10 runs vs the original way (each run: load base + adapter, score every
+    sample on its own, chosen and rejected separately), like for like and with tunefleet's defaults, checking
+    both give the same numbers (test loss to 1e-6, preference accuracy identical).
 
     python bench/eval_throughput.py            # ~2-3 minutes on 2 CPU cores
 """
@@ -152,34 +153,61 @@ def original_way(root: Path, max_samples: int, gens: int) -> dict:
     return out
 
 
-def bench_end_to_end(n_runs: int = 10, max_samples: int = 100, gens: int = 3) -> None:
+def tunefleet_eval(root: Path, max_samples: int, gens: int, heldout: int | None) -> dict:
     from tunefleet.eval.evaluate import evaluate
 
+    for old in root.glob("evaluation_*"):  # a fresh evaluation each time: nothing reused
+        old.unlink()
+    settings = EvalSettings(max_samples=max_samples, max_generation_samples=gens, heldout_prompts=heldout)
+    return evaluate(str(root), settings=settings, progress=False)
+
+
+def best_of(repeats: int, fn, *args) -> tuple[float, object]:
+    """The fastest of `repeats` calls (the others absorb what the machine was doing) and its result."""
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn(*args)
+        times.append(time.perf_counter() - t0)
+    return min(times), result
+
+
+def bench_end_to_end(n_runs: int = 10, max_samples: int = 100, gens: int = 3, repeats: int = 2) -> None:
+    """Both sides in this process, after a warm-up of each (library imports and first-call costs are paid once
+    per process by either side, so neither is charged for them); each timed `repeats` times, the fastest kept.
+
+    - like for like: the original tool's work (test loss, preference accuracy, 3 answers per run); tunefleet
+      answers the same 3 held-out prompts per run (their rewards and win rates come with them), and also scores
+      the base row and writes the report and plots;
+    - tunefleet's defaults: held-out rewards and win rates over `max_samples` prompts per run."""
     root = Path(tempfile.mkdtemp(prefix="tf-bench-eval-"))
+    warm = Path(tempfile.mkdtemp(prefix="tf-bench-eval-warm-"))
     try:
         train_runs(root, n_runs)
-        t0 = time.perf_counter()
-        ref = original_way(root, max_samples, gens)
-        orig_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = evaluate(
-            str(root), settings=EvalSettings(max_samples=max_samples, max_generation_samples=gens), progress=False
-        )
-        ours_s = time.perf_counter() - t0
-        worst = max(abs(res[name]["test_loss"] - r["test_loss"]) / r["test_loss"] for name, r in ref.items())
-        same_acc = all(res[name]["preference_accuracy"] == r["preference_accuracy"] for name, r in ref.items())
+        train_runs(warm, 2)
+        original_way(warm, 10, 1)
+        tunefleet_eval(warm, 10, 1, None)
+        orig_s, ref = best_of(repeats, original_way, root, max_samples, gens)
+        same_s, same = best_of(repeats, tunefleet_eval, root, max_samples, gens, gens)
+        full_s, full = best_of(repeats, tunefleet_eval, root, max_samples, gens, None)
         print(
             f"(b) end to end, {n_runs} runs x ({max_samples} conversations + {max_samples} pairs + {gens} generations)"
         )
-        print(f"    original way (per run: load base+adapter, per-sample loop)  {orig_s:7.1f} s")
-        print(f"    tunefleet eval (base once, batched, mixed-adapter gen)      {ours_s:7.1f} s")
-        print(
-            f"    speed-up {orig_s / ours_s:.2f}x; same numbers: test_loss max rel. diff {worst:.1e}, "
-            f"preference accuracy identical: {same_acc}"
-        )
-        assert math.isfinite(worst) and worst < 1e-5 and same_acc
+        print(f"    original way (per run: load base+adapter, per-sample loop)          {orig_s:7.2f} s")
+        for label, sec, res in (
+            (f"tunefleet eval, like for like ({gens} held-out answers per run)", same_s, same),
+            (f"tunefleet eval, defaults ({max_samples} held-out answers per run)  ", full_s, full),
+        ):
+            worst = max(abs(res[name]["test_loss"] - r["test_loss"]) / r["test_loss"] for name, r in ref.items())
+            same_acc = all(res[name]["preference_accuracy"] == r["preference_accuracy"] for name, r in ref.items())
+            print(
+                f"    {label} {sec:7.2f} s   {orig_s / sec:5.2f}x; test_loss max rel. diff {worst:.1e}, "
+                f"preference accuracy identical: {same_acc}"
+            )
+            assert math.isfinite(worst) and worst < 1e-6 and same_acc
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(warm, ignore_errors=True)
 
 
 if __name__ == "__main__":

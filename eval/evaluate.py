@@ -126,6 +126,7 @@ def _evaluate_group(
         gen_split=settings.gen_split,
         reward_funcs=reward_funcs,
         max_new_tokens=settings.max_new_tokens,
+        heldout_prompts=settings.heldout_prompts,
     )
     targets = {base_name: None} | {run.name: str(run.path) for run, _ in todo}
     from tunefleet.eval.worker import load_eval_data
@@ -141,7 +142,7 @@ def _evaluate_group(
 
             shard_results = run_shards_ray(base, data_spec, settings, targets, work, address, progress)
         else:
-            shard_results = _run_local(base, data_spec, settings, targets, work, progress)
+            shard_results = _run_local(base, data_spec, settings, targets, work, progress, raw)
     except Exception as exc:  # the base model itself cannot be loaded: every run of this group gets the error
         reason = first_line(exc) if isinstance(exc, TunefleetError) else f"{type(exc).__name__}: {first_line(exc)}"
         reason = f"cannot load base model {base}: {reason}"
@@ -190,11 +191,11 @@ def _evaluate_group(
 
 
 def _run_local(
-    base: str, data_spec: EvalData, settings: EvalSettings, targets: dict, work: list, progress: bool
+    base: str, data_spec: EvalData, settings: EvalSettings, targets: dict, work: list, progress: bool, raw: dict
 ) -> list[ShardResult]:
     from tunefleet.eval.worker import Scorer
 
-    scorer = Scorer(base, data_spec, settings.batch_size, settings.trust_remote_code)
+    scorer = Scorer(base, data_spec, settings.batch_size, settings.trust_remote_code, raw)
     out = []
     with shard_progress(progress, len(work)) as advance:
         for shard in work:

@@ -135,13 +135,19 @@ def _cell(text: str) -> str:
 
 
 def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figures through matplotlib's object API (no pyplot state, no GUI backend) with fixed margins: a layout
+    # engine measures every text box, which took longer than drawing.
+    from matplotlib.figure import Figure
 
     written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
+
+    def save(fig, name: str) -> None:
+        written.append(out_dir / name)
+        fig.savefig(written[-1], dpi=110)
+
+    fig = Figure(figsize=(7, 4))
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.13)
+    ax = fig.subplots()
     for name, entry in _ordered(results):
         path = entry.get("model_path")
         curve = loss_curve(path) if path and entry.get("method") != "base" else []
@@ -150,12 +156,11 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
     ax.set(xlabel="step", ylabel="training loss", title="Training loss")
     if ax.lines:
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    written.append(out_dir / "loss_curves.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "loss_curves.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.13)
+    ax = fig.subplots()
     for name, entry in _ordered(results):
         path = entry.get("model_path")
         curve = reward_curve(path) if path and entry.get("method") == "grpo" else []
@@ -164,10 +169,7 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
     ax.set(xlabel="step", ylabel="mean reward of the sampled answers", title="GRPO reward during training")
     if ax.lines:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "reward_curves.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "reward_curves.png")
 
     for key, title in (
         ("heldout_reward", "Reward of greedy answers to held-out prompts"),
@@ -178,16 +180,15 @@ def plots(results: dict, out_dir: Path, runs_dir: str | None = None) -> list[Pat
         for _, entry in _ordered(results):
             if isinstance(entry.get(key), (int, float)) and not entry.get("error"):
                 by_method.setdefault(entry.get("method") or "?", []).append(entry[key])
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        fig.subplots_adjust(left=0.13, right=0.97, top=0.89, bottom=0.1)
+        ax = fig.subplots()
         for i, vals in enumerate(by_method.values()):
             ax.bar(i, statistics.mean(vals), color="#9ecae1")
-            ax.scatter([i] * len(vals), vals, color="#08519c", zorder=3, s=14)  # one dot per seed
+            ax.plot([i] * len(vals), vals, "o", color="#08519c", zorder=3, markersize=4)  # one dot per seed
         ax.set_xticks(range(len(by_method)), list(by_method))
         ax.set(title=title, ylabel=key)
-        fig.tight_layout()
-        written.append(out_dir / f"{key}.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, f"{key}.png")
     return written
 
 

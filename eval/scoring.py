@@ -12,9 +12,10 @@ Definitions (README "Evaluation"):
 - `reward_accuracy`: the DPO implicit reward log p_policy(y|x) - log p_base(y|x) (summed over completion
   tokens) ranks chosen above rejected.
 
-Batching: sequences sorted by length, batches of `batch_size`, right padding to the batch's longest,
-causal attention mask; padding never touches a scored position, so batched sums equal the per-sample
-ones (tested to 1e-5 relative).
+Batching: sequences sorted by length, batches of `batch_size`, left padding to the batch's longest with
+position ids that count real tokens only; padding never touches a scored position, so batched sums equal the
+per-sample ones (tested to 1e-5 relative). The LM head runs on completion positions only, and the two replies of
+a preference pair continue from one forward pass over their shared prompt.
 """
 
 from __future__ import annotations
@@ -49,30 +50,92 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def score_batched(model, sequences: list[Sequence], batch_size: int = 16, pad_id: int = 0):
-    """Per-sequence (nll_sum, token_count) for completion tokens, in input order."""
+def left_padded(rows: list[list[int]], pad_id: int):
+    """(ids, attention mask, position ids) of token rows padded on the left; positions count real tokens only, so
+    every row is computed as it would be alone."""
     import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        attention[i, width - len(row) :] = 1
+    return ids, attention, (attention.cumsum(1) - 1).clamp(min=0)
+
+
+def score_batched(model, sequences: list[Sequence], batch_size: int = 16, pad_id: int = 0):
+    """Per-sequence (nll_sum, token_count) for completion tokens, in input order.
+
+    Rows are padded on the left, so every completion ends at the batch's last position and the LM head runs on
+    the last (longest completion + 1) positions only: prompt positions get no logits (less compute, and no
+    tokens x vocabulary float32 block for them)."""
 
     device = next(model.parameters()).device
     sums, counts = [0.0] * len(sequences), [0] * len(sequences)
     for batch in length_sorted_batches([len(s) for s in sequences], batch_size):
-        width = max(len(sequences[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        scored = torch.zeros((len(batch), width), dtype=torch.bool)
+        rows = [list(sequences[i].prompt_ids) + list(sequences[i].completion_ids) for i in batch]
+        ids, attention, positions = left_padded(rows, pad_id)
+        keep = max(len(sequences[i].completion_ids) for i in batch)
+        logits = _logits(model, ids.to(device), attention.to(device), positions.to(device), keep + 1)[:, :-1]
+        nll = _nll(logits, ids[:, -keep:].to(device))  # [B, keep]: the last `keep` tokens of every row
         for row, i in enumerate(batch):
-            seq = sequences[i]
-            tokens = list(seq.prompt_ids) + list(seq.completion_ids)
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            attention[row, : len(tokens)] = 1
-            scored[row, len(seq.prompt_ids) : len(tokens)] = True
-        nll = _token_nll(model, ids.to(device), attention.to(device))  # [B, width-1], predicts tokens 1..
-        mask = scored[:, 1:].to(device)
-        batch_sums = (nll * mask).sum(dim=1).tolist()
-        batch_counts = mask.sum(dim=1).tolist()
-        for row, i in enumerate(batch):
-            sums[i], counts[i] = batch_sums[row], int(batch_counts[row])
+            n = len(sequences[i].completion_ids)
+            sums[i], counts[i] = float(nll[row, keep - n :].sum()), n
     return sums, counts
+
+
+def score_pairs(model, pairs: list[tuple[Sequence, Sequence]], batch_size: int = 16, pad_id: int = 0):
+    """Per pair [chosen_sum, chosen_count, rejected_sum, rejected_count], in input order.
+
+    Chosen and rejected share their prompt: one forward over the prompt (left-padded, its key/value cache kept),
+    then both replies continue from that cache, two rows per prompt. Pairs whose prompts differ are scored as
+    two sequences."""
+    import torch
+
+    shared = [i for i, (c, r) in enumerate(pairs) if c.prompt_ids == r.prompt_ids]
+    out: list[list] = [[] for _ in pairs]
+    apart = [i for i in range(len(pairs)) if i not in set(shared)]
+    if apart:
+        sums, counts = score_batched(model, [s for i in apart for s in pairs[i]], batch_size, pad_id)
+        for k, i in enumerate(apart):
+            out[i] = [sums[2 * k], counts[2 * k], sums[2 * k + 1], counts[2 * k + 1]]
+    device = next(model.parameters()).device
+    lengths = [len(pairs[i][0]) + len(pairs[i][1].completion_ids) for i in shared]
+    for batch in length_sorted_batches(lengths, batch_size):
+        members = [shared[k] for k in batch]
+        ids, attention, positions = left_padded([list(pairs[i][0].prompt_ids) for i in members], pad_id)
+        replies = [list(pairs[i][side].completion_ids) for i in members for side in (0, 1)]
+        width = max(map(len, replies))
+        reply_ids = torch.full((len(replies), width), pad_id, dtype=torch.long)
+        reply_mask = torch.zeros((len(replies), width), dtype=torch.long)
+        for row, reply in enumerate(replies):
+            reply_ids[row, : len(reply)] = torch.tensor(reply)
+            reply_mask[row, : len(reply)] = 1
+        with torch.inference_mode():
+            prompt_out = model(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = prompt_out.cache
+            cache.batch_repeat_interleave(2)  # each prompt's keys and values, once for each reply
+            reply_positions = positions[:, -1:].repeat_interleave(2, 0) + 1 + torch.arange(width)
+            logits = model(
+                input_ids=reply_ids.to(device),
+                attention_mask=torch.cat([attention.repeat_interleave(2, 0), reply_mask], 1).to(device),
+                position_ids=reply_positions.to(device),
+                cache=cache,
+                use_cache=True,
+            ).logits
+        first = _nll(prompt_out.logits[:, -1:].repeat_interleave(2, 0), reply_ids[:, :1].to(device))[:, 0]
+        rest = _nll(logits[:, :-1], reply_ids[:, 1:].to(device)) * reply_mask[:, 1:].to(device)
+        totals = (first + rest.sum(1)).tolist()
+        for k, i in enumerate(members):
+            out[i] = [totals[2 * k], len(replies[2 * k]), totals[2 * k + 1], len(replies[2 * k + 1])]
+    return out
 
 
 def score_one(model, seq: Sequence) -> tuple[float, int]:
@@ -81,18 +144,31 @@ def score_one(model, seq: Sequence) -> tuple[float, int]:
 
     device = next(model.parameters()).device
     ids = torch.tensor([list(seq.prompt_ids) + list(seq.completion_ids)], device=device)
-    nll = _token_nll(model, ids, torch.ones_like(ids))[0]
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    nll = _nll(logits, ids[:, 1:])[0]
     start = len(seq.prompt_ids) - 1
     return float(nll[start:].sum()), len(seq.completion_ids)
 
 
-def _token_nll(model, ids, attention):
+def _logits(model, ids, attention, positions, keep: int):
+    """Logits of the last `keep` positions (models that cannot skip the others compute all and drop them)."""
     import torch
-    import torch.nn.functional as F
 
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        try:
+            out = model(
+                input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=keep
+            )
+        except TypeError:  # a model class without `logits_to_keep` (remote code, older architectures)
+            out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
+        return out.logits[:, -keep:]
+
+
+def _nll(logits, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 
 
 def generate(

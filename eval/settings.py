@@ -28,6 +28,12 @@ class EvalSettings:
     gen_split: str = option(
         "test_gen", "Held-out prompts: greedy answers for heldout_reward, win_rate_vs_base and the samples."
     )
+    heldout_prompts: int | None = option(
+        None,
+        "Held-out prompts answered per run for heldout_reward and win_rate_vs_base (default: max_samples); "
+        "the first max_generation_samples answers are the report's samples.",
+        at_least=1,
+    )
     reward_funcs: list[str] | None = option(
         None, "Rewards for heldout_reward and win_rate_vs_base (default: the GRPO runs' rewards, else length)."
     )
@@ -36,7 +42,7 @@ class EvalSettings:
         None, "Where to score: local or ray (default: local; after a sweep, the sweep's backend).", choices=BACKENDS
     )
     shards: int = option(1, "Shards (Ray workers); 1 and N shards give the same numbers.", at_least=1)
-    batch_size: int = option(16, "Sequences per forward pass.", at_least=1)
+    batch_size: int = option(32, "Sequences per forward pass.", at_least=1)
     gpus_per_worker: float = option(
         1.0, "Ray on GPUs: GPU share per worker; 0.25 puts 4 workers of a small model on a GPU.", above=0, at_most=1
     )
@@ -54,6 +60,7 @@ class EvalSettings:
                 "sft_split",
                 "pref_split",
                 "gen_split",
+                "heldout_prompts",
                 "max_new_tokens",
             )
         }
@@ -71,3 +78,8 @@ class EvalData:
     gen_split: str | None = None  # held-out prompts (falls back to the SFT split's prompts when absent)
     reward_funcs: tuple[str, ...] = ("length",)
     max_new_tokens: int = 48
+    heldout_prompts: int | None = None  # None: max_samples
+
+    @property
+    def heldout(self) -> int:
+        return self.heldout_prompts or self.max_samples

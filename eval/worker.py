@@ -1,18 +1,22 @@
 """A scorer holds one base model and the encoded test data; it applies each run's adapter in turn.
 
-The base model is loaded once per worker; adapters are attached with PEFT's multi-adapter API
-(`load_adapter` + `set_adapter`), and the base row is scored with adapters disabled. One worker per GPU
-(or a fraction of one) under Ray, or one in-process worker for the local backend.
+The base model is loaded once per worker; adapters take turns in a PEFT adapter slot (the first of a shape is
+loaded by PEFT, the next ones only copy their weights in), and the base row is scored with adapters disabled.
+Each target's sequences are scored and its held-out answers generated while its adapter is active. One worker
+per GPU (or a fraction of one) under Ray, or one in-process worker for the local backend.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.eval.plan import Task
-from tunefleet.eval.scoring import encode_conversation, generate, score_batched
+from tunefleet.eval.scoring import encode_conversation, generate, score_batched, score_pairs
 from tunefleet.eval.settings import EvalData
 
 
@@ -26,7 +30,17 @@ class ShardResult:
     node_id: str | None = None  # the Ray node that scored it
 
 
-GENERATION_CHUNK = 64  # rows (runs x prompts) per generate call: bounded memory, little padding
+GENERATION_CHUNK = 256  # prompts per generate call: bounded memory, few calls
+MERGE_MAX_PARAMS = 200_000_000  # float32 bases up to this size score with the adapter merged (Scorer.merged)
+# Adapter config keys that do not change the shape or the output of an adapter in eval mode.
+NOT_SHAPE = {
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "lora_dropout",
+    "peft_version",
+}
 
 
 def _first_rows(ds, n: int):
@@ -35,15 +49,15 @@ def _first_rows(ds, n: int):
 
 def load_eval_data(spec: EvalData) -> dict:
     """Per metric, the first `max_samples` items of its test split: conversations (ppl), pairs (pref) and
-    held-out prompts with their other columns (gen: greedy answers, rewards, samples).
+    held-out prompts with their other columns (gen: greedy answers, rewards, samples; the first `heldout`).
 
     Any layout training accepts works here too (converted the same way); scoring needs conversations, so
     plain-text layouts are refused with the reason. Without a `gen_split`, the prompts of the SFT split serve.
     """
     from tunefleet.trainers import data
 
-    def prepared(method: str, split: str):
-        rows = _first_rows(data.load_split(spec.dataset, split), spec.max_samples)
+    def prepared(method: str, split: str, rows_wanted: int = spec.max_samples):
+        rows = _first_rows(data.load_split(spec.dataset, split), rows_wanted)
         return data.prepare(method, rows, source=spec.dataset, split=split, strict=False).dataset
 
     out = {"ppl": [], "pref": [], "gen": [], "gen_columns": []}
@@ -68,7 +82,7 @@ def load_eval_data(spec: EvalData) -> dict:
         out["pref"] = [(p + c, p + r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
     if spec.gen_split:
         try:
-            prompts = prepared("grpo", spec.gen_split)
+            prompts = prepared("grpo", spec.gen_split, spec.heldout)
         except TunefleetError as exc:
             if "has no split" not in str(exc) or not out["ppl"]:
                 raise
@@ -76,7 +90,7 @@ def load_eval_data(spec: EvalData) -> dict:
                 f"note: {spec.dataset} has no split '{spec.gen_split}': the questions of '{spec.sft_split}' are "
                 "the held-out prompts"
             )
-            out["gen"] = [m[:-1] for m in out["ppl"]]
+            out["gen"] = [m[:-1] for m in out["ppl"]][: spec.heldout]
             out["gen_columns"] = [{} for _ in out["gen"]]
         else:
             others = [c for c in prompts.column_names if c != "prompt"]
@@ -112,7 +126,15 @@ def ray_node_id() -> str | None:
 class Scorer:
     """Score tasks for many targets on one loaded base model."""
 
-    def __init__(self, base_model: str, data_spec: EvalData, batch_size: int = 16, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        base_model: str,
+        data_spec: EvalData,
+        batch_size: int = 32,
+        trust_remote_code: bool = False,
+        raw: dict | None = None,
+    ):
+        """`raw`: the test data as `load_eval_data(data_spec)` returns it, when the caller has it already."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -126,10 +148,15 @@ class Scorer:
             .to(device)
             .eval()
         )
-        self.peft = None
-        self.loaded: dict[str, str] = {}  # target -> adapter name
+        self.peft = None  # the PeftModel around the base, once a first adapter is loaded
+        self.slots: dict[str, str] = {}  # adapter shape (its config) -> the PEFT adapter slot that holds it
+        self.slot_tensors: dict[str, dict] = {}  # slot -> its weight tensors, keyed as in adapter files
+        self.active: str | None = None  # the target whose weights the active slot holds
+        params = sum(p.numel() for p in self.base.parameters())
+        self.merge = dtype == torch.float32 and params <= MERGE_MAX_PARAMS
+        self.pristine: dict | None = None  # the base's adapted weights, as loaded (while merging)
         self.batch_size = batch_size
-        raw = load_eval_data(data_spec)
+        raw = raw or load_eval_data(data_spec)
         self.data = {
             "ppl": [encode_conversation(self.tokenizer, m) for m in raw["ppl"]],
             "pref": [
@@ -145,78 +172,116 @@ class Scorer:
     def sizes(self) -> dict:
         return {k: len(v) for k, v in self.data.items()}
 
-    def _model_for(self, target: str, adapter: str | None):
-        if adapter is None:
-            return None  # base row: adapters disabled
-        if target not in self.loaded:
-            from peft import PeftModel
+    def activate(self, target: str, adapter: str | None):
+        """The model that scores `target`: None for the base row (the base alone, adapters off), else the base
+        with the target's adapter in a slot.
 
-            name = f"a{len(self.loaded)}"  # PEFT adapter names must be identifiers: not the run name
+        Adapters of one shape (the same LoRA rank, targets, alpha, ...) take turns in one slot: the first is
+        loaded by PEFT, each next one only copies its weights into the slot's tensors (safetensors, no pickle).
+        Loading every adapter as a new PEFT adapter instead costs more with every adapter already loaded."""
+        if adapter is None:
+            return None
+        if self.active == target:
+            return self.peft
+        from safetensors.torch import load_file
+
+        folder = Path(adapter)
+        weights_file = folder / "adapter_model.safetensors"
+        if not weights_file.is_file():
+            raise TunefleetError(f"{adapter} holds no adapter_model.safetensors (tunefleet loads no pickled weights)")
+        try:  # read whole before PEFT touches the model: a broken adapter must leave the base as it was
+            weights = load_file(str(weights_file))
+            config = json.loads((folder / "adapter_config.json").read_text())
+        except Exception as exc:
+            raise TunefleetError(f"{adapter}: cannot read the adapter: {first_line(exc)}") from None
+        shape = json.dumps({k: v for k, v in config.items() if k not in NOT_SHAPE}, sort_keys=True, default=str)
+        self.active = None  # until the slot holds this target's weights whole
+        slot = self.slots.get(shape)
+        if slot is None:
+            from peft import PeftModel
+            from peft.utils import get_peft_model_state_dict
+
+            slot = f"slot{len(self.slots)}"  # PEFT adapter names must be identifiers: not the run name
             if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.base, adapter, adapter_name=name).eval()
+                self.peft = PeftModel.from_pretrained(self.base, adapter, adapter_name=slot).eval()
             else:
-                self.peft.load_adapter(adapter, adapter_name=name)
-            self.loaded[target] = name
-        self.peft.set_adapter(self.loaded[target])
+                self.peft.load_adapter(adapter, adapter_name=slot)
+            self.slots[shape] = slot
+            self.slot_tensors[slot] = get_peft_model_state_dict(self.peft, adapter_name=slot)
+        else:
+            tensors = self.slot_tensors[slot]
+            if set(weights) != set(tensors) or any(weights[k].shape != tensors[k].shape for k in weights):
+                raise TunefleetError(f"{adapter}: its weights do not match its adapter_config.json")
+            import torch
+
+            with torch.no_grad():
+                for key, value in weights.items():
+                    tensors[key].copy_(value)
+        self.peft.set_adapter(slot)
+        self.active = target
         return self.peft
 
+    @contextlib.contextmanager
+    def merged(self, model):
+        """The active adapter folded into the base weights while it scores, where that is exact to float32
+        rounding and worth it: a float32 base small enough that LoRA's own matmuls are a sizeable share of each
+        forward (~1.25x faster for the tiny model on CPU). Afterwards the base weights are restored bit for bit
+        from a copy, not by subtracting the adapter again (which would leave rounding behind)."""
+        if model is None or not self.merge:
+            yield model
+            return
+        import torch
+
+        if self.pristine is None:
+            self.pristine = {
+                n: p.detach().clone() for n, p in self.base.named_parameters() if n.endswith("base_layer.weight")
+            }
+        model.merge_adapter()
+        try:
+            yield model
+        finally:
+            model.unmerge_adapter()
+            with torch.no_grad():
+                for name, param in self.base.named_parameters():
+                    if name in self.pristine:
+                        param.copy_(self.pristine[name])
+
     def run(self, targets: dict[str, str | None], tasks: list[Task]) -> ShardResult:
-        """Score `tasks` (targets: name -> adapter folder, None for the base model alone)."""
+        """Score `tasks` (targets: name -> adapter folder, None for the base model alone), target by target."""
         t0 = time.time()
         results, errors = [], {}
+        by_target: dict[str, list[Task]] = {}
         for task in tasks:
-            if task.target in errors or task.metric == "gen":
-                continue
+            by_target.setdefault(task.target, []).append(task)
+        for target, own in by_target.items():
             try:
-                model = self._model_for(task.target, targets[task.target])
+                model = self.activate(target, targets[target])
                 if model is None and self.peft is not None:
                     with self.peft.disable_adapter():
-                        values = self._score(self.peft, task)
+                        results += [(task, self._score(self.peft, task)) for task in own]
                 else:
-                    values = self._score(model or self.base, task)
-                results.append((task, values))
-            except Exception as exc:  # one bad adapter must not stop the others
-                errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
-        results += self._generate_all(
-            [t for t in tasks if t.metric == "gen" and t.target not in errors], targets, errors
-        )
-        return ShardResult(results, errors, time.time() - t0, ray_node_id())
-
-    def _generate_all(self, tasks: list[Task], targets: dict, errors: dict) -> list:
-        """Greedy answers of every target to its held-out prompts, in mixed-adapter batches (rows of many runs in
-        one generate call), each answer scored by the eval's rewards."""
-        rows = []  # (task, adapter name)
-        for task in tasks:
-            try:
-                self._model_for(task.target, targets[task.target])  # attach its adapter
-                rows.append((task, self.loaded.get(task.target, "__base__")))
+                    with self.merged(model) as merged:
+                        results += [(task, self._score(merged or self.base, task)) for task in own]
+            except TunefleetError as exc:  # one bad adapter must not stop the others
+                errors[target] = str(exc)
             except Exception as exc:
-                errors[task.target] = f"{type(exc).__name__}: {first_line(exc)}"
-        prompts = [m for task, _ in rows for m in self.data["gen"][task.start : task.end]]
-        names = [name for task, name in rows for _ in range(task.end - task.start)]
-        replies = []
-        try:
+                errors[target] = f"{type(exc).__name__}: {first_line(exc)}"
+        return ShardResult([r for r in results if r[0].target not in errors], errors, time.time() - t0, ray_node_id())
+
+    def _score(self, model, task: Task) -> list:
+        pad = self.tokenizer.pad_token_id or 0
+        if task.metric == "ppl":
+            sums, counts = score_batched(model, self.data["ppl"][task.start : task.end], self.batch_size, pad)
+            return [[s, c] for s, c in zip(sums, counts)]
+        if task.metric == "pref":
+            return score_pairs(model, self.data["pref"][task.start : task.end], self.batch_size, pad)
+        if task.metric == "gen":
+            prompts = self.data["gen"][task.start : task.end]
+            replies = []
             for i in range(0, len(prompts), GENERATION_CHUNK):
-                replies += generate(
-                    self.peft or self.base,
-                    self.tokenizer,
-                    prompts[i : i + GENERATION_CHUNK],
-                    max_new_tokens=self.max_new_tokens,
-                    adapter_names=names[i : i + GENERATION_CHUNK] if self.peft is not None else None,
-                )
-        except Exception as exc:
-            for task, _ in rows:
-                errors[task.target] = f"generation failed: {type(exc).__name__}: {first_line(exc)}"
-            return []
-        out, i = [], 0
-        for task, _ in rows:
-            n = task.end - task.start
-            try:
-                out.append((task, self._rewarded(task, replies[i : i + n])))
-            except TunefleetError as exc:
-                errors[task.target] = str(exc)
-            i += n
-        return out
+                replies += generate(model, self.tokenizer, prompts[i : i + GENERATION_CHUNK], self.max_new_tokens)
+            return self._rewarded(task, replies)
+        raise ValueError(f"unknown metric {task.metric}")
 
     def _rewarded(self, task: Task, replies: list[str]) -> list[dict]:
         """Per prompt: the prompt, the answer, each reward's score and their sum."""
@@ -232,18 +297,6 @@ class Scorer:
                 {"prompt": _last_user(prompt), "response": reply, "rewards": each, "reward": sum(each.values())}
             )
         return out
-
-    def _score(self, model, task: Task) -> list:
-        pad = self.tokenizer.pad_token_id or 0
-        if task.metric == "ppl":
-            sums, counts = score_batched(model, self.data["ppl"][task.start : task.end], self.batch_size, pad)
-            return [[s, c] for s, c in zip(sums, counts)]
-        if task.metric == "pref":
-            pairs = self.data["pref"][task.start : task.end]
-            # chosen and rejected share a prompt and have similar lengths: score them in the same batches
-            sums, counts = score_batched(model, [s for pair in pairs for s in pair], self.batch_size, pad)
-            return [[sums[2 * i], counts[2 * i], sums[2 * i + 1], counts[2 * i + 1]] for i in range(len(pairs))]
-        raise ValueError(f"unknown metric {task.metric}")
 
 
 def _last_user(messages: list[dict]) -> str:

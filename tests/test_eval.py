@@ -148,6 +148,59 @@ def test_batched_scoring_equals_per_sample_reference(trained_runs, tiny_model):
         assert s == pytest.approx(ref_s, rel=1e-5)
 
 
+def test_pairs_scored_from_their_shared_prompt_equal_the_reference(trained_runs, tiny_model):
+    """Chosen and rejected continue from one forward over their prompt; a pair whose prompts differ is scored as
+    two sequences. Both equal one sequence at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunefleet.eval.scoring import Sequence, encode_conversation, score_one, score_pairs
+    from tunefleet.eval.settings import EvalData
+    from tunefleet.eval.worker import load_eval_data
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_runs / "dpo_tiny_s1")
+    model.eval()
+    data = load_eval_data(EvalData("tunefleet/tiny-ultrafeedback", "test_sft", "test_prefs", 30, 0))
+    pairs = [(encode_conversation(tok, c), encode_conversation(tok, r)) for c, r in data["pref"]]
+    chosen = pairs[0][0]
+    pairs.append((chosen, Sequence(chosen.prompt_ids[1:], pairs[1][1].completion_ids)))  # prompts differ
+    scored = score_pairs(model, pairs, batch_size=4, pad_id=tok.pad_token_id)
+    for (c, r), (c_sum, c_count, r_sum, r_count) in zip(pairs, scored):
+        assert (c_count, r_count) == (len(c.completion_ids), len(r.completion_ids))
+        assert c_sum == pytest.approx(score_one(model, c)[0], rel=1e-5)
+        assert r_sum == pytest.approx(score_one(model, r)[0], rel=1e-5)
+
+
+def test_adapters_taking_turns_in_one_slot_leave_the_base_exact(trained_runs):
+    """Each run's adapter is copied into one slot (merged into a float32 base while it scores): a run scores
+    the same whichever ran before it, and the base row after them equals the base row before, bit for bit."""
+    import torch
+
+    from tunefleet.eval.settings import EvalData
+    from tunefleet.eval.worker import Scorer
+
+    scorer = Scorer("tunefleet/tiny-qwen2", EvalData("tunefleet/tiny-ultrafeedback", "test_sft", "test_prefs", 20, 0))
+    sizes = scorer.sizes()
+    targets = {"base": None, "sft": str(trained_runs / "sft_tiny_s1"), "dpo": str(trained_runs / "dpo_tiny_s1")}
+
+    def scores(*names):
+        tasks = [Task(n, m, 0, sizes[m]) for n in names for m in ("ppl", "pref")]
+        result = scorer.run(targets, tasks)
+        assert not result.errors
+        return {(task.target, task.metric): values for task, values in result.results}
+
+    loaded = {name: p.detach().clone() for name, p in scorer.base.named_parameters()}
+    first = scores("dpo", "base")
+    later = scores("sft", "dpo", "base")
+    assert scorer.merge and len(scorer.slots) == 1  # one shape, one slot
+    assert later[("dpo", "ppl")] == first[("dpo", "ppl")] and later[("dpo", "pref")] == first[("dpo", "pref")]
+    assert later[("base", "ppl")] == first[("base", "ppl")] and later[("base", "pref")] == first[("base", "pref")]
+    assert later[("sft", "ppl")] != later[("dpo", "ppl")]
+    now = {n.replace(".base_layer", ""): p for n, p in scorer.base.named_parameters() if "lora_" not in n}
+    assert now.keys() == loaded.keys() and all(torch.equal(loaded[n], now[n]) for n in loaded)
+
+
 # ------------------------------------------------------------------ end to end
 def test_eval_scores_runs_and_learning_shows(trained_runs, tmp_path, capsys):
     runs = copy_runs(trained_runs, tmp_path / "runs")

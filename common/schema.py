@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from pathlib import Path
@@ -49,9 +50,14 @@ def _unwrap(tp):
     return tp
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # evaluates every annotation of the class: once per class is enough
+
+
 def kind(cls, name: str) -> tuple[type, type | None]:
     """(base type, element type for lists) of a field: (int, None), (list, float), (dict, str), ..."""
-    tp = _unwrap(typing.get_type_hints(cls)[name])
+    tp = _unwrap(_hints(cls)[name])
     origin = typing.get_origin(tp)
     if origin is list:
         (elem,) = typing.get_args(tp) or (str,)

@@ -112,6 +112,32 @@ def test_sft_learns(tiny_model, tmp_path, capsys):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_runs_of_a_sweep_share_the_prepared_data(method, tiny_model, tmp_path, capsys, monkeypatch):
+    """Two runs on the same data (another seed, another folder): the second reads the JSON-to-Arrow conversion,
+    tunefleet's layout conversion and TRL's tokenization from the datasets cache (fingerprints that do not depend
+    on the run) instead of preparing them again. DPO writes one index file per run: TRL's filter of over-long
+    prompts closes over the run's arguments."""
+    import datasets
+
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+
+    def files() -> set[str]:
+        return {p.name for p in cache.rglob("*.arrow")}
+
+    made = []
+    for seed in (1, 2):
+        before = files()
+        args = ["--method", method, *TINY, "--split", SPLIT[method], "--output_dir", tmp_path / f"s{seed}"]
+        code, _, err = run_cli(capsys, "train", *args, "--seed", seed, "--max_steps", 1, "--use_qlora", "false", *FAST)
+        assert code == 0, err
+        made.append(files() - before)
+    assert len(made[0]) >= 2  # the split's Arrow file and the prepared data, written once
+    tokenized = {name for name in made[0] if name.startswith("cache-")}
+    assert len(made[1]) <= (0 if method == "sft" else 2) and len(made[1]) < len(made[0]) and tokenized
+
+
 def test_sample_larger_than_data_uses_all(tiny_model, tmp_path, capsys):
     code, _, err = run_cli(
         capsys,

@@ -254,20 +254,49 @@ def group_by_token_length(trainer) -> None:
     """Give the tokenized train set a `length` column for length-grouped batches.
 
     TRL's preference trainers tokenize into prompt/chosen/rejected id columns, and the HF sampler only infers
-    lengths from `input_ids`; the column must also survive the trainer's unused-column removal.
-    """
+    lengths from `input_ids`; the column must also survive the trainer's unused-column removal. Lengths are
+    counted by arrow over whole columns (a row at a time took ~0.1 ms per row)."""
+    import pyarrow.compute as pc
+
     ds = trainer.train_dataset
     id_cols = [c for c in ds.column_names if c.endswith("_ids") and "attention" not in c and "labels" not in c]
     prompt = [c for c in id_cols if c.startswith("prompt")]
     replies = [c for c in id_cols if c not in prompt]
     if not id_cols or "length" in ds.column_names:
         return
-    lengths = [
-        sum(len(row[c]) for c in prompt) + max(len(row[c]) for c in replies) for row in ds.select_columns(id_cols)
-    ]
-    trainer.train_dataset = ds.add_column("length", lengths)
+    table = ds.select_columns(id_cols).with_format("arrow")[:]
+    counts = {c: pc.fill_null(pc.list_value_length(table[c]), 0).to_numpy() for c in id_cols}
+    lengths = sum(counts[c] for c in prompt) + max_of([counts[c] for c in replies])
+    trainer.train_dataset = ds.add_column("length", [int(n) for n in lengths])
     trainer._set_signature_columns_if_needed()
     trainer._signature_columns = [*trainer._signature_columns, "length"]
+    trainer.add_callback(lengths_as_list_callback())
+
+
+def max_of(arrays: list):
+    import numpy as np
+
+    return np.maximum.reduce(arrays) if len(arrays) > 1 else arrays[0]
+
+
+def lengths_as_list_callback():
+    """transformers' length-grouped sampler keeps `dataset["length"]`, which datasets 4+ returns as a lazy column:
+    each of its N lookups per epoch then reads the table (0.2 s per 1,000 rows). It gets a list instead."""
+    from transformers import TrainerCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class LengthsAsList(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            batches = getattr(train_dataloader, "batch_sampler", None)
+            for sampler in (
+                getattr(train_dataloader, "sampler", None),
+                getattr(batches, "sampler", None),
+                getattr(getattr(batches, "batch_sampler", None), "sampler", None),
+            ):
+                if isinstance(sampler, LengthGroupedSampler) and not isinstance(sampler.lengths, list):
+                    sampler.lengths = list(sampler.lengths)
+
+    return LengthsAsList()
 
 
 def progress_callback(folder: RunFolder):

@@ -52,6 +52,8 @@ def train(cfg):
         peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
         callbacks=[run.progress_callback(folder)],
     )
+    if fast.group_by_length.on:
+        run.group_by_token_length(trainer)
 
     # ---- train, save the documented layout, record run.json
     return run.train_and_save(trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()})

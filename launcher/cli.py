@@ -61,9 +61,11 @@ def cmd_train(argv: list[str]) -> int:
 def launch_processes(cfg, argv: list[str], config: str, reason: str, env: dict) -> int:
     """`accelerate launch` the run; after running out of memory, again with the next smaller set-up."""
     from tunefleet.common.storage import Store
+    from tunefleet.launcher import warm
     from tunefleet.launcher.launch import free_port, launch_command
     from tunefleet.trainers import recovery
 
+    env = warm.with_advertised(env)  # the ranks fork from it (warm.rank)
     while True:
         cmd = launch_command([*argv, "--accelerate_config", config], cfg.num_processes, free_port(), config)
         print(f"launch: {config} ({reason})\n  {' '.join(cmd)}", flush=True)

@@ -1,7 +1,8 @@
 """How one run is started: the command line (pure) and a free port per launch.
 
 A run with one process is `python -m tunefleet.trainers.train ...`; with more it goes through
-`accelerate launch --multi_gpu --num_processes N --main_process_port P -m tunefleet.trainers.train ...`
+`accelerate launch --multi_gpu --num_processes N --main_process_port P -m tunefleet.launcher.warm --rank ...`, whose
+ranks run `tunefleet.trainers.train`, forked warm where a warm process is advertised (launcher/warm.py)
 (on CPU-only hosts with ACCELERATE_USE_CPU=true, so the processes join one gloo world instead of
 silently running N copies of world size 1). Every launch gets its own free port: several runs on one node
 never collide on 29500.
@@ -176,7 +177,8 @@ def launch_command(
         "--main_process_port",
         str(port or 29500),
         "-m",
-        "tunefleet.trainers.train",
+        "tunefleet.launcher.warm",  # each rank forked warm (launcher/warm.py: rank), or started cold when it cannot be
+        "--rank",
         *train_argv,
     ]
     return cmd

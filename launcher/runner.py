@@ -171,6 +171,8 @@ def launch_once(
     if store.remote:
         store.upload(cfg_path, "config.yaml")
     cmd = launch_command(["--config", str(cfg_path)], plan.config.num_processes, free_port(), accelerate_config)
+    if plan.config.num_processes > 1:  # the ranks ask this warm process to fork them (warm.rank)
+        env = warm.with_advertised(env)
     log = here / "train.log"
     with open(log, "a") as log_file:
         log_file.write(f"\n=== {utc_now()} on {host}: {' '.join(cmd)}\n")

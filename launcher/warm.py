@@ -25,8 +25,10 @@ a host with GPUs only the libraries that leave CUDA alone are preloaded (bitsand
 there). A child that finds CUDA poisoned anyway replaces itself with a cold interpreter (exec, same pid and
 streams). Gradient-collector state is frozen before forking (gc.freeze) so children neither copy nor scan it.
 
-Cold starts remain for: `accelerate launch` of several processes (torch elastic starts each rank itself),
-`TUNEFLEET_WARM_START=0`, and any run whose warm process cannot be reached (the run's log says why).
+The ranks of an `accelerate launch` start warm too: torch elastic starts `python -m tunefleet.launcher.warm --rank
+ARGS` for each (stdlib only: tens of milliseconds), which asks the warm process its launcher advertised to fork the
+rank with the rank's environment and streams, relays signals to it and ends as it ended. Cold starts remain for
+`TUNEFLEET_WARM_START=0` and any run whose warm process cannot be reached (the run's log says why).
 """
 
 from __future__ import annotations
@@ -65,8 +67,34 @@ PER_RUN_ENV = (
     "TERM",
     "PYTHONBREAKPOINT",
     "SPT_NOENV",
+    "DS_ACCELERATOR",  # imported early only on a host without GPUs, as "cpu": what terminal.calm sets there
 )
-PER_RUN_PREFIXES = ("TUNEFLEET_", "RAY_", "SLURM_", "AWS_", "MLFLOW_", "WANDB_", "MASTER_", "ACCELERATE_")
+PER_RUN_PREFIXES = (
+    "TUNEFLEET_",
+    "RAY_",
+    "SLURM_",
+    "AWS_",
+    "MLFLOW_",
+    "_MLFLOW_",  # MLflow sets its telemetry session on import: a launcher that imported it passes it on
+    "WANDB_",
+    "MASTER_",
+    "ACCELERATE_",
+    "TORCHELASTIC_",
+)
+# What torch elastic and accelerate give each rank of a launch (read when the process group and accelerator start).
+RANK_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "NCCL_ASYNC_ERROR_HANDLING",
+)
 # Imported before any fork. Those after the first group initialise CUDA on import on a GPU host (bitsandbytes does,
 # and PEFT and TRL import it), so there they load in each run instead.
 PRELOAD_CUDA_SAFE = ("numpy", "torch", "transformers", "datasets", "accelerate", "safetensors", "tokenizers", "yaml")
@@ -96,7 +124,10 @@ def env_key(env: dict) -> dict:
     return {
         k: v
         for k, v in env.items()
-        if k not in PER_RUN_ENV and not k.startswith(PER_RUN_PREFIXES) and k != "PYTORCH_NVML_BASED_CUDA_CHECK"
+        if k not in PER_RUN_ENV
+        and k not in RANK_ENV
+        and not k.startswith(PER_RUN_PREFIXES)
+        and k != "PYTORCH_NVML_BASED_CUDA_CHECK"
     }
 
 
@@ -106,6 +137,22 @@ def env_difference(ours: dict, theirs: dict) -> str | None:
     for name in sorted(set(a) | set(b)):
         if a.get(name) != b.get(name):
             return name
+    return None
+
+
+def pythonpath_refusal(ours: str, theirs: str) -> str | None:
+    """Why a run's PYTHONPATH cannot be honoured in a child of this process, or None. A run may add folders (accelerate
+    adds the working folder for DeepSpeed ranks) as long as none holds a module already imported here under the same
+    top-level name (it would have been found first); it may not drop one of ours (modules came from there)."""
+    mine, wanted = [p for p in ours.split(os.pathsep) if p], [p for p in theirs.split(os.pathsep) if p]
+    if any(p not in wanted for p in mine):
+        return f"its PYTHONPATH lacks {next(p for p in mine if p not in wanted)}"
+    imported = {name.split(".")[0] for name in sys.modules}
+    for folder in (p for p in wanted if p not in mine and os.path.isdir(p)):
+        for entry in os.listdir(folder):
+            name = entry[:-3] if entry.endswith(".py") else entry
+            if name in imported and (entry.endswith(".py") or os.path.isdir(os.path.join(folder, entry))):
+                return f"its PYTHONPATH folder {folder} holds {entry}, imported here from elsewhere"
     return None
 
 
@@ -127,12 +174,18 @@ class WarmProcess:
         self.pid = pid
         self.returncode: int | None = None
         self._conn = conn
-        self._lock = threading.Lock()
+        self._reading = threading.Lock()
+        self._ended = threading.Event()
 
     def _receive(self, timeout: float | None) -> None:
-        with self._lock:
-            if self.returncode is not None:
-                return
+        """Read the exit status if it has come (waiting up to `timeout`). One thread reads; another thread that
+        asks meanwhile (Ctrl-C's terminate while the run's own thread waits) waits for that reader instead."""
+        if self.returncode is not None:
+            return
+        if not self._reading.acquire(blocking=False):
+            self._ended.wait(timeout)
+            return
+        try:
             self._conn.settimeout(timeout)
             try:
                 message = self._conn.recv(MAX_MESSAGE)
@@ -140,11 +193,12 @@ class WarmProcess:
                 return
             except OSError:
                 message = b""
-            if not message:  # the warm process went away without saying: the child went with it (PDEATHSIG)
-                self.returncode = -signal.SIGKILL
-            else:
-                self.returncode = json.loads(message)["exit"]
+            # no message: the warm process went away without saying; the child went with it (PDEATHSIG)
+            self.returncode = json.loads(message)["exit"] if message else -signal.SIGKILL
             self._conn.close()
+            self._ended.set()
+        finally:
+            self._reading.release()
 
     def poll(self) -> int | None:
         self._receive(0.0)
@@ -188,12 +242,7 @@ class WarmServer:
 
     def wait_ready(self) -> bool:
         if self.ready is None:
-            deadline = time.time() + READY_TIMEOUT_S
-            while time.time() < deadline and self.proc.poll() is None:
-                if os.path.exists(self.socket + ".ready"):
-                    break
-                time.sleep(0.05)
-            self.ready = self.proc.poll() is None and os.path.exists(self.socket + ".ready")
+            self.ready = wait_ready(self.socket) and self.proc.poll() is None
         return self.ready
 
     def why_not(self) -> str:
@@ -236,7 +285,17 @@ def prestart(env: dict | None = None) -> str | None:
     env = dict(os.environ if env is None else env)
     if not enabled(env):
         return None
+    advertised = env.get(SOCKET_ENV)
+    if advertised and os.path.exists(advertised):
+        return advertised  # a warm process this one inherited (its parent's, or the sweep driver's) serves
     return own_server(env).socket
+
+
+def with_advertised(env: dict) -> dict:
+    """`env` naming a warm process that serves it (started now if needed), for processes that are not this one's
+    children: the ranks torch elastic starts."""
+    path = prestart(env)
+    return {**env, SOCKET_ENV: path} if path else env
 
 
 def stop_all() -> None:
@@ -258,7 +317,14 @@ def request(path: str, entry: str, argv: list[str], env: dict, cwd: str, fds: li
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
-        message = {"entry": entry, "argv": argv, "env": env, "cwd": cwd, "started_at": time.time()}
+        message = {
+            "entry": entry,
+            "argv": argv,
+            "env": env,
+            "cwd": cwd,
+            "started_at": time.time(),
+            "executable": sys.executable,  # another interpreter (another venv) has other packages: never forked here
+        }
         socket.send_fds(conn, [json.dumps(message).encode()], fds)
         reply = json.loads(conn.recv(MAX_MESSAGE) or b'{"refused": "the warm process closed the connection"}')
     except BaseException:
@@ -445,10 +511,13 @@ class Server:
             return f"unknown entry {message.get('entry')!r}"
         if len(fds) != 3:
             return "three standard streams expected"
-        different = env_difference(self.base_env, message.get("env", {}))
+        if message.get("executable") != sys.executable:
+            return f"it runs {message.get('executable')}, this warm process {sys.executable}"
+        env = message.get("env", {})
+        different = env_difference({**self.base_env, "PYTHONPATH": ""}, {**env, "PYTHONPATH": ""})
         if different:
             return f"its environment differs from the warm process's in {different}"
-        return None
+        return pythonpath_refusal(self.base_env.get("PYTHONPATH", ""), env.get("PYTHONPATH", ""))
 
     def relay(self, pid: int) -> None:
         """A message from the launcher of child `pid`: a signal to pass on; or its end (the launcher is gone)."""
@@ -530,6 +599,8 @@ def become_run(request: Request) -> None:
     module = sys.modules.get(request.entry)
     sys.argv = [module.__file__ if module else request.entry, *request.argv]
     sys.path[0] = request.cwd  # what `python -m` puts first
+    added = [p for p in request.env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[1:1] = [os.path.abspath(p) for p in added]  # where the interpreter puts PYTHONPATH at start
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), line_buffering=True)
     sys.stdout = sys.__stdout__ = stream(1, unbuffered)
@@ -565,7 +636,47 @@ def run_request(request: Request) -> int:
     return importlib.import_module(request.entry).main(request.argv)
 
 
+def wait_ready(path: str, timeout: float = READY_TIMEOUT_S) -> bool:
+    """Wait until the warm process at `path` serves (True) or has failed or gone (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path + ".ready"):
+            return True
+        if os.path.exists(path + ".failed") or not os.path.isdir(os.path.dirname(path)):
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def rank(argv: list[str]) -> int:
+    """One rank of an `accelerate launch` (launch.launch_command): forked by the warm process that SOCKET_ENV names,
+    with this process's environment (torch elastic's RANK, MASTER_PORT, ...), working folder and streams. This
+    process relays the signals it gets (torch elastic stops ranks with SIGTERM) and ends as the rank ended. With no
+    warm process to ask, or one that declines, this process becomes the rank itself, cold (exec)."""
+    entry = "tunefleet.trainers.train"
+    path = os.environ.get(SOCKET_ENV)
+    if path and enabled(dict(os.environ)) and wait_ready(path):
+        try:
+            proc = request(path, entry, argv, dict(os.environ), os.getcwd(), [0, 1, 2])
+        except (OSError, RuntimeError) as exc:
+            print(f"=== warm start unavailable ({exc}): starting cold", file=sys.stderr, flush=True)
+        else:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+                signal.signal(signum, lambda received, frame: proc.send_signal(received))
+            code = proc.wait()
+            if code < 0:  # ended by a signal: end by the same one, as torch elastic expects of a rank
+                signal.signal(-code, signal.SIG_DFL)
+                os.kill(os.getpid(), -code)
+            return code
+    os.environ[STARTED_ENV] = repr(time.time())
+    os.environ[START_KIND_ENV] = "cold"
+    os.execv(sys.executable, [sys.executable, "-m", entry, *argv])
+    return 1  # not reached
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--rank"]:
+        return rank(argv[1:])
     path = argv[0]
     base_env = dict(os.environ)
     t0 = time.time()
@@ -574,6 +685,7 @@ def main(argv: list[str]) -> int:
         loaded = preload()
     except Exception as exc:  # noqa: BLE001 - any import failure means: no warm starts here
         print(f"error: cannot preload the training stack: {type(exc).__name__}: {exc}", flush=True)
+        Path(path + ".failed").write_text(str(exc))
         return 1
     gc.collect()
     gc.freeze()

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded tiny model built once per session, and a CLI runner."""
+"""Shared fixtures: the embedded tiny model, one warm process for the session, and a CLI runner."""
 
 from __future__ import annotations
 
@@ -28,16 +28,40 @@ def tiny_model() -> Path:
     return ensure_model()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_process():
+    """One warm process for the whole session, advertised to every process the tests start: the CLI commands
+    below and the runs of their sweeps fork from it instead of importing the training stack each time."""
+    from tunefleet.launcher import warm
+
+    path = warm.prestart()
+    if path:
+        os.environ[warm.SOCKET_ENV] = path
+    yield path
+    os.environ.pop(warm.SOCKET_ENV, None)
+    warm.stop_all()
+
+
 def tunefleet(*args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real `tunefleet` CLI in a subprocess."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    """Run the real `tunefleet` CLI in a process of its own (forked warm; cold when the environment asks)."""
+    import tempfile
+
+    from tunefleet.launcher import warm
+
+    cmd = [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = warm.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})}, cwd=str(ROOT))
+        try:
+            code = started.wait(timeout)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(
+            cmd, code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"tunefleet {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"

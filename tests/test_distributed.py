@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-from conftest import FAST, ROOT, SPLIT, TINY, checkpoint_steps, kill_tree, read_json, run_cli, wait_for_checkpoint
+from conftest import (
+    FAST,
+    ROOT,
+    SPLIT,
+    TINY,
+    checkpoint_steps,
+    kill_tree,
+    read_json,
+    run_cli,
+    tunefleet,
+    wait_for_checkpoint,
+)
 
+from tunefleet.launcher import warm
 from tunefleet.launcher.launch import check_deepspeed, choose_config
 from tunefleet.trainers.config import from_dict
 
@@ -36,13 +49,7 @@ def train_args(method, out, *extra):
 
 
 def cli(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return tunefleet(*args, timeout=timeout, check=False)
 
 
 def assert_written_once(out, steps):
@@ -88,7 +95,8 @@ def test_ddp_resume_after_kill(tmp_path, tiny_model):
         "tunefleet.launcher.cli",
         *map(str, train_args("sft", out, "--max_steps", 60, "--save_steps", 3)),
     ]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cold = {**os.environ, warm.SWITCH_ENV: "0"}  # ranks in the launcher's own process tree, to be killed with it
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cold)
     wait_for_checkpoint(out, 300)
     kill_tree(proc.pid)  # the launcher and both ranks, no clean shutdown
     proc.wait()

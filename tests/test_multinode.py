@@ -87,7 +87,7 @@ def test_packed_runs_spread_over_both_nodes_and_the_evaluator_too(cluster, tmp_p
     spec = {
         "name": "pack",
         "runs_dir": str(runs_dir),
-        "base": {**TINY, "max_steps": 40},
+        "base": {**TINY, "max_steps": 200},  # long enough that all four overlap, warm or cold
         "grid": {"seed": [1, 2, 3, 4]},
         "resources": {"gpus_per_run": 0.5, "cpus_per_run": 1, "strategy": "spread"},
         "eval": {

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -188,8 +189,12 @@ def test_ruff_config_is_the_usual_one():
 @pytest.mark.slow
 def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tmp_path, tiny_model):
     """pip install of the wheel (not editable) into a fresh venv; from a folder whose own `trainers/` and `eval/`
-    packages would break anything that imported them: train on 2 processes (ZeRO-2), a sweep, eval."""
-    wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "project"
+    packages would break anything that imported them: train on 2 processes (ZeRO-2), a sweep, eval.
+
+    The venv gets tunefleet from the wheel alone; its dependencies are this environment's own installed ones, made
+    visible by a `.pth` line (a plain folder entry: that folder's own .pth files, the editable checkout's among them,
+    are not processed), and `pip check` confirms the wheel's declared requirements are met by them."""
+    wheels, venv, work, source = tmp_path / "wheels", tmp_path / "venv", tmp_path / "project", tmp_path / "source"
 
     def run(cmd, cwd=tmp_path, timeout=900, **env):
         proc = subprocess.run(
@@ -203,17 +208,23 @@ def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tm
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc
 
-    leftover = not (ROOT / "build").exists()  # setuptools builds in the source tree: tidy up what it adds
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, ROOT])
-    if leftover:
-        shutil.rmtree(ROOT / "build", ignore_errors=True)
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():  # built from what git holds, in a folder of its own (no build/ left here)
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", wheels, source])
     (wheel,) = wheels.glob("tunefleet-*.whl")
-    run([sys.executable, "-m", "venv", venv])
+    run([sys.executable, "-m", "venv", "--without-pip", venv])  # no packages of its own to shadow this one's
     py = venv / "bin" / "python"
-    run([py, "-m", "pip", "install", "-q", "torch==2.13.0"])
-    run([py, "-m", "pip", "install", "-q", wheel])
-
+    pip = [sys.executable, "-m", "pip", "--python", py]
+    run([*pip, "install", "-q", "--no-deps", wheel])
+    here = sysconfig.get_paths()["purelib"]
     site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    (site / "dependencies.pth").write_text(here + "\n")
+    run([*pip, "check"])
+    origin = run([py, "-c", "import tunefleet.trainers as t; print(t.__file__)"]).stdout.strip()
+    assert origin.startswith(str(site)), origin  # the wheel's copy, not the checkout
     assert not {"trainers", "launcher", "eval", "common", "cluster_configs"} & {p.name for p in site.iterdir()}
     assert (site / "tunefleet" / "cluster_configs" / "accelerate" / "zero2.yaml").is_file()
     assert (site / "tunefleet" / "trainers" / "assets" / "tiny-ultrafeedback" / "train_sft.jsonl").is_file()

@@ -410,8 +410,8 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     """Preemption / time limit: SLURM signals the batch step with USR1 (here by hand, as `--signal=B:USR1@N` would)."""
     runs_dir = tmp_path / "runs"
     spec = write_spec(
-        tmp_path / "s.yaml", name="pre", runs_dir=str(runs_dir), base={**TINY, "max_steps": 30, "save_steps": 1000}
-    )  # no checkpoint but the one USR1 asks for
+        tmp_path / "s.yaml", name="pre", runs_dir=str(runs_dir), base={**TINY, "max_steps": 300, "save_steps": 1000}
+    )  # no checkpoint but the one USR1 asks for; long enough that USR1 comes mid-training
     run = runs_dir / "sft_tiny-qwen2_s42"
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
     assert code == 0, out + err
@@ -432,7 +432,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     assert states(array)[task] == "COMPLETED", (runs_dir / "slurm" / f"{task}.log").read_text()[-2000:]
 
     record = read_json(run / "run.json")
-    assert record["status"] == "finished" and record["global_step"] == 30 and record["attempts"] == 2
+    assert record["status"] == "finished" and record["global_step"] == 300 and record["attempts"] == 2
     assert record["resumed_from"].endswith(f"checkpoint-{saved}")
     slurm_log = (runs_dir / "slurm" / f"{task}.log").read_text()
     assert "signalled: checkpoint saved, requeueing to resume" in slurm_log and "restart 1" in slurm_log

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, kill_tree
+from conftest import ROOT, TINY, kill_tree, tunefleet
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.storage import Store, join, refuse_ray_job_temp
@@ -48,17 +48,7 @@ def s3_env(s3, tmp_path, monkeypatch):
 
 
 def cli(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-    if check:
-        assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return tunefleet(*args, env=env, timeout=timeout, check=check)
 
 
 def files_under(folder: Path) -> list[str]:

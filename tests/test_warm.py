@@ -74,6 +74,24 @@ def test_warm_and_cold_runs_are_identical(method, split, tmp_path, tiny_model):
     assert "step 3 | max_steps 3" in (tmp_path / "warm.log").read_text()
 
 
+@pytest.mark.slow
+def test_warm_ranks_of_a_ddp_launch_train_as_cold_ones(tmp_path, tiny_model):
+    """`accelerate launch` of 2 processes: each rank forked by the warm process (warm.rank) trains exactly as a
+    rank started cold: same losses, same adapter bytes, one gloo world of 2."""
+    from conftest import tunefleet
+
+    args = ["train", "--method", "dpo", *TINY, "--split", "train_prefs", "--use_qlora", "false"]
+    args += ["--num_processes", 2, "--max_steps", 3, "--learning_rate", "1e-3", *FAST]
+    for kind in ("warm", "cold"):
+        switch = {warm.SWITCH_ENV: "0"} if kind == "cold" else {}
+        tunefleet(*args, "--output_dir", tmp_path / kind, env={"OMP_NUM_THREADS": "1", **switch})
+        record = read_json(tmp_path / kind / "run.json")
+        assert record["startup"]["kind"] == kind and record["world_size"] == 2
+    assert losses(tmp_path / "warm") == losses(tmp_path / "cold")
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "warm" / adapter).read_bytes() == (tmp_path / "cold" / adapter).read_bytes()
+
+
 def test_a_warm_run_stopped_by_a_signal_checkpoints_and_exits_as_a_cold_one(tmp_path, tiny_model):
     """SIGTERM (a sweep's Ctrl-C, SLURM) mid-training: checkpoint, status interrupted, exit code 128 + 15."""
     outcomes = {}

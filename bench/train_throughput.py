@@ -3,10 +3,12 @@
 For each method and model, both train the same data (one epoch, same batch, lr and LoRA) in their own
 process; the table gives real (non-pad) tokens per second of training, the ratio, peak memory and start-up
 overhead (process wall time minus training time). Same data, same epoch: equal token counts, so the
-tokens/s ratio is the training-time ratio.
+tokens/s ratio is the training-time ratio. First, per-run start-up (process start to first training step) of a
+run started cold against one forked by a warm process (tunefleet.launcher.warm).
 
     python bench/train_throughput.py                    # CPU: tiny (0.4M) and 10M models, ~8 minutes
     python bench/train_throughput.py --methods sft dpo --models 10m
+    python bench/train_throughput.py --startup_only     # start-up cold vs warm, ~1 minute
     python bench/train_throughput.py --qwen05b --qlora  # GPU (bench/gpu_check.sh): Qwen2-0.5B architecture
 """
 
@@ -204,6 +206,53 @@ def tunefleet(method, model, data, out, batch, qlora) -> dict:
     }
 
 
+def startup(methods: list[str], repeats: int = 3) -> list[dict]:
+    """Per-run overhead, cold against warm: the same 1-step run of each method on the tiny model, started as a sweep
+    starts it (`python -m tunefleet.trainers.train`), once as a new interpreter and once forked by a warm process
+    that is already serving (what a sweep's later runs get). Start-up = from the launcher starting the process to
+    the first training step (run.json `startup`); also the whole run's wall time. Fastest of `repeats` each."""
+    from tunefleet.launcher import warm
+
+    root = Path(tempfile.mkdtemp(prefix="tf-bench-startup-"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    assert warm.own_server(env).wait_ready(), "the warm process did not start"
+    print(
+        f"\n{'method':<5} {'start-up s cold':>15} {'warm':>6} {'ratio':>6} {'1-step run wall s cold':>23} {'warm':>6}"
+    )
+    rows = []
+    for method in methods:
+        split = {"sft": "train_sft", "grpo": "train_gen"}.get(method, "train_prefs")
+        times = {}
+        for kind in ("cold", "warm"):
+            best = None
+            for i in range(repeats):
+                out = root / f"{method}-{kind}-{i}"
+                cmd = [sys.executable, "-m", "tunefleet.trainers.train", "--method", method]
+                cmd += ["--model_name", "tunefleet/tiny-qwen2", "--dataset", "tunefleet/tiny-ultrafeedback"]
+                cmd += ["--split", split, "--output_dir", str(out), "--max_steps", "1", "--use_qlora", "false"]
+                cmd += ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]
+                run_env = {**env, warm.SWITCH_ENV: "1" if kind == "warm" else "0"}
+                t0 = time.perf_counter()
+                with open(root / f"{method}-{kind}-{i}.log", "w") as log:
+                    proc = warm.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=str(ROOT))
+                    assert proc.wait() == 0, (root / f"{method}-{kind}-{i}.log").read_text()[-2000:]
+                wall = time.perf_counter() - t0
+                record = json.loads((out / "run.json").read_text())
+                assert record["startup"]["kind"] == kind
+                first = record["startup"]["to_first_step_s"]
+                if best is None or first < best[0]:
+                    best = (first, wall)
+            times[kind] = best
+        (cold_s, cold_wall), (warm_s, warm_wall) = times["cold"], times["warm"]
+        rows.append({"method": method, "cold": times["cold"], "warm": times["warm"]})
+        print(
+            f"{method:<5} {cold_s:>15.2f} {warm_s:>6.2f} {cold_s / warm_s:>6.1f} {cold_wall:>23.2f} {warm_wall:>6.2f}",
+            flush=True,
+        )
+    warm.stop_all()
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["sft", "dpo", "orpo", "kto", "grpo"])
@@ -218,7 +267,11 @@ def main() -> None:
     p.add_argument("--qwen05b", action="store_true", help="Add the Qwen2-0.5B architecture (GPU).")
     p.add_argument("--qlora", action="store_true", help="4-bit QLoRA on both sides (GPU).")
     p.add_argument("--json", help="Also write the rows here.")
+    p.add_argument("--startup_only", action="store_true", help="Only the per-run start-up, cold against warm.")
     a = p.parse_args()
+    startup(a.methods)
+    if a.startup_only:
+        return
     from transformers import AutoTokenizer
 
     from tunefleet.trainers.tiny import ensure_model

@@ -80,6 +80,8 @@ PER_RUN_PREFIXES = (
     "MASTER_",
     "ACCELERATE_",
     "TORCHELASTIC_",
+    "TORCHINDUCTOR_",  # compile caches: torch sets its own in a process that imported the inductor
+    "TRITON_",
 )
 # What torch elastic and accelerate give each rank of a launch (read when the process group and accelerator start).
 RANK_ENV = (

@@ -70,6 +70,40 @@ def tunefleet(*args, check: bool = True, timeout: int = 600, env: dict | None = 
     return proc
 
 
+class Started:
+    """A `tunefleet` command started in the background, forked warm: pid, send_signal, kill, wait, and its output
+    (stdout and stderr together) once it ended."""
+
+    def __init__(self, *args, env: dict | None = None):
+        import tempfile
+
+        from tunefleet.launcher import warm
+
+        self.log = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)]
+        env = {**os.environ, **(env or {})}
+        self.proc = warm.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        self.pid = self.proc.pid
+
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def output(self, timeout: float | None = None) -> str:
+        self.wait(timeout)
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the real CLI entry in this process (fast: imports once); returns (code, stdout, stderr)."""
     from tunefleet.launcher.cli import main

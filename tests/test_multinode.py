@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, checkpoint_steps, pids_in_tree, read_json
+from conftest import Started, checkpoint_steps, pids_in_tree, read_json, tunefleet
 from local_ray import LocalRayCluster, pids_under
 
 from tunefleet.common.jsonfile import read_json as maybe_json
@@ -48,22 +48,11 @@ def cluster():
 
 def sweep(cluster, spec: dict, path: Path, *extra: str, wait: bool = True):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    cmd = [
-        sys.executable,
-        "-m",
-        "tunefleet.launcher.cli",
-        "sweep",
-        str(path),
-        "--backend",
-        "ray",
-        "--address",
-        cluster.address,
-        *extra,
-    ]
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    args = ["sweep", path, "--backend", "ray", "--address", cluster.address, *extra]
+    env = {"RAY_AUTH_MODE": "token"}
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        return Started(*args, env=env)
+    return tunefleet(*args, env=env, check=False)
 
 
 def node_ids(cluster) -> dict[str, str]:
@@ -167,7 +156,7 @@ def test_a_lost_node_costs_nothing(cluster, tmp_path, tiny_model):
         time.sleep(0.3)
     assert victim is not None, "no run checkpointed on the second node"
     cluster.kill_node(second)
-    out, _ = proc.communicate(timeout=400)
+    out = proc.output(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     record, launch = read_json(victim / "run.json"), read_json(victim / "launch.json")
     assert record["status"] == "finished" and record["global_step"] == 300

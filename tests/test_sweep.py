@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, checkpoint_steps, read_json, run_cli, wait_for_checkpoint
+from conftest import ROOT, Started, checkpoint_steps, read_json, run_cli, tunefleet, wait_for_checkpoint
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json as run_record  # None while missing or half-written
@@ -192,17 +192,17 @@ def test_killed_run_resumes_from_checkpoint_on_rerun(tmp_path, tiny_model):
         grid={"method": ["sft"]},
         methods={"sft": SPLITS["sft"]},
     )
-    cmd = [sys.executable, "-m", "tunefleet.launcher.cli", "sweep", str(spec), "--backend", "ray", "--retries", "0"]
+    args = ["sweep", spec, "--backend", "ray", "--retries", "0"]
     run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = Started(*args)
     wait_for_checkpoint(run, 240)
     os.kill(read_json(run / "launch.json")["pid"], signal.SIGKILL)  # the training process dies mid-run
-    out, _ = proc.communicate(timeout=240)
+    out = proc.output(timeout=240)
     assert proc.returncode == 1 and "failed" in out
     ckpts = checkpoint_steps(run)
     assert ckpts and ckpts[-1] < 80
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = tunefleet(*args, timeout=300, check=False)
     assert again.returncode == 0, again.stdout[-2000:]
     log = (run / "train.log").read_text()
     assert f"resuming from {run.resolve() / f'checkpoint-{ckpts[-1]}'}" in log
@@ -304,18 +304,12 @@ def test_ctrl_c_stops_cleanly_and_runs_resume(tmp_path, tiny_model):
         methods={"sft": SPLITS["sft"]},
     )
     run = tmp_path / "runs" / "sft_tiny-qwen2_s42"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tunefleet.launcher.cli", "sweep", str(spec), "--backend", "local"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = Started("sweep", spec, "--backend", "local")
     deadline = time.time() + 240
     while time.time() < deadline and not (run_record(run / "progress.json") or {}).get("step"):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    out, _ = proc.communicate(timeout=120)
+    out = proc.output(timeout=120)
     assert proc.returncode == 130 and "they keep their checkpoints" in out
     record = read_json(run / "run.json")
     assert record["status"] == "interrupted" and "checkpoint" in record["note"]  # saved on the way out

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import FAST, ROOT, SPLIT, TINY, checkpoint_steps, read_json, run_cli, wait_for_checkpoint
+from conftest import (
+    FAST,
+    SPLIT,
+    TINY,
+    Started,
+    checkpoint_steps,
+    read_json,
+    run_cli,
+    tunefleet,
+    wait_for_checkpoint,
+)
 from safetensors.torch import load_file
 
 TOP_LEVEL = [
@@ -203,10 +211,7 @@ def test_yaml_config_with_cli_override(tiny_model, tmp_path, capsys):
 
 def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
     out = tmp_path / "r"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tunefleet.launcher.cli",
+    args = [
         "train",
         "--method",
         "sft",
@@ -216,14 +221,14 @@ def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
         "--output_dir",
         str(out),
         "--max_steps",
-        "60",
+        "400",
         "--save_steps",
         "3",
         "--use_qlora",
         "false",
         *FAST,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = Started(*args)
     wait_for_checkpoint(out, 240)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)  # no clean shutdown at all
@@ -232,9 +237,9 @@ def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
     assert done, "no checkpoint was written before the kill"
     assert read_json(out / "run.json")["status"] == "running"
     last = done[-1]
-    assert last < 60, "the run finished before it was killed"
+    assert last < 400, "the run finished before it was killed"
 
-    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)  # the same command
+    resumed = tunefleet(*args, check=False)  # the same command
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {out / f'checkpoint-{last}'}" in resumed.stdout
     first_step = int(next(line for line in resumed.stdout.splitlines() if line.startswith("step ")).split()[1])

@@ -3,18 +3,29 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINKED := $(VENV)/.linked
+# The package folders: one that gains or loses a file (its time changes) gets its editable links redone.
+PACKAGE_DIRS := $(shell find common trainers launcher eval cluster_configs -type d -not -name __pycache__ 2>/dev/null)
+EDITABLE := --config-settings editable_mode=strict
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test typecheck bench clean
 
-setup: $(STAMP)
+setup: $(LINKED)
 
-# torch first, pinned to the CPU build available offline; then the rest (a range torch already meets).
+# torch first, pinned to the CPU build available offline; then the rest (a range torch already meets). The
+# checkout is installed in strict editable mode: a tree of links to its files plus a static .pth entry, which
+# editors and type checkers follow (the default mode's import hook is invisible to them).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch<=2.14.1"
-	$(BIN)/python -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[test]" $(EDITABLE)
+	touch $(STAMP) $(LINKED)
+
+# A module added or removed since: strict mode links files, so the links are made again (a few seconds).
+$(LINKED): $(STAMP) $(PACKAGE_DIRS)
+	$(BIN)/python -m pip install -q --no-deps -e . $(EDITABLE)
+	touch $(LINKED)
 
 # The whole fleet on the embedded default: 5 methods x 2 seeds on a local Ray, then the evaluator.
 demo: setup
@@ -23,9 +34,14 @@ demo: setup
 	@echo "         runs/demo/evaluation_report.md, runs/demo/*.png"
 	@echo "the winner, merged for serving: $(BIN)/tunefleet export --runs_dir runs/demo --best win_rate_vs_base --out exported/best"
 
+# basedpyright over the package, configured in pyproject.toml ([tool.basedpyright]).
+typecheck: setup
+	$(BIN)/basedpyright
+
 test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/basedpyright
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
@@ -34,4 +50,4 @@ bench: setup
 	$(BIN)/python bench/sweep_efficiency.py
 
 clean:
-	rm -rf $(VENV) .cache runs/*
+	rm -rf $(VENV) .cache runs/* build

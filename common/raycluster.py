@@ -9,6 +9,7 @@ Ray tunefleet starts has no dashboard; the clusters in cluster_configs/ bind the
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -55,9 +56,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TunefleetError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {first_line(exc)}"

@@ -22,19 +22,23 @@ from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError
 
+T = typing.TypeVar("T")
 
-def option(default, help: str, **meta):
-    """A dataclass field with its help text and checks (lists get a fresh copy per instance)."""
+
+def option(default: typing.Any, help: str, **meta: typing.Any) -> typing.Any:
+    """A dataclass field with its help text and checks (lists get a fresh copy per instance).
+
+    Typed Any, as `dataclasses.field` is to type checkers: the annotation of the field it defines is its type."""
     if isinstance(default, list | tuple):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
-def fields(cls) -> dict[str, dataclasses.Field]:
+def fields(cls: typing.Any) -> dict[str, dataclasses.Field[typing.Any]]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def default_of(f: dataclasses.Field):
+def default_of(f: dataclasses.Field[typing.Any]) -> typing.Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -51,11 +55,11 @@ def _unwrap(tp):
 
 
 @functools.cache
-def _hints(cls) -> dict:
+def _hints(cls: typing.Any) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)  # evaluates every annotation of the class: once per class is enough
 
 
-def kind(cls, name: str) -> tuple[type, type | None]:
+def kind(cls: typing.Any, name: str) -> tuple[typing.Any, typing.Any]:
     """(base type, element type for lists) of a field: (int, None), (list, float), (dict, str), ..."""
     tp = _unwrap(_hints(cls)[name])
     origin = typing.get_origin(tp)
@@ -69,12 +73,12 @@ def kind(cls, name: str) -> tuple[type, type | None]:
     return tp, None
 
 
-def nearest(name: str, choices) -> str:
+def nearest(name: str, choices: typing.Iterable[typing.Any]) -> str:
     match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def parse_bool(value) -> bool:
+def parse_bool(value: typing.Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -85,13 +89,13 @@ def parse_bool(value) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def _scalar(tp: type, value):
-    if dataclasses.is_dataclass(tp):  # a nested settings object: from a mapping, or the type's own text form
+def _scalar(tp: typing.Any, value: typing.Any) -> typing.Any:
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):  # a nested settings object
         if isinstance(value, tp):
             return value
         if isinstance(value, dict):
             return from_mapping(tp, value)
-        return tp.parse(str(value))
+        return tp.parse(str(value))  # its own text form (DatasetPart.parse)
     if tp is bool:
         return parse_bool(value)
     if tp is int:
@@ -115,7 +119,7 @@ def _scalar(tp: type, value):
     return value
 
 
-def coerce(cls, name: str, value, where: str = "", label: str | None = None):
+def coerce(cls: typing.Any, name: str, value: typing.Any, where: str = "", label: str | None = None) -> typing.Any:
     """Check one value against its field (name, type, choices, range) and convert it; one-line errors.
 
     `label` is how errors name the key (`resources.gpus_per_run` in a sweep spec); default: its name.
@@ -146,13 +150,13 @@ def coerce(cls, name: str, value, where: str = "", label: str | None = None):
     for item in value if isinstance(value, list) else [value]:
         if choices and item not in choices:
             raise TunefleetError(
-                f"{where}unknown {label} '{item}'{nearest(item, choices)}; choose one of: {', '.join(choices)}"
+                f"{where}unknown {label} '{item}'{nearest(str(item), choices)}; choose one of: {', '.join(choices)}"
             )
         check_range(label, item, meta, where)
     return value
 
 
-def parse_mapping(value) -> dict[str, str]:
+def parse_mapping(value: typing.Any) -> dict[str, str]:
     """`{a: b}` (YAML) or `a=b,c=d` (a flag) -> {"a": "b", "c": "d"}."""
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
@@ -166,7 +170,7 @@ def parse_mapping(value) -> dict[str, str]:
     return out
 
 
-def check_range(name: str, value, meta, where: str = "") -> None:
+def check_range(name: str, value: typing.Any, meta: typing.Mapping[str, typing.Any], where: str = "") -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
     if "at_least" in meta and value < meta["at_least"]:
@@ -179,12 +183,12 @@ def check_range(name: str, value, meta, where: str = "") -> None:
         raise TunefleetError(f"{where}'{name}' must be below {meta['below']}, got {value}")
 
 
-def from_mapping(cls, values: dict, where: str = ""):
+def from_mapping(cls: type[T], values: typing.Mapping[str, typing.Any], where: str = "") -> T:
     """An instance of `cls` from plain values (YAML, a sweep spec, parsed flags), every key and value checked."""
     return cls(**{k: coerce(cls, k, v, where) for k, v in values.items()})
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+def add_flags(parser: argparse.ArgumentParser, cls: typing.Any, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """A `--name` flag per field. Defaults are suppressed, so the parsed namespace holds only what was passed."""
     for name, f in fields(cls).items():
         if name in skip:
@@ -204,7 +208,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
     return parser
 
 
-def to_argv(obj, skip: tuple[str, ...] = ()) -> list[str]:
+def to_argv(obj: typing.Any, skip: tuple[str, ...] = ()) -> list[str]:
     """Flags that give another process the same settings (only the values that differ from the defaults)."""
     argv = []
     for name, f in fields(type(obj)).items():
@@ -212,7 +216,7 @@ def to_argv(obj, skip: tuple[str, ...] = ()) -> list[str]:
         if name in skip or value is None or value == default_of(f):
             continue
         if isinstance(value, list):
-            argv += [f"--{name}", *(v.to_text() if dataclasses.is_dataclass(v) else str(v) for v in value)]
+            argv += [f"--{name}", *(text_form(v) for v in value)]
         elif isinstance(value, dict):
             argv += [f"--{name}", ",".join(f"{k}={v}" for k, v in value.items())]
         else:
@@ -220,12 +224,17 @@ def to_argv(obj, skip: tuple[str, ...] = ()) -> list[str]:
     return argv
 
 
-def to_dict(obj) -> dict:
+def text_form(value: typing.Any) -> str:
+    """A value as a flag gives it: a settings object by its own `to_text` (DatasetPart), anything else by str."""
+    return value.to_text() if hasattr(value, "to_text") else str(value)
+
+
+def to_dict(obj: typing.Any) -> dict[str, typing.Any]:
     """Every field of a settings object, as plain values (JSON and YAML friendly; nested objects as mappings)."""
     return dataclasses.asdict(obj)
 
 
-def read_yaml_mapping(path: str, what: str, expected: str, with_nodes: bool = False):
+def read_yaml_mapping(path: str, what: str, expected: str, with_nodes: bool = False) -> typing.Any:
     """Read a YAML mapping; one-line errors with the file line. `with_nodes`: also the composed node tree."""
     import yaml
 

@@ -13,7 +13,7 @@ class RunStatus(StrEnum):
     INTERRUPTED = "interrupted"  # stopped on purpose (signal, Ctrl-C) after saving a checkpoint
 
     @classmethod
-    def of(cls, value) -> RunStatus | None:
+    def of(cls, value: object) -> RunStatus | None:
         """The status a file records, or None for a missing or unknown value."""
         try:
             return cls(value)

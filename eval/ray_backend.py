@@ -73,7 +73,7 @@ def run_shards_ray(
                     ray.kill(actor)
                     actor = new_actor()
                 submit(actor)
-        return out
+        return [result for result in out if result is not None]  # every shard ends with a result or an error
     finally:
         if started:
             ray.shutdown()

@@ -55,7 +55,7 @@ def markdown(results: dict) -> str:
     best = {}
     for key, _, _ in COLUMNS:
         better = BETTER.get(key)
-        values = [e.get(key) for _, e in rows if isinstance(e.get(key), (int, float)) and not e.get("error")]
+        values = [e[key] for _, e in rows if isinstance(e.get(key), (int, float)) and not e.get("error")]
         if better and values:
             best[key] = min(values) if better == "min" else max(values)
     lines = [

@@ -120,7 +120,7 @@ def _method_from_name(name: str) -> str | None:
 def training_metrics(run_dir: str | Path) -> dict:
     """The original tool's training keys from trainer_state.json; all None when missing or corrupt."""
     state = Store(str(run_dir)).read_json("trainer_state.json") or {}
-    history = state.get("log_history") if isinstance(state.get("log_history"), list) else []
+    history = state["log_history"] if isinstance(state.get("log_history"), list) else []
     losses = [e["loss"] for e in history if isinstance(e, dict) and isinstance(e.get("loss"), (int, float))]
     evals = [e["eval_loss"] for e in history if isinstance(e, dict) and isinstance(e.get("eval_loss"), (int, float))]
     runtime = next(

@@ -8,6 +8,7 @@ place and another elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tunefleet.common.schema import option
 from tunefleet.trainers.config import METHODS
@@ -49,7 +50,7 @@ class EvalSettings:
     force: bool = option(False, "Re-score runs whose adapter has not changed.")
     trust_remote_code: bool = option(False, "Allow code shipped with the base model.")
 
-    def fingerprint_fields(self) -> dict:
+    def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that change the numbers (a run scored under other ones is scored again)."""
         return {
             k: getattr(self, k)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,11 +96,11 @@ def load_eval_data(spec: EvalData) -> dict:
         else:
             others = [c for c in prompts.column_names if c != "prompt"]
             out["gen"] = prompts["prompt"]
-            out["gen_columns"] = [{c: row[c] for c in others} for row in prompts]
+            out["gen_columns"] = prompts.select_columns(others).to_list()
     return out
 
 
-def reward_functions(specs) -> list[tuple[str, object]]:
+def reward_functions(specs) -> list[tuple[str, Callable[..., list[float | None]]]]:
     """(name, guarded function) for the eval's rewards; reward models are refused (the evaluator runs functions)."""
     from tunefleet.trainers import rewards
 
@@ -141,13 +142,12 @@ class Scorer:
         from tunefleet.trainers.model import load_tokenizer, resolve
 
         self.tokenizer = load_tokenizer(base_model, trust_remote_code)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.base = (
-            AutoModelForCausalLM.from_pretrained(resolve(base_model), dtype=dtype, trust_remote_code=trust_remote_code)
-            .to(device)
-            .eval()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.base = AutoModelForCausalLM.from_pretrained(
+            resolve(base_model), dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": device}
         )
+        self.base.eval()
         self.peft = None  # the PeftModel around the base, once a first adapter is loaded
         self.slots: dict[str, str] = {}  # adapter shape (its config) -> the PEFT adapter slot that holds it
         self.slot_tensors: dict[str, dict] = {}  # slot -> its weight tensors, keyed as in adapter files
@@ -217,6 +217,7 @@ class Scorer:
             with torch.no_grad():
                 for key, value in weights.items():
                     tensors[key].copy_(value)
+        assert self.peft is not None  # made with the first slot
         self.peft.set_adapter(slot)
         self.active = target
         return self.peft

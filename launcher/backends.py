@@ -20,8 +20,9 @@ from tunefleet.common.storage import Store, join
 from tunefleet.launcher import warm
 from tunefleet.launcher.placement import Allocator
 from tunefleet.launcher.progress import SweepView
-from tunefleet.launcher.runner import RunOutcome, run_one, stopping, terminate_children
-from tunefleet.launcher.sweep import Resources, RunPlan
+from tunefleet.launcher.runner import run_one, stopping, terminate_children
+from tunefleet.launcher.runs import RunOutcome, RunPlan
+from tunefleet.launcher.sweep import Resources
 
 
 class Retries:
@@ -157,6 +158,7 @@ def run_ray(
 ) -> tuple[list[RunOutcome], list[dict]]:
     """Outcomes, and the nodes lost during the sweep (id, host, when)."""
     import ray
+    from ray.exceptions import RayError
 
     local = not (address or os.environ.get("RAY_ADDRESS"))
     if local:  # the local Ray's workers inherit the warm process's address, and fork every run from it
@@ -200,7 +202,7 @@ def run_ray(
                     running.discard(name)
                     try:
                         outcome = ray.get(ref)
-                    except ray.exceptions.RayError as exc:
+                    except RayError as exc:
                         log = join(by_name[name].output_dir, "train.log")
                         outcome = RunOutcome(name, RunStatus.FAILED, log, error=first_line(exc))
                     again = tries.again(by_name[name], outcome)

@@ -385,6 +385,6 @@ def cmd_export(argv: list[str]) -> int:
     out = export_run(chosen.location, Path(a.out), a.dtype, a.adapter_only, chosen, a.overwrite)
     kind = "adapter" if a.adapter_only else "merged model"
     print(f"wrote {kind} of {chosen.name} to {out}")
-    if a.push_to_hub:
+    if a.push_to_hub and token:
         print(f"pushed to {push(out, a.push_to_hub, a.private, token)}")
     return 0

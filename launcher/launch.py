@@ -34,7 +34,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def accelerate_config_path(name: str) -> Path | None:
+def accelerate_config_path(name: str | None) -> Path | None:
     """`auto` -> None (plain --multi_gpu); a catalogue name (`zero2`) or a path -> that file."""
     if name in (None, "", "auto"):
         return None
@@ -142,7 +142,7 @@ def check_deepspeed(ds: dict, cfg, bf16: bool) -> list[str]:
     if (ds.get("fp16") or {}).get("enabled") is True:
         problems.append("fp16.enabled is true in the DeepSpeed config but tunefleet trains in bf16 or fp32")
     lr = ((ds.get("optimizer") or {}).get("params") or {}).get("lr")
-    if fixed(lr) and float(lr) != cfg.lr:
+    if lr is not None and fixed(lr) and float(lr) != cfg.lr:
         problems.append(f"optimizer lr is {lr} in the DeepSpeed config but --learning_rate is {cfg.lr}")
     stage = (ds.get("zero_optimization") or {}).get("stage")
     if stage == 3 and cfg.use_qlora and not bf16:
@@ -156,7 +156,7 @@ def check_deepspeed(ds: dict, cfg, bf16: bool) -> list[str]:
 def launch_command(
     train_argv: list[str],
     num_processes: int = 1,
-    port: int | None = None,
+    port: int | str | None = None,  # a number, or a placeholder in a printed plan
     accelerate_config: str | None = "auto",
     python: str = sys.executable,
 ) -> list[str]:
@@ -210,7 +210,7 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
     choice = choose_config(cfg.accelerate_config, cfg.num_processes, n_params, dtype.itemsize, mem)
     if choice.config is not None:
         path = accelerate_config_path(choice.config)
-        if not path.exists():
+        if path is None or not path.exists():
             names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
             raise TunefleetError(f"accelerate config '{choice.config}' not found; use one of {names} or a .yaml path")
         ds = deepspeed_file(choice.config)

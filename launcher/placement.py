@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.trainers import memory
@@ -40,7 +41,7 @@ class Placement:
             max(1.0, self.gpus), "retried alone: ran out of memory sharing a GPU", self.estimate_gb, self.gpu_memory_gb
         )
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return asdict(self) | {"runs_per_gpu": self.runs_per_gpu}
 
 

@@ -11,8 +11,7 @@ import time
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store
-from tunefleet.launcher.runner import RunOutcome
-from tunefleet.launcher.sweep import RunPlan
+from tunefleet.launcher.runs import RunOutcome, RunPlan
 
 
 class SweepView:

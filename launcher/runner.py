@@ -16,7 +16,6 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tunefleet.common import schema
@@ -25,45 +24,11 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.launcher import warm
 from tunefleet.launcher.launch import free_port, launch_command, plan_launch
-from tunefleet.launcher.sweep import RunPlan
+from tunefleet.launcher.runs import RunOutcome, RunPlan, RunSummary
 from tunefleet.trainers import memory, recovery
 
 _children: set[subprocess.Popen | warm.WarmProcess] = set()
 stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
-
-
-@dataclass
-class RunSummary:
-    """Where a run stands, read from its own files (works for any backend)."""
-
-    status: RunStatus | None  # None: never started
-    steps: int | None = None
-    max_steps: int | None = None
-    final_loss: float | None = None
-    memory_steps: list[str] = dataclasses.field(default_factory=list)  # out-of-memory steps down, described
-
-
-@dataclass
-class RunOutcome:
-    """How one attempt at a run ended, as every backend reports it."""
-
-    name: str
-    status: RunStatus  # FINISHED, FAILED or INTERRUPTED
-    log: str
-    wall_s: float = 0.0
-    skipped: bool = False  # finished before this sweep: not started again
-    returncode: int | None = None
-    host: str | None = None
-    steps: int | None = None
-    final_loss: float | None = None
-    error: str | None = None
-    node_id: str | None = None  # the Ray node it ran on
-    out_of_memory: bool = False  # failed by running out of GPU (or CPU allocator) memory
-    memory_steps: list[str] = dataclasses.field(default_factory=list)  # out-of-memory steps down it took
-
-    @property
-    def ok(self) -> bool:
-        return self.status is RunStatus.FINISHED
 
 
 def training_processes() -> list[subprocess.Popen | warm.WarmProcess]:

@@ -21,8 +21,7 @@ import threading
 import time
 
 from tunefleet.launcher import runner, warm
-from tunefleet.launcher.runner import RunOutcome
-from tunefleet.launcher.sweep import RunPlan
+from tunefleet.launcher.runs import RunOutcome, RunPlan
 
 
 def relay_signals() -> list[int]:

@@ -24,7 +24,8 @@ from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
 from tunefleet.common.storage import join
 from tunefleet.eval.settings import EvalSettings
-from tunefleet.launcher.placement import Placement, parse_gpus, place
+from tunefleet.launcher.placement import parse_gpus, place
+from tunefleet.launcher.runs import RunPlan
 from tunefleet.trainers import config
 from tunefleet.trainers.config import DatasetPart, TrainConfig, model_short
 
@@ -64,37 +65,6 @@ class SlurmSettings:
         120, "Seconds before the time limit that USR1 arrives (checkpoint, requeue).", at_least=1
     )
     python: str | None = option(None, "Python on the compute nodes (default: the one running tunefleet).")
-
-
-@dataclass
-class RunPlan:
-    """One run of a sweep: its name, its whole validated train config (output_dir included), and its place."""
-
-    name: str
-    config: TrainConfig
-    placement: Placement = field(default_factory=lambda: Placement(0.0, "CPU"))
-
-    @property
-    def output_dir(self) -> str:
-        return self.config.output_dir
-
-    @property
-    def method(self) -> str:
-        return self.config.method
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "config": {k: v for k, v in schema.to_dict(self.config).items() if v is not None},
-            "placement": self.placement.record(),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> RunPlan:
-        placed = {k: v for k, v in (data.get("placement") or {}).items() if k != "runs_per_gpu"}
-        return cls(
-            data["name"], config.from_dict(data["config"]), Placement(**placed) if placed else Placement(0.0, "CPU")
-        )
 
 
 @dataclass
@@ -226,7 +196,7 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
         values.setdefault("run_name", name)  # trackers: named by run, grouped by sweep
         values.setdefault("tracking_group", spec.name)
         gpus = spec.resources.gpus_per_run
-        if gpus != "auto" and gpus > 1:
+        if not isinstance(gpus, str) and gpus > 1:
             values.setdefault("num_processes", int(gpus))
         runs.append(RunPlan(name=name, config=config.from_dict(values, where=f"{spec.path}: run {name}: ")))
     return runs

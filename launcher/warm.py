@@ -209,7 +209,7 @@ class WarmProcess:
     def wait(self, timeout: float | None = None) -> int:
         self._receive(timeout)
         if self.returncode is None:
-            raise subprocess.TimeoutExpired(f"warm run {self.pid}", timeout)
+            raise subprocess.TimeoutExpired(f"warm run {self.pid}", timeout or 0.0)
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
@@ -252,9 +252,10 @@ class WarmServer:
         return f"the warm process exited ({self.proc.poll()})" + (f": {tail[0]}" if tail else "")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        lifeline = self.proc.stdin
+        if self.proc.poll() is None and lifeline is not None:
             with contextlib.suppress(OSError):
-                self.proc.stdin.close()  # the warm process ends its runs (SIGTERM) and exits
+                lifeline.close()  # the warm process ends its runs (SIGTERM) and exits
             try:
                 self.proc.wait(timeout=90)
             except subprocess.TimeoutExpired:

@@ -301,3 +301,29 @@ def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tm
     # Every launched process ran tunefleet's modules, never the project's own packages.
     for log in (work / "runs" / "sweep").glob("*/train.log"):
         assert "-m tunefleet.trainers.train" in log.read_text() and "own trainers" not in log.read_text()
+
+
+# ------------------------------------------------------------------ the type checker make test runs
+def test_the_type_checker_passes_and_reports_a_wrong_call_across_a_typed_boundary(tmp_path):
+    """basedpyright over the checkout, configured as `make test` runs it (pyproject.toml); then over a file that
+    passes a string where RunOutcome takes a RunStatus and a number as a RunPlan's name: both are reported, so the
+    check above cannot pass vacuously (an unresolved import would make every type Unknown, hence quiet)."""
+    checker = Path(sys.executable).parent / "basedpyright"
+    whole = subprocess.run([checker], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stdout[-3000:]
+    assert "0 errors" in whole.stdout
+
+    wrong = tmp_path / "wrong_call.py"
+    wrong.write_text(
+        "from tunefleet.launcher.runs import RunOutcome, RunPlan\n"
+        "from tunefleet.trainers.config import TrainConfig\n"
+        "\n"
+        "outcome = RunOutcome('run', 'finished', 'train.log')\n"
+        "plan = RunPlan(3, TrainConfig())\n"
+    )
+    found = subprocess.run(
+        [checker, "--project", ROOT / "pyproject.toml", wrong], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert found.returncode == 1, found.stdout
+    assert '"Literal[\'finished\']" cannot be assigned to parameter "status" of type "RunStatus"' in found.stdout
+    assert '"Literal[3]" cannot be assigned to parameter "name" of type "str"' in found.stdout

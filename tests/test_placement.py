@@ -12,7 +12,7 @@ from tunefleet.common.status import RunStatus
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.backends import Retries, check_ray_resources
 from tunefleet.launcher.placement import Allocator, Placement, parse_gpus, place, slurm_groups
-from tunefleet.launcher.runner import RunOutcome
+from tunefleet.launcher.runs import RunOutcome
 from tunefleet.launcher.sweep import Resources
 from tunefleet.trainers import config, memory
 

@@ -86,3 +86,37 @@ def test_off_a_terminal_one_line_per_log_and_verbose_shows_everything(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "Loading weights" in output and "{'loss':" in output
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`tunefleet ... | head -1`: the reader goes away; the command ends without a traceback, with the exit code of
+    a tool that SIGPIPE ended (141) when it still had output to write, else 0."""
+    import json
+
+    sweep = tmp_path / "runs"
+    sweep.mkdir()
+    runs = {f"run{i:04d}": {"output_dir": str(sweep / f"run{i:04d}"), "method": "sft"} for i in range(1500)}
+    (sweep / "sweep.json").write_text(json.dumps({"name": "many", "backend": "local", "runs": runs}))
+    for args in (["--help"], ["status", str(sweep)], ["sweep", "sweeps/demo.yaml", "--dry-run"]):
+        shell = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f"{sys.executable} -m tunefleet.launcher.cli {' '.join(args)} | head -1; exit ${{PIPESTATUS[0]}}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert "Traceback" not in shell.stderr and "BrokenPipeError" not in shell.stderr, shell.stderr
+        assert shell.returncode in (0, 141) and shell.stdout.count("\n") == 1, (args, shell.returncode)
+    closed = subprocess.Popen(
+        [sys.executable, "-m", "tunefleet.launcher.cli", "status", str(sweep)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    closed.stdout.close()  # nobody reads: the first write that reaches the pipe fails
+    assert closed.wait(timeout=300) == 141 and "Traceback" not in closed.stderr.read()

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from tunefleet.common import schema, tracking
 from tunefleet.common.errors import TunefleetError
@@ -28,7 +29,7 @@ class DatasetPart:
     """One dataset of a mixture: `--mixture "tunefleet/tiny-ultrafeedback:train_prefs@200" "{dataset: ./pairs.jsonl,
     columns: {prompt: query}}"` on the command line, a mapping per part in YAML."""
 
-    dataset: str | None = option(None, "Hub name, local folder or file.", required=True)
+    dataset: str = option(None, "Hub name, local folder or file.", required=True)  # required: see TrainConfig
     split: str = option("train", "Split of this part.")
     config: str | None = option(None, "Hub config (subset) name.")
     data_files: list[str] | None = option(None, "Files inside the dataset to read (hub or local).")
@@ -50,8 +51,8 @@ class DatasetPart:
                 raise ValueError(f"not a YAML mapping: {text!r} ({getattr(exc, 'problem', exc)})") from None
             if not isinstance(mapping, dict):
                 raise ValueError(f"not a YAML mapping: {text!r}")
-            return schema.from_mapping(cls, mapping)
-        values: dict = {}
+            return schema.from_mapping(cls, cast(dict[str, Any], mapping))
+        values: dict[str, Any] = {}
         for marker, key in (("@", "samples"), ("*", "weight")):
             if marker in text:
                 text, _, amount = text.rpartition(marker)
@@ -76,14 +77,14 @@ class DatasetPart:
 @dataclass
 class TrainConfig:
     # --- the original tool's flags ---
-    method: str | None = option(None, "Training method.", choices=METHODS, required=True)
-    model_name: str | None = option(
-        None, "Base model: hub name, local folder, or tunefleet/tiny-qwen2.", required=True
-    )
+    # method, model_name and output_dir are typed as what a TrainConfig holds once built: from_dict refuses one
+    # without them (their None default only marks them required).
+    method: str = option(None, "Training method.", choices=METHODS, required=True)
+    model_name: str = option(None, "Base model: hub name, local folder, or tunefleet/tiny-qwen2.", required=True)
     dataset: str | None = option(
         None, "Dataset: hub name, local folder/JSON/JSONL/Parquet, or tunefleet/tiny-ultrafeedback (or --mixture)."
     )
-    output_dir: str | None = option(None, "Where the run writes its adapter, state and checkpoints.", required=True)
+    output_dir: str = option(None, "Where the run writes its adapter, state and checkpoints.", required=True)
     split: str = option("train", "Training split.")
     eval_split: str | None = option(None, "Evaluation split (none: no evaluation during training).")
     max_train_samples: int | None = option(None, "Seeded random sample of the training split.", at_least=1)
@@ -204,7 +205,7 @@ class TrainConfig:
     def beta_value(self) -> float:
         return self.beta if self.beta is not None else DEFAULT_BETA.get(self.method, 0.1)
 
-    def resolved(self) -> dict:
+    def resolved(self) -> dict[str, Any]:
         """Every field with method defaults filled in (what run.json records)."""
         d = dataclasses.asdict(self)
         d["learning_rate"] = self.lr
@@ -220,12 +221,12 @@ def model_short(model_name: str) -> str:
     return Path(str(model_name).rstrip("/")).name.lower()
 
 
-def coerce(name: str, value, where: str = ""):
+def coerce(name: str, value: Any, where: str = "") -> Any:
     """Check and convert one value of a train setting; one-line error naming the key."""
     return schema.coerce(TrainConfig, name, value, where)
 
 
-def from_dict(values: dict, where: str = "", check_required: bool = True) -> TrainConfig:
+def from_dict(values: dict[str, Any], where: str = "", check_required: bool = True) -> TrainConfig:
     """Build a TrainConfig from plain values (YAML, sweep), checking every key and type."""
     clean = {k: coerce(k, v, where) for k, v in values.items()}
     cfg = TrainConfig(**clean)
@@ -269,7 +270,7 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
     given = [name for name in grpo_only if getattr(cfg, name) not in (None, False)]
     if cfg.method and cfg.method != "grpo" and given:
         raise TunefleetError(f"{where}{', '.join('--' + n for n in given)}: GRPO only, not {cfg.method}")
-    if cfg.mixture and any(part.dataset is None for part in cfg.mixture):
+    if cfg.mixture and any(not part.dataset for part in cfg.mixture):
         raise TunefleetError(f"{where}every --mixture part needs a dataset")
     if cfg.mixture and (cfg.columns or cfg.ignore_columns or cfg.dataset_config or cfg.data_files):
         raise TunefleetError(f"{where}with --mixture, set columns, ignore_columns, config and data_files per part")
@@ -277,7 +278,7 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
         raise TunefleetError(f"{where}a mixture takes either samples or weight per part, not both kinds")
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str) -> dict[str, Any]:
     return schema.read_yaml_mapping(path, "config file", "expected a mapping of flag names to values")
 
 
@@ -297,6 +298,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         name = flag.lstrip("-").split("=")[0].replace("-", "_")
         raise TunefleetError(f"unknown flag {flag}{nearest(name, FIELDS)}")
     path = getattr(args, "config", None)
-    merged = {k: coerce(k, v, f"{path}: ") for k, v in (load_yaml(path) if path else {}).items()}
+    merged: dict[str, Any] = {k: coerce(k, v, f"{path}: ") for k, v in (load_yaml(path) if path else {}).items()}
     merged.update({k: coerce(k, v) for k, v in vars(args).items() if k != "config"})
     return from_dict(merged)

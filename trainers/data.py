@@ -34,10 +34,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.trainers.config import DatasetPart
 from tunefleet.trainers.tiny import DATA_DIR, TINY_DATASET
+
+if TYPE_CHECKING:  # imported when used: datasets is slow to import
+    from datasets import Dataset
 
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
@@ -335,11 +339,14 @@ def sft_layout(cols: set, row: dict) -> Layout:
         )
     if {"instruction", "output"} <= cols:
         source = _prompt_source(cols - set(CONVERSATION_COLUMNS), row)
+        assert source is not None  # "instruction" is one of the columns: Alpaca's own prompt source
         return Layout(
             "alpaca", (*source[1], "output"), lambda r: {"messages": source[2](r) + _as("assistant", r["output"])}
         )
     if "completion" in cols and _first(cols, ("prompt", "question", "instruction", "input")):
-        _, used, prompt_turns = _prompt_source(cols - set(CONVERSATION_COLUMNS), row)
+        found = _prompt_source(cols - set(CONVERSATION_COLUMNS), row)
+        assert found is not None  # one of prompt, question, instruction, input is a column (checked above)
+        _, used, prompt_turns = found
         plain = used == ("prompt",) and isinstance(row["prompt"], str) and isinstance(row["completion"], str)
         if plain:  # TRL's own prompt-completion strings: passed through, as TRL users expect
             return Layout(
@@ -483,7 +490,8 @@ def apply_column_mapping(ds, columns: dict[str, str] | None, ignore: list[str] |
             )
     ds = ds.remove_columns(list(ignore or []))
     have = set(ds.column_names)
-    for target, source in (columns or {}).items():
+    columns = columns or {}
+    for target, source in columns.items():
         if target not in KNOWN_COLUMNS:
             raise TunefleetError(
                 f"--columns maps to '{target}', which no layout reads; use one of: {', '.join(KNOWN_COLUMNS)}"
@@ -591,7 +599,7 @@ def _unpair(ds):
 class Prepared:
     """A dataset in the method's columns, and what was done to get there (run.json's `data`)."""
 
-    dataset: object  # datasets.Dataset
+    dataset: Dataset
     source: str
     split: str
     layout: str

@@ -9,7 +9,7 @@ The reference model is the base with the adapter disabled (no second copy in mem
       --split train_prefs --output_dir runs/dpo_tiny --max_steps 20 --learning_rate 1e-3
 """
 
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
 
 from tunefleet.trainers import data, model, run, speed
 

@@ -10,7 +10,8 @@ reward-model path.
       --split train_gen --output_dir runs/grpo_tiny --max_steps 4 --reward_funcs friendly answer
 """
 
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
+from trl.trainer.grpo_trainer import RewardFunc
 
 from tunefleet.trainers import data, model, rewards, run, speed
 
@@ -39,7 +40,7 @@ def train(cfg):
         model.check_vllm()
 
     # ---- rewards first: a bad --reward_funcs fails before any loading
-    reward_funcs = [
+    reward_funcs: list[RewardFunc] = [
         rewards.guarded(spec, f) if callable(f) else f
         for spec, f in zip(cfg.reward_funcs, rewards.load(cfg.reward_funcs, cfg.trust_remote_code))
     ]

@@ -8,7 +8,7 @@ Takes prompt/completion/label rows, or preference pairs (the original README tra
       --output_dir runs/kto_qwen_0.5b --max_train_samples 1000 --max_eval_samples 100
 """
 
-from trl import KTOConfig, KTOTrainer
+from trl import KTOConfig, KTOTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
 
 from tunefleet.trainers import data, model, run, speed
 

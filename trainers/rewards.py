@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
@@ -99,11 +100,11 @@ class RewardError(TunefleetError):
     """A reward function raised or returned something that is not one score per completion."""
 
 
-def guarded(spec: str, func):
+def guarded(spec: str, func) -> Callable[..., list[float | None]]:
     """`func` with its failures said in one line naming the reward (TRL would show a traceback from deep inside)."""
 
     @functools.wraps(func)
-    def call(*args, **kwargs):
+    def call(*args, **kwargs) -> list[float | None]:
         try:
             scores = func(*args, **kwargs)
         except Exception as exc:
@@ -117,7 +118,7 @@ def guarded(spec: str, func):
         if any(s is not None and not isinstance(s, int | float) for s in scores):
             bad = next(s for s in scores if s is not None and not isinstance(s, int | float))
             raise RewardError(f"reward function '{spec}' returned {bad!r}, not a number")
-        return scores
+        return [None if s is None else float(s) for s in scores]
 
     return call
 

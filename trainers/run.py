@@ -174,10 +174,10 @@ def checkpoint_upload_callback(folder: RunFolder):
     return UploadCheckpoints()
 
 
-def versions() -> dict:
+def versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {"python": platform.python_version()}
+    found: dict[str, str | None] = {"python": platform.python_version()}
     for name in VERSIONED:
         try:
             found[name] = version(name)
@@ -265,7 +265,7 @@ def group_by_token_length(trainer) -> None:
     if not id_cols or "length" in ds.column_names:
         return
     table = ds.select_columns(id_cols).with_format("arrow")[:]
-    counts = {c: pc.fill_null(pc.list_value_length(table[c]), 0).to_numpy() for c in id_cols}
+    counts = {c: pc.fill_null(pc.call_function("list_value_length", [table[c]]), 0).to_numpy() for c in id_cols}
     lengths = sum(counts[c] for c in prompt) + max_of([counts[c] for c in replies])
     trainer.train_dataset = ds.add_column("length", [int(n) for n in lengths])
     trainer._set_signature_columns_if_needed()
@@ -386,7 +386,7 @@ def preemption_callback():
     from transformers import TrainerCallback
 
     class Preemption(TrainerCallback):
-        signum = None
+        signum: int | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.signum is not None:

@@ -7,7 +7,7 @@
       --split train_sft --output_dir runs/sft_tiny --max_steps 20      # offline, CPU
 """
 
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig, SFTTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
 
 from tunefleet.trainers import data, model, run, speed
 

@@ -12,6 +12,9 @@ import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 GROUPABLE = ("sft", "dpo", "orpo")  # KTO's KL term needs sequential batches; GRPO samples its own prompts
 MEMORY_MARGIN = 0.8  # gradient checkpointing stays off only when the estimated peak fits this share of the device
@@ -19,8 +22,8 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class Choice:
-    on: bool | str  # the value used (attn_implementation: a kernel name)
+class Choice(Generic[T]):
+    on: T  # the value used (attn_implementation: a kernel name)
     why: str
 
 
@@ -28,12 +31,12 @@ class Choice:
 class FastPath:
     """Every speed option of a run with its reason; run.json records `record()`."""
 
-    group_by_length: Choice
-    attn_implementation: Choice
-    padding_free: Choice
-    use_liger_kernel: Choice
-    tf32: Choice
-    gradient_checkpointing: Choice
+    group_by_length: Choice[bool]
+    attn_implementation: Choice[str]
+    padding_free: Choice[bool]
+    use_liger_kernel: Choice[bool]
+    tf32: Choice[bool]
+    gradient_checkpointing: Choice[bool]
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
@@ -48,7 +51,7 @@ class MemoryFit:
     device: str  # what `available` is, for the reason in run.json: "GPU 0", "free CPU memory", ...
 
 
-def checkpointing_choice(flag: bool | None, fit: MemoryFit) -> Choice:
+def checkpointing_choice(flag: bool | None, fit: MemoryFit) -> Choice[bool]:
     """Off only when the estimate fits `MEMORY_MARGIN` of the device; on when it does not or cannot be known."""
     if flag is not None:
         return Choice(flag, "set by flag")
@@ -65,7 +68,7 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _pick(flag_value, auto_value, why: str) -> Choice:
+def _pick(flag_value: T | None, auto_value: T, why: str) -> Choice[T]:
     return Choice(flag_value, "set by flag") if flag_value is not None else Choice(auto_value, why)
 
 

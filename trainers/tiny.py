@@ -28,6 +28,7 @@ import random
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 TINY_MODEL = "tunefleet/tiny-qwen2"
 TINY_DATASET = "tunefleet/tiny-ultrafeedback"
@@ -42,7 +43,7 @@ SPLITS = {
     "train_gen": 300,
     "test_gen": 100,
 }
-SHAPE = {
+SHAPE: dict[str, Any] = {
     "hidden_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
@@ -291,11 +292,12 @@ def pretrain(model, tokenizer) -> list[float]:
 
 
 def recipe_hash() -> str:
-    """What made the shipped weights: the code and settings of the recipe (not the data files, made elsewhere)."""
+    """What made the shipped weights: the code and settings of the recipe (not the data files, made elsewhere).
+    Comments do not count: they change no weight."""
     import inspect
 
     parts = [
-        inspect.getsource(f)
+        without_comments(inspect.getsource(f))
         for f in (
             _item,
             _answer,
@@ -311,6 +313,14 @@ def recipe_hash() -> str:
     ]
     parts += [json.dumps([SHAPE, PRETRAIN, CHAT_TEMPLATE, FRIENDLY, HOSTILE, ANIMALS, THINGS, SPLITS], sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def without_comments(source: str) -> str:
+    import io
+    import tokenize
+
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return tokenize.untokenize((t.type, t.string) for t in tokens if t.type != tokenize.COMMENT)
 
 
 def build_model(path: Path = MODEL_DIR) -> Path:
@@ -332,7 +342,7 @@ def build_model(path: Path = MODEL_DIR) -> Path:
             tie_word_embeddings=True,
             bos_token_id=None,
             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),  # pyright: ignore[reportArgumentType] - one token: one id
         )
         torch.manual_seed(PRETRAIN["seed"])
         model = Qwen2ForCausalLM(config)

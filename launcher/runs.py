@@ -1,0 +1,83 @@
+"""The records every backend passes around: what a run of a sweep is (RunPlan), where it stands (RunSummary) and
+how an attempt at it ended (RunOutcome). Typed strictly (pyproject.toml, [tool.basedpyright]): the local, Ray and
+SLURM backends, the progress view and sweep.json all read these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunefleet.common import schema
+from tunefleet.common.status import RunStatus
+from tunefleet.launcher.placement import Placement
+from tunefleet.trainers import config
+from tunefleet.trainers.config import TrainConfig
+
+
+def on_cpu() -> Placement:
+    return Placement(0.0, "CPU")
+
+
+@dataclass
+class RunPlan:
+    """One run of a sweep: its name, its whole validated train config (output_dir included), and its place."""
+
+    name: str
+    config: TrainConfig
+    placement: Placement = field(default_factory=on_cpu)
+
+    @property
+    def output_dir(self) -> str:
+        return self.config.output_dir
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": {k: v for k, v in schema.to_dict(self.config).items() if v is not None},
+            "placement": self.placement.record(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunPlan:
+        placement: dict[str, Any] = data.get("placement") or {}
+        placed = {k: v for k, v in placement.items() if k != "runs_per_gpu"}
+        return cls(data["name"], config.from_dict(data["config"]), Placement(**placed) if placed else on_cpu())
+
+
+@dataclass
+class RunSummary:
+    """Where a run stands, read from its own files (works for any backend)."""
+
+    status: RunStatus | None  # None: never started
+    steps: int | None = None
+    max_steps: int | None = None
+    final_loss: float | None = None
+    memory_steps: list[str] = field(default_factory=list[str])  # out-of-memory steps down, described
+
+
+@dataclass
+class RunOutcome:
+    """How one attempt at a run ended, as every backend reports it."""
+
+    name: str
+    status: RunStatus  # FINISHED, FAILED or INTERRUPTED
+    log: str
+    wall_s: float = 0.0
+    skipped: bool = False  # finished before this sweep: not started again
+    returncode: int | None = None
+    host: str | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    error: str | None = None
+    node_id: str | None = None  # the Ray node it ran on
+    out_of_memory: bool = False  # failed by running out of GPU (or CPU allocator) memory
+    memory_steps: list[str] = field(default_factory=list[str])  # out-of-memory steps down it took
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RunStatus.FINISHED

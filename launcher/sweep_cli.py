@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def cmd_sweep(argv: list[str]) -> int:
     if a.dry_run and a.backend != "slurm":
         print(plan_text(spec, runs))
         return 0
+    if a.backend == "local" or (a.backend == "ray" and not (a.address or os.environ.get("RAY_ADDRESS"))):
+        from tunefleet.launcher import warm
+
+        warm.prestart()  # the runs' warm process imports while the data is checked and Ray starts
     if not a.skip_data_check:
         sweeps.validate_data(runs)
     if a.backend == "slurm":

@@ -11,6 +11,7 @@ class RunStatus(StrEnum):
     FINISHED = "finished"  # adapter and trainer state saved
     FAILED = "failed"  # stopped by an error; the error is recorded
     INTERRUPTED = "interrupted"  # stopped on purpose (signal, Ctrl-C) after saving a checkpoint
+    BLOCKED = "blocked"  # never started: a run it starts from (its parent) failed or was blocked itself
 
     @classmethod
     def of(cls, value: object) -> RunStatus | None:

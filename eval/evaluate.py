@@ -18,10 +18,14 @@ from tunefleet.eval import plan, results
 from tunefleet.eval.progress import shard_progress
 from tunefleet.eval.settings import EvalData, EvalSettings
 from tunefleet.eval.worker import ShardResult
+from tunefleet.trainers.model import root_model, run_folder
 
 
 def base_key(model: str) -> str:
-    return f"base:{model}"
+    """The row of the model a group of runs starts from: `base:<model>`, or `parent:<run>` for a run folder (a
+    pipeline's runs start from their parent run, merged)."""
+    folder = run_folder(model)
+    return f"parent:{folder.resolve().name}" if folder is not None else f"base:{model}"
 
 
 def evaluate(
@@ -37,9 +41,13 @@ def evaluate(
     out_path = results.results_path(runs_dir, output)
     methods = settings.methods
     runs = results.discover(runs_dir, methods)
+    if settings.runs is not None:
+        runs = [run for run in runs if run.name in settings.runs]
     if not runs:
         raise TunefleetError(
-            f"no runs with an adapter under {runs_dir}" + (f" for methods {methods}" if methods else "")
+            f"no runs with an adapter under {runs_dir}"
+            + (f" for methods {methods}" if methods else "")
+            + (f" among {', '.join(settings.runs)}" if settings.runs is not None else "")
         )
     existing = results.load_results(out_path)
     reward_funcs = tuple(settings.reward_funcs or results.grpo_rewards(runs) or ["length"])
@@ -59,9 +67,20 @@ def evaluate(
                 "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"
             }
     try:
-        for (base, dataset), members in groups.items():
+        # runs from the raw base first: the runs that start from a parent compare with that base's answers
+        for (base, dataset), members in sorted(groups.items(), key=lambda g: run_folder(g[0][0]) is not None):
             updates.update(
-                _evaluate_group(base, dataset, members, settings, reward_funcs, existing, address, progress)
+                _evaluate_group(
+                    base,
+                    dataset,
+                    members,
+                    settings,
+                    reward_funcs,
+                    existing,
+                    address,
+                    progress,
+                    {**existing, **updates},
+                )
             )
     finally:
         results.drop_fetched(runs_dir)
@@ -100,6 +119,7 @@ def _evaluate_group(
     existing: dict,
     address: str | None,
     progress: bool,
+    results_so_far: dict | None = None,
 ) -> dict:
     fp_settings = settings.fingerprint_fields() | {"dataset": dataset, "base": base, "rewards": list(reward_funcs)}
     todo, updates = [], {}
@@ -158,7 +178,10 @@ def _evaluate_group(
                 nodes.setdefault(task.target, set()).add(res.node_id)
     merged = plan.merge([p for p in pieces if p[0].target not in errors])
     base_pref, base_gen = merged.get((base_name, "pref")), merged.get((base_name, "gen"))
-    meta = {base_name: {"method": "base", "seed": None, "path": base, "fp": base_fp}}
+    from_parent = base_name.startswith("parent:")
+    root = root_model(base)
+    root_answers = ((results_so_far or {}).get(f"base:{root}") or {}).get("heldout_answers") if from_parent else None
+    meta = {base_name: {"method": "parent" if from_parent else "base", "seed": None, "path": base, "fp": base_fp}}
     meta |= {
         run.name: {"method": run.method, "seed": run.seed, "path": run.location, "fp": fp, "run": run}
         for run, fp in todo
@@ -186,8 +209,33 @@ def _evaluate_group(
                 ),
                 reward_funcs=list(reward_funcs),
             )
+            if name == base_name:  # kept, so the runs of a later stage can be compared with this model's answers
+                entry["heldout_answers"] = answers(merged.get((name, "gen")))
+            elif from_parent:
+                compare_with_root(entry, merged.get((name, "gen")), root_answers)
+        if name == base_name and from_parent:  # the parent's row stands with the stage of the runs it started
+            stages = {run.record.get("stage") for run, _ in todo}
+            entry.update(stage=stages.pop() if len(stages) == 1 else None, parent=None)
+        if "run" in info:
+            lineage = info["run"].record.get("lineage") or {}
+            entry.update(stage=info["run"].record.get("stage"), parent=lineage.get("parent_name"))
         updates[name] = entry
     return updates
+
+
+def answers(values: list | None) -> list[dict] | None:
+    """Per held-out prompt: the reward of a base or parent model's answer (in all and per reward)."""
+    return [{"reward": v["reward"], "rewards": v["rewards"]} for v in values] if values else None
+
+
+def compare_with_root(entry: dict, values: list | None, root: list | None) -> None:
+    """A run that started from a parent: its win rate against that parent (the group's own base row, computed as
+    win_rate_vs_base) moves to win_rate_vs_parent; win_rate_vs_base is against the raw base of the pipeline."""
+    entry["win_rate_vs_parent"] = entry.pop("win_rate_vs_base", None)
+    entry["win_rates_vs_parent"] = entry.pop("win_rates_vs_base", None)
+    entry["win_rate_vs_base"] = entry["win_rates_vs_base"] = None
+    if values and root and len(root) == len(values):
+        entry["win_rate_vs_base"], entry["win_rates_vs_base"] = plan.win_rates(values, root)
 
 
 def _run_local(

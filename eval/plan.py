@@ -143,5 +143,14 @@ def reward_metrics(values: list | None, base: list | None = None, samples: int =
     return out
 
 
+def win_rates(values: list, base: list) -> tuple[float, dict]:
+    """Share of prompts where an answer scores strictly higher than `base`'s answer to the same prompt, in all and per
+    reward (values and base: per prompt {"reward": sum, "rewards": {name: score}}, same prompts in the same order)."""
+    n = len(values)
+    names = list(values[0]["rewards"]) if values else []
+    overall = sum(v["reward"] > b["reward"] for v, b in zip(values, base)) / n
+    return overall, {k: sum(v["rewards"][k] > b["rewards"][k] for v, b in zip(values, base)) / n for k in names}
+
+
 def task_dict(task: Task) -> dict:
     return asdict(task)

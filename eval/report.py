@@ -47,13 +47,40 @@ def _fmt(value, pattern: str) -> str:
 
 
 def _ordered(results: dict) -> list[tuple[str, dict]]:
-    return sorted(results.items(), key=lambda kv: (kv[1].get("method") != "base", kv[1].get("method") or "", kv[0]))
+    """Base rows first; then stage by stage (stages whose runs start from the raw base first), each led by the
+    parent rows its runs start from; within a stage by method and name."""
+    later = {e.get("stage") for e in results.values() if e.get("method") == "parent"}
+
+    def key(item):
+        name, entry = item
+        stage = entry.get("stage") or ""
+        return (
+            entry.get("method") != "base",
+            stage in later,
+            stage,
+            entry.get("method") != "parent",
+            entry.get("method") or "",
+            name,
+        )
+
+    return sorted(results.items(), key=key)
+
+
+def columns(results: dict) -> list[tuple[str, str, str]]:
+    """The table's columns: the stage and the win rate against the parent only where a pipeline gives them."""
+    out = list(COLUMNS)
+    if any(e.get("stage") for e in results.values()):
+        out.insert(1, ("stage", "stage", "{}"))
+    if any(e.get("win_rate_vs_parent") is not None for e in results.values()):
+        out.append(("win_rate_vs_parent", "win rate vs parent", "{:.2f}"))
+    return out
 
 
 def markdown(results: dict) -> str:
     rows = _ordered(results)
+    shown = columns(results)
     best = {}
-    for key, _, _ in COLUMNS:
+    for key, _, _ in shown:
         better = BETTER.get(key)
         values = [e[key] for _, e in rows if isinstance(e.get(key), (int, float)) and not e.get("error")]
         if better and values:
@@ -63,12 +90,12 @@ def markdown(results: dict) -> str:
         "",
         f"{len(rows)} rows; **bold** = best in column. Definitions: README, section Evaluation.",
         "",
-        "| run | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+        "| run | " + " | ".join(h for _, h, _ in shown) + " |",
+        "|---" * (len(shown) + 1) + "|",
     ]
     for name, entry in rows:
         cells = []
-        for key, _, pattern in COLUMNS:
+        for key, _, pattern in shown:
             better = BETTER.get(key)
             text = _fmt(entry.get(key), pattern)
             cells.append(f"**{text}**" if better and key in best and entry.get(key) == best[key] else text)
@@ -83,9 +110,10 @@ def markdown(results: dict) -> str:
         "|---" * (len(SUMMARY) + 2) + "|",
     ]
     by_method: dict[str, list[dict]] = {}
-    for _, entry in rows:
+    for _, entry in rows:  # in a pipeline, per stage and method: DPO from SFT is not DPO from the raw base
         if not entry.get("error"):
-            by_method.setdefault(entry.get("method") or "?", []).append(entry)
+            group = "/".join(filter(None, (entry.get("stage"), entry.get("method") or "?")))
+            by_method.setdefault(group, []).append(entry)
     for method, entries in by_method.items():
         cells = []
         for key in SUMMARY:

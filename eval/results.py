@@ -52,6 +52,7 @@ BETTER = {
     "loss_margin": "max",
     "heldout_reward": "max",
     "win_rate_vs_base": "max",
+    "win_rate_vs_parent": "max",
 }
 
 
@@ -164,7 +165,8 @@ def loss_curve(run_dir: str) -> list[tuple[int, float]]:
 
 
 def empty_entry(name: str, path: str) -> dict:
-    return dict.fromkeys(RESULT_KEYS) | {"model_name": name, "model_path": path, "generation_samples": []}
+    lineage = {"stage": None, "parent": None, "win_rate_vs_parent": None, "win_rates_vs_parent": None}
+    return dict.fromkeys(RESULT_KEYS) | lineage | {"model_name": name, "model_path": path, "generation_samples": []}
 
 
 def results_path(runs_dir: str, output: str | None = None) -> str:

@@ -19,6 +19,7 @@ BACKENDS = ("local", "ray")
 @dataclass
 class EvalSettings:
     methods: list[str] | None = option(None, "Only these methods.", choices=METHODS)
+    runs: list[str] | None = option(None, "Only these runs (their names; a pipeline evaluates a stage's runs).")
     max_samples: int = option(100, "Samples per metric.", at_least=1)
     max_generation_samples: int = option(3, "Generation samples per run.", at_least=0)
     skip_perplexity: bool = option(False, "Skip test loss / perplexity.")

@@ -1,8 +1,9 @@
 """Where a sweep's runs execute: local processes or Ray. (SLURM: launcher/slurm.py.)
 
-Both backends read as the same steps: check resources -> queue every run -> start each run as its GPU share
-(or CPU slot) frees up -> a failed run is retried up to `retries` times, then reported; a run that ran out of
-memory sharing a GPU is retried once with a whole GPU -> the others go on.
+Both backends read as the same steps: check resources -> queue the runs that may start (all of a plain sweep; in a
+pipeline, those whose parent finished: launcher/dag.py) -> start each as its GPU share (or CPU slot) frees up -> a
+failed run is retried up to `retries` times, then reported; a run that ran out of memory sharing a GPU is retried
+once with a whole GPU -> the others go on; a run whose parent did not finish is blocked, never started.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.raycluster import ensure_ray
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, join
 from tunefleet.launcher import warm
+from tunefleet.launcher.dag import Dag
 from tunefleet.launcher.placement import Allocator
 from tunefleet.launcher.progress import SweepView
 from tunefleet.launcher.runner import run_one, stopping, terminate_children
@@ -67,20 +70,65 @@ def check_local_resources(runs: list[RunPlan], allocator: Allocator) -> None:
             )
 
 
-def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: SweepView) -> list[RunOutcome]:
+Chooser = Callable[[str], tuple[RunPlan | None, str]]  # a stage -> the best run of the stage it starts from, and why
+
+
+class Choices:
+    """Stages waiting for the best run of the stage they start from: each chosen in a thread of its own (the choice
+    evaluates that stage) while the sweep goes on."""
+
+    def __init__(self, chooser: Chooser | None):
+        self.chooser = chooser
+        self.threads: dict[str, threading.Thread] = {}
+        self.results: dict[str, tuple[RunPlan | None, str]] = {}
+
+    def start(self, stages: list[str]) -> None:
+        for stage in stages:
+            if stage in self.threads:
+                continue
+
+            def choose(stage=stage):
+                try:
+                    self.results[stage] = self.chooser(stage) if self.chooser else (None, "no chooser")
+                except Exception as exc:  # the evaluation failed: its children are blocked, said why
+                    self.results[stage] = (None, f"choosing failed: {type(exc).__name__}: {first_line(exc)}")
+
+            self.threads[stage] = threading.Thread(target=choose, daemon=True)
+            self.threads[stage].start()
+
+    def done(self) -> list[tuple[str, RunPlan | None, str]]:
+        out = [(stage, *self.results.pop(stage)) for stage in list(self.results)]
+        return out
+
+    @property
+    def busy(self) -> bool:
+        return any(t.is_alive() for t in self.threads.values()) or bool(self.results)
+
+
+def blocked_outcome(plan: RunPlan, why: str) -> RunOutcome:
+    return RunOutcome(plan.name, RunStatus.BLOCKED, join(plan.output_dir, "train.log"), error=why)
+
+
+def run_local(
+    runs: list[RunPlan], resources: Resources, retries: int, view: SweepView, chooser: Chooser | None = None
+) -> list[RunOutcome]:
     allocator = Allocator(gpu_ids(), resources.strategy)
     check_local_resources(runs, allocator)
-    cpu_slots = max(1, (os.cpu_count() or 1) // resources.cpus_per_run)
+    cores = os.cpu_count() or 1
     most = resources.max_parallel or len(runs)
-    # Each run gets its own cores' worth of threads, as Ray does: N runs x all cores each would thrash the CPU.
-    cpu_env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(resources.cpus_per_run)}
     warm.prestart()  # imports the training stack while the first runs are placed; each run is forked from it
-    pending, running, outcomes = deque(runs), {}, {}
+    dag, choices = Dag(runs), Choices(chooser)
+    pending: deque[RunPlan] = deque()  # may start, waiting for a slot
+    running, outcomes = {}, {}
     tries = Retries(retries)
+
+    def cpu_env(plan: RunPlan) -> dict:
+        # Each run gets its own cores' worth of threads, as Ray does: N runs x all cores each would thrash the CPU.
+        return {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(plan.placement.cpus)}
 
     def start(plan: RunPlan, ids: list[str]) -> None:
         result: dict[str, RunOutcome] = {}
-        env = {**cpu_env, **({"CUDA_VISIBLE_DEVICES": ",".join(ids)} if plan.placement.gpus > 0 else {})}
+        env = {**cpu_env(plan), **({"CUDA_VISIBLE_DEVICES": ",".join(ids)} if plan.placement.gpus > 0 else {})}
 
         def work():
             try:
@@ -96,11 +144,24 @@ def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: Swe
         running[plan.name] = (plan, ids, thread, result)
         thread.start()
 
+    def settle(outcome: RunOutcome) -> None:
+        outcomes[outcome.name] = outcome
+        view.set(outcome.name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
+        dag.ended(outcome.name, outcome.ok)
+
     try:
-        while (pending and not stopping.is_set()) or running:
-            for plan in list(pending):  # start what fits, in order
-                cpu_bound = sum(1 for p, *_ in running.values() if p.placement.gpus == 0)
-                if len(running) >= most or (plan.placement.gpus == 0 and cpu_bound >= cpu_slots):
+        while (not stopping.is_set() and (dag.pending or pending or choices.busy)) or running:
+            for stage, best, why in choices.done():
+                for plan, reason in dag.choose(stage, best, why):
+                    settle(blocked_outcome(plan, reason))
+            for plan, reason in dag.blocked():
+                settle(blocked_outcome(plan, reason))
+            choices.start(dag.choices())
+            pending.extend(dag.ready())
+            for plan in list(pending) if not stopping.is_set() else []:  # start what fits, in order
+                busy_cores = sum(p.placement.cpus for p, *_ in running.values() if p.placement.gpus == 0)
+                cpu_bound = plan.placement.gpus == 0
+                if len(running) >= most or (cpu_bound and busy_cores and busy_cores + plan.placement.cpus > cores):
                     break
                 ids = allocator.take(plan.placement.gpus)
                 if ids is None:
@@ -118,8 +179,7 @@ def run_local(runs: list[RunPlan], resources: Resources, retries: int, view: Swe
                     pending.appendleft(again[0])
                     view.set(name, RunStatus.QUEUED, again[1])
                 else:
-                    outcomes[name] = outcome
-                    view.set(name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
+                    settle(outcome)
             view.refresh()
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -139,10 +199,10 @@ def check_ray_resources(runs: list[RunPlan], resources: Resources, nodes: list[d
             f"each run needs {gpus:g} GPU(s) but the largest Ray node has {int(max_gpus)}; lower "
             "resources.gpus_per_run or add bigger nodes"
         )
-    if resources.cpus_per_run > max_cpus:
+    cpus = max((r.placement.cpus for r in runs), default=1)
+    if cpus > max_cpus:
         raise TunefleetError(
-            f"each run needs {resources.cpus_per_run} CPU(s) but the largest Ray node has "
-            f"{int(max_cpus)}; lower resources.cpus_per_run"
+            f"a run needs {cpus} CPU(s) but the largest Ray node has {int(max_cpus)}; lower resources.cpus_per_run"
         )
 
 
@@ -154,9 +214,15 @@ def run_on_ray_node(plan: RunPlan) -> RunOutcome:
 
 
 def run_ray(
-    runs: list[RunPlan], resources: Resources, retries: int, view: SweepView, address: str | None
+    runs: list[RunPlan],
+    resources: Resources,
+    retries: int,
+    view: SweepView,
+    address: str | None,
+    chooser: Chooser | None = None,
 ) -> tuple[list[RunOutcome], list[dict]]:
-    """Outcomes, and the nodes lost during the sweep (id, host, when)."""
+    """Outcomes, and the nodes lost during the sweep (id, host, when). A run's task is submitted once it may start
+    (in a pipeline: the moment its parent's task returned finished); Ray places it as resources free."""
     import ray
     from ray.exceptions import RayError
 
@@ -168,32 +234,50 @@ def run_ray(
     started = ensure_ray(address)
     try:
         check_ray_resources(runs, resources, ray.nodes())
-        # One task per run on the share of a GPU it asks for; Ray queues what does not fit. A task whose worker
-        # or node dies is re-executed by Ray (max_retries) and the run resumes from its checkpoint.
+        # One task per run on the share of a GPU and the CPUs it asks for; Ray queues what does not fit. A task whose
+        # worker or node dies is re-executed by Ray (max_retries) and the run resumes from its checkpoint.
         remote_run = ray.remote(run_on_ray_node)
-        options = dict(
-            num_cpus=resources.cpus_per_run,
-            max_retries=3,
-            retry_exceptions=False,
-            scheduling_strategy="SPREAD" if resources.strategy == "spread" else "DEFAULT",
-            memory=int(resources.memory_gb * 2**30) if resources.memory_gb else None,
-        )
+        strategy = "SPREAD" if resources.strategy == "spread" else "DEFAULT"
         by_name = {r.name: r for r in runs}
         tries = Retries(retries)
         inflight = {}
         nodes = NodeWatch(ray.nodes())
+        dag, choices = Dag(runs), Choices(chooser)
+        outcomes: dict[str, RunOutcome] = {}
 
         def submit(plan: RunPlan):
             by_name[plan.name] = plan
             tries.started(plan.name)
-            inflight[remote_run.options(**options, num_gpus=plan.placement.gpus).remote(plan)] = plan.name
+            where = plan.placement
+            task = remote_run.options(
+                num_cpus=where.cpus,
+                num_gpus=where.gpus,
+                memory=int(where.memory_gb * 2**30) if where.memory_gb else None,
+                max_retries=3,
+                retry_exceptions=False,
+                scheduling_strategy=strategy,
+            )
+            inflight[task.remote(plan)] = plan.name
 
-        for run in runs:
-            submit(run)
-        outcomes: dict[str, RunOutcome] = {}
+        def settle(outcome: RunOutcome) -> None:
+            outcomes[outcome.name] = outcome
+            view.set(outcome.name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
+            dag.ended(outcome.name, outcome.ok)
+
         running = set()
         try:
-            while inflight:
+            while inflight or ((dag.pending or choices.busy) and not stopping.is_set()):
+                for stage, best, why in choices.done():
+                    for plan, reason in dag.choose(stage, best, why):
+                        settle(blocked_outcome(plan, reason))
+                for plan, reason in dag.blocked():
+                    settle(blocked_outcome(plan, reason))
+                choices.start(dag.choices())
+                for plan in dag.ready():
+                    submit(plan)
+                if not inflight:
+                    time.sleep(0.2)
+                    continue
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 _mark_running(by_name, inflight, running, view)
                 nodes.check(ray.nodes(), view)
@@ -210,8 +294,7 @@ def run_ray(
                         view.set(name, RunStatus.QUEUED, again[1])
                         submit(again[0])
                         continue
-                    outcomes[name] = outcome
-                    view.set(name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
+                    settle(outcome)
                 view.refresh()
         except KeyboardInterrupt:
             for ref in inflight:

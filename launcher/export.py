@@ -25,6 +25,7 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.common.terminal import calm
 from tunefleet.eval.results import BETTER, fetch, load_results, results_path
+from tunefleet.trainers.model import merge_adapter, save_tokenizer
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -165,7 +166,7 @@ def export_run(
                 shutil.copy2(run_path / file, partial / file)
             saved_dtype = "adapter"
         else:
-            saved_dtype = merge(
+            saved_dtype = merge_adapter(
                 run_path, base, dtype, partial, bool((record.get("config") or {}).get("trust_remote_code"))
             )
         save_tokenizer(run_path, base, partial, bool((record.get("config") or {}).get("trust_remote_code")))
@@ -177,48 +178,6 @@ def export_run(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out
-
-
-def merge(run_path: Path, base: str, dtype: str, into: Path, trust_remote_code: bool) -> str:
-    """Base in float32 + adapter, merged, cast to `dtype` ("auto": the base's own dtype), saved as safetensors."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tunefleet.trainers.model import resolve
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve(base), dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
-    except TunefleetError:
-        raise
-    except Exception as exc:
-        raise TunefleetError(f"cannot load base model {base}: {first_line(exc)}") from None
-    base_dtype = getattr(model.config, "dtype", None)
-    target = dtype if dtype != "auto" else str(base_dtype or "float32").removeprefix("torch.")
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(model, str(run_path)).merge_and_unload()
-    except Exception as exc:
-        raise TunefleetError(f"cannot apply the adapter of {run_path} to {base}: {first_line(exc)}") from None
-    model = model.to(getattr(torch, target))
-    model.config.dtype = getattr(torch, target)
-    model.save_pretrained(into)
-    return target
-
-
-def save_tokenizer(run_path: Path, base: str, into: Path, trust_remote_code: bool) -> None:
-    """The run's tokenizer (its pad token and chat template as trained), else the base's."""
-    from transformers import AutoTokenizer
-
-    from tunefleet.trainers.model import load_tokenizer
-
-    if (run_path / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(run_path, trust_remote_code=trust_remote_code)
-    else:
-        tokenizer = load_tokenizer(base, trust_remote_code)
-    tokenizer.save_pretrained(into)
 
 
 def model_card(chosen: Chosen, record: dict, base: str, saved: str, adapter_only: bool) -> str:

@@ -26,6 +26,8 @@ class Placement:
     reason: str
     estimate_gb: float | None = None
     gpu_memory_gb: float | None = None
+    cpus: int = 1  # CPU cores (the run's threads; Ray's num_cpus; SLURM's cpus-per-task)
+    memory_gb: float | None = None  # host memory Ray and SLURM reserve for it
 
     @property
     def runs_per_gpu(self) -> int:
@@ -38,7 +40,12 @@ class Placement:
     def alone(self) -> Placement:
         """The same run with a whole GPU to itself (the retry after an out-of-memory)."""
         return Placement(
-            max(1.0, self.gpus), "retried alone: ran out of memory sharing a GPU", self.estimate_gb, self.gpu_memory_gb
+            max(1.0, self.gpus),
+            "retried alone: ran out of memory sharing a GPU",
+            self.estimate_gb,
+            self.gpu_memory_gb,
+            self.cpus,
+            self.memory_gb,
         )
 
     def record(self) -> dict[str, Any]:

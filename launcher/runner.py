@@ -26,6 +26,7 @@ from tunefleet.launcher import warm
 from tunefleet.launcher.launch import free_port, launch_command, plan_launch
 from tunefleet.launcher.runs import RunOutcome, RunPlan, RunSummary
 from tunefleet.trainers import memory, recovery
+from tunefleet.trainers.run import parent_changed
 
 _children: set[subprocess.Popen | warm.WarmProcess] = set()
 stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
@@ -76,8 +77,13 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     the Ray node it runs on, ...). A run kept in a store (`s3://...`) is launched from node-local scratch (its
     config.yaml and log), which goes once the log is appended to the store's train.log.
     """
+    if plan.lineage is not None and plan.lineage.waits_for_choice:
+        raise ValueError(f"{plan.name} starts from the best run of stage {plan.lineage.parent_stage}, not chosen yet")
     out = plan.output_dir if is_uri(plan.output_dir) else str(Path(plan.output_dir).resolve())
-    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=out))
+    model = plan.config.model_name
+    if plan.parent and not is_uri(model):  # the parent run folder, wherever the run's process starts
+        model = str(Path(model).resolve())
+    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=out, model_name=model))
     store = Store(out)
     here = scratch_dir(out, "launch") if store.remote else Path(out)  # config.yaml and train.log while it runs
     log, host, t0 = here / "train.log", socket.gethostname(), time.time()
@@ -99,7 +105,14 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
         )
 
     if summarize(out).status is RunStatus.FINISHED:
-        return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
+        changed = parent_changed(plan.config, store.read_json("run.json") or {}) if plan.parent else None
+        if not changed:
+            return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
+        # its parent was retrained since: this run is trained again from the new one (its log says why)
+        plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, overwrite=True))
+        here.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as log_file:
+            log_file.write(f"\n=== {changed.split(':')[0]}: trained again from it\n")
     choice, env = plan_launch(plan.config, env_extra)
     plan = dataclasses.replace(
         plan, config=dataclasses.replace(plan.config, accelerate_config=choice.config or "auto")

@@ -35,6 +35,7 @@ from tunefleet.launcher.placement import slurm_groups
 from tunefleet.launcher.runner import summarize
 
 # Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
+MAIN = "main"  # the array of the runs that wait for nothing (every run of a plain sweep)
 ACTIVE = {
     "PENDING",
     "RUNNING",
@@ -85,18 +86,33 @@ def task_resources(runs, tasks: list[list[int]]) -> tuple[int, int]:
     return gpus, max((len(task) for task in tasks), default=1)
 
 
-def render_array_script(spec, runs, tasks: list[list[int]], sweep_dir: str, python: str, retries: int = 1) -> str:
-    """The sbatch script of a sweep: array task i trains the runs `tasks[i]` (positions in runs.json); runs that
-    share a GPU (gpus_per_run < 1) share one task, each in its own process."""
+def render_array_script(
+    spec,
+    runs,
+    tasks: list[list[int]],
+    sweep_dir: str,
+    python: str,
+    retries: int = 1,
+    group: str = MAIN,
+    after: str | None = None,
+) -> str:
+    """The sbatch script of one job array: array task i trains the runs `tasks[i]` (positions in runs.json); runs
+    that share a GPU (gpus_per_run < 1) share one task, each in its own process. In a pipeline, the runs that wait
+    for a parent still training form an array of their own (`group`) that starts only once that parent's task
+    succeeded (`after`: `--dependency=afterok`); a failed parent cancels it (`--kill-on-invalid-dep`)."""
     s, r = spec.slurm, spec.resources
     slurm_dir = Path(sweep_dir) / "slurm"
     names = ", ".join(f"{t}={'+'.join(runs[i].name for i in task)}" for t, task in enumerate(tasks))
     requeue = s.requeue
     gpus, per_task = task_resources(runs, tasks)
+    cpus = max((sum(runs[i].placement.cpus for i in task) for task in tasks), default=1)
+    memory = max((sum(runs[i].placement.memory_gb or 0 for i in task) for task in tasks), default=0) or None
+    wait = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
     lines = [
-        f"--job-name=tf-{spec.name}",
+        f"--job-name=tf-{spec.name}" + ("" if group == MAIN else f"-{group}"),
+        *wait,
         f"--array={array_spec(list(range(len(tasks))), s.array_limit or r.max_parallel)}",
-        *_resource_lines(spec, gpus, r.cpus_per_run * per_task, r.memory_gb and r.memory_gb * per_task),
+        *_resource_lines(spec, gpus, cpus, memory),
         f"--output={slurm_dir}/%A_%a.log",
         "--open-mode=append",
     ]  # a requeued task appends to its log instead of truncating it
@@ -106,7 +122,7 @@ def render_array_script(spec, runs, tasks: list[list[int]], sweep_dir: str, pyth
     header = "\n".join(f"#SBATCH {line}" for line in lines)
     task = (
         f"{shlex.quote(python)} -m tunefleet.launcher.slurm_task {shlex.quote(str(slurm_dir / 'runs.json'))} "
-        f'"$SLURM_ARRAY_TASK_ID" --retries {retries}'
+        f'"$SLURM_ARRAY_TASK_ID" --retries {retries}' + ("" if group == MAIN else f" --group {shlex.quote(group)}")
     )
     requeue_block = (
         """if [ "$signalled" = USR1 ] && [ "$rc" -ne 0 ]; then
@@ -155,8 +171,34 @@ def eval_command(spec, runs_dir: str, python: str, gpus: int) -> list[str]:
     return [python, "-m", "tunefleet.launcher.cli", "eval", "--runs_dir", runs_dir, *schema.to_argv(settings)]
 
 
+def render_choice_script(spec, stage: str, sweep_dir: str, python: str, after: str | None) -> str:
+    """The job that picks the best run of the stage `stage` starts from, once all of that stage's tasks ended
+    (`afterany`): it evaluates that stage and writes slurm/choices.json, which the runs of `stage` read (pure)."""
+    slurm_dir = Path(sweep_dir) / "slurm"
+    wait = [f"--dependency=afterany:{after}"] if after else []
+    lines = [
+        f"--job-name=tf-{spec.name}-choose-{stage}",
+        *wait,
+        *_resource_lines(spec, 0, spec.resources.cpus_per_run, spec.resources.memory_gb),
+        f"--output={slurm_dir}/choose_{stage}_%j.log",
+        *[str(x).removeprefix("#SBATCH ") for x in spec.slurm.extra],
+    ]
+    header = "\n".join(f"#SBATCH {line}" for line in lines)
+    cmd = " ".join(
+        shlex.quote(c)
+        for c in [python, "-m", "tunefleet.launcher.slurm_task", str(slurm_dir / "runs.json"), "--choose", stage]
+    )
+    return f"""#!/bin/bash
+# tunefleet sweep {spec.name}: the run stage {stage} starts from (the best of its parent stage).
+{header}
+
+exec {cmd}
+"""
+
+
 def render_eval_script(spec, sweep_dir: str, python: str, after: str | None) -> str:
-    """The evaluation job; with `after`, it starts once every task of that array job succeeded (pure)."""
+    """The evaluation job; with `after` (job ids joined by `:`), it starts once every task of those jobs succeeded
+    (pure)."""
     r, shards = spec.resources, spec.eval.shards
     gpus = shards if r.gpus_per_run == "auto" or r.gpus_per_run > 0 else 0  # one GPU per eval shard on a GPU sweep
     wait = (
@@ -283,28 +325,55 @@ def submit_sweep(spec, runs, a) -> int:
 
     # Everything the tasks need goes through runs.json (no YAML in bash); indices are positions in it.
     absolute = [
-        dataclasses.replace(r, config=dataclasses.replace(r.config, output_dir=str(Path(r.output_dir).resolve())))
+        dataclasses.replace(
+            r,
+            config=dataclasses.replace(
+                r.config,
+                output_dir=str(Path(r.output_dir).resolve()),
+                model_name=str(Path(r.config.model_name).resolve()) if r.parent else r.config.model_name,
+            ),
+        )
         for r in runs
     ]
-    tasks = [[todo[j] for j in group] for group in slurm_groups([runs[i].placement for i in todo])]
-    array_script = render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries) if todo else None
+    groups = dependency_groups(runs, todo)
+    arrays = {
+        key: [[members[j] for j in task] for task in slurm_groups([runs[i].placement for i in members])]
+        for key, members in groups.items()
+    }
+    scripts = {
+        key: render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries, key)
+        for key, tasks in arrays.items()
+    }
     if a.dry_run:
         print(
-            f"# {spec.name}: {len(todo)} of {len(runs)} runs to submit ({finished} finished) in {len(tasks)} "
-            f"task(s); runs.json holds {', '.join(f'{i}={r.name}' for i, r in enumerate(runs))}"
+            f"# {spec.name}: {len(todo)} of {len(runs)} runs to submit ({finished} finished) in "
+            f"{sum(len(t) for t in arrays.values())} task(s) of {len(arrays)} array(s); runs.json holds "
+            + ", ".join(f"{i}={r.name}" for i, r in enumerate(runs))
         )
-        if array_script:
-            print(f"# ---- {slurm_dir / 'sweep.sbatch'}\n{array_script}")
+        for key, script in scripts.items():
+            print(f"# ---- {slurm_dir / script_name(key)} ({waits_for(key, runs)})\n{script}")
         if a.eval:
             print(
                 f"# ---- {slurm_dir / 'eval.sbatch'}\n"
-                + render_eval_script(spec, str(sweep_dir), python, "<array job id>" if todo else None)
+                + render_eval_script(spec, str(sweep_dir), python, "<array job ids>" if todo else None)
             )
         return 0
 
     slurm_dir.mkdir(parents=True, exist_ok=True)
+    stages = {
+        stage.name: {"from": stage.parent, "best": stage.best, "eval": schema.to_dict(stage.eval)}
+        for stage in spec.stages
+    }
     write_json_atomic(
-        slurm_dir / "runs.json", {"sweep": spec.name, "runs": [r.to_json() for r in absolute], "tasks": tasks}
+        slurm_dir / "runs.json",
+        {
+            "sweep": spec.name,
+            "runs_dir": str(sweep_dir),
+            "runs": [r.to_json() for r in absolute],
+            "tasks": arrays.get(MAIN, []),
+            "groups": arrays,
+            "stages": stages,
+        },
     )
     state = {
         "name": spec.name,
@@ -316,6 +385,7 @@ def submit_sweep(spec, runs, a) -> int:
                 "output_dir": r.output_dir,
                 "method": r.method,
                 "status": RunStatus.QUEUED if i in todo else RunStatus.FINISHED,
+                **({"stage": r.lineage.stage, "parent": r.lineage.parent} if r.lineage else {}),
                 **_earlier_job(previous, r.name),
             }
             for i, r in enumerate(runs)
@@ -323,37 +393,100 @@ def submit_sweep(spec, runs, a) -> int:
         "slurm": {
             "job_ids": [],
             "array_job_id": None,
+            "arrays": {},
+            "choice_job_ids": {},
             "eval_job_id": None,
             "script": None,
             "previous_job_ids": old.get("previous_job_ids", []) + old.get("job_ids", []),
         },
     }
-    array_id = eval_id = None
-    if array_script:
-        (slurm_dir / "sweep.sbatch").write_text(array_script)
-        array_id = sbatch(slurm_dir / "sweep.sbatch")
-        state["slurm"].update(job_ids=[array_id], array_job_id=array_id, script=str(slurm_dir / "sweep.sbatch"))
+    job_of: dict[str, str] = {}  # run name -> its array task, "ARRAY_TASK"
+    array_of_stage: dict[str, list[str]] = {}
+    for key, tasks in arrays.items():
+        after = dependency_of(key, runs, job_of, array_of_stage, spec, str(sweep_dir), python, slurm_dir, state)
+        script = slurm_dir / script_name(key)
+        script.write_text(render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries, key, after))
+        array_id = sbatch(script)
+        state["slurm"]["job_ids"].append(array_id)
+        state["slurm"]["arrays"][key] = array_id
+        if key == MAIN:
+            state["slurm"].update(array_job_id=array_id, script=str(script))
         for t, task in enumerate(tasks):
             for i in task:
-                state["runs"][runs[i].name].update(slurm_task=t, slurm_job=f"{array_id}_{t}")
-    write_json_atomic(state_path, state)  # before the eval job: whatever happens next, a resubmission sees the array
+                job_of[runs[i].name] = f"{array_id}_{t}"
+                state["runs"][runs[i].name].update(slurm_task=t, slurm_job=f"{array_id}_{t}", slurm_array=key)
+                if runs[i].lineage:
+                    array_of_stage.setdefault(runs[i].lineage.stage, []).append(array_id)
+        write_json_atomic(state_path, state)  # whatever happens next, a resubmission sees the arrays so far
+    write_json_atomic(state_path, state)
 
+    eval_id = None
     if a.eval:
-        (slurm_dir / "eval.sbatch").write_text(render_eval_script(spec, str(sweep_dir), python, array_id))
+        arrays_submitted = ":".join(state["slurm"]["arrays"].values()) or None
+        (slurm_dir / "eval.sbatch").write_text(render_eval_script(spec, str(sweep_dir), python, arrays_submitted))
         try:
             eval_id = sbatch(slurm_dir / "eval.sbatch")
         except TunefleetError as exc:
-            if array_id:
+            if arrays_submitted:
                 raise TunefleetError(
-                    f"{exc} (training array {array_id} is submitted; evaluate later with "
+                    f"{exc} (training arrays {arrays_submitted} are submitted; evaluate later with "
                     f"`tunefleet eval --runs_dir {spec.runs_dir}`)"
                 ) from None
             raise
         state["slurm"].update(job_ids=state["slurm"]["job_ids"] + [eval_id], eval_job_id=eval_id)
         write_json_atomic(state_path, state)
 
-    print_submitted(spec, runs, tasks, array_id, eval_id, sweep_dir)
+    print_submitted(spec, runs, arrays, state["slurm"]["arrays"], eval_id, sweep_dir)
     return 0
+
+
+def dependency_groups(runs, todo: list[int]) -> dict[str, list[int]]:
+    """The runs to submit, by what they wait for (pure): nothing (`main`: a plain sweep's runs, a pipeline's first
+    stage, and runs whose parent finished before), a parent still to train (`after-PARENT`), or the choice of the
+    best run of another stage (`best-STAGE`)."""
+    waiting = {runs[i].name for i in todo}
+    groups: dict[str, list[int]] = {}
+    for i in todo:
+        run = runs[i]
+        if run.lineage is not None and run.lineage.best is not None:
+            key = f"best-{run.lineage.stage}"
+        elif run.parent is not None and run.parent in waiting:
+            key = f"after-{run.parent}"
+        else:
+            key = MAIN
+        groups.setdefault(key, []).append(i)
+    return dict(sorted(groups.items(), key=lambda g: g[1][0]))  # parents come before their children in runs
+
+
+def script_name(group: str) -> str:
+    return "sweep.sbatch" if group == MAIN else f"sweep-{group}.sbatch"
+
+
+def waits_for(group: str, runs) -> str:
+    if group == MAIN:
+        return "starts at once"
+    kind, _, what = group.partition("-")
+    return (
+        f"starts when {what} succeeded" if kind == "after" else f"starts once the best run for stage {what} is chosen"
+    )
+
+
+def dependency_of(key, runs, job_of, array_of_stage, spec, sweep_dir, python, slurm_dir, state) -> str | None:
+    """The job(s) the array `key` waits for: its parent's task, or the job that chooses its stage's parent (which
+    is submitted here, after every array of the stage it chooses from)."""
+    kind, _, what = key.partition("-")
+    if kind == "after":
+        return job_of[what]
+    if kind != "best":
+        return None
+    stage = next(s for s in spec.stages if s.name == what)
+    before = ":".join(sorted(set(array_of_stage.get(stage.parent, [])))) or None
+    script = slurm_dir / f"choose-{what}.sbatch"
+    script.write_text(render_choice_script(spec, what, sweep_dir, python, before))
+    choice_id = sbatch(script)
+    state["slurm"]["job_ids"].append(choice_id)
+    state["slurm"]["choice_job_ids"][what] = choice_id
+    return choice_id
 
 
 def refuse_while_queued(spec, job_ids: list) -> None:
@@ -367,23 +500,29 @@ def refuse_while_queued(spec, job_ids: list) -> None:
         )
 
 
-def print_submitted(spec, runs, tasks, array_id, eval_id, sweep_dir: Path) -> None:
-    slurm_dir, finished = sweep_dir / "slurm", len(runs) - sum(len(t) for t in tasks)
-    if array_id:
-        limit = spec.slurm.array_limit or spec.resources.max_parallel
+def print_submitted(spec, runs, arrays: dict, array_ids: dict, eval_id, sweep_dir: Path) -> None:
+    slurm_dir = sweep_dir / "slurm"
+    finished = len(runs) - sum(len(task) for tasks in arrays.values() for task in tasks)
+    limit = spec.slurm.array_limit or spec.resources.max_parallel
+    for key, tasks in arrays.items():
+        array_id = array_ids[key]
         print(
             f"submitted sweep {spec.name}: SLURM array job {array_id}, {len(tasks)} task(s) "
             f"({array_spec(list(range(len(tasks))), None)})"
+            + ("" if key == MAIN else f", {waits_for(key, runs)}")
             + (f", at most {limit} at once" if limit else "")
-            + (f"; {finished} run(s) already finished" if finished else "")
+            + (f"; {finished} run(s) already finished" if finished and key == MAIN else "")
         )
         for t, task in enumerate(tasks):
             names = " + ".join(runs[i].name for i in task)
             print(f"  {array_id}_{t}: {names}  log {slurm_dir / f'{array_id}_{t}.log'}")
+    if not arrays:
+        print(f"sweep {spec.name}: every run already finished" + (f" ({finished})" if finished else ""))
     if eval_id:
+        every = ", ".join(array_ids.values())
         print(
             f"evaluation: job {eval_id}"
-            + (f", starts when every task of {array_id} succeeded" if array_id else "")
+            + (f", starts when every task of {every} succeeded" if every else "")
             + f"; results in {sweep_dir / 'evaluation_results.json'}"
         )
     print(f"follow: tunefleet status {spec.runs_dir}    cancel: tunefleet cancel {spec.runs_dir}")
@@ -408,7 +547,9 @@ def cancel(state: dict) -> int:
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise TunefleetError(f"scancel {' '.join(ids)} failed: {reason}")
-    roles = {str(s.get("array_job_id")): "training array", str(s.get("eval_job_id")): "evaluation"}
+    roles = {str(j): f"training array ({key})" for key, j in (s.get("arrays") or {}).items()}
+    roles |= {str(s.get("array_job_id")): "training array", str(s.get("eval_job_id")): "evaluation"}
+    roles |= {str(j): f"choice of stage {stage}'s parent" for stage, j in (s.get("choice_job_ids") or {}).items()}
     for jid in ids:
         mine = {j: st for j, st in busy.items() if j == jid or j.startswith(f"{jid}_")}
         if mine:

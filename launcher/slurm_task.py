@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from tunefleet.launcher import runner, warm
 from tunefleet.launcher.runs import RunOutcome, RunPlan
@@ -72,18 +73,63 @@ def train(run: RunPlan, retries: int, received: list[int], env: dict) -> RunOutc
     return outcome
 
 
+def choose(spec: dict, stage: str, slurm_dir: Path) -> int:
+    """The job that picks the run `stage` starts from: the best of its parent stage, into slurm/choices.json."""
+    from tunefleet.common import schema
+    from tunefleet.common.jsonfile import read_json, write_json_atomic
+    from tunefleet.eval.settings import EvalSettings
+    from tunefleet.launcher.choose import best_run
+
+    wanted = spec["stages"][stage]
+    parent = wanted["from"]
+    members = {
+        plan.name: plan.output_dir
+        for plan in map(RunPlan.from_json, spec["runs"])
+        if plan.lineage is not None and plan.lineage.stage == parent
+    }
+    settings = schema.from_mapping(EvalSettings, spec["stages"][parent]["eval"])
+    choice = best_run(parent, wanted["best"], members, spec["runs_dir"], settings)
+    path = slurm_dir / "choices.json"
+    write_json_atomic(path, (read_json(path) or {}) | {stage: choice.record()})
+    print(f"=== stage {stage} starts from {choice.why}" if choice.run else f"=== stage {stage}: {choice.why}")
+    return 0 if choice.run else 1
+
+
+def with_chosen_parent(run: RunPlan, slurm_dir: Path) -> RunPlan:
+    """A run of a `best:` stage with the parent its choice job picked (slurm/choices.json)."""
+    from tunefleet.common.jsonfile import read_json
+
+    if run.lineage is None or not run.lineage.waits_for_choice:
+        return run
+    choice = (read_json(slurm_dir / "choices.json") or {}).get(run.lineage.stage) or {}
+    if not choice.get("run"):
+        raise SystemExit(f"=== {run.name}: no parent chosen for stage {run.lineage.stage}: {choice.get('why')}")
+    parent = str(Path(run.output_dir).parent / choice["run"])
+    return dataclasses.replace(
+        run,
+        config=dataclasses.replace(run.config, model_name=parent),
+        lineage=dataclasses.replace(run.lineage, parent=choice["run"]),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tunefleet.launcher.slurm_task", description="Run one array task of a sweep."
     )
     p.add_argument("runs_json", help="<runs_dir>/slurm/runs.json")
-    p.add_argument("index", type=int, help="Task of runs.json to run ($SLURM_ARRAY_TASK_ID).")
+    p.add_argument("index", type=int, nargs="?", help="Task of its array to run ($SLURM_ARRAY_TASK_ID).")
+    p.add_argument("--group", default="main", help="The array of runs.json the task belongs to (its `groups`).")
     p.add_argument("--retries", type=int, default=1, help="Retries of a failed run inside this task.")
+    p.add_argument("--choose", metavar="STAGE", help="Pick the run a `best:` stage starts from, then exit.")
     a = p.parse_args(argv)
     with open(a.runs_json) as fh:
         spec = json.load(fh)
-    task = spec.get("tasks", [[i] for i in range(len(spec["runs"]))])[a.index]
-    runs = [RunPlan.from_json(spec["runs"][i]) for i in task]
+    slurm_dir = Path(a.runs_json).parent
+    if a.choose:
+        return choose(spec, a.choose, slurm_dir)
+    groups = spec.get("groups") or {"main": spec.get("tasks", [[i] for i in range(len(spec["runs"]))])}
+    task = groups[a.group][a.index]
+    runs = [with_chosen_parent(RunPlan.from_json(spec["runs"][i]), slurm_dir) for i in task]
     received = relay_signals()
     warm.prestart()  # imports the training stack once for the runs of this task
     cpus = max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", len(runs))) // len(runs))

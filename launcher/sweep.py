@@ -11,6 +11,20 @@
     eval: {max_samples: 100, shards: 2}                         # `tunefleet eval` flags for --eval
 
 Precedence inside a run: base < methods[<method>] < the grid values of that run.
+
+A pipeline spec holds named `stages:` instead of one grid; each takes every key above (but name, runs_dir, slurm)
+over the spec's, and may start from the runs of an earlier stage:
+
+    stages:
+      sft: {grid: {seed: [1, 2]}, base: {method: sft, split: train_sft}}
+      aligned:                      # each SFT run is the base model of one run per method
+        from: sft
+        match: [seed]               # (the default) a child takes its parent's seed; a grid over seed pairs by value
+        grid: {method: [dpo, kto]}
+      tuned:
+        from: sft
+        best: test_loss             # the parent is the best SFT run by test loss, once that stage is evaluated
+        grid: {method: [dpo], seed: [1, 2]}
 """
 
 from __future__ import annotations
@@ -29,8 +43,24 @@ from tunefleet.launcher.runs import RunPlan
 from tunefleet.trainers import config
 from tunefleet.trainers.config import DatasetPart, TrainConfig, model_short
 
-TOP_KEYS = ("name", "runs_dir", "base", "grid", "methods", "resources", "naming", "slurm", "eval")
+TOP_KEYS = ("name", "runs_dir", "base", "grid", "methods", "resources", "naming", "slurm", "eval", "stages")
+STAGE_KEYS = ("from", "match", "best", "base", "grid", "methods", "resources", "naming", "eval")
+SWEEP_WIDE = ("strategy", "max_parallel")  # resources of the whole sweep, not of one stage
 DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
+CHILD_NAMING = "{parent}-{method}"  # a run of a stage that starts from a run of an earlier one, matched
+BEST_CHILD_NAMING = "{method}_{model_short}_s{seed}_from_best_{parent_stage}"
+# What the evaluator needs to give each metric `best:` may choose by (eval.results.BETTER has their directions).
+METRIC_NEEDS = {
+    "test_loss": "sft_split",
+    "perplexity": "sft_split",
+    "preference_accuracy": "pref_split",
+    "reward_accuracy": "pref_split",
+    "loss_margin": "pref_split",
+    "heldout_reward": "gen_split",
+    "win_rate_vs_base": "gen_split",
+    "best_eval_loss": "eval_split",
+    "final_eval_loss": "eval_split",
+}
 
 
 @dataclass
@@ -68,6 +98,26 @@ class SlurmSettings:
 
 
 @dataclass
+class Stage:
+    """One stage of a pipeline spec: its own grid, methods, resources, eval and naming over the spec's, and where
+    its runs start: the spec's model, or a run of an earlier stage (`from`), matched by the values in `match` (each
+    parent's runs get the stage's grid; a grid key in `match` pairs a child with the parent of the same value) or
+    the `best` run of that stage by a metric, once it is evaluated."""
+
+    name: str
+    base: dict = field(default_factory=dict)  # the spec's base with the stage's on top
+    grid: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)  # per method: the spec's overrides with the stage's on top
+    resources: Resources = field(default_factory=Resources)
+    naming: str | None = None  # None: the default for where the stage starts
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    parent: str | None = None  # `from`: the stage whose runs this one starts from
+    match: list[str] = field(default_factory=lambda: ["seed"])
+    best: str | None = None
+    sets_model: str | None = None  # a model_name the stage's own base gives (checked against its parents')
+
+
+@dataclass
 class SweepSpec:
     name: str
     runs_dir: str
@@ -79,6 +129,7 @@ class SweepSpec:
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     path: str = ""
+    stages: list[Stage] = field(default_factory=list)  # empty: a plain sweep (one grid)
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -153,7 +204,114 @@ def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None)
     spec.naming = data.get("naming") or DEFAULT_NAMING
     if not isinstance(spec.naming, str):
         raise TunefleetError(f"{_where(spec_path, lines, 'naming')}'naming' must be a string")
+    if "stages" in data:
+        spec.stages = parse_stages(data, spec, spec_path, lines)
     return spec
+
+
+def _checked_flags(values, name: str, spec_path: str, lines: dict) -> dict:
+    where = _where(spec_path, lines, name)
+    if not isinstance(values, dict):
+        raise TunefleetError(f"{where}'{name}' must be a mapping of flags")
+    for key, value in values.items():
+        config.coerce(key, value, _where(spec_path, lines, f"{name}.{key}"))
+    return values
+
+
+def parse_stages(data: dict, spec: SweepSpec, spec_path: str, lines: dict) -> list[Stage]:
+    """The `stages:` mapping, in order; each stage's settings over the spec's (every error names key and line)."""
+    stages_data = data["stages"]
+    if not isinstance(stages_data, dict) or not stages_data:
+        raise TunefleetError(f"{_where(spec_path, lines, 'stages')}'stages' must be a mapping of named stages")
+    if data.get("grid"):
+        raise TunefleetError(
+            f"{_where(spec_path, lines, 'grid')}a spec with stages gives each stage its own grid: move 'grid' into them"
+        )
+    stages: list[Stage] = []
+    for name, raw in stages_data.items():
+        key = f"stages.{name}"
+        where = _where(spec_path, lines, key)
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+            raise TunefleetError(f"{where}stage names are letters, digits, _ . -: {name!r}")
+        if not isinstance(raw, dict):
+            raise TunefleetError(f"{where}'{key}' must be a mapping (from, grid, methods, ...)")
+        for k in raw:
+            if k not in STAGE_KEYS:
+                raise TunefleetError(
+                    f"{_where(spec_path, lines, f'{key}.{k}')}unknown key '{k}' in a stage{nearest(k, STAGE_KEYS)}"
+                )
+        stage = Stage(name=name, naming=raw.get("naming"))
+        own_base = _checked_flags(raw.get("base") or {}, f"{key}.base", spec_path, lines)
+        stage.base = {**spec.base, **own_base}
+        stage.sets_model = own_base.get("model_name")
+        grid = raw.get("grid") or {}
+        if not isinstance(grid, dict):
+            raise TunefleetError(f"{_where(spec_path, lines, f'{key}.grid')}'{key}.grid' must be a mapping")
+        for k, values in grid.items():
+            at = _where(spec_path, lines, f"{key}.grid.{k}")
+            if not isinstance(values, list) or not values:
+                raise TunefleetError(f"{at}'{key}.grid.{k}' must be a non-empty list")
+            for v in values:
+                config.coerce(k, v, at)
+        stage.grid = grid
+        methods = raw.get("methods") or {}
+        if not isinstance(methods, dict):
+            raise TunefleetError(f"{_where(spec_path, lines, f'{key}.methods')}'{key}.methods' must be a mapping")
+        stage.methods = dict(spec.methods)
+        for method, overrides in methods.items():
+            config.coerce("method", method, _where(spec_path, lines, f"{key}.methods.{method}"))
+            overrides = _checked_flags(overrides, f"{key}.methods.{method}", spec_path, lines)
+            stage.methods[method] = {**spec.methods.get(method, {}), **overrides}
+        resources = raw.get("resources") or {}
+        for k in SWEEP_WIDE:
+            if k in (resources if isinstance(resources, dict) else {}):
+                raise TunefleetError(
+                    f"{_where(spec_path, lines, f'{key}.resources.{k}')}resources.{k} is the whole sweep's: set it "
+                    "in the spec's top-level resources"
+                )
+        stage.resources = _section(
+            Resources, {**(data.get("resources") or {}), **resources}, f"{key}.resources", spec_path, lines
+        )
+        stage.eval = _section(
+            EvalSettings, {**(data.get("eval") or {}), **(raw.get("eval") or {})}, f"{key}.eval", spec_path, lines
+        )
+        if stage.naming is not None and not isinstance(stage.naming, str):
+            raise TunefleetError(f"{_where(spec_path, lines, f'{key}.naming')}'{key}.naming' must be a string")
+        stage.parent = raw.get("from")
+        known = [s.name for s in stages]
+        if stage.parent is not None:
+            at = _where(spec_path, lines, f"{key}.from")
+            if stage.parent == name:
+                raise TunefleetError(f"{at}stage '{name}' starts from itself: a cycle")
+            if stage.parent not in stages_data:
+                raise TunefleetError(
+                    f"{at}stage '{name}' starts from '{stage.parent}', which is no stage{nearest(str(stage.parent), stages_data)}"
+                )
+            if stage.parent not in known:
+                raise TunefleetError(
+                    f"{at}stage '{name}' starts from '{stage.parent}', which comes after it: stages run from a "
+                    "stage listed earlier (put it first; a stage cannot start from a later one: that would be a cycle)"
+                )
+        if "best" in raw and "match" in raw:
+            raise TunefleetError(f"{where}a stage takes its parent by 'match' or by 'best', not both")
+        if ("best" in raw or "match" in raw) and stage.parent is None:
+            raise TunefleetError(f"{where}'best' and 'match' choose a parent among a stage's runs: add 'from: STAGE'")
+        if "match" in raw:
+            match = raw["match"]
+            if isinstance(match, str):
+                match = [match]
+            for k in match or []:
+                config.coerce(k, None, _where(spec_path, lines, f"{key}.match"))  # a train flag (nearest name)
+            stage.match = list(match or [])
+        if "best" in raw:
+            stage.best = str(raw["best"])
+            if stage.best not in METRIC_NEEDS:
+                raise TunefleetError(
+                    f"{_where(spec_path, lines, f'{key}.best')}best: '{stage.best}' is no metric runs are chosen by"
+                    f"{nearest(stage.best, METRIC_NEEDS)}; use one of {', '.join(METRIC_NEEDS)}"
+                )
+        stages.append(stage)
+    return stages
 
 
 def load_spec(path: str) -> SweepSpec:
@@ -162,62 +320,165 @@ def load_spec(path: str) -> SweepSpec:
 
 
 # ---------------------------------------------------------------- expansion
-def run_name(pattern: str, values: dict) -> str:
+def run_name(pattern: str, values: dict, extra: dict | None = None) -> str:
+    """The run's name from `pattern` over its settings, model_short and, in a pipeline, stage, parent, parent_stage."""
     defaults = schema.to_dict(TrainConfig())
-    fields = {**defaults, **values, "model_short": model_short(values.get("model_name") or "model")}
+    fields = {**defaults, **values, "model_short": model_short(values.get("model_name") or "model"), **(extra or {})}
     try:
         name = pattern.format(**fields)
     except (KeyError, IndexError) as exc:
         raise TunefleetError(
-            f"naming pattern {pattern!r} uses unknown field {exc}; use train flags or model_short"
+            f"naming pattern {pattern!r} uses unknown field {exc}; use train flags, model_short"
+            + (", stage, parent or parent_stage" if extra else "")
         ) from None
     return re.sub(r"[^\w.-]+", "-", name)
 
 
+def grid_combos(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))] or [{}]
+
+
 def expand(spec: SweepSpec) -> list[RunPlan]:
-    """Cross the grid; apply base < method overrides < grid values; validate every run's config."""
-    keys = list(spec.grid)
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(spec.grid[k] for k in keys))] or [{}]
-    runs, seen = [], {}
-    for combo in combos:
-        method = combo.get("method", spec.base.get("method"))
-        values = {**spec.base, **spec.methods.get(method, {}), **combo}
-        name = run_name(spec.naming, values)
-        if name in seen:
-            varying = [k for k in keys if combo[k] != seen[name][k]]
+    """Every run of the spec: cross each grid; apply base < method overrides < grid values; validate every config.
+    In a pipeline, a stage's runs follow the runs of the stage they start from (see Stage)."""
+    if not spec.stages:
+        plain = Stage("", spec.base, spec.grid, spec.methods, spec.resources, spec.naming, spec.eval)
+        return [run for run, _ in _expand_stage(spec, plain, [], lineage=False)]
+    runs: list[RunPlan] = []
+    by_stage: dict[str, list[RunPlan]] = {}
+    for stage in spec.stages:
+        parents = by_stage.get(stage.parent or "", [])
+        if stage.parent is not None:
+            check_stage_against_parents(spec, stage, parents)
+        planned = [run for run, _ in _expand_stage(spec, stage, parents, lineage=True)]
+        by_stage[stage.name] = planned
+        runs += planned
+    seen: dict[str, str] = {}
+    for run in runs:
+        stage_name = run.lineage.stage if run.lineage else ""
+        if run.name in seen:
             raise TunefleetError(
-                f"{spec.path}: naming {spec.naming!r} gives two runs the name '{name}'; add "
-                + ", ".join("{" + k + "}" for k in varying)
-                + " to 'naming'"
+                f"{spec.path}: stages '{seen[run.name]}' and '{stage_name}' both name a run '{run.name}': give one "
+                "of them a 'naming' with {stage}"
             )
-        seen[name] = combo
-        output_dir = join(spec.runs_dir, name)  # a URI stays one (a Path would make s3://b into s3:/b)
-        values["output_dir"] = output_dir
-        values.setdefault("run_name", name)  # trackers: named by run, grouped by sweep
-        values.setdefault("tracking_group", spec.name)
-        gpus = spec.resources.gpus_per_run
-        if not isinstance(gpus, str) and gpus > 1:
-            values.setdefault("num_processes", int(gpus))
-        runs.append(RunPlan(name=name, config=config.from_dict(values, where=f"{spec.path}: run {name}: ")))
+        seen[run.name] = stage_name
     return runs
 
 
-def place_runs(runs: list[RunPlan], resources: Resources, local_gpu_memory: int | None = None) -> list[RunPlan]:
-    """Each run with its placement: a share of a GPU, whole GPUs, or CPU (see launcher/placement.py)."""
+def check_stage_against_parents(spec: SweepSpec, stage: Stage, parents: list[RunPlan]) -> None:
+    """What a stage asks of its parents: the same base model, and a `best` metric their evaluation gives."""
+    roots = {run.lineage.root_model for run in parents if run.lineage}
+    if stage.sets_model and roots and stage.sets_model not in roots:
+        raise TunefleetError(
+            f"{spec.path}: stage '{stage.name}' sets model_name {stage.sets_model}, but it starts from stage "
+            f"'{stage.parent}', whose runs were trained on {', '.join(sorted(roots))}"
+        )
+    if stage.best is None:
+        return
+    parent = next(s for s in spec.stages if s.name == stage.parent)
+    need = METRIC_NEEDS[stage.best]
+    if need == "eval_split":
+        missing = [run.name for run in parents if not run.config.eval_split]
+        if missing:
+            raise TunefleetError(
+                f"{spec.path}: stage '{stage.name}' takes the best of '{parent.name}' by {stage.best}, which needs "
+                f"an eval_split in that stage's runs ({', '.join(missing[:3])} have none)"
+            )
+    elif not getattr(parent.eval, need) or (need == "sft_split" and parent.eval.skip_perplexity):
+        raise TunefleetError(
+            f"{spec.path}: stage '{stage.name}' takes the best of '{parent.name}' by {stage.best}, which stage "
+            f"'{parent.name}' cannot produce: its eval gives no {need.replace('_', ' ')}"
+            + (" (skip_perplexity)" if need == "sft_split" and parent.eval.skip_perplexity else "")
+        )
+
+
+def _expand_stage(spec: SweepSpec, stage: Stage, parents: list[RunPlan], lineage: bool):
+    """(run, combo) of one stage, each with its settings, name and lineage."""
+    from tunefleet.launcher.runs import Lineage
+
+    out = []
+    seen: dict[str, dict] = {}
+    combos = grid_combos(stage.grid)
+    matched = stage.parent is not None and stage.best is None
+    for parent in parents if matched else [None]:
+        for combo in combos:
+            method = combo.get("method", stage.base.get("method"))
+            values = {**stage.base, **stage.methods.get(method, {})}
+            extra: dict = {"stage": stage.name}
+            if parent is not None:
+                if any(k in combo and combo[k] != getattr(parent.config, k) for k in stage.match):
+                    continue  # a grid value that the match pairs with another parent
+                values |= {k: getattr(parent.config, k) for k in stage.match if k not in combo}
+                extra |= {"parent": parent.name, "parent_stage": stage.parent}
+            elif stage.best:
+                extra |= {"parent": f"best-{stage.parent}", "parent_stage": stage.parent}
+            values |= combo
+            root = str(values.get("model_name") or "model")
+            if parent is not None:
+                root = parent.lineage.root_model if parent.lineage else parent.config.model_name
+            pattern = stage.naming or (CHILD_NAMING if parent else BEST_CHILD_NAMING if stage.best else spec.naming)
+            name = run_name(pattern, {**values, "model_name": root}, extra if lineage else None)
+            if name in seen:
+                varying = [k for k in combo if combo[k] != seen[name].get(k)]
+                raise TunefleetError(
+                    f"{spec.path}: naming {pattern!r} gives two runs the name '{name}'; add "
+                    + ", ".join("{" + k + "}" for k in varying or ["seed"])
+                    + " to "
+                    + (f"stages.{stage.name}.naming" if stage.name else "'naming'")
+                )
+            seen[name] = combo
+            values["output_dir"] = join(spec.runs_dir, name)  # a URI stays one (a Path would make s3://b into s3:/b)
+            values.setdefault("run_name", name)  # trackers: named by run, grouped by sweep
+            values.setdefault("tracking_group", spec.name)
+            if parent is not None:
+                values["model_name"] = parent.output_dir  # the parent run folder is this run's base model
+            if lineage:
+                values["stage"] = stage.name
+            gpus = stage.resources.gpus_per_run
+            if not isinstance(gpus, str) and gpus > 1:
+                values.setdefault("num_processes", int(gpus))
+            where = f"{spec.path}: run {name}: "
+            run = RunPlan(name=name, config=config.from_dict(values, where=where))
+            if lineage:
+                run.lineage = Lineage(
+                    stage.name,
+                    root,
+                    parent.name if parent else None,
+                    stage.parent,
+                    stage.best,
+                )
+            out.append((run, combo))
+    return out
+
+
+def stage_of(spec: SweepSpec, run: RunPlan) -> Stage | None:
+    name = run.lineage.stage if run.lineage else None
+    return next((s for s in spec.stages if s.name == name), None)
+
+
+def place_runs(runs: list[RunPlan], spec: SweepSpec, local_gpu_memory: int | None = None) -> list[RunPlan]:
+    """Each run with its placement: a share of a GPU, whole GPUs, or CPU, and its CPUs and memory, by its stage's
+    resources (see launcher/placement.py)."""
     import dataclasses
 
     from tunefleet.trainers import memory
 
-    gpu_memory = int(resources.gpu_memory_gb * memory.GIB) if resources.gpu_memory_gb else local_gpu_memory
     shapes: dict[str, memory.ModelShape | None] = {}
     placed = []
     for run in runs:
+        stage = stage_of(spec, run)
+        resources = stage.resources if stage else spec.resources
+        gpu_memory = int(resources.gpu_memory_gb * memory.GIB) if resources.gpu_memory_gb else local_gpu_memory
         shape = None
         if resources.gpus_per_run == "auto":
-            if run.config.model_name not in shapes:
-                shapes[run.config.model_name] = memory.shape_of(run.config.model_name, run.config.trust_remote_code)
-            shape = shapes[run.config.model_name]
-        placed.append(dataclasses.replace(run, placement=place(run.config, resources.gpus_per_run, gpu_memory, shape)))
+            model = run.lineage.root_model if run.lineage else run.config.model_name  # a parent has its architecture
+            if model not in shapes:
+                shapes[model] = memory.shape_of(model, run.config.trust_remote_code)
+            shape = shapes[model]
+        where = place(run.config, resources.gpus_per_run, gpu_memory, shape)
+        where = dataclasses.replace(where, cpus=resources.cpus_per_run, memory_gb=resources.memory_gb)
+        placed.append(dataclasses.replace(run, placement=where))
     return placed
 
 

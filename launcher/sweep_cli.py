@@ -66,10 +66,24 @@ def plan_text(spec, runs) -> str:
         estimate = f", estimated {p.estimate_gb:g} GiB" if p.estimate_gb is not None else ""
         lines.append(
             f"  {run.name}: {c.method} {c.model_name} seed {c.seed} split {c.split} lr {c.lr}\n"
-            f"    placement: {where}{estimate} ({p.reason})\n"
+            + (f"    {starts_from(run)}\n" if run.lineage else "")
+            + f"    placement: {where}{estimate}, {p.cpus} CPU ({p.reason})\n"
             f"    {' '.join(map(str, cmd))}"
         )
     return "\n".join(lines)
+
+
+def starts_from(run) -> str:
+    """A run's place in a pipeline's DAG, for --dry-run."""
+    lineage = run.lineage
+    if lineage.parent:
+        return f"stage {lineage.stage}: starts from {lineage.parent} (once it finished)"
+    if lineage.best:
+        return (
+            f"stage {lineage.stage}: starts from the best run of stage {lineage.parent_stage} by {lineage.best} "
+            "(once that stage has ended and is evaluated)"
+        )
+    return f"stage {lineage.stage}: starts from {lineage.root_model}"
 
 
 def cmd_sweep(argv: list[str]) -> int:
@@ -82,7 +96,7 @@ def cmd_sweep(argv: list[str]) -> int:
     refuse_ray_job_temp(spec.runs_dir, "runs_dir")
     if a.max_parallel:
         spec.resources.max_parallel = a.max_parallel
-    runs = sweeps.place_runs(sweeps.expand(spec), spec.resources, local_gpu_memory())
+    runs = sweeps.place_runs(sweeps.expand(spec), spec, local_gpu_memory())
     if a.dry_run and a.backend != "slurm":
         print(plan_text(spec, runs))
         return 0
@@ -106,16 +120,23 @@ def cmd_sweep(argv: list[str]) -> int:
     }
     store.write_json("sweep.json", state)
     outcomes, lost, code = [], [], 0
+    chosen: dict[str, dict] = {}  # a stage that takes the best run of another -> which, by what
+
+    def choose(stage: str):
+        best, why, record = best_parent(spec, stage, runs, a.backend, a.address)
+        chosen[stage] = record
+        return best, why
+
     try:
         with SweepView(runs) as view:
             if a.backend == "ray":
                 from tunefleet.launcher.backends import run_ray
 
-                outcomes, lost = run_ray(runs, spec.resources, a.retries, view, a.address)
+                outcomes, lost = run_ray(runs, spec.resources, a.retries, view, a.address, choose)
             else:
                 from tunefleet.launcher.backends import run_local
 
-                outcomes = run_local(runs, spec.resources, a.retries, view)
+                outcomes = run_local(runs, spec.resources, a.retries, view, choose)
     except KeyboardInterrupt:
         print(
             "\ninterrupted: stopped the running runs; they keep their checkpoints and resume on rerun", file=sys.stderr
@@ -136,6 +157,12 @@ def cmd_sweep(argv: list[str]) -> int:
             for a in launches
             if a.get("started_at", "") >= state["started_at"]
         ]
+    for run in runs:
+        if run.lineage:
+            state["runs"][run.name]["stage"] = run.lineage.stage
+            state["runs"][run.name]["parent"] = run.lineage.parent or (chosen.get(run.lineage.stage) or {}).get("run")
+    if chosen:
+        state["choices"] = chosen
     state["lost_nodes"] = lost
     state["ended_at"] = utc_now()
     store.write_json("sweep.json", state)
@@ -155,14 +182,50 @@ def local_gpu_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
+def eval_settings(settings, backend: str, runs: list[str] | None = None):
+    """A stage's (or the spec's) eval settings, on the sweep's backend unless they name one."""
+    return dataclasses.replace(
+        settings, backend=settings.backend or ("ray" if backend == "ray" else "local"), runs=runs or settings.runs
+    )
+
+
+def best_parent(spec, stage_name: str, runs, backend: str, address: str | None):
+    """(the best finished run of the stage `stage_name` starts from, why, what sweep.json records)."""
+    from tunefleet.launcher.choose import best_run
+
+    stage = next(s for s in spec.stages if s.name == stage_name)
+    parent = next(s for s in spec.stages if s.name == stage.parent)
+    members = {r.name: r.output_dir for r in runs if r.lineage and r.lineage.stage == parent.name}
+    choice = best_run(parent.name, stage.best, members, spec.runs_dir, parent.eval, backend_of(backend), address)
+    chosen = next((r for r in runs if r.name == choice.run), None)
+    return chosen, choice.why, choice.record()
+
+
+def backend_of(sweep_backend: str) -> str:
+    return "ray" if sweep_backend == "ray" else "local"
+
+
 def _evaluate(spec, a) -> int:
+    from tunefleet.common.terminal import calm
     from tunefleet.eval.evaluate import evaluate
     from tunefleet.eval.report import table
 
-    settings = spec.eval
-    if settings.backend is None:
-        settings = dataclasses.replace(settings, backend="ray" if a.backend == "ray" else "local")
-    merged = evaluate(spec.runs_dir, settings, None, a.address)
+    calm()  # the evaluator loads models here: no library bars, as `tunefleet eval` has it
+
+    if not spec.stages:
+        merged = evaluate(spec.runs_dir, eval_settings(spec.eval, a.backend), None, a.address)
+    else:  # each stage's runs with its own eval settings; the results file and report hold them all
+        by_stage: dict[str, list[str]] = {}
+        for run in sweeps.expand(spec):
+            if run.lineage:
+                by_stage.setdefault(run.lineage.stage, []).append(run.name)
+        merged = {}
+        for stage in spec.stages:
+            names = [
+                n for n in by_stage.get(stage.name, []) if Store(join(spec.runs_dir, n)).exists("adapter_config.json")
+            ]
+            if names:
+                merged = evaluate(spec.runs_dir, eval_settings(stage.eval, a.backend, names), None, a.address)
     print(table(merged))
     print(f"results: {join(spec.runs_dir, 'evaluation_results.json')}")
     return 1 if any(e.get("error") for e in merged.values()) else 0
@@ -184,9 +247,18 @@ def cmd_status(argv: list[str]) -> int:
         arrays = {str(i.get("slurm_job", "")).split("_")[0] for i in state["runs"].values()} - {""}
         jobs = queue_states(sorted(set(map(str, slurm.get("job_ids", []))) | arrays))
     print(f"sweep {state['name']} ({state.get('backend')}), started {state.get('started_at')}")
+    summaries = {name: summarize(info["output_dir"]) for name, info in state["runs"].items()}
+    statuses: dict[str, RunStatus] = {}
+    for name, info in state["runs"].items():  # parents come before their children
+        parent = info.get("parent")
+        # run.json says where a run stands; without one it never started: blocked when its parent failed or was
+        # blocked (sweep.json also says so after a local or Ray sweep), else queued
+        status = summaries[name].status or RunStatus.of(info.get("status")) or RunStatus.QUEUED
+        if summaries[name].status is None and statuses.get(parent) in (RunStatus.FAILED, RunStatus.BLOCKED):
+            status = RunStatus.BLOCKED
+        statuses[name] = status
     for name, info in state["runs"].items():
-        s = summarize(info["output_dir"])
-        status = s.status or RunStatus.QUEUED  # run.json says where a run stands; no run.json: not started
+        s, status = summaries[name], statuses[name]
         job = info.get("slurm_job")  # "ARRAYID_TASK" of the latest submission that included this run
         loss = s.final_loss
         logs = join(info["output_dir"], "train.log")
@@ -197,6 +269,11 @@ def cmd_status(argv: list[str]) -> int:
             f"{loss if loss is None else round(loss, 4)!s:<8} "
             + (f"{job} {jobs.get(job, '-'):<11} " if job else "")
             + logs
+            + (
+                f"  (stage {info['stage']}, from {info.get('parent') or 'the spec model'})"
+                if info.get("stage")
+                else ""
+            )
         )
         for step in s.memory_steps:
             print(f"    memory: {step}")

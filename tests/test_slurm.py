@@ -128,7 +128,7 @@ def test_array_script_has_the_sbatch_lines_of_the_spec():
             "signal_seconds": 300,
         },
     )
-    runs = sweeps.place_runs(sweeps.expand(spec), spec.resources)
+    runs = sweeps.place_runs(sweeps.expand(spec), spec)
     text = slurm.render_array_script(spec, runs, [[0], [2]], "/data/rs", "/venv/bin/python", retries=2)
     lines = set(text.splitlines())
     for line in [
@@ -169,7 +169,7 @@ def test_array_script_has_the_sbatch_lines_of_the_spec():
 
 def test_runs_sharing_a_gpu_share_an_array_task():
     spec = spec_of(grid={"seed": [1, 2, 3]}, resources={"gpus_per_run": 0.5, "cpus_per_run": 2, "memory_gb": 8})
-    runs = sweeps.place_runs(sweeps.expand(spec), spec.resources)
+    runs = sweeps.place_runs(sweeps.expand(spec), spec)
     from tunefleet.launcher.placement import slurm_groups
 
     tasks = slurm_groups([r.placement for r in runs])

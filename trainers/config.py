@@ -156,6 +156,7 @@ class TrainConfig:
     )
     verbose: bool = option(False, "Show every library warning, progress bar and the trainer's raw log lines.")
     run_name: str | None = option(None, "The run's name in trackers (default: the output folder's name).")
+    stage: str | None = option(None, "The stage of a pipeline spec this run belongs to (tunefleet sweep sets it).")
     tracking_group: str | None = option(
         None, "Group of runs in trackers: W&B group, MLflow experiment (a sweep sets its name)."
     )

@@ -15,17 +15,172 @@ from tunefleet.trainers.tiny import TINY_MODEL, ensure_model
 
 
 def resolve(name: str) -> str:
-    """Hub name or local folder -> what `from_pretrained` takes; the embedded name builds on first use."""
+    """Hub name or local folder -> what `from_pretrained` takes; the embedded name builds on first use; a run folder
+    (an adapter) -> its adapter merged into its base (`merged_model`)."""
     if name == TINY_MODEL:
         return str(ensure_model())
+    folder = run_folder(name)
+    if folder is not None:
+        return str(merged_model(folder))
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        if not (path / "config.json").exists():
             raise TunefleetError(f"model path {name} holds no config.json: not a model folder")
         return str(path)
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise TunefleetError(f"model path {name} does not exist")
     return name
+
+
+# ---------------------------------------------------------------- a run folder as a base model
+MERGED = "merged"  # inside a run folder: its adapter merged into its base, for the runs that start from it
+LINEAGE = "lineage.json"  # inside MERGED: what it was made from
+
+
+def run_folder(name: str) -> Path | None:
+    """`name` as a local folder holding an adapter (a tunefleet run, or any PEFT adapter folder), else None."""
+    path = Path(str(name)).expanduser()
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def adapter_base(folder: Path) -> str:
+    """The base an adapter was trained on: its run.json's, else its adapter_config.json's."""
+    import json
+
+    record = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    config = json.loads((folder / "adapter_config.json").read_text())
+    base = record.get("base_model") or config.get("base_model_name_or_path")
+    if not base:
+        raise TunefleetError(f"{folder}: neither run.json nor adapter_config.json names the base model")
+    return base
+
+
+def root_model(name: str) -> str:
+    """The model a chain of runs started from: `name` itself, or for a run folder its base's root."""
+    seen = set()
+    while (folder := run_folder(name)) is not None and name not in seen:
+        seen.add(name)
+        name = adapter_base(folder)
+    return name
+
+
+def check_usable_adapter(folder: Path) -> None:
+    """A run folder used as a model must hold a whole adapter: a finished run, or a plain adapter folder."""
+    import json
+
+    status = None
+    if (folder / "run.json").is_file():
+        status = json.loads((folder / "run.json").read_text()).get("status")
+    if status is not None and status != "finished":
+        raise TunefleetError(
+            f"{folder} is a run that is {status}, not finished: its adapter is a partial model; finish it first "
+            "(rerun its command: it resumes from its latest checkpoint)"
+        )
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise TunefleetError(f"{folder} holds no adapter_model.safetensors: no adapter to start from")
+
+
+def lineage(folder: Path) -> dict:
+    """The parent's side of a run that starts from `folder`: where it is, its base, its adapter's and its merged
+    weights' hashes (what run.json records under `lineage`)."""
+    import json
+
+    target = merged_model(folder)
+    return json.loads((target / LINEAGE).read_text())
+
+
+def merged_model(folder: Path, trust_remote_code: bool = False) -> Path:
+    """`folder`'s adapter merged into its base in full precision, kept in `folder/merged` and made once per adapter:
+    made again when the adapter changed since (a run retrained or overwritten), never used stale. Runs that start
+    from the same parent at once wait for one merge (a file lock)."""
+    import fcntl
+    import json
+    import os
+    import shutil
+
+    check_usable_adapter(folder)
+    digest = file_digest(folder / "adapter_model.safetensors")
+    target = folder / MERGED
+
+    def current() -> bool:
+        made = target / LINEAGE
+        return made.is_file() and json.loads(made.read_text()).get("adapter_sha256") == digest
+
+    if current():
+        return target
+    with open(folder / ".merged.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if current():
+            return target
+        base = adapter_base(folder)
+        partial = folder / f".merged.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        try:
+            merge_adapter(folder, base, "auto", partial, trust_remote_code)
+            save_tokenizer(folder, base, partial, trust_remote_code)
+            weights = sorted(partial.glob("*.safetensors"))
+            record = {
+                "parent": str(folder.resolve()),
+                "base_model": base,
+                "adapter_sha256": digest,
+                "weights_sha256": {w.name: file_digest(w) for w in weights},
+            }
+            (partial / LINEAGE).write_text(json.dumps(record, indent=2) + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def merge_adapter(run_path: Path, base: str, dtype: str, into: Path, trust_remote_code: bool) -> str:
+    """Base in float32 + the adapter of `run_path`, merged, cast to `dtype` ("auto": the base's own dtype), saved
+    as safetensors. A QLoRA run is merged into the base's original weights, never into 4-bit ones (4-bit weights
+    cannot hold the sum; PEFT would round it back to NF4). Returns the dtype saved."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            resolve(base), dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except TunefleetError:
+        raise
+    except Exception as exc:
+        raise TunefleetError(f"cannot load base model {base}: {first_line(exc)}") from None
+    base_dtype = getattr(loaded.config, "dtype", None)
+    target = dtype if dtype != "auto" else str(base_dtype or "float32").removeprefix("torch.")
+    try:
+        merged = PeftModel.from_pretrained(loaded, str(run_path)).merge_and_unload()
+    except Exception as exc:
+        raise TunefleetError(f"cannot apply the adapter of {run_path} to {base}: {first_line(exc)}") from None
+    merged = merged.to(getattr(torch, target))
+    merged.config.dtype = getattr(torch, target)
+    merged.save_pretrained(into)
+    return target
+
+
+def save_tokenizer(run_path: Path, base: str, into: Path, trust_remote_code: bool) -> None:
+    """The run's tokenizer (its pad token and chat template as trained), else the base's."""
+    from transformers import AutoTokenizer
+
+    if (run_path / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(run_path, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(base, trust_remote_code)
+    tokenizer.save_pretrained(into)
 
 
 def has_gpu() -> bool:

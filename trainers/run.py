@@ -119,6 +119,12 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
         if is_main_process():
             folder.store.remove()
         record = {}
+    if record and parent_changed(cfg, record):
+        if not cfg.overwrite:
+            raise TunefleetError(parent_changed(cfg, record) or "")
+        if is_main_process():
+            folder.store.remove()
+        record = {}
     start_tracking(cfg, folder, record)
     if not folder.store.remote:
         if folder.local.exists() and not folder.local.is_dir():
@@ -142,6 +148,39 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
                 raise TunefleetError(f"timed out waiting for the main process to fetch {cfg.output_dir}")
             time.sleep(0.5)
     return folder, latest_checkpoint(folder.local)
+
+
+def parent_lineage(cfg) -> dict | None:
+    """run.json's `lineage` when the run starts from a run folder: the parent, its base, its adapter's and the merged
+    weights' hashes (what trainers.model recorded when it merged the parent)."""
+    from tunefleet.trainers import model
+
+    folder = model.run_folder(cfg.model_name)
+    if folder is None:
+        return None
+    return {
+        "parent_name": folder.resolve().name,
+        "root_model": model.root_model(cfg.model_name),
+        **model.lineage(folder),
+    }
+
+
+def parent_changed(cfg, record: dict) -> str | None:
+    """Why this run's checkpoints no longer fit its parent (retrained or overwritten since), or None."""
+    from tunefleet.trainers import model
+
+    before = (record.get("lineage") or {}).get("adapter_sha256")
+    folder = model.run_folder(cfg.model_name)
+    if not before or folder is None or not (folder / "adapter_model.safetensors").is_file():
+        return None
+    now = model.file_digest(folder / "adapter_model.safetensors")
+    if now == before:
+        return None
+    return (
+        f"{cfg.output_dir} was trained from {cfg.model_name} when its adapter was {before}; it holds another one "
+        f"now ({now}: retrained since), so this run's checkpoints continue a model that is gone: pass --overwrite to "
+        "train it again from the new parent"
+    )
 
 
 def run_name(cfg) -> str:
@@ -460,6 +499,8 @@ def start_record(cfg, folder: RunFolder, resume_from: str | None, extra: dict | 
         "launch": json.loads(os.environ.get("TUNEFLEET_LAUNCH") or "null")
         or {"accelerate_config": None, "reason": "one process", "num_processes": 1},
         "placement": memory.launched_placement(),
+        "stage": cfg.stage,
+        "lineage": parent_lineage(cfg),
         "node_id": os.environ.get("TUNEFLEET_NODE_ID"),
         "resumed_from": resume_from,
         "versions": versions(),

@@ -482,6 +482,25 @@ def place_runs(runs: list[RunPlan], spec: SweepSpec, local_gpu_memory: int | Non
     return placed
 
 
+def check_existing_runs(runs: list[RunPlan]) -> None:
+    """A run folder already there (a rerun) must hold a run of the model the spec now gives it: a parent trained on
+    another base than the spec says is refused, not silently built on."""
+    from pathlib import Path
+
+    from tunefleet.common.storage import Store
+
+    def same(a: str, b: str) -> bool:
+        return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+    for run in runs:
+        recorded = (Store(run.output_dir).read_json("run.json") or {}).get("base_model")
+        if recorded and not same(recorded, run.config.model_name) and not (run.lineage and run.lineage.best):
+            raise TunefleetError(
+                f"{run.output_dir} holds a run of {run.name} trained on {recorded}, but the spec now starts it from "
+                f"{run.config.model_name}: move that folder away or give the spec another runs_dir"
+            )
+
+
 def data_checks(runs: list[RunPlan]) -> list[tuple[str, DatasetPart]]:
     """The distinct (method, dataset part) pairs a sweep reads: each is checked once before any run starts."""
     from tunefleet.trainers import data

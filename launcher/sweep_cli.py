@@ -104,6 +104,7 @@ def cmd_sweep(argv: list[str]) -> int:
         from tunefleet.launcher import warm
 
         warm.prestart()  # the runs' warm process imports while the data is checked and Ray starts
+    sweeps.check_existing_runs(runs)
     if not a.skip_data_check:
         sweeps.validate_data(runs)
     if a.backend == "slurm":

@@ -437,3 +437,69 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     slurm_log = (runs_dir / "slurm" / f"{task}.log").read_text()
     assert "signalled: checkpoint saved, requeueing to resume" in slurm_log and "restart 1" in slurm_log
     assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", task], capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+def test_a_pipeline_on_slurm_starts_children_after_their_parent_and_blocks_those_of_a_failed_one(
+    cluster, tmp_path, capsys, tiny_model, monkeypatch
+):
+    """A child array waits on its parent's task (afterok); a failed parent's children are cancelled by SLURM and
+    shown blocked; a `best:` stage waits on a choice job that evaluated its parent stage. Fixed, the same command
+    completes the study: finished runs are skipped."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests" / "helpers"))  # the failing reward, in every job
+    runs_dir = tmp_path / "runs"
+    methods = {
+        "sft": {"split": "train_sft"},
+        "dpo": {"split": "train_prefs", "max_steps": 2},
+        "grpo": {"split": "train_gen", "max_steps": 2, "num_generations": 2, "max_completion_length": 4},
+    }
+
+    def spec(reward: str) -> Path:
+        return write_spec(
+            tmp_path / "s.yaml",
+            name="study",
+            runs_dir=str(runs_dir),
+            base={k: v for k, v in TINY.items() if k not in ("method", "split")},
+            methods=methods,
+            eval={"max_samples": 8, "max_generation_samples": 0},
+            stages={
+                "sft": {"grid": {"method": ["sft"], "seed": [1]}},
+                "broken": {"grid": {"method": ["grpo"], "seed": [1]}, "base": {"reward_funcs": [reward]}},
+                "aligned": {"from": "sft", "grid": {"method": ["dpo"]}},
+                "after_broken": {"from": "broken", "grid": {"method": ["dpo"]}},
+                "tuned": {"from": "sft", "best": "test_loss", "grid": {"method": ["dpo"], "seed": [3]}},
+            },
+        )
+
+    code, out, err = run_cli(capsys, "sweep", spec("failing_reward:boom"), "--backend", "slurm", "--skip_data_check")
+    assert code == 0, out + err
+    state = read_json(runs_dir / "sweep.json")
+    arrays, chooser = state["slurm"]["arrays"], state["slurm"]["choice_job_ids"]["tuned"]
+    assert set(arrays) == {"main", "after-sft_tiny-qwen2_s1", "after-grpo_tiny-qwen2_s1", "best-tuned"}
+    child_script = (runs_dir / "slurm" / "sweep-after-sft_tiny-qwen2_s1.sbatch").read_text()
+    parent_task = state["runs"]["sft_tiny-qwen2_s1"]["slurm_job"]
+    assert (
+        f"#SBATCH --dependency=afterok:{parent_task}" in child_script and "--kill-on-invalid-dep=yes" in child_script
+    )
+    choice_script = (runs_dir / "slurm" / "choose-tuned.sbatch").read_text()
+    assert f"--dependency=afterany:{arrays['main']}" in choice_script
+
+    every = [*arrays.values(), chooser]
+    wait_for("the study's jobs", lambda: settled(*every), 400, runs_dir)
+    child, parent = (read_json(runs_dir / n / "run.json") for n in ("sft_tiny-qwen2_s1-dpo", "sft_tiny-qwen2_s1"))
+    assert child["status"] == "finished" and child["started_at"] >= parent["ended_at"]
+    assert child["lineage"]["parent_name"] == "sft_tiny-qwen2_s1"
+    tuned = read_json(runs_dir / "dpo_tiny-qwen2_s3_from_best_sft" / "run.json")
+    assert tuned["status"] == "finished" and tuned["lineage"]["parent_name"] == "sft_tiny-qwen2_s1"
+    assert read_json(runs_dir / "slurm" / "choices.json")["tuned"]["run"] == "sft_tiny-qwen2_s1"
+    assert not (runs_dir / "grpo_tiny-qwen2_s1-dpo" / "run.json").exists()  # never started
+    code, out, _ = run_cli(capsys, "status", runs_dir)
+    blocked_line = next(line for line in out.splitlines() if "grpo_tiny-qwen2_s1-dpo" in line)
+    assert " blocked " in blocked_line, out
+
+    code, out, err = run_cli(capsys, "sweep", spec("friendly"), "--backend", "slurm", "--skip_data_check")
+    assert code == 0, out + err
+    again = read_json(runs_dir / "sweep.json")
+    assert set(again["slurm"]["arrays"]) == {"main", "after-grpo_tiny-qwen2_s1"}  # the rest finished before
+    wait_for("the rerun", lambda: settled(*again["slurm"]["arrays"].values()), 300, runs_dir)
+    assert read_json(runs_dir / "grpo_tiny-qwen2_s1-dpo" / "run.json")["status"] == "finished"

@@ -117,13 +117,13 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
                 f"{cfg.output_dir} holds a finished run; pass --overwrite to retrain it or choose another --output_dir"
             )
         if is_main_process():
-            folder.store.remove()
+            clear(folder.store)
         record = {}
     if record and parent_changed(cfg, record):
         if not cfg.overwrite:
             raise TunefleetError(parent_changed(cfg, record) or "")
         if is_main_process():
-            folder.store.remove()
+            clear(folder.store)
         record = {}
     start_tracking(cfg, folder, record)
     if not folder.store.remote:
@@ -148,6 +148,17 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
                 raise TunefleetError(f"timed out waiting for the main process to fetch {cfg.output_dir}")
             time.sleep(0.5)
     return folder, latest_checkpoint(folder.local)
+
+
+LAUNCHER_FILES = ("train.log", "launch.json", "config.yaml")  # written by the launcher of this very attempt
+
+
+def clear(store: Store) -> None:
+    """An output folder emptied for --overwrite, but for what the launcher of this attempt has written there (its
+    log, which it is appending to, and the run's config)."""
+    for name in store.listdir():
+        if name not in LAUNCHER_FILES:
+            store.remove(name)
 
 
 def parent_lineage(cfg) -> dict | None:

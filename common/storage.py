@@ -19,13 +19,23 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import read_json, write_json_atomic
 
 URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}
+CHECK_SECONDS = 25.0  # the store's first answer, or one line saying why there is none, within this
+CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role",
+    "s3a": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS or gcloud auth application-default login",
+    "gcs": "GOOGLE_APPLICATION_CREDENTIALS or gcloud auth application-default login",
+}
 
 
 def is_uri(path) -> bool:
@@ -58,20 +68,97 @@ def refuse_ray_job_temp(path: str, what: str) -> None:
         )
 
 
+class StoreUnavailable(TunefleetError):
+    """The store did not answer, or refused: unreachable endpoint, no such bucket, credentials refused, timed out."""
+
+
+def why_store_failed(exc: BaseException, scheme: str = "s3", seconds: float | None = None, bucket: str = "") -> str:
+    """What went wrong talking to a store, as a phrase a user can act on (the exception chain classified)."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    names = {type(e).__name__ for e in chain}
+    detail = next((first_line(e) for e in chain if str(e).strip()), type(exc).__name__)
+    endpoint = next((_endpoint(e) for e in chain if _endpoint(e)), None)
+    where = f"endpoint {endpoint}" if endpoint else "the store's endpoint"
+    if names & {"FSTimeoutError", "TimeoutError", "ConnectTimeoutError", "ReadTimeoutError", "ServerTimeoutError"}:
+        after = f" within {seconds:.0f} s" if seconds else ""
+        return f"{where} did not answer{after}; check that it is up and reachable from this machine"
+    if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
+        return f"no credentials found ({detail}); set {CREDENTIALS.get(scheme, 'credentials for the store')}"
+    if any(isinstance(e, PermissionError) for e in chain) or names & {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+        return (
+            f"the store refused the credentials ({detail}); check {CREDENTIALS.get(scheme, 'the credentials')} "
+            "and the bucket's permissions"
+        )
+    if any(isinstance(e, FileNotFoundError) for e in chain):
+        return f"no such bucket{f' {bucket!r}' if bucket else ''} ({detail}): create it, or fix the URI"
+    if names & {"EndpointConnectionError", "ClientConnectorError", "ConnectionRefusedError", "ClientOSError"} or any(
+        isinstance(e, ConnectionError | OSError) and getattr(e, "errno", None) for e in chain
+    ):
+        hint = "AWS_ENDPOINT_URL and the network" if scheme in ("s3", "s3a") else "the endpoint and the network"
+        return f"{where} is unreachable ({first_line(chain[-1])}); check {hint}"
+    return detail
+
+
+def _endpoint(exc: BaseException) -> str | None:
+    url = (getattr(exc, "kwargs", None) or {}).get("endpoint_url") if hasattr(exc, "kwargs") else None
+    if not isinstance(url, str):
+        return None
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
+
+
 class Store:
     """One folder, local or in an object store."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, timeout_s: float | None = None):
+        """`timeout_s`: each remote operation is given up after this long (None: the client's own retries)."""
         self.root = str(root).rstrip("/") if is_uri(root) else str(root)
         self.remote = is_uri(root)
+        self.timeout_s = timeout_s
         if self.remote:
             self.fs, self.path = _filesystem(self.root)
+
+    def _call(self, what: str, operation, *args, **kwargs):
+        """One remote operation; a missing object stays FileNotFoundError, any other failure (the client's own
+        exceptions included, which are not all OSErrors) is one StoreUnavailable line: `cannot <what>: <why>`."""
+        try:
+            if self.timeout_s is None:
+                return operation(*args, **kwargs)
+            return _within(self.fs, operation, *args, deadline=time.monotonic() + self.timeout_s, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            why = why_store_failed(exc, self.root.split("://", 1)[0].lower(), self.timeout_s)
+            raise StoreUnavailable(f"cannot {what}: {why}") from exc
+
+    def check(self, write: bool = False) -> None:
+        """Ask the store once, before any work: its bucket exists and takes these credentials, and (`write`) an
+        object can be written there. Otherwise one line naming the URI and the cause, within CHECK_SECONDS, not
+        after the minutes of retries a client spends by default. A local folder needs no check."""
+        if not self.remote:
+            return
+        fs, path = _filesystem(self.root, quick=True)
+        bucket = path.split("/", 1)[0]
+        deadline = time.monotonic() + CHECK_SECONDS
+        probe = f"{path.rstrip('/')}/.tunefleet-write-check-{uuid.uuid4().hex[:12]}"
+        try:
+            _within(fs, fs.info, bucket, deadline=deadline)
+            if write:
+                _within(fs, fs.pipe_file, probe, b"tunefleet", deadline=deadline)
+                _within(fs, fs.rm_file, probe, deadline=deadline)
+        except Exception as exc:
+            scheme = self.root.split("://", 1)[0].lower()
+            why = why_store_failed(exc, scheme, CHECK_SECONDS, bucket)
+            raise StoreUnavailable(f"cannot use {self.root}: {why}") from None
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
 
     def child(self, *parts: str) -> Store:
-        return Store(join(self.root, *parts))
+        return Store(join(self.root, *parts), self.timeout_s)
 
     def url(self, name: str = "") -> str:
         return join(self.root, name) if name else self.root
@@ -88,12 +175,10 @@ class Store:
         if not self.remote:
             return read_json(self._local(name))
         try:
-            data = json.loads(self.fs.cat_file(self._remote(name)))
+            data = json.loads(self._call(f"read {self.url(name)}", self.fs.cat_file, self._remote(name)))
             return data if isinstance(data, dict) else None
         except (FileNotFoundError, ValueError):
             return None
-        except OSError as exc:
-            raise TunefleetError(f"cannot read {self.url(name)}: {first_line(exc)}") from None
 
     def write_json(self, name: str, data, durable: bool = True) -> None:
         if not self.remote:
@@ -109,14 +194,14 @@ class Store:
             tmp.write_bytes(data)
             os.replace(tmp, path)
             return
-        try:
-            self.fs.pipe_file(self._remote(name), data)  # one PUT: the object appears whole or not at all
-        except OSError as exc:
-            raise TunefleetError(f"cannot write {self.url(name)}: {first_line(exc)}") from None
+        # one PUT: the object appears whole or not at all
+        self._call(f"write {self.url(name)}", self.fs.pipe_file, self._remote(name), data)
 
     def read_bytes(self, name: str) -> bytes | None:
         try:
-            return self._local(name).read_bytes() if not self.remote else self.fs.cat_file(self._remote(name))
+            if not self.remote:
+                return self._local(name).read_bytes()
+            return self._call(f"read {self.url(name)}", self.fs.cat_file, self._remote(name))
         except FileNotFoundError:
             return None
 
@@ -124,7 +209,7 @@ class Store:
         if not self.remote:
             return self._local(name).exists()
         self.fs.invalidate_cache()  # other processes and nodes write here too
-        return self.fs.exists(self._remote(name))
+        return self._call(f"reach {self.url(name)}", self.fs.exists, self._remote(name))
 
     def listdir(self, name: str = "") -> list[str]:
         """Names of the entries directly in a folder (none when it does not exist)."""
@@ -133,7 +218,8 @@ class Store:
             return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         try:
             self.fs.invalidate_cache()
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._remote(name), detail=False))
+            listed = self._call(f"list {self.url(name)}", self.fs.ls, self._remote(name), detail=False)
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed)
         except FileNotFoundError:
             return []
 
@@ -143,44 +229,40 @@ class Store:
             return sorted(p.relative_to(self.root).as_posix() for p in Path(self.root).rglob(filename))
         try:
             self.fs.invalidate_cache()
-            found = self.fs.find(self.path)
+            found = self._call(f"list {self.root}", self.fs.find, self.path)
         except FileNotFoundError:
             return []
         prefix = self.path.rstrip("/") + "/"
         return sorted(p[len(prefix) :] for p in found if p.rsplit("/", 1)[-1] == filename and p.startswith(prefix))
 
     # ---------------------------------------------------------------- folders
-    def upload(self, local: Path, name: str) -> None:
-        """Copy a local file or folder into the store (a no-op where the store is that very folder)."""
+    def upload(self, local: Path, name: str, skip: tuple[str, ...] = ()) -> None:
+        """Copy a local file or folder into the store (a no-op where the store is that very folder); files named
+        in `skip` stay behind."""
         if not self.remote:
             target = self._local(name)
             if target.resolve() == Path(local).resolve():
                 return
             if Path(local).is_dir():
-                shutil.copytree(local, target, dirs_exist_ok=True)
+                shutil.copytree(local, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*skip))
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(local, target)
             return
-        try:
-            if Path(local).is_dir():
-                files = [p for p in sorted(Path(local).rglob("*")) if p.is_file()]
-                self.fs.put(
-                    [str(p) for p in files], [self._remote(f"{name}/{p.relative_to(local).as_posix()}") for p in files]
-                )
-            else:
-                self.fs.put_file(str(local), self._remote(name))
-        except OSError as exc:
-            raise TunefleetError(f"cannot upload to {self.url(name)}: {first_line(exc)}") from None
+        what = f"upload to {self.url(name)}"
+        if Path(local).is_dir():
+            files = [p for p in sorted(Path(local).rglob("*")) if p.is_file() and p.name not in skip]
+            targets = [self._remote(f"{name}/{p.relative_to(local).as_posix()}") for p in files]
+            self._call(what, self.fs.put, [str(p) for p in files], targets)
+        else:
+            self._call(what, self.fs.put_file, str(local), self._remote(name))
 
     def download(self, name: str, local: Path) -> None:
         if not self.remote:
             shutil.copytree(self._local(name), local, dirs_exist_ok=True)
             return
-        try:
-            self.fs.get(self._remote(name).rstrip("/") + "/", str(local).rstrip("/") + "/", recursive=True)
-        except OSError as exc:
-            raise TunefleetError(f"cannot download {self.url(name)}: {first_line(exc)}") from None
+        source, target = self._remote(name).rstrip("/") + "/", str(local).rstrip("/") + "/"
+        self._call(f"download {self.url(name)}", self.fs.get, source, target, recursive=True)
 
     def remove(self, name: str = "") -> None:
         if not self.remote:
@@ -191,22 +273,45 @@ class Store:
                 target.unlink(missing_ok=True)
             return
         try:
-            if self.fs.exists(self._remote(name)):
-                self.fs.rm(self._remote(name), recursive=True)
+            if self._call(f"reach {self.url(name)}", self.fs.exists, self._remote(name)):
+                self._call(f"remove {self.url(name)}", self.fs.rm, self._remote(name), recursive=True)
         except FileNotFoundError:
             pass
 
 
-def _filesystem(uri: str):
-    """The fsspec filesystem of a URI; a missing driver package is one line naming the extra to install."""
+def _within(fs, operation, *args, deadline: float, **kwargs):
+    """`operation(*args)` given up at `deadline` (fsspec's async filesystems cancel it; others run to the end)."""
+    from fsspec.asyn import AsyncFileSystem
+
+    if isinstance(fs, AsyncFileSystem):
+        kwargs["timeout"] = max(0.5, deadline - time.monotonic())
+    return operation(*args, **kwargs)
+
+
+def _filesystem(uri: str, quick: bool = False):
+    """The fsspec filesystem of a URI; a missing driver package is one line naming the extra to install.
+
+    `quick`: a client of its own that tries each request once with short timeouts (for `Store.check`), where the
+    default S3 client retries a refused connection for minutes."""
     import fsspec
 
     scheme = uri.split("://", 1)[0].lower()
+    options = {}
+    if quick:
+        options["skip_instance_cache"] = True
+        if scheme in ("s3", "s3a"):
+            options["config_kwargs"] = {
+                "connect_timeout": 5,
+                "read_timeout": 10,
+                "retries": {"max_attempts": 1, "mode": "standard"},
+            }
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         extra = EXTRAS.get(scheme)
         hint = f"pip install 'tunefleet[{extra}]'" if extra else "install the fsspec driver for it"
         raise TunefleetError(f"cannot use {uri}: {first_line(exc)} ({hint})") from None
+    if quick and hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own retry loop, around botocore's
     fs.invalidate_cache()
     return fs, path

@@ -11,6 +11,7 @@ import argparse
 
 from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
+from tunefleet.common.storage import Store
 from tunefleet.common.terminal import calm
 from tunefleet.eval.settings import EvalSettings
 
@@ -39,6 +40,8 @@ def cmd_eval(argv: list[str]) -> int:
 
     a, settings = parse_eval_args(argv)
     calm()
+    Store(a.runs_dir).check()
+    split_location(results_path(a.runs_dir, a.output))[0].check(write=True)
     merged = evaluate(a.runs_dir, settings, a.output, a.address)
     out = results_path(a.runs_dir, a.output)
     store, _ = split_location(out)
@@ -60,6 +63,8 @@ def cmd_report(argv: list[str]) -> int:
     a = p.parse_args(argv)
     path = results_path(a.runs_dir, a.output)
     store, name = split_location(path)
+    Store(a.runs_dir).check()
+    store.check(write=True)
     if not store.exists(name):
         raise TunefleetError(f"{path} not found: run `tunefleet eval --runs_dir {a.runs_dir}` first")
     report = write_report(path, a.runs_dir)

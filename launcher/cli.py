@@ -6,7 +6,7 @@
     tunefleet sweep sweeps/demo.yaml --backend ray --eval
     tunefleet eval --runs_dir runs
     tunefleet report --runs_dir runs
-    tunefleet export --runs_dir runs --best win_rate_vs_base --out exported/best
+    tunefleet export --runs_dir runs --best win_rate_vs_base --output_dir exported/best
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def cmd_train(argv: list[str]) -> int:
     from tunefleet.trainers.config import parse_args
 
     cfg = parse_args(argv)
+    from tunefleet.common.storage import Store
     from tunefleet.common.terminal import calm
 
     calm(cfg.verbose)
+    Store(cfg.output_dir).check(write=True)  # before minutes of loading, not after
     from tunefleet.launcher.launch import plan_launch
 
     choice, env = plan_launch(cfg)
@@ -111,7 +113,8 @@ def cmd_check_data(argv: list[str]) -> int:
     raw = data.sample(raw, args.max_samples, 42, "--max_samples")
     print(f"dataset: {args.dataset}   split: {args.split}   rows: {len(raw)}")
     print(f"columns: {', '.join(raw.column_names)}")
-    prepared = data.prepare(method, raw, columns, args.ignore_columns, args.dataset, args.split)
+    ignore = [name for value in args.ignore_columns or [] for name in value.split(",") if name]  # as train reads it
+    prepared = data.prepare(method, raw, columns, ignore, args.dataset, args.split)
     print(f"layout for {method}: {prepared.layout}   uses: {', '.join(prepared.columns_used)}")
     if prepared.columns_not_used:
         print("  other columns: " + ", ".join(f"{c} ({why})" for c, why in prepared.columns_not_used.items()))

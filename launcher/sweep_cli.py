@@ -94,6 +94,7 @@ def cmd_sweep(argv: list[str]) -> int:
     if a.runs_dir:
         spec.runs_dir = a.runs_dir
     refuse_ray_job_temp(spec.runs_dir, "runs_dir")
+    Store(spec.runs_dir).check(write=not a.dry_run)
     if a.max_parallel:
         spec.resources.max_parallel = a.max_parallel
     runs = sweeps.place_runs(sweeps.expand(spec), spec, local_gpu_memory())
@@ -236,6 +237,7 @@ def cmd_status(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tunefleet status", description="State of a sweep's runs.")
     p.add_argument("sweep_dir", nargs="?", default="runs", help="The sweep's runs_dir (holds sweep.json).")
     a = p.parse_args(argv)
+    Store(a.sweep_dir).check()
     state = Store(a.sweep_dir).read_json("sweep.json")
     if not state:
         raise TunefleetError(f"{a.sweep_dir} holds no sweep.json: not a sweep folder")
@@ -288,6 +290,7 @@ def cmd_cancel(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tunefleet cancel", description="Cancel a SLURM sweep's jobs.")
     p.add_argument("sweep_dir", help="The sweep's runs_dir (holds sweep.json).")
     a = p.parse_args(argv)
+    Store(a.sweep_dir).check()
     state = Store(a.sweep_dir).read_json("sweep.json")
     if not state or not state.get("slurm"):
         raise TunefleetError(

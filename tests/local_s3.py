@@ -13,8 +13,10 @@ from tunefleet.launcher.launch import free_port
 
 
 class LocalS3:
-    def __init__(self):
+    def __init__(self, authenticate: bool = False):
+        """`authenticate`: the server checks credentials as S3 does (moto's IAM mode), so unknown keys are refused."""
         self.port = free_port()
+        self.authenticate = authenticate
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -32,6 +34,7 @@ class LocalS3:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.authenticate else None,
         )
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -50,8 +53,18 @@ class LocalS3:
         fs.mkdir(name)
         return f"s3://{name}"
 
+    def pause(self) -> None:
+        """The server stops answering (as a store whose endpoint hangs does); it keeps its objects."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)  # a paused server would not act on SIGTERM
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=10)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, kill_tree, tunefleet
+from conftest import ROOT, TINY, Started, kill_tree, read_json, tunefleet
 
 from tunefleet.common.errors import TunefleetError
-from tunefleet.common.storage import Store, join, refuse_ray_job_temp
+from tunefleet.common.jsonfile import read_json as maybe_json  # None while the file does not exist yet
+from tunefleet.common.storage import Store, join, refuse_ray_job_temp, scratch_dir
 from tunefleet.trainers.run import CHECKPOINT_MARKER, complete_checkpoints
 
 BASE = {
@@ -92,7 +93,7 @@ def test_ray_sweep_and_eval_live_in_the_bucket(s3, s3_env, tmp_path, tiny_model)
                 "runs_dir": f"{bucket}/runs",
                 "base": {**BASE, "max_steps": 6, "save_steps": 3, "save_total_limit": 1},
                 "grid": {"seed": [1, 2]},
-                "eval": {"max_samples": 8, "max_generation_samples": 1, "skip_perplexity": True},
+                "eval": {"max_samples": 8, "max_generation_samples": 1},
             }
         )
     )
@@ -127,6 +128,13 @@ def test_ray_sweep_and_eval_live_in_the_bucket(s3, s3_env, tmp_path, tiny_model)
         and f"{bucket}/runs/sft_tiny-qwen2_s1/train.log" in status
     )
     assert "AWS_SECRET_ACCESS_KEY" not in done.stdout + done.stderr and "testing" not in (done.stdout + done.stderr)
+
+    # The winner, chosen from the results in the bucket and exported from the bucket
+    best = min(("sft_tiny-qwen2_s1", "sft_tiny-qwen2_s2"), key=lambda name: results[name]["test_loss"])
+    exported = cli("export", "--runs_dir", f"{bucket}/runs", "--best", "test_loss", "--output_dir", tmp_path / "best")
+    assert f"wrote merged model of {best} to" in exported.stdout
+    assert (tmp_path / "best" / "model.safetensors").is_file() and (tmp_path / "best" / "config.json").is_file()
+    assert best in (tmp_path / "best" / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -185,3 +193,138 @@ def test_a_killed_run_resumes_from_the_bucket_on_a_fresh_node(s3, s3_env, tmp_pa
     assert record["resumed_from"].endswith(f"checkpoint-{saved[-1]}")
     assert complete_checkpoints(store)[-1] == 80 and store.exists("adapter_model.safetensors")
     assert files_under(tmp_path / "node-b") == []
+
+
+# ------------------------------------------------------------------ a store that is down or refuses
+@pytest.fixture(scope="module")
+def s3_checking_credentials():
+    from local_s3 import LocalS3
+
+    server = LocalS3(authenticate=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def bad_store_cases(s3, s3_checking_credentials) -> dict[str, tuple[str, dict[str, str], str]]:
+    """case -> (runs_dir URI, environment, what the line must say)."""
+    from tunefleet.launcher.launch import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    return {
+        "unreachable": (
+            "s3://nobucket/runs",
+            {**s3.env, "AWS_ENDPOINT_URL": closed},
+            f"endpoint {closed} is unreachable",
+        ),
+        "no such bucket": ("s3://nobucket/runs", s3.env, "no such bucket 'nobucket'"),
+        "credentials refused": (
+            "s3://anybucket/runs",
+            {**s3_checking_credentials.env, "AWS_ACCESS_KEY_ID": "AKIAWRONGKEY", "AWS_SECRET_ACCESS_KEY": "wrong"},
+            "the store refused the credentials",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no such bucket", "credentials refused"])
+def test_a_store_that_is_down_or_refuses_is_one_line_for_every_command(
+    case, s3, s3_checking_credentials, tmp_path, tiny_model
+):
+    """train, sweep, eval, report, status and export each ask the store first: one line naming the URI and the
+    cause, exit 2, within 30 s, nothing loaded or trained."""
+    runs_dir, env, cause = bad_store_cases(s3, s3_checking_credentials)[case]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "down", "runs_dir": runs_dir, "base": {**BASE, "max_steps": 2}}))
+    commands = {
+        "train": ["train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", f"{runs_dir}/one"],
+        "sweep": ["sweep", spec, "--skip_data_check"],
+        "eval": ["eval", "--runs_dir", runs_dir],
+        "report": ["report", "--runs_dir", runs_dir],
+        "status": ["status", runs_dir],
+        "export": ["export", "--runs_dir", runs_dir, "--best", "test_loss", "--output_dir", tmp_path / "best"],
+    }
+    for command, args in commands.items():
+        t0 = time.monotonic()
+        done = cli(*args, env={**env, "TUNEFLEET_SCRATCH": str(tmp_path / "scratch")}, check=False, timeout=120)
+        seconds = time.monotonic() - t0
+        assert done.returncode == 2, (command, done.stdout[-2000:], done.stderr[-2000:])
+        assert done.stderr.startswith("error: cannot use s3://") and done.stderr.count("\n") == 1, (
+            command,
+            done.stderr,
+        )
+        assert cause in done.stderr and runs_dir in done.stderr, (command, done.stderr)
+        assert "Traceback" not in done.stdout + done.stderr and seconds < 30, (command, seconds)
+        assert "wrong" not in done.stderr  # no secret in the line
+    assert not (tmp_path / "scratch").exists() and not (tmp_path / "best").exists()
+
+
+@pytest.mark.slow
+def test_a_store_that_stops_answering_mid_upload_loses_nothing(s3, s3_env, tmp_path, tiny_model):
+    """The server stops answering while a checkpoint goes up: the upload is retried for --store_retry_s, then the
+    run stops in one line, the checkpoint kept whole in scratch and the half upload never counted. With the server
+    back, the same command on the same node uploads the kept checkpoint (marker last) and resumes from it."""
+    bucket = s3.make_bucket("flaky")
+    out = f"{bucket}/run"
+    args = [
+        "train",
+        "--method",
+        "sft",
+        *TINY,
+        "--split",
+        "train_sft",
+        "--output_dir",
+        out,
+        "--max_steps",
+        "120",
+        "--save_steps",
+        "4",
+        "--store_retry_s",
+        "3",
+        "--use_qlora",
+        "false",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--logging_steps",
+        "1",
+    ]
+    store, scratch = Store(out), scratch_dir(out)
+    first = Started(*args)
+    caught = None  # the checkpoint whose upload the pause interrupted
+    deadline = time.time() + 240
+    try:
+        while caught is None and first.returncode is None and time.time() < deadline:
+            for marker in sorted(scratch.glob(f"checkpoint-*/{CHECKPOINT_MARKER}")):
+                if (maybe_json(marker) or {}).get("uploaded") is False:  # saved whole here, its upload under way
+                    s3.pause()
+                    if (maybe_json(marker) or {}).get("uploaded") is False:
+                        caught = int(marker.parent.name.split("-")[1])
+                        break
+                    s3.resume()  # that upload won the race: try the next one
+            first.proc.poll()
+            time.sleep(0.01)
+        assert caught is not None, "no upload was caught under way"
+        t0 = time.monotonic()
+        output = first.output(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        s3.resume()
+    last = output.strip().splitlines()[-1]
+    assert first.returncode == 2 and last.startswith("error: cannot upload to "), output[-3000:]
+    assert f"tried to upload checkpoint-{caught} for 3 s" in last and f"checkpoint-{caught} is kept in" in last
+    assert "Traceback" not in output and stopped_after < 60
+    kept = read_json(scratch / f"checkpoint-{caught}" / CHECKPOINT_MARKER)
+    assert kept["uploaded"] is False and (scratch / f"checkpoint-{caught}" / "adapter_model.safetensors").exists()
+    complete = complete_checkpoints(store)
+    assert caught not in complete and (not complete or complete[-1] < caught)  # the half upload does not count
+
+    resumed = cli(*args)  # same node, the store answering again
+    assert f"uploading checkpoint-{caught}, kept in {scratch} when the store failed" in resumed.stdout
+    assert f"checkpoint-{caught}" in resumed.stdout.split("resuming from", 1)[1].splitlines()[0]
+    record = store.read_json("run.json")
+    assert record["status"] == "finished" and record["global_step"] == 120 and record["attempts"] == 2
+    assert record["resumed_from"].endswith(f"checkpoint-{caught}")
+    assert store.read_json(f"checkpoint-{caught}/{CHECKPOINT_MARKER}")["step"] == caught
+    assert files_under(scratch) == []

@@ -146,6 +146,12 @@ class TrainConfig:
     logging_steps: int = option(10, "Log every N steps.", at_least=1)
     save_steps: int = option(500, "Checkpoint every N steps (the last step is always saved).", at_least=1)
     save_total_limit: int | None = option(None, "Keep at most N checkpoints.", at_least=1)
+    store_retry_s: float = option(
+        600,
+        "With output_dir in an object store: how long a checkpoint upload keeps retrying (with backoff) before the "
+        "run stops, the checkpoint kept in node-local scratch for the rerun to upload and resume from.",
+        above=0,
+    )
     eval_steps: int | None = option(
         None, "Evaluate every N steps (default: logging_steps) when eval_split is set.", at_least=1
     )

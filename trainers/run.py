@@ -8,6 +8,9 @@
 - `output_dir` may be a URI (s3://, gs://, ...): the run then trains in node-local scratch, uploads each checkpoint
   as it is saved (complete once its marker is written, last; older ones are deleted only after that), and its
   final files at the end; a rerun on any node downloads the latest complete checkpoint and resumes from it.
+- An upload that fails is retried with backoff for `--store_retry_s`; then the run stops in one line, the checkpoint
+  kept whole in scratch. A rerun on the same node uploads it (marker last) and resumes from it; elsewhere, from
+  the store's latest complete checkpoint. A half-uploaded checkpoint (no marker) is never used.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from pathlib import Path
 
 from tunefleet.common import tracking
 from tunefleet.common.errors import TunefleetError, first_line
-from tunefleet.common.jsonfile import utc_now
+from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
-from tunefleet.common.storage import Store, refuse_ray_job_temp, scratch_dir
+from tunefleet.common.storage import Store, StoreUnavailable, refuse_ray_job_temp, scratch_dir
 from tunefleet.common.tracking import Tracking
 from tunefleet.trainers import data, memory, recovery
 from tunefleet.trainers.config import model_short
@@ -57,45 +60,105 @@ def complete_checkpoints(store: Store) -> list[int]:
     return sorted(step for step in steps if store.exists(f"checkpoint-{step}/{CHECKPOINT_MARKER}"))
 
 
+def kept_checkpoint(scratch: Path) -> int | None:
+    """The latest checkpoint this node saved whole but has not uploaded (its marker is in scratch), if any."""
+    steps = [
+        int(p.name.split("-")[1])
+        for p in scratch.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (read_json(p / CHECKPOINT_MARKER) or {}).get("uploaded") is False
+    ]
+    return max(steps) if steps else None
+
+
+def with_retries(what: str, seconds: float, attempt) -> None:
+    """`attempt(store)` against the store, retried with backoff (1, 2, 4 ... 60 s) until `seconds` have passed;
+    each attempt gets the time that is left. Then one StoreUnavailable line saying for how long it was tried."""
+    deadline = time.monotonic() + seconds
+    wait = 1.0
+    while True:
+        try:
+            attempt(max(1.0, deadline - time.monotonic()))
+            return
+        except StoreUnavailable as exc:
+            if time.monotonic() + wait >= deadline:
+                raise StoreUnavailable(f"{exc} (tried to {what} for {seconds:g} s, --store_retry_s)") from exc
+            print(f"store: {exc}; retrying in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
+            wait = min(wait * 2, 60.0)
+
+
 class RunFolder:
     """Where a run lives (`output_dir`: a folder or a URI) and where it trains (`local`: that folder itself, or
-    node-local scratch whose checkpoints and final files go up to the store)."""
+    node-local scratch whose checkpoints and final files go up to the store).
 
-    def __init__(self, output_dir: str):
+    `store_retry_s`: how long an upload to the store is retried before the run stops (with_retries)."""
+
+    def __init__(self, output_dir: str, store_retry_s: float = 600):
         self.output_dir = output_dir
         self.store = Store(output_dir)
         self.local = scratch_dir(output_dir) if self.store.remote else Path(output_dir)
+        self.store_retry_s = store_retry_s
         self.tracking: Tracking | None = None  # set by start_tracking in the main process
+        self.progress_failed = False
 
     def write_json(self, name: str, data, durable: bool = True) -> None:
         if is_main_process():
             self.store.write_json(name, data, durable)
 
+    def write_progress(self, data: dict) -> None:
+        """progress.json for the live view: worth a few seconds, not a run (a store that does not answer is told
+        once, and training goes on)."""
+        if not is_main_process():
+            return
+        try:
+            Store(self.output_dir, timeout_s=10).write_json("progress.json", data, durable=False)
+        except StoreUnavailable as exc:
+            if not self.progress_failed:
+                print(f"store: progress not written ({exc}); training goes on", file=sys.stderr, flush=True)
+            self.progress_failed = True
+
     def read_json(self, name: str) -> dict | None:
         return self.store.read_json(name)
 
     def upload_checkpoint(self, step: int, keep: int | None) -> None:
-        """Checkpoint `step` up to the store, its marker last; then the older ones beyond `keep` go."""
+        """Checkpoint `step` up to the store, its marker last; then the older ones beyond `keep` go.
+
+        The marker is first written in scratch (`uploaded: false`): the checkpoint is whole here. If the store
+        keeps failing for `store_retry_s`, the run stops (StoreUnavailable) and a rerun on this node uploads it."""
         if not self.store.remote or not is_main_process():
             return
         name = f"checkpoint-{step}"
         files = {
             p.relative_to(self.local / name).as_posix(): p.stat().st_size
             for p in (self.local / name).rglob("*")
-            if p.is_file()
+            if p.is_file() and p.name != CHECKPOINT_MARKER
         }
-        self.store.upload(self.local / name, name)
-        self.store.write_json(f"{name}/{CHECKPOINT_MARKER}", {"step": step, "files": files})
+        marker = {"step": step, "files": files}
+        write_json_atomic(self.local / name / CHECKPOINT_MARKER, marker | {"uploaded": False})
+
+        def upload(seconds: float) -> None:
+            store = Store(self.output_dir, timeout_s=seconds)
+            store.upload(self.local / name, name, skip=(CHECKPOINT_MARKER,))
+            store.write_json(f"{name}/{CHECKPOINT_MARKER}", marker)
+
+        with_retries(f"upload {name}", self.store_retry_s, upload)
+        write_json_atomic(self.local / name / CHECKPOINT_MARKER, marker | {"uploaded": True})
         older = [s for s in complete_checkpoints(self.store) if s < step]
         for old in older[: max(0, len(older) - (keep - 1))] if keep else []:
             self.store.remove(f"checkpoint-{old}")
 
     def publish(self) -> None:
         """The final files (adapter, tokenizer, trainer state) up to the store, beside the checkpoints."""
-        if self.store.remote and is_main_process():
+        if not (self.store.remote and is_main_process()):
+            return
+
+        def upload(seconds: float) -> None:
+            store = Store(self.output_dir, timeout_s=seconds)
             for path in sorted(self.local.iterdir()):
                 if (path.is_file() and not path.name.startswith(".")) or path.name == tracking.TENSORBOARD_DIR:
-                    self.store.upload(path, path.name)
+                    store.upload(path, path.name)
+
+        with_retries("upload the final files", self.store_retry_s, upload)
 
     def clean_scratch(self) -> None:
         if self.store.remote and is_main_process():
@@ -109,7 +172,7 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
     checkpoint of the store; the other processes of the launch wait until it is there.
     """
     refuse_ray_job_temp(cfg.output_dir, "--output_dir")
-    folder = RunFolder(cfg.output_dir)
+    folder = RunFolder(cfg.output_dir, cfg.store_retry_s)
     record = folder.read_json("run.json") or {}
     if RunStatus.of(record.get("status")) is RunStatus.FINISHED:
         if not cfg.overwrite:
@@ -133,13 +196,22 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
     ready = folder.local / ".ready"
     launch = os.environ.get("MASTER_PORT", "one process")  # tells this launch's marker from an older one
     if is_main_process():
-        shutil.rmtree(folder.local, ignore_errors=True)
-        folder.local.mkdir(parents=True)
         steps = complete_checkpoints(folder.store)
-        if steps:
-            print(f"downloading checkpoint-{steps[-1]} from {cfg.output_dir}", flush=True)
-            folder.store.download(f"checkpoint-{steps[-1]}", folder.local / f"checkpoint-{steps[-1]}")
-            (folder.local / f"checkpoint-{steps[-1]}" / CHECKPOINT_MARKER).unlink(missing_ok=True)
+        kept = kept_checkpoint(folder.local) if folder.local.is_dir() else None
+        if kept is not None and kept > (steps[-1] if steps else -1):
+            # saved whole on this node by an attempt the store failed: it goes up first, then training resumes from it
+            print(f"uploading checkpoint-{kept}, kept in {folder.local} when the store failed", flush=True)
+            for path in folder.local.iterdir():
+                if path.name != f"checkpoint-{kept}":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            folder.upload_checkpoint(kept, cfg.save_total_limit)
+        else:
+            shutil.rmtree(folder.local, ignore_errors=True)
+            folder.local.mkdir(parents=True)
+            if steps:
+                print(f"downloading checkpoint-{steps[-1]} from {cfg.output_dir}", flush=True)
+                folder.store.download(f"checkpoint-{steps[-1]}", folder.local / f"checkpoint-{steps[-1]}")
+                (folder.local / f"checkpoint-{steps[-1]}" / CHECKPOINT_MARKER).unlink(missing_ok=True)
         ready.write_text(launch)
     else:
         deadline = time.time() + 900
@@ -219,7 +291,7 @@ def checkpoint_upload_callback(folder: RunFolder):
 
     class UploadCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            folder.upload_checkpoint(state.global_step, args.save_total_limit)
+            folder.upload_checkpoint(state.global_step, args.save_total_limit)  # its failure stops training
 
     return UploadCheckpoints()
 
@@ -402,7 +474,7 @@ def progress_callback(folder: RunFolder):
             elif "loss" in logs or "eval_loss" in logs:
                 print(line, flush=True)
             if time.time() - self.written >= every or state.global_step >= state.max_steps:
-                folder.write_json("progress.json", info, durable=False)
+                folder.write_progress(info)
                 self.written = time.time()
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -548,10 +620,35 @@ def peak_memory() -> dict:
 
 
 def finish_record(folder: RunFolder, record: dict, status: RunStatus, clock=None, **fields) -> None:
+    """run.json at the end of an attempt. `memory_steps` is a log others append to too (the launcher of a
+    multi-process run, an operator): a step recorded while this attempt ran is kept, not written over."""
     record.update(status=status, ended_at=utc_now(), **fields)
     if clock is not None:
         record["startup"] = clock.record()
+    if is_main_process():
+        recorded = (folder.read_json("run.json") or {}).get("memory_steps") or []
+        if len(recorded) > len(record.get("memory_steps") or []):
+            record["memory_steps"] = recorded
     folder.write_json("run.json", record)
+
+
+def store_failed(folder: RunFolder, record: dict, step: int, exc: StoreUnavailable) -> StoreUnavailable:
+    """The one line for a run whose store stopped taking its uploads. Its scratch stays: the checkpoint saved whole
+    there is what a rerun on this node uploads and resumes from. run.json says so in scratch, and in the store
+    if it answers now."""
+    kept = kept_checkpoint(folder.local)
+    note = f"the store failed: checkpoint-{kept} kept in {folder.local}" if kept is not None else "the store failed"
+    record.update(status=RunStatus.FAILED, ended_at=utc_now(), global_step=step, error=str(exc), note=note)
+    write_json_atomic(folder.local / "run.json", record)
+    try:
+        Store(folder.output_dir, timeout_s=10).write_json("run.json", record)
+    except StoreUnavailable:
+        pass
+    where = f"checkpoint-{kept} is kept in {folder.local}" if kept is not None else "no checkpoint was saved yet"
+    return StoreUnavailable(
+        f"{exc}; training stopped at step {step} ({where}): rerun the same command once the store answers, on this "
+        "node to upload it and resume from it, elsewhere to resume from the store's latest complete checkpoint"
+    )
 
 
 def check_world_size(launched: int, seen: int) -> None:
@@ -622,6 +719,8 @@ def train_and_save(
         finish_record(folder, record, RunStatus.INTERRUPTED, clock)
         folder.clean_scratch()
         raise
+    except StoreUnavailable as exc:
+        raise store_failed(folder, record, trainer.state.global_step, exc) from None
     except Exception as exc:
         error = f"{type(exc).__name__}: {first_line(exc)}"
         out_of_memory = recovery.is_out_of_memory(exc)
@@ -654,7 +753,10 @@ def train_and_save(
         raise Preempted(preemption.signum)
     trainer.save_model(str(folder.local))  # adapter, training_args.bin, tokenizer at the top level
     trainer.save_state()  # trainer_state.json at the top level
-    folder.publish()  # before the record says finished: a finished run in a store is a whole one
+    try:
+        folder.publish()  # before the record says finished: a finished run in a store is a whole one
+    except StoreUnavailable as exc:
+        raise store_failed(folder, record, trainer.state.global_step, exc) from None
     finish_record(
         folder,
         record,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, pids_in_tree, read_json
+from conftest import ROOT, TINY, Started, pids_in_tree, read_json, tunefleet, wait_for_checkpoint
 
+from tunefleet.common.storage import Store
 from tunefleet.launcher.placement import place
 from tunefleet.trainers import memory, recovery
 from tunefleet.trainers.config import from_dict
@@ -67,6 +69,29 @@ def test_steps_down_keep_the_effective_batch():
     assert (odd.per_device_train_batch_size, odd.gradient_accumulation_steps) == (3, 2)
     three = recovery.step_down(odd, True)
     assert (three.per_device_train_batch_size, three.gradient_accumulation_steps) == (1, 6)
+
+
+def test_a_run_that_starts_again_keeps_its_last_step_down_unless_asked_otherwise():
+    asked = cfg(per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    smaller = recovery.step_down(recovery.step_down(asked, False), True)
+    step = recovery.MemoryStep(12, "CUDA out of memory", True, 4, 4).record()
+    kept = recovery.keep_earlier_step(asked, {"status": "interrupted", "memory_steps": [step]})
+    assert kept == smaller and kept.gradient_checkpointing is True
+    assert recovery.keep_earlier_step(asked, {"status": "running", "memory_steps": [step]}) == smaller  # node lost
+    assert recovery.keep_earlier_step(asked, {"status": "finished", "memory_steps": [step]}) == asked
+    assert (
+        recovery.keep_earlier_step(
+            cfg(per_device_train_batch_size=8, gradient_accumulation_steps=4),
+            {"status": "failed", "memory_steps": [step]},
+        ).per_device_train_batch_size
+        == 8
+    )  # another effective batch: the user changed it on purpose
+    even_smaller = cfg(per_device_train_batch_size=2, gradient_accumulation_steps=8)
+    assert recovery.keep_earlier_step(even_smaller, {"status": "failed", "memory_steps": [step]}) == even_smaller
+    assert recovery.keep_earlier_step(
+        cfg(per_device_train_batch_size=8, gradient_accumulation_steps=2, overwrite=True),
+        {"status": "failed", "memory_steps": [step]},
+    ).overwrite
 
 
 def test_out_of_memory_errors_are_recognised():
@@ -190,3 +215,63 @@ def test_a_two_process_run_out_of_memory_is_relaunched_smaller(tmp_path, tiny_mo
     assert record["effective_batch_size"] == 32
     assert proc.stdout.count("launch: ddp") == len(record["memory_steps"]) + 1
     assert not list(out.glob("out_of_memory-rank*"))  # the markers were consumed
+
+
+def test_a_rerun_resumes_with_the_step_down_of_the_attempt_that_ran_out_of_memory(tmp_path, tiny_model):
+    """An attempt that stepped down (batch 8 x 2 -> checkpointing, then 4 x 4) and was stopped after a checkpoint:
+    the same command again resumes with 4 x 4 and checkpointing, not the batch that ran out of memory."""
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--method",
+        "sft",
+        *TINY,
+        "--split",
+        "train_sft",
+        "--output_dir",
+        out,
+        "--use_qlora",
+        "false",
+        "--per_device_train_batch_size",
+        "8",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "60",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
+    first = Started(*args)
+    wait_for_checkpoint(out)
+    first.send_signal(signal.SIGINT)  # as a SLURM preemption or a lost node would end it
+    first.wait(120)
+    asked = from_dict(
+        {
+            "method": "sft",
+            "model_name": "tunefleet/tiny-qwen2",
+            "dataset": "d",
+            "output_dir": str(out),
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 2,
+        }
+    )
+    smaller = recovery.step_down(recovery.step_down(asked, False), True)
+    # what the attempt's own recovery wrote when it ran out of memory (trainers.train.run)
+    recovery.record_step(Store(str(out)), 2, "DefaultCPUAllocator: can't allocate memory", smaller)
+    assert read_json(out / "run.json")["status"] == "interrupted"
+
+    again = tunefleet(*args, timeout=300)  # the same command
+    assert (
+        "keeping the memory step-down of an earlier attempt: batch 4 x accumulation 4, gradient checkpointing on"
+        in (again.stdout)
+    )
+    record = read_json(out / "run.json")
+    assert record["status"] == "finished" and record["global_step"] == 60 and record["attempts"] == 2
+    assert len(record["memory_steps"]) == 1 and record["resumed_from"]
+    assert (
+        record["config"]["per_device_train_batch_size"] == 4 and record["config"]["gradient_accumulation_steps"] == 4
+    )
+    assert record["fast_path"]["gradient_checkpointing"]["on"] is True and record["effective_batch_size"] == 16
+    # (trainer_state.json keeps the batch its checkpoint recorded: transformers restores the state it resumed from)

@@ -21,6 +21,9 @@ from conftest import Started, checkpoint_steps, pids_in_tree, read_json, tunefle
 from local_ray import LocalRayCluster, pids_under
 
 from tunefleet.common.jsonfile import read_json as maybe_json
+from tunefleet.common.storage import Store
+from tunefleet.trainers import recovery
+from tunefleet.trainers.config import from_dict
 
 pytestmark = pytest.mark.slow
 
@@ -155,6 +158,11 @@ def test_a_lost_node_costs_nothing(cluster, tmp_path, tiny_model):
                 victim = run
         time.sleep(0.3)
     assert victim is not None, "no run checkpointed on the second node"
+    # This attempt had stepped down for memory (batch 4 x 1 -> checkpointing -> 2 x 2), as its own recovery records
+    # it: the retry on the other node must go on with 2 x 2.
+    asked = from_dict({**TINY, "output_dir": str(victim)})
+    smaller = recovery.step_down(recovery.step_down(asked, False), True)
+    recovery.record_step(Store(str(victim)), 1, "CUDA out of memory. Tried to allocate 2.00 GiB", smaller)
     cluster.kill_node(second)
     out = proc.output(timeout=400)
     assert proc.returncode == 0, out[-3000:]
@@ -162,6 +170,9 @@ def test_a_lost_node_costs_nothing(cluster, tmp_path, tiny_model):
     assert record["status"] == "finished" and record["global_step"] == 300
     assert [a["node_id"] for a in launch["attempts"]][0] == second and launch["node_id"] != second
     assert record["resumed_from"] and "resuming from" in (victim / "train.log").read_text()
+    assert len(record["memory_steps"]) == 1 and record["effective_batch_size"] == 4
+    assert (record["config"]["per_device_train_batch_size"], record["config"]["gradient_accumulation_steps"]) == (2, 2)
+    assert "keeping the memory step-down of an earlier attempt" in (victim / "train.log").read_text()
     state = read_json(runs_dir / "sweep.json")
     assert [n["node_id"] for n in state["lost_nodes"]] == [second]
     attempts = state["runs"][victim.name]["attempts"]

@@ -18,8 +18,11 @@ import yaml
 from conftest import ROOT, checkpoint_steps, read_json, run_cli
 
 from tunefleet.common.jsonfile import read_json as maybe_json  # None while the file does not exist yet
+from tunefleet.common.storage import Store
 from tunefleet.launcher import slurm
 from tunefleet.launcher import sweep as sweeps
+from tunefleet.trainers import recovery
+from tunefleet.trainers.config import from_dict
 
 START, STOP = ROOT / "tests" / "slurm" / "start_local_slurm.sh", ROOT / "tests" / "slurm" / "stop_local_slurm.sh"
 SLURM_DIR = "/tmp/tfslurm-test"  # short: slurmstepd puts unix sockets under it
@@ -228,7 +231,7 @@ def test_dry_run_submits_only_unfinished_runs_and_needs_no_slurm(tmp_path, capsy
     monkeypatch.setenv("PATH", "/nonexistent")
     code, out, _ = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--dry-run", "--eval", "--skip_data_check")
     assert code == 0 and "2 of 3 runs to submit (1 finished)" in out
-    assert "#SBATCH --array=0-1%4" in out and "#SBATCH --dependency=afterok:<array job id>" in out
+    assert "#SBATCH --array=0-1%4" in out and "#SBATCH --dependency=afterok:<array job ids>" in out
     assert "0=sft_tiny-qwen2_s1, 1=sft_tiny-qwen2_s3" in out  # tasks hold the unfinished runs only
     assert not (tmp_path / "runs" / "slurm").exists()  # a dry run writes nothing
 
@@ -426,6 +429,11 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     wait_for("the requeue", lambda: states(array).get(task) == "PENDING", 60, runs_dir)
     saved = checkpoint_steps(run)[-1]
     assert read_json(run / "run.json")["status"] == "interrupted"
+    # This attempt had stepped down for memory (batch 4 x 1 -> checkpointing -> 2 x 2), as its own recovery records
+    # it: the requeued task must resume with 2 x 2, not run out of memory at 4 again.
+    asked = from_dict({**TINY, "output_dir": str(run)})
+    smaller = recovery.step_down(recovery.step_down(asked, False), True)
+    recovery.record_step(Store(str(run)), saved, "CUDA out of memory. Tried to allocate 2.00 GiB", smaller)
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
     wait_for("the requeued task", lambda: settled(array), 150, runs_dir)
@@ -434,6 +442,12 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, capsys, tiny_m
     record = read_json(run / "run.json")
     assert record["status"] == "finished" and record["global_step"] == 300 and record["attempts"] == 2
     assert record["resumed_from"].endswith(f"checkpoint-{saved}")
+    assert len(record["memory_steps"]) == 1 and record["effective_batch_size"] == 4
+    assert (record["config"]["per_device_train_batch_size"], record["config"]["gradient_accumulation_steps"]) == (2, 2)
+    assert (
+        "keeping the memory step-down of an earlier attempt: batch 2 x accumulation 2"
+        in (run / "train.log").read_text()
+    )
     slurm_log = (runs_dir / "slurm" / f"{task}.log").read_text()
     assert "signalled: checkpoint saved, requeueing to resume" in slurm_log and "restart 1" in slurm_log
     assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", task], capture_output=True, text=True).stdout

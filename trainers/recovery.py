@@ -82,6 +82,31 @@ def step_down(cfg, checkpointing: bool):
     )
 
 
+def keep_earlier_step(cfg, record: dict | None):
+    """`cfg` as the last memory step of an earlier attempt left it, for a run that starts again (a manual rerun, a
+    SLURM requeue, a Ray retry): it resumes with the set-up that fit, instead of running out of memory again.
+
+    The same `cfg` when there is no step, the run finished (it is retrained from scratch), or the command now asks
+    for another effective batch or an even smaller per-device batch (a deliberate change wins)."""
+    from tunefleet.common.status import RunStatus
+
+    steps = (record or {}).get("memory_steps") or []
+    if not steps or cfg.overwrite or RunStatus.of((record or {}).get("status")) is RunStatus.FINISHED:
+        return cfg
+    last = MemoryStep(**steps[-1])
+    asked = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    if asked != last.per_device_train_batch_size * last.gradient_accumulation_steps:
+        return cfg
+    if cfg.per_device_train_batch_size < last.per_device_train_batch_size:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        gradient_checkpointing=True if last.gradient_checkpointing else cfg.gradient_checkpointing,
+        per_device_train_batch_size=last.per_device_train_batch_size,
+        gradient_accumulation_steps=last.gradient_accumulation_steps,
+    )
+
+
 def record_step(store: Store, at_step: int, error: str, smaller) -> MemoryStep:
     """Append the step to the run's run.json (`memory_steps`); the next attempt keeps the list."""
     step = MemoryStep(
@@ -121,6 +146,7 @@ def after_failed_launch(cfg, store: Store, out_of_memory: bool):
     if not (cfg.oom_recovery and out_of_memory):
         return None
     record = store.read_json("run.json") or {}
+    cfg = keep_earlier_step(cfg, record)  # the launch that failed ran with it
     checkpointing = ((record.get("fast_path") or {}).get("gradient_checkpointing") or {}).get("on")
     smaller = step_down(cfg, bool(checkpointing if checkpointing is not None else cfg.gradient_checkpointing))
     if smaller is None:

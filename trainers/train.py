@@ -27,6 +27,15 @@ def run(cfg) -> dict:
     run to a GPU of its own), the error goes up to the launcher.
     """
     trainer_module = importlib.import_module(f"tunefleet.trainers.{cfg.method}")  # sft.py ... grpo.py
+    earlier = recovery.keep_earlier_step(cfg, Store(cfg.output_dir).read_json("run.json"))
+    if earlier != cfg and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"keeping the memory step-down of an earlier attempt: batch {earlier.per_device_train_batch_size} x "
+            f"accumulation {earlier.gradient_accumulation_steps}"
+            + (", gradient checkpointing on" if earlier.gradient_checkpointing else ""),
+            flush=True,
+        )
+    cfg = earlier
     while True:
         try:
             return trainer_module.train(cfg)
@@ -59,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         terminal.calm(cfg.verbose)
+        if "TUNEFLEET_LAUNCH" not in os.environ and int(os.environ.get("RANK", "0")) == 0:
+            Store(cfg.output_dir).check(write=True)  # started directly, not by a launcher that checked
         run(cfg)
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)

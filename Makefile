@@ -32,7 +32,7 @@ demo: setup
 	$(BIN)/tunefleet sweep sweeps/demo.yaml --backend ray --eval
 	@echo "outputs: runs/demo/<run>/ (adapter, run.json, train.log), runs/demo/evaluation_results.json,"
 	@echo "         runs/demo/evaluation_report.md, runs/demo/*.png"
-	@echo "the winner, merged for serving: $(BIN)/tunefleet export --runs_dir runs/demo --best win_rate_vs_base --out exported/best"
+	@echo "the winner, merged for serving: $(BIN)/tunefleet export --runs_dir runs/demo --best win_rate_vs_base --output_dir exported/best"
 
 # basedpyright over the package, configured in pyproject.toml ([tool.basedpyright]).
 typecheck: setup

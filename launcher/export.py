@@ -1,13 +1,13 @@
 """`tunefleet export`: a run's model in a form that serves without PEFT.
 
-    tunefleet export runs/demo/dpo_tiny-qwen2_s1 --out exported/dpo
-    tunefleet export --runs_dir runs/demo --best win_rate_vs_base --method dpo --out exported/best
-    tunefleet export runs/demo/dpo_tiny-qwen2_s1 --out exported/dpo --push_to_hub me/tiny-dpo
+    tunefleet export runs/demo/dpo_tiny-qwen2_s1 --output_dir exported/dpo
+    tunefleet export --runs_dir runs/demo --best win_rate_vs_base --method dpo --output_dir exported/best
+    tunefleet export runs/demo/dpo_tiny-qwen2_s1 --output_dir exported/dpo --push_to_hub me/tiny-dpo
 
 The LoRA adapter is merged into the base loaded in float32, then saved in the chosen dtype: a QLoRA run is merged
 into the base's original weights, never into its 4-bit ones (4-bit weights cannot hold the sum; PEFT would round
 it back to NF4). The folder holds safetensors, the tokenizer with its chat template, the generation config and a
-README model card (the run's config, data and evaluation numbers). It is written beside `--out` and renamed into
+README model card (the run's config, data and evaluation numbers). It is written beside `--output_dir` and renamed into
 place when complete, so an interrupted export never looks finished.
 """
 
@@ -145,7 +145,7 @@ def export_run(
         raise TunefleetError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TunefleetError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        raise TunefleetError(f"{out} exists and is not empty; choose another --output_dir or pass --overwrite")
     run_path = local_run(location)
     record = Store(location).read_json("run.json") or {}
     check_finished(record, location)
@@ -314,14 +314,20 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", metavar="METRIC", help=f"Export the best run by this metric: {', '.join(BETTER)}.")
     p.add_argument("--method", help="With --best: only runs of this method (sft, dpo, orpo, kto, grpo).")
     p.add_argument("--results", help="With --best: results file (default: <runs_dir>/evaluation_results.json).")
-    p.add_argument("--out", required=True, help="Folder to write (must be empty or missing, unless --overwrite).")
+    p.add_argument(
+        "--output_dir",
+        "--out",
+        dest="output_dir",
+        required=True,
+        help="Folder to write (must be empty or missing, unless --overwrite); --out is the same flag.",
+    )
     p.add_argument(
         "--dtype", default="auto", choices=DTYPES, help="Dtype of the merged weights (default auto: the base's)."
     )
     p.add_argument("--adapter_only", action="store_true", help="Copy the adapter (and tokenizer, card) unmerged.")
     p.add_argument("--push_to_hub", metavar="REPO", help="Also upload the folder to this Hub repo (needs a token).")
     p.add_argument("--private", action="store_true", help="With --push_to_hub: create the repo private.")
-    p.add_argument("--overwrite", action="store_true", help="Replace what --out holds.")
+    p.add_argument("--overwrite", action="store_true", help="Replace what --output_dir holds.")
     return p
 
 
@@ -332,8 +338,11 @@ def cmd_export(argv: list[str]) -> int:
         raise TunefleetError("give a run folder, or --runs_dir with --best METRIC (not both)")
     if a.best and not a.runs_dir:
         raise TunefleetError("--best needs --runs_dir: the folder whose evaluation_results.json ranks the runs")
-    if is_uri(a.out):
-        raise TunefleetError("--out must be a local folder; use --push_to_hub to publish it")
+    if is_uri(a.output_dir):
+        raise TunefleetError("--output_dir must be a local folder; use --push_to_hub to publish it")
+    Store(a.run or a.runs_dir).check()
+    if a.results and is_uri(a.results):
+        Store(a.results.rsplit("/", 1)[0]).check()
     token = hub_token() if a.push_to_hub else None  # before minutes of merging, not after
     if a.best:
         chosen = choose_best(a.runs_dir, a.best, a.method, a.results)
@@ -341,7 +350,7 @@ def cmd_export(argv: list[str]) -> int:
     else:
         name = a.run.rstrip("/").rsplit("/", 1)[-1]
         chosen = Chosen(name, a.run, evaluation_entry(a.run, name))
-    out = export_run(chosen.location, Path(a.out), a.dtype, a.adapter_only, chosen, a.overwrite)
+    out = export_run(chosen.location, Path(a.output_dir), a.dtype, a.adapter_only, chosen, a.overwrite)
     kind = "adapter" if a.adapter_only else "merged model"
     print(f"wrote {kind} of {chosen.name} to {out}")
     if a.push_to_hub and token:

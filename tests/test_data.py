@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 
 import pytest
 from conftest import ROOT, read_json, run_cli
@@ -163,13 +165,75 @@ def test_unused_system_and_question_are_an_error_until_mapped(tmp_path, capsys, 
     code, _, err = train(capsys, "dpo", path, tmp_path / "r")
     assert code == 2 and err.count("\n") == 1
     assert "column(s) 'query', 'sys_prompt' hold text that the dpo layout" in err
-    assert "--columns" in err and "--ignore_columns query,sys_prompt" in err
+    assert "fix: --columns prompt=query,system=sys_prompt" in err and err.strip().endswith(
+        "--ignore_columns query sys_prompt"
+    )
     assert not (tmp_path / "r").exists()
 
     code, _, err = train(capsys, "dpo", path, tmp_path / "r", "--columns", "prompt=query,system=sys_prompt")
     assert code == 0, err
     seen = seen_text(tmp_path / "r")
     assert SYSTEM in seen and question(0) in seen
+
+
+def suggested_fixes(err: str) -> list[list[str]]:
+    """The flags an unused-column error suggests: its fix, and its way to leave them out (when it offers one)."""
+    fixes = [shlex.split(re.search(r"fix: (.*?) \(", err).group(1))]
+    leave_out = re.search(r"or leave them out on purpose with (--ignore_columns .*)$", err.strip())
+    return fixes + ([shlex.split(leave_out.group(1))] if leave_out else [])
+
+
+@pytest.mark.parametrize(
+    "method,rows,expected_fix,system_read",
+    [
+        (  # the issue's case: the old hint said prompt=system_prompt, which would have replaced the prompt
+            "dpo",
+            [
+                {"prompt": question(i), "chosen": answer(i), "rejected": wrong(i), "system_prompt": SYSTEM}
+                for i in range(N)
+            ],
+            "--columns system=system_prompt",
+            True,
+        ),
+        (
+            "sft",
+            [
+                {"prompt": question(i), "completion": answer(i), "system_message": SYSTEM, "notes": f"Seen on day {i}"}
+                for i in range(N)
+            ],
+            "--columns system=system_message --ignore_columns notes",
+            True,
+        ),
+        (
+            "kto",
+            [{"prompt": question(i), "completion": answer(i), "label": i % 2 == 0, "sys": SYSTEM} for i in range(N)],
+            "--columns system=sys",
+            True,
+        ),
+        (  # a system column is there already: the second one can only be left out
+            "orpo",
+            [
+                {"prompt": question(i), "chosen": answer(i), "rejected": wrong(i), "system": SYSTEM, "sys_msg": "Hi x"}
+                for i in range(N)
+            ],
+            "--ignore_columns sys_msg",
+            True,
+        ),
+    ],
+)
+def test_every_suggested_column_fix_trains(method, rows, expected_fix, system_read, tmp_path, capsys, tiny_model):
+    path = write(tmp_path, "d", rows)
+    code, _, err = train(capsys, method, path, tmp_path / "refused")
+    assert code == 2 and err.count("\n") == 1 and f"fix: {expected_fix} (" in err, err
+    for i, flags in enumerate(suggested_fixes(err)):
+        code, _, err = train(capsys, method, path, tmp_path / f"fixed{i}", *flags)
+        assert code == 0, (flags, err)
+        seen = seen_text(tmp_path / f"fixed{i}")
+        assert question(0) in seen or any(question(j) in seen for j in range(N)), (
+            seen
+        )  # the prompt is still the prompt
+        if i == 0:
+            assert (SYSTEM in seen) == system_read, seen
 
 
 @pytest.mark.parametrize(

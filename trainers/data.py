@@ -646,17 +646,70 @@ def check(
     """Map columns, detect the layout and refuse text it would lose (when `strict`), without converting anything.
 
     Returns (the mapped dataset, its layout, {column left out: why})."""
-    ds = apply_column_mapping(ds, columns, ignore)
-    layout = detect_layout(method, ds)
-    fine, lost = not_used_columns(method, ds, layout)
+    mapped = apply_column_mapping(ds, columns, ignore)
+    layout = detect_layout(method, mapped)
+    fine, lost = not_used_columns(method, mapped, layout)
     if lost and strict:
         names = ", ".join(f"'{c}'" for c in lost)
         raise TunefleetError(
             f"{source or 'dataset'} split '{split}': column(s) {names} hold text that the {method} layout "
-            f"'{layout.name}' would not use; map them with --columns (e.g. --columns prompt={lost[0]}) or leave "
-            f"them out on purpose with --ignore_columns {','.join(lost)}"
+            f"'{layout.name}' would not use; {column_fix(method, ds, columns, ignore, lost)}"
         )
-    return ds, layout, fine
+    return mapped, layout, fine
+
+
+SYSTEM_LIKE = re.compile(r"^(sys|system)([ _-]?(prompt|message|msg|instructions?|text|turn|content))?$", re.IGNORECASE)
+ROLE_OF_TARGET = {"system": "the system turn", "prompt": "the prompt"}
+
+
+def column_fix(method: str, ds, columns: dict | None, ignore: list[str] | None, lost: list[str]) -> str:
+    """The flags that make a dataset with unused text columns train, each tried before it is suggested.
+
+    A system-like column (system_prompt, sys, system_message, ...) is suggested as `system`; another column as
+    `prompt` where the layout has no prompt yet; a mapping counts only if the layout then reads the column and
+    loses nothing it read before. The rest are left out on purpose (--ignore_columns), which always works."""
+    columns, ignore = dict(columns or {}), list(ignore or [])
+    added: dict[str, str] = {}
+    left_out: list[str] = []
+    for column in lost:
+        name = columns.get(column, column)  # the dataset's own name for it
+        targets = ("system",) if SYSTEM_LIKE.match(name) else ("prompt",)
+        target = next((t for t in targets if _reads(method, ds, {**columns, **added, t: name}, ignore, t, lost)), None)
+        if target:
+            added[target] = name
+        else:
+            left_out.append(name)
+    mapping, leave = {**columns, **added}, ignore + left_out
+    if added and not _trains(method, ds, mapping, leave):  # all together, as the user will pass them
+        added, left_out = {}, [columns.get(c, c) for c in lost]
+        mapping, leave = columns, ignore + left_out
+    flags = ([f"--columns {','.join(f'{t}={s}' for t, s in mapping.items())}"] if added else []) + (
+        [f"--ignore_columns {' '.join(leave)}"] if left_out else []
+    )
+    why = [f"'{s}' as {ROLE_OF_TARGET[t]}" for t, s in added.items()] + [f"'{c}' left out" for c in left_out]
+    fix = f"fix: {' '.join(flags)} ({', '.join(why)})"
+    if added:
+        fix += f"; or leave them out on purpose with --ignore_columns {' '.join(ignore + [columns.get(c, c) for c in lost])}"
+    return fix
+
+
+def _reads(method: str, ds, columns: dict, ignore: list[str], target: str, lost_before: list[str]) -> bool:
+    """Whether with `columns` the layout reads `target` and loses fewer columns than before."""
+    try:
+        mapped = apply_column_mapping(ds, columns, ignore)
+        layout = detect_layout(method, mapped)
+        _, lost = not_used_columns(method, mapped, layout)
+    except TunefleetError:
+        return False
+    return target in layout.used and len(lost) < len(lost_before)
+
+
+def _trains(method: str, ds, columns: dict, ignore: list[str]) -> bool:
+    try:
+        mapped = apply_column_mapping(ds, columns, ignore)
+        return not not_used_columns(method, mapped, detect_layout(method, mapped))[1]
+    except TunefleetError:
+        return False
 
 
 def prepare(

@@ -12,6 +12,7 @@ class RunStatus(StrEnum):
     FAILED = "failed"  # stopped by an error; the error is recorded
     INTERRUPTED = "interrupted"  # stopped on purpose (signal, Ctrl-C) after saving a checkpoint
     BLOCKED = "blocked"  # never started: a run it starts from (its parent) failed or was blocked itself
+    STOPPED = "stopped"  # a search trial its scheduler (ASHA) ended early, after saving a checkpoint
 
     @classmethod
     def of(cls, value: object) -> RunStatus | None:

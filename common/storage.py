@@ -157,6 +157,15 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
 
+    def for_ray(self) -> tuple[str, object | None]:
+        """(path, filesystem) as Ray's RunConfig takes them: this store's own fsspec client wrapped for pyarrow
+        (the same endpoint and credentials), or an absolute local path and None."""
+        if not self.remote:
+            return str(Path(self.root).resolve()), None
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return self.path, PyFileSystem(FSSpecHandler(self.fs))
+
     def child(self, *parts: str) -> Store:
         return Store(join(self.root, *parts), self.timeout_s)
 

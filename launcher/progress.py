@@ -59,9 +59,9 @@ class SweepView:
             print(line, flush=True)
 
     def counts(self) -> dict[RunStatus, int]:
-        """Runs per state; `blocked` (a pipeline's) only once there is one."""
+        """Runs per state; `blocked` (a pipeline's) and `stopped` (a search's) only once there is one."""
         counts = {s: sum(v is s for v in self.state.values()) for s in RunStatus}
-        return {s: n for s, n in counts.items() if n or s is not RunStatus.BLOCKED}
+        return {s: n for s, n in counts.items() if n or s not in (RunStatus.BLOCKED, RunStatus.STOPPED)}
 
     def refresh(self) -> None:
         if self.live:

@@ -40,10 +40,24 @@ from tunefleet.common.storage import join
 from tunefleet.eval.settings import EvalSettings
 from tunefleet.launcher.placement import parse_gpus, place
 from tunefleet.launcher.runs import RunPlan
+from tunefleet.launcher.search import SearchSettings, parse_search
 from tunefleet.trainers import config
 from tunefleet.trainers.config import DatasetPart, TrainConfig, model_short
 
-TOP_KEYS = ("name", "runs_dir", "base", "grid", "methods", "resources", "naming", "slurm", "eval", "stages")
+TOP_KEYS = (
+    "name",
+    "runs_dir",
+    "base",
+    "grid",
+    "methods",
+    "resources",
+    "naming",
+    "slurm",
+    "eval",
+    "stages",
+    "search",
+    "confirm",
+)
 STAGE_KEYS = ("from", "match", "best", "base", "grid", "methods", "resources", "naming", "eval")
 SWEEP_WIDE = ("strategy", "max_parallel")  # resources of the whole sweep, not of one stage
 DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
@@ -130,6 +144,7 @@ class SweepSpec:
     eval: EvalSettings = field(default_factory=EvalSettings)
     path: str = ""
     stages: list[Stage] = field(default_factory=list)  # empty: a plain sweep (one grid)
+    search: SearchSettings | None = None  # a hyperparameter search per method (launcher/search.py)
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -206,6 +221,17 @@ def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None)
         raise TunefleetError(f"{_where(spec_path, lines, 'naming')}'naming' must be a string")
     if "stages" in data:
         spec.stages = parse_stages(data, spec, spec_path, lines)
+    if "search" in data:
+        if spec.stages:
+            raise TunefleetError(
+                f"{_where(spec_path, lines, 'search')}search runs over a plain spec (base, methods, search); "
+                "a pipeline's stages cannot hold one yet: search in a spec of its own"
+            )
+        spec.search = parse_search(data["search"], data.get("confirm"), lambda k: _where(spec_path, lines, k), spec)
+    elif "confirm" in data:
+        raise TunefleetError(
+            f"{_where(spec_path, lines, 'confirm')}'confirm' reruns the best of a search: add 'search'"
+        )
     return spec
 
 
@@ -363,6 +389,17 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
                 "of them a 'naming' with {stage}"
             )
         seen[run.name] = stage_name
+    return runs
+
+
+def expand_confirm(spec: SweepSpec, grid: dict, best: dict[str, dict]) -> list[RunPlan]:
+    """A search's confirmation runs: each method's best sampled values over its base, crossed with `grid`
+    (`confirm: {seed: [1, 2]}`), named by the spec's naming."""
+    runs = []
+    for method, values in best.items():
+        base = {**spec.base, **spec.methods.get(method, {}), "method": method, **values}
+        stage = Stage("", base, grid, {}, spec.resources, spec.naming, spec.eval)
+        runs += [run for run, _ in _expand_stage(spec, stage, [], lineage=False)]
     return runs
 
 

@@ -97,6 +97,8 @@ def cmd_sweep(argv: list[str]) -> int:
     Store(spec.runs_dir).check(write=not a.dry_run)
     if a.max_parallel:
         spec.resources.max_parallel = a.max_parallel
+    if spec.search is not None:
+        return cmd_search(spec, a)
     runs = sweeps.place_runs(sweeps.expand(spec), spec, local_gpu_memory())
     if a.dry_run and a.backend != "slurm":
         print(plan_text(spec, runs))
@@ -175,6 +177,24 @@ def cmd_sweep(argv: list[str]) -> int:
     if a.eval:
         code = _evaluate(spec, a)
     return 1 if failed or code else 0
+
+
+def cmd_search(spec, a) -> int:
+    """A spec with `search:`: each method's trials on Ray Tune, then `confirm:` (launcher/tune_search.py)."""
+    from tunefleet.launcher import tune_search
+
+    if a.backend == "slurm":
+        raise TunefleetError(
+            "a search runs on Ray: start a Ray cluster on your allocation with cluster_configs/slurm/ray_cluster.sbatch, "
+            "then: tunefleet sweep SPEC --backend ray --address <head>:6379"
+        )
+    setups = tune_search.trial_setups(spec, spec.search)
+    if a.dry_run:
+        print(tune_search.plan_text(spec, spec.search, setups))
+        return 0
+    if not a.skip_data_check:
+        sweeps.validate_data([setup.probe for setup in setups.values()])
+    return tune_search.run_search(spec, setups, a.address, a.retries)
 
 
 def local_gpu_memory() -> int | None:

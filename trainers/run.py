@@ -373,26 +373,40 @@ def training_args(cfg, folder: RunFolder, dtype, fast: FastPath) -> dict:
 
 
 def group_by_token_length(trainer) -> None:
-    """Give the tokenized train set a `length` column for length-grouped batches.
+    """Give the tokenized train (and eval) set a `length` column for length-grouped batches.
 
     TRL's preference trainers tokenize into prompt/chosen/rejected id columns, and the HF sampler only infers
-    lengths from `input_ids`; the column must also survive the trainer's unused-column removal. Lengths are
-    counted by arrow over whole columns (a row at a time took ~0.1 ms per row)."""
-    import pyarrow.compute as pc
-
-    ds = trainer.train_dataset
-    id_cols = [c for c in ds.column_names if c.endswith("_ids") and "attention" not in c and "labels" not in c]
-    prompt = [c for c in id_cols if c.startswith("prompt")]
-    replies = [c for c in id_cols if c not in prompt]
-    if not id_cols or "length" in ds.column_names:
+    lengths from `input_ids`; the column must also survive the trainer's unused-column removal. transformers
+    groups the eval set by length too once the train set is, so it needs the column as well. Lengths are counted
+    by arrow over whole columns (a row at a time took ~0.1 ms per row)."""
+    if trainer.train_dataset is None or "length" in trainer.train_dataset.column_names:
         return
-    table = ds.select_columns(id_cols).with_format("arrow")[:]
-    counts = {c: pc.fill_null(pc.call_function("list_value_length", [table[c]]), 0).to_numpy() for c in id_cols}
-    lengths = sum(counts[c] for c in prompt) + max_of([counts[c] for c in replies])
-    trainer.train_dataset = ds.add_column("length", [int(n) for n in lengths])
+    with_lengths = with_token_lengths(trainer.train_dataset)
+    if with_lengths is None:
+        return
+    trainer.train_dataset = with_lengths
+    if trainer.eval_dataset is not None and not isinstance(trainer.eval_dataset, dict):
+        trainer.eval_dataset = with_token_lengths(trainer.eval_dataset) or trainer.eval_dataset
     trainer._set_signature_columns_if_needed()
     trainer._signature_columns = [*trainer._signature_columns, "length"]
     trainer.add_callback(lengths_as_list_callback())
+
+
+def with_token_lengths(ds):
+    """The dataset with a `length` column (prompt ids plus the longest reply's), or None without id columns."""
+    import pyarrow.compute as pc
+
+    if "length" in ds.column_names:
+        return ds
+    id_cols = [c for c in ds.column_names if c.endswith("_ids") and "attention" not in c and "labels" not in c]
+    if not id_cols:
+        return None
+    prompt = [c for c in id_cols if c.startswith("prompt")]
+    replies = [c for c in id_cols if c not in prompt]
+    table = ds.select_columns(id_cols).with_format("arrow")[:]
+    counts = {c: pc.fill_null(pc.call_function("list_value_length", [table[c]]), 0).to_numpy() for c in id_cols}
+    lengths = sum(counts[c] for c in prompt) + max_of([counts[c] for c in replies])
+    return ds.add_column("length", [int(n) for n in lengths])
 
 
 def max_of(arrays: list):
@@ -423,7 +437,7 @@ def lengths_as_list_callback():
 
 def progress_callback(folder: RunFolder):
     """A progress bar (step/total, loss, time left) when stdout is a terminal, else one line per log; and
-    `progress.json` (step, loss) for the sweep's live view."""
+    `progress.json` (step, loss, and every evaluation's metrics) for the sweep's live view and a search."""
     from transformers import TrainerCallback
 
     every = 2.0 if folder.store.remote else 0.0  # a store gets at most one progress write per 2 s
@@ -435,6 +449,7 @@ def progress_callback(folder: RunFolder):
             self.written = 0.0
             self.bar = sys.stdout.isatty()
             self.view = None
+            self.evaluations: list[dict] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not self.bar or not state.is_world_process_zero:
@@ -466,6 +481,11 @@ def progress_callback(folder: RunFolder):
             }
             info.update({k: logs[k] for k in ("loss", "eval_loss", "learning_rate") if k in logs})
             line = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+            evaluated = any(k.startswith("eval_") for k in logs)
+            if evaluated:  # every evaluation of this attempt, for a search's scheduler (launcher/tune_search.py)
+                numbers = {k: v for k, v in logs.items() if k.startswith("eval_") and isinstance(v, int | float)}
+                self.evaluations.append({"step": state.global_step, **numbers})
+            info["evaluations"] = self.evaluations
             if self.view is not None:
                 if "loss" in logs:
                     self.view.update(self.task, loss=f"{logs['loss']:.4g}")
@@ -473,7 +493,7 @@ def progress_callback(folder: RunFolder):
                     self.view.console.print(line)
             elif "loss" in logs or "eval_loss" in logs:
                 print(line, flush=True)
-            if time.time() - self.written >= every or state.global_step >= state.max_steps:
+            if evaluated or time.time() - self.written >= every or state.global_step >= state.max_steps:
                 folder.write_progress(info)
                 self.written = time.time()
 

@@ -611,7 +611,10 @@ def plot_search(runs_dir: str, settings: SearchSettings, found: MethodSearch) ->
         if found.best is not None:
             ax.scatter([found.best.values.get(flag)], [found.best.metric], marker="*", s=160, color="C3", label="best")
         if dist.kind == "loguniform":
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minor ones overlap
         ax.set_xlabel(flag)
         ax.set_ylabel(settings.metric_for(found.method))
     axes[0][0].legend(fontsize=7)

@@ -16,28 +16,6 @@ SPLIT = {"sft": "train_sft", "dpo": "train_prefs", "orpo": "train_prefs", "kto":
 # A few fast steps: batch 4, no accumulation.
 FAST = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
 
-# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup). The files that start Ray clusters or the
-# local SLURM share one group, so they run one after another on one worker (one SLURM at a time, no two Ray
-# clusters racing for the same session folder) while the other worker takes the rest file by file. That group is
-# the longest chain, so it goes first.
-CLUSTER_FILES = {
-    "test_eval",
-    "test_multinode",
-    "test_pipeline",
-    "test_search",
-    "test_slurm",
-    "test_storage",
-    "test_sweep",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("cluster" if module in CLUSTER_FILES else module))
-    items.sort(key=lambda item: item.path.stem not in CLUSTER_FILES)
-
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -112,13 +112,13 @@ def search_spec(tmp_path: Path, **search) -> Path:
     spec = {
         "name": "srch",
         "runs_dir": str(tmp_path / "runs"),
-        "base": BASE,
+        "base": {**BASE, "max_steps": 24},
         "search": {
             "metric": "eval_rewards/accuracies",
             "num_samples": 4,
             "grace_period": 3,
             "reduction_factor": 2,
-            "max_concurrent": 2,
+            "max_concurrent": 1,  # one after another: each trial meets the rungs its elders recorded
             "space": {"dpo": {"learning_rate": {"loguniform": [1.0e-4, 2.0e-2]}, "beta": {"uniform": [0.05, 0.5]}}},
             **search,
         },
@@ -150,12 +150,12 @@ def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path
     assert stopped, trials  # ASHA ended at least one trial early
     for trial in stopped:
         record = read_json(Path(trial["output_dir"]) / "run.json")
-        assert record["status"] == "stopped" and record["stopped"]["step"] < 12
+        assert record["status"] == "stopped" and record["stopped"]["step"] < 24
         assert any(Path(trial["output_dir"]).glob("checkpoint-*"))  # it saved a checkpoint on its way out
         pid = read_json(Path(trial["output_dir"]) / "launch.json")["pid"]
         assert not alive(pid)
     best = state["methods"]["dpo"]["best"]
-    assert best["status"] == "finished" and best["steps"] == 12
+    assert best["status"] == "finished" and best["steps"] == 24
     assert state["methods"]["dpo"]["steps_used"] < state["methods"]["dpo"]["steps_without_early_stopping"]
     # confirm: the best values over seeds 1 and 2, at full length, evaluated
     for seed in (1, 2):

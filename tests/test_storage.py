@@ -328,3 +328,36 @@ def test_a_store_that_stops_answering_mid_upload_loses_nothing(s3, s3_env, tmp_p
     assert record["resumed_from"].endswith(f"checkpoint-{caught}")
     assert store.read_json(f"checkpoint-{caught}/{CHECKPOINT_MARKER}")["step"] == caught
     assert files_under(scratch) == []
+
+
+@pytest.mark.slow
+def test_a_search_keeps_its_trials_and_tune_state_in_the_bucket(s3, s3_env, tmp_path, tiny_model):
+    """Optuna's TPE through Ray Tune, trials and Tune's experiment state in the store; a rerun restores from it."""
+    bucket = s3.make_bucket("search")
+    spec = tmp_path / "search.yaml"
+    base = {**BASE, "eval_split": "test_sft", "max_eval_samples": 16, "max_steps": 4, "eval_steps": 2}
+    search = {
+        "searcher": "optuna",
+        "scheduler": "fifo",
+        "num_samples": 2,
+        "space": {"sft": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}, "lora_r": {"choice": [4, 8]}}},
+    }
+    base.pop("method")
+    spec.write_text(
+        yaml.safe_dump({"name": "cloud-search", "runs_dir": f"{bucket}/runs", "base": base, "search": search})
+    )
+    cli("sweep", spec, "--backend", "local")
+    store = Store(f"{bucket}/runs")
+    trials = store.read_json("search.json")["methods"]["sft"]["trials"]
+    assert len(trials) == 2 and all(t["status"] == "finished" and t["steps"] == 4 for t in trials)
+    assert len({t["values"]["learning_rate"] for t in trials}) == 2  # TPE sampled two points
+    for trial in trials:
+        assert trial["output_dir"].startswith(f"{bucket}/runs/trials/")
+        assert Store(trial["output_dir"]).read_json("run.json")["config"]["lora_r"] == trial["values"]["lora_r"]
+    assert any(name.startswith("experiment_state") for name in store.listdir("tune/sft"))
+    assert files_under(s3_env) == [], files_under(s3_env)
+    logs = {t["name"]: Store(t["output_dir"]).read_bytes("train.log") for t in trials}
+
+    again = cli("sweep", spec, "--backend", "local")
+    assert "restoring" in again.stdout
+    assert {t["name"]: Store(t["output_dir"]).read_bytes("train.log") for t in trials} == logs  # none trained again

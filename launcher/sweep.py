@@ -25,6 +25,9 @@ over the spec's, and may start from the runs of an earlier stage:
         from: sft
         best: test_loss             # the parent is the best SFT run by test loss, once that stage is evaluated
         grid: {method: [dpo], seed: [1, 2]}
+
+`search:` and `confirm:` (a hyperparameter search per method, launcher/search.py) replace the grid of a plain spec
+or of a stage; a search stage starts from one model (the spec's, or its `from` stage's `best` run).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ TOP_KEYS = (
     "search",
     "confirm",
 )
-STAGE_KEYS = ("from", "match", "best", "base", "grid", "methods", "resources", "naming", "eval")
+STAGE_KEYS = ("from", "match", "best", "base", "grid", "methods", "resources", "naming", "eval", "search", "confirm")
 SWEEP_WIDE = ("strategy", "max_parallel")  # resources of the whole sweep, not of one stage
 DEFAULT_NAMING = "{method}_{model_short}_s{seed}"
 CHILD_NAMING = "{parent}-{method}"  # a run of a stage that starts from a run of an earlier one, matched
@@ -129,6 +132,7 @@ class Stage:
     match: list[str] = field(default_factory=lambda: ["seed"])
     best: str | None = None
     sets_model: str | None = None  # a model_name the stage's own base gives (checked against its parents')
+    search: SearchSettings | None = None  # a search stage: its runs are the search's trials and confirm runs
 
 
 @dataclass
@@ -145,6 +149,7 @@ class SweepSpec:
     path: str = ""
     stages: list[Stage] = field(default_factory=list)  # empty: a plain sweep (one grid)
     search: SearchSettings | None = None  # a hyperparameter search per method (launcher/search.py)
+    starts_from: str | None = None  # a search stage's parent run: its runs train from it, named by base's model
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -224,8 +229,8 @@ def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None)
     if "search" in data:
         if spec.stages:
             raise TunefleetError(
-                f"{_where(spec_path, lines, 'search')}search runs over a plain spec (base, methods, search); "
-                "a pipeline's stages cannot hold one yet: search in a spec of its own"
+                f"{_where(spec_path, lines, 'search')}a spec with stages searches inside a stage: move 'search' "
+                "(and 'confirm') into the stage it belongs to"
             )
         spec.search = parse_search(data["search"], data.get("confirm"), lambda k: _where(spec_path, lines, k), spec)
     elif "confirm" in data:
@@ -336,8 +341,33 @@ def parse_stages(data: dict, spec: SweepSpec, spec_path: str, lines: dict) -> li
                     f"{_where(spec_path, lines, f'{key}.best')}best: '{stage.best}' is no metric runs are chosen by"
                     f"{nearest(stage.best, METRIC_NEEDS)}; use one of {', '.join(METRIC_NEEDS)}"
                 )
+        if "search" in raw:
+            parse_stage_search(stage, raw, stages, spec_path, lines)
+        elif "confirm" in raw:
+            raise TunefleetError(
+                f"{_where(spec_path, lines, f'{key}.confirm')}'confirm' reruns the best of a search: add 'search'"
+            )
+        if stage.parent is not None and any(s.name == stage.parent and s.search for s in stages):
+            raise TunefleetError(
+                f"{_where(spec_path, lines, f'{key}.from')}stage '{name}' starts from the search stage "
+                f"'{stage.parent}': a search stage ends a pipeline (its runs are known only once it has searched)"
+            )
         stages.append(stage)
     return stages
+
+
+def parse_stage_search(stage: Stage, raw: dict, earlier: list[Stage], spec_path: str, lines: dict) -> None:
+    """A stage's `search:`: over the stage's base and methods, from one model (the spec's, or the best run of the
+    stage it starts from)."""
+    key = f"stages.{stage.name}"
+    if stage.parent is not None and stage.best is None:
+        raise TunefleetError(
+            f"{_where(spec_path, lines, f'{key}.search')}a search starts from one model: give stage '{stage.name}' "
+            f"'best: METRIC' to search from the best run of '{stage.parent}' (or drop 'from')"
+        )
+    stage.search = parse_search(
+        raw["search"], raw.get("confirm"), lambda k: _where(spec_path, lines, f"{key}.{k}"), stage
+    )
 
 
 def load_spec(path: str) -> SweepSpec:
@@ -374,6 +404,8 @@ def expand(spec: SweepSpec) -> list[RunPlan]:
     runs: list[RunPlan] = []
     by_stage: dict[str, list[RunPlan]] = {}
     for stage in spec.stages:
+        if stage.search is not None:
+            continue  # its runs come from its search (launcher/tune_search.py), once its parent is chosen
         parents = by_stage.get(stage.parent or "", [])
         if stage.parent is not None:
             check_stage_against_parents(spec, stage, parents)
@@ -399,7 +431,10 @@ def expand_confirm(spec: SweepSpec, grid: dict, best: dict[str, dict]) -> list[R
     for method, values in best.items():
         base = {**spec.base, **spec.methods.get(method, {}), "method": method, **values}
         stage = Stage("", base, grid, {}, spec.resources, spec.naming, spec.eval)
-        runs += [run for run, _ in _expand_stage(spec, stage, [], lineage=False)]
+        for run, _ in _expand_stage(spec, stage, [], lineage=False):
+            if spec.starts_from:  # named after the spec's model, trained from the parent run
+                run.config = config.from_dict({**schema.to_dict(run.config), "model_name": spec.starts_from})
+            runs.append(run)
     return runs
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
-from tunefleet.common.storage import Store, join, refuse_ray_job_temp
+from tunefleet.common.storage import Store, is_uri, join, refuse_ray_job_temp
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.launch import launch_command
 
@@ -99,9 +99,14 @@ def cmd_sweep(argv: list[str]) -> int:
         spec.resources.max_parallel = a.max_parallel
     if spec.search is not None:
         return cmd_search(spec, a)
+    searches = [stage for stage in spec.stages if stage.search is not None]
+    if searches and a.backend == "slurm":
+        raise TunefleetError(SEARCH_ON_SLURM)
     runs = sweeps.place_runs(sweeps.expand(spec), spec, local_gpu_memory())
     if a.dry_run and a.backend != "slurm":
         print(plan_text(spec, runs))
+        for stage in searches:
+            print(search_stage_text(spec, stage))
         return 0
     if a.backend == "local" or (a.backend == "ray" and not (a.address or os.environ.get("RAY_ADDRESS"))):
         from tunefleet.launcher import warm
@@ -176,7 +181,15 @@ def cmd_sweep(argv: list[str]) -> int:
         return code
     if a.eval:
         code = _evaluate(spec, a)
+    for stage in searches:
+        code = max(code, search_stage(spec, stage, runs, a))
     return 1 if failed or code else 0
+
+
+SEARCH_ON_SLURM = (
+    "a search runs on Ray: start a Ray cluster on your allocation with cluster_configs/slurm/ray_cluster.sbatch, "
+    "then: tunefleet sweep SPEC --backend ray --address <head>:6379"
+)
 
 
 def cmd_search(spec, a) -> int:
@@ -184,10 +197,7 @@ def cmd_search(spec, a) -> int:
     from tunefleet.launcher import tune_search
 
     if a.backend == "slurm":
-        raise TunefleetError(
-            "a search runs on Ray: start a Ray cluster on your allocation with cluster_configs/slurm/ray_cluster.sbatch, "
-            "then: tunefleet sweep SPEC --backend ray --address <head>:6379"
-        )
+        raise TunefleetError(SEARCH_ON_SLURM)
     setups = tune_search.trial_setups(spec, spec.search)
     if a.dry_run:
         print(tune_search.plan_text(spec, spec.search, setups))
@@ -195,6 +205,56 @@ def cmd_search(spec, a) -> int:
     if not a.skip_data_check:
         sweeps.validate_data([setup.probe for setup in setups.values()])
     return tune_search.run_search(spec, setups, a.address, a.retries)
+
+
+def stage_search_spec(spec, stage, model: str | None):
+    """A search stage as a spec of its own: the stage's settings, its runs and results in <runs_dir>/<stage>/, and
+    its model the chosen parent run (None: the spec's model)."""
+    base = {**stage.base, "stage": stage.name}
+    if model is not None:
+        model = model if is_uri(model) else str(Path(model).resolve())
+    return sweeps.SweepSpec(
+        name=f"{spec.name}-{stage.name}",
+        runs_dir=join(spec.runs_dir, stage.name),
+        base=base,
+        methods=stage.methods,
+        resources=stage.resources,
+        naming=stage.naming or spec.naming,
+        eval=stage.eval,
+        path=spec.path,
+        search=stage.search,
+        starts_from=model,
+    )
+
+
+def search_stage_text(spec, stage) -> str:
+    from tunefleet.launcher import tune_search
+
+    where = (
+        f"the best run of stage {stage.parent} by {stage.best}, once chosen" if stage.parent else "the spec's model"
+    )
+    sub = stage_search_spec(spec, stage, None)
+    text = tune_search.plan_text(sub, stage.search, tune_search.trial_setups(sub, stage.search))
+    return f"stage {stage.name}: a search from {where}, after the other stages\n" + text
+
+
+def search_stage(spec, stage, runs, a) -> int:
+    """Once the other stages ended: the stage's parent chosen (its stage evaluated), then its search from it."""
+    from tunefleet.launcher import tune_search
+
+    model = None
+    if stage.parent is not None:
+        best, why, record = best_parent(spec, stage.name, runs, a.backend, a.address)
+        if best is None:
+            print(f"stage {stage.name}: blocked, no parent to search from ({why})", flush=True)
+            return 1
+        print(f"stage {stage.name}: searching from {best.name} ({why})", flush=True)
+        model = best.output_dir
+        state = Store(spec.runs_dir).read_json("sweep.json") or {}
+        state.setdefault("choices", {})[stage.name] = record
+        Store(spec.runs_dir).write_json("sweep.json", state)
+    sub = stage_search_spec(spec, stage, model)
+    return tune_search.run_search(sub, tune_search.trial_setups(sub, stage.search), a.address, a.retries)
 
 
 def local_gpu_memory() -> int | None:

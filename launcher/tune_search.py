@@ -56,6 +56,7 @@ class TrialSetup:
     metric: str
     placement: Placement
     cwd: str  # the driver's folder: relative data paths in the spec mean what they meant there
+    starts_from: str | None = None  # a search stage's parent run (trials are still named by the spec's model)
 
     @property
     def probe(self) -> RunPlan:
@@ -66,6 +67,7 @@ class TrialSetup:
         name = f"{self.method}_{model_short(str(self.values.get('model_name') or 'model'))}_{trial_id}"
         values = {
             **self.values,
+            **({"model_name": self.starts_from} if self.starts_from else {}),
             **sampled,
             "method": self.method,
             "output_dir": join(self.runs_dir, TRIALS, name),
@@ -220,7 +222,9 @@ def trial_setups(spec: sweeps.SweepSpec, settings: SearchSettings) -> dict[str, 
     for method, flags in settings.space.items():
         values = {**spec.base, **spec.methods.get(method, {}), "method": method}
         metric = settings.metric_for(method)
-        setup = TrialSetup(spec.name, method, values, runs_dir, metric, Placement(0.0, "CPU"), os.getcwd())
+        setup = TrialSetup(
+            spec.name, method, values, runs_dir, metric, Placement(0.0, "CPU"), os.getcwd(), spec.starts_from
+        )
         (placed,) = sweeps.place_runs([setup.plan("check", {f: d.values[0] for f, d in flags.items()})], spec)
         setup.placement = placed.placement
         setups[method] = setup

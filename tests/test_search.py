@@ -107,6 +107,32 @@ def test_a_search_on_slurm_points_at_the_ray_on_slurm_script(tmp_path, capsys):
     assert code == 2 and "cluster_configs/slurm/ray_cluster.sbatch" in err and "Traceback" not in err
 
 
+def test_a_search_stage_starts_from_one_model_and_ends_its_pipeline(tmp_path, capsys):
+    sft = {"method": "sft", "split": "train_sft"}
+    search = {"space": SPACE}
+
+    def load(stages):
+        path = tmp_path / "study.yaml"
+        path.write_text(yaml.safe_dump({"name": "st", "base": BASE, "stages": stages}, sort_keys=False))
+        return path
+
+    with pytest.raises(TunefleetError, match="a search starts from one model: give stage 'tuned' 'best: METRIC'"):
+        sweeps.load_spec(str(load({"sft": {"base": sft}, "tuned": {"from": "sft", "search": search}})))
+    stages = {
+        "sft": {"base": sft},
+        "tuned": {"from": "sft", "best": "test_loss", "search": search},
+        "more": {"from": "tuned", "grid": {"method": ["kto"]}},
+    }
+    with pytest.raises(TunefleetError, match="starts from the search stage 'tuned': a search stage ends a pipeline"):
+        sweeps.load_spec(str(load(stages)))
+    del stages["more"]
+    path = load(stages)
+    spec = sweeps.load_spec(str(path))
+    assert [r.name for r in sweeps.expand(spec)] == ["sft_tiny-qwen2_s42"]  # the search stage's runs come later
+    code, out, _ = run_cli(capsys, "sweep", str(path), "--dry-run")
+    assert code == 0 and "stage tuned: a search from the best run of stage sft by test_loss" in out
+
+
 # ------------------------------------------------------------------ on a real local Ray Tune
 def search_spec(tmp_path: Path, **search) -> Path:
     spec = {
@@ -207,3 +233,47 @@ def test_a_search_whose_driver_is_killed_restores_without_retraining_finished_tr
     assert record["status"] == "finished" and "checkpoint-" in (record.get("resumed_from") or "")
     ended = read_json(tmp_path / "runs" / "search.json")["methods"]["dpo"]["trials"]
     assert len(ended) == 2 and all(t["status"] == "finished" for t in ended)
+
+
+@pytest.mark.slow
+def test_a_pipeline_searches_dpo_from_its_best_sft_run_then_confirms_it(tmp_path, tiny_model):
+    """The study users run: SFT, then DPO's hyperparameters searched from the best SFT run, its best confirmed."""
+    sft = {"method": "sft", "split": "train_sft", "eval_split": None, "learning_rate": 5.0e-3, "max_steps": 8}
+    spec = {
+        "name": "study",
+        "runs_dir": str(tmp_path / "runs"),
+        "base": {**BASE, "max_steps": 6, "eval_steps": 3},
+        "stages": {
+            "sft": {
+                "grid": {"seed": [1, 2]},
+                "base": sft,
+                "eval": {"max_samples": 20, "max_generation_samples": 0, "heldout_prompts": 5},
+            },
+            "tuned": {
+                "from": "sft",
+                "best": "test_loss",
+                "search": {"metric": "eval_rewards/accuracies", "scheduler": "fifo", "num_samples": 2, "space": SPACE},
+                "confirm": {"seed": [1]},
+                "eval": {"max_samples": 20, "max_generation_samples": 1, "heldout_prompts": 5},
+            },
+        },
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = tunefleet("sweep", path, "--backend", "local", timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    runs = tmp_path / "runs"
+    choice = read_json(runs / "sweep.json")["choices"]["tuned"]
+    parent = runs / choice["run"]
+    assert choice["run"] in ("sft_tiny-qwen2_s1", "sft_tiny-qwen2_s2") and "searching from" in done.stdout
+    trials = read_json(runs / "tuned" / "search.json")["methods"]["dpo"]["trials"]
+    assert len(trials) == 2
+    for trial in trials:
+        record = read_json(Path(trial["output_dir"]) / "run.json")
+        assert record["status"] == "finished" and record["stage"] == "tuned"
+        assert Path(record["base_model"]) == parent.resolve() and record["lineage"]["parent_name"] == parent.name
+    confirmed = read_json(runs / "tuned" / "dpo_tiny-qwen2_s1" / "run.json")
+    assert Path(confirmed["base_model"]) == parent.resolve()
+    results = read_json(runs / "tuned" / "evaluation_results.json")
+    assert results["dpo_tiny-qwen2_s1"]["win_rate_vs_parent"] is not None
+    assert "| dpo |" in (runs / "tuned" / "search_report.md").read_text()

@@ -4,8 +4,10 @@ Each method gets a `ray.tune.Tuner` of its own (ASHA compares trials of one meth
 A trial is a Tune class trainable that runs one tunefleet run (run_one: the same launch as a Ray sweep's runs, one
 process or `accelerate launch`, warm-started) in `<runs_dir>/trials/<method>_<model>_<trial id>` and hands Tune
 each evaluation the run logs (progress.json) as one result: `step` (training steps, ASHA's time) and the metric.
-When ASHA stops a trial, Tune calls its `cleanup`: the run gets SIGTERM, saves a checkpoint and exits, and its
-run.json becomes `stopped` with the step and the last metric; no process is left behind.
+After each evaluation the run waits at a gate (a local file, trainers.run.wait_at_search_gate) until Tune asks
+for the trial's next result (go on) or ends the trial: then Tune calls its `cleanup`, the run gets SIGTERM, saves a
+checkpoint at the step it was judged at and exits, and its run.json becomes `stopped` with the step and the last
+metric; no process is left behind.
 
 Tune's own state lives under `<runs_dir>/tune/<method>` (a folder or the runs' object store): rerunning the same
 command restores each method's search (`Tuner.restore`): finished and stopped trials are kept, unfinished ones
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from typing import Any
 from ray import tune
 
 from tunefleet.common.errors import TunefleetError, first_line
-from tunefleet.common.jsonfile import utc_now
+from tunefleet.common.jsonfile import utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join
 from tunefleet.launcher import sweep as sweeps
@@ -40,6 +44,7 @@ from tunefleet.launcher.runs import RunPlan
 from tunefleet.launcher.search import SearchSettings, reported_name
 from tunefleet.trainers import config
 from tunefleet.trainers.config import model_short
+from tunefleet.trainers.run import SEARCH_GATE_ENV
 
 TRIALS = "trials"  # <runs_dir>/trials/<trial run>
 TUNE_STATE = "tune"  # <runs_dir>/tune/<method>: Tune's experiment state
@@ -93,10 +98,14 @@ class TrialRun(tune.Trainable):
         self.queue: list[tuple[int, float]] = []
         self.last: tuple[int, float] | None = None
         self.outcome: dict[str, Any] = {}
+        # The run waits after each evaluation until this trial lets it go on (step() is called again: Tune keeps
+        # it) or ends it (cleanup(): SIGTERM), so a stopped trial ends at the step it was judged at.
+        self.gate = Path(tempfile.mkdtemp(prefix="tunefleet-trial-")) / "gate.json"
+        env = {"TUNEFLEET_NODE_ID": node_id(), SEARCH_GATE_ENV: str(self.gate)}
 
         def work():
             try:
-                self.outcome["run"] = run_one(self.plan, {"TUNEFLEET_NODE_ID": node_id()})
+                self.outcome["run"] = run_one(self.plan, env)
             except Exception as exc:  # a launch that cannot start: the trial fails with its reason
                 self.outcome["error"] = f"{type(exc).__name__}: {first_line(exc)}"
 
@@ -104,6 +113,8 @@ class TrialRun(tune.Trainable):
         self.thread.start()
 
     def step(self) -> dict[str, Any]:
+        if self.last is not None:
+            self.open_gate(self.last[0])  # Tune asks for more: the run goes on past its last evaluation
         while True:
             self.collect()
             if self.queue:
@@ -112,6 +123,9 @@ class TrialRun(tune.Trainable):
             if not self.thread.is_alive():
                 return self.ended()
             time.sleep(0.5)
+
+    def open_gate(self, step: int) -> None:
+        write_json_atomic(self.gate, {"step": step}, durable=False)
 
     def collect(self) -> None:
         """New evaluations from the run's progress.json, oldest first."""
@@ -138,14 +152,18 @@ class TrialRun(tune.Trainable):
         """Tune ends the trial while its run trains (ASHA stopped it): the run saves a checkpoint and exits."""
         from tunefleet.launcher.runner import terminate_children
 
-        if not self.thread.is_alive():
-            return
-        if self.last is not None and self.last[0] >= self.plan.config.max_steps:
-            self.thread.join()  # its last evaluation came in (ASHA's max_t): the run is saving its adapter
-            return
-        terminate_children()  # SIGTERM: the trainer finishes its step, saves a checkpoint, exits
-        self.thread.join(timeout=120)
-        mark_stopped(self.plan.output_dir, self.trial.metric, self.last)
+        try:
+            if not self.thread.is_alive():
+                return
+            if self.last is not None and self.last[0] >= self.plan.config.max_steps:
+                self.open_gate(self.last[0])
+                self.thread.join()  # its last evaluation came in (ASHA's max_t): the run is saving its adapter
+                return
+            terminate_children()  # SIGTERM: the run, waiting at its gate, saves a checkpoint there and exits
+            self.thread.join(timeout=120)
+            mark_stopped(self.plan.output_dir, self.trial.metric, self.last)
+        finally:
+            shutil.rmtree(self.gate.parent, ignore_errors=True)
 
 
 def trial_folder(trial: Any) -> str:
@@ -337,8 +355,16 @@ def trial_result(setup: TrialSetup, result: Any, run: RunPlan | None) -> TrialRe
         steps=int(record.get("global_step") or metrics.get("step") or 0),
         metric=float(value) if isinstance(value, int | float) else None,
         output_dir=run.output_dir if run else "",
-        error=first_line(result.error) if result.error else None,
+        error=trial_error(result.error),
     )
+
+
+def trial_error(error: BaseException | None) -> str | None:
+    """The trial's own reason (Ray wraps it: its first line names the actor, not what went wrong)."""
+    if error is None:
+        return None
+    cause = getattr(error, "cause", None)
+    return first_line(cause if isinstance(cause, BaseException) else error)
 
 
 def searcher(settings: SearchSettings, seed: int) -> Any:

@@ -115,6 +115,35 @@ def test_packed_runs_spread_over_both_nodes_and_the_evaluator_too(cluster, tmp_p
     assert again.returncode == 0 and again.stdout.count("skipped: finished before") == 4
 
 
+def test_a_search_packs_its_trials_on_gpu_shares_of_both_nodes(cluster, tmp_path, tiny_model):
+    runs_dir = tmp_path / "runs"
+    base = {**TINY, "max_steps": 60, "eval_split": "test_sft", "max_eval_samples": 8, "eval_steps": 30}
+    spec = {
+        "name": "spread-search",
+        "runs_dir": str(runs_dir),
+        "base": base,
+        "resources": {"gpus_per_run": 0.5, "cpus_per_run": 1},
+        "search": {
+            "scheduler": "fifo",
+            "num_samples": 4,
+            "space": {"sft": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}}},
+        },
+    }
+    done = sweep(cluster, spec, tmp_path / "s.yaml")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = read_json(runs_dir / "search.json")["methods"]["sft"]["trials"]
+    used: dict[str, int] = {}
+    for trial in trials:
+        launch, record = (
+            read_json(Path(trial["output_dir"]) / "launch.json"),
+            read_json(Path(trial["output_dir"]) / "run.json"),
+        )
+        assert record["status"] == "finished" and record["placement"]["gpus"] == 0.5
+        assert launch["cuda_visible_devices"] == "0"  # the trial's share of its node's one (fake) GPU
+        used[launch["node_id"]] = used.get(launch["node_id"], 0) + 1
+    assert set(used) == set(node_ids(cluster).values()) and sorted(used.values()) == [2, 2]
+
+
 def test_a_packed_run_out_of_memory_goes_again_alone(cluster, tmp_path, tiny_model):
     runs_dir = tmp_path / "runs"
     base = {

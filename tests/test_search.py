@@ -177,6 +177,8 @@ def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path
     for trial in stopped:
         record = read_json(Path(trial["output_dir"]) / "run.json")
         assert record["status"] == "stopped" and record["stopped"]["step"] < 24
+        # the run waited at its evaluation for the verdict: it stopped at the step it was judged at
+        assert record["stopped"]["step"] == record["stopped"]["last_evaluation_step"] == trial["steps"]
         assert any(Path(trial["output_dir"]).glob("checkpoint-*"))  # it saved a checkpoint on its way out
         pid = read_json(Path(trial["output_dir"]) / "launch.json")["pid"]
         assert not alive(pid)
@@ -277,3 +279,28 @@ def test_a_pipeline_searches_dpo_from_its_best_sft_run_then_confirms_it(tmp_path
     results = read_json(runs / "tuned" / "evaluation_results.json")
     assert results["dpo_tiny-qwen2_s1"]["win_rate_vs_parent"] is not None
     assert "| dpo |" in (runs / "tuned" / "search_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_retried_then_reported_and_the_search_goes_on(tmp_path, tiny_model):
+    missing = str(tmp_path / "missing.jsonl")
+    spec = search_spec(
+        tmp_path,
+        searcher="grid",
+        scheduler="fifo",
+        num_samples=1,
+        space={"dpo": {"dataset": {"grid": ["tunefleet/tiny-ultrafeedback", missing]}}},
+    )
+    text = yaml.safe_load(spec.read_text())
+    text["base"] = {**BASE, "max_steps": 3}
+    del text["confirm"]
+    spec.write_text(yaml.safe_dump(text, sort_keys=False))
+    done = tunefleet("sweep", spec, "--backend", "local", "--retries", "1", check=False, timeout=600)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
+    trials = read_json(tmp_path / "runs" / "search.json")["methods"]["dpo"]["trials"]
+    by_dataset = {t["values"]["dataset"]: t for t in trials}
+    assert by_dataset["tunefleet/tiny-ultrafeedback"]["status"] == "finished"
+    failed = by_dataset[missing]
+    assert failed["status"] == "failed" and "missing.jsonl" in failed["error"]
+    assert len(read_json(Path(failed["output_dir"]) / "launch.json")["attempts"]) == 2  # tried, then once again
+    assert "Traceback" not in done.stdout and f"{failed['name']}  failed" in done.stdout

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -496,6 +497,8 @@ def progress_callback(folder: RunFolder):
             if evaluated or time.time() - self.written >= every or state.global_step >= state.max_steps:
                 folder.write_progress(info)
                 self.written = time.time()
+            if evaluated and state.global_step < state.max_steps and os.environ.get(SEARCH_GATE_ENV):
+                wait_at_search_gate(Path(os.environ[SEARCH_GATE_ENV]), state.global_step, control)
 
         def on_train_end(self, args, state, control, **kwargs):
             self.close()
@@ -506,6 +509,36 @@ def progress_callback(folder: RunFolder):
                 self.view = None
 
     return Progress()
+
+
+SEARCH_GATE_ENV = "TUNEFLEET_SEARCH_GATE"  # a search trial's file: the step its run may go on past
+SEARCH_GATE_TIMEOUT_S = 600.0
+stop_signal = threading.Event()  # SIGUSR1, SIGTERM or SIGINT arrived (preemption_callback)
+
+
+def wait_at_search_gate(gate: Path, step: int, control) -> None:
+    """A search trial's run waits after each evaluation until the trial lets it go on past `step` (the gate file
+    holds a step at or beyond it) or ends it (SIGTERM: a checkpoint here, then stop), so a trial its scheduler
+    stops ends at the step it was judged at. Only a run of one process waits (ranks would wait in different
+    places); after SEARCH_GATE_TIMEOUT_S without an answer it goes on."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    deadline = time.monotonic() + SEARCH_GATE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if stop_signal.is_set():
+            control.should_save = True
+            control.should_training_stop = True
+            return
+        try:
+            if json.loads(gate.read_text()).get("step", -1) >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    print(
+        f"search: no answer after the evaluation at step {step} for {SEARCH_GATE_TIMEOUT_S:.0f} s; going on",
+        flush=True,
+    )
 
 
 class Preempted(Exception):
@@ -541,6 +574,7 @@ def preemption_callback():
         if signum == signal.SIGINT and callback.signum is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         callback.signum = signum
+        stop_signal.set()
 
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         try:

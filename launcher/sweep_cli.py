@@ -3,6 +3,7 @@
 tunefleet sweep sweeps/demo.yaml --dry-run            # the plan: runs, resources, launch commands
 tunefleet sweep sweeps/demo.yaml --backend ray --eval  # train on a local Ray, then evaluate
 tunefleet sweep sweeps/five_methods.yaml --backend ray --address 10.0.0.1:6379 --retries 2
+tunefleet sweep sweeps/search_demo.yaml --backend local  # search: on Ray Tune, then confirm: over seeds
 tunefleet status runs/demo
 """
 
@@ -23,7 +24,11 @@ from tunefleet.launcher.launch import launch_command
 
 
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tunefleet sweep", description="Run every run of a sweep spec.")
+    p = argparse.ArgumentParser(
+        prog="tunefleet sweep",
+        description="Run every run of a sweep spec; a spec (or a stage) with search: searches each method's "
+        "hyperparameters on Ray Tune (a local Ray for --backend local), then reruns the best over confirm: values.",
+    )
     p.add_argument("spec", help="Sweep spec YAML (see sweeps/).")
     p.add_argument(
         "--backend",
@@ -33,7 +38,10 @@ def sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="Print the plan (runs, resources, commands); run nothing.")
     p.add_argument(
-        "--retries", type=int, default=1, help="Retries of a failed run before it is reported (default: 1)."
+        "--retries",
+        type=int,
+        default=1,
+        help="Retries of a failed run (or search trial) before it is reported (default: 1).",
     )
     p.add_argument("--eval", action="store_true", help="Evaluate the sweep's runs when training ends.")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray for this sweep).")

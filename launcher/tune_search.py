@@ -85,7 +85,8 @@ class TrialSetup:
 class TrialRun(tune.Trainable):
     """One trial: a tunefleet run in a thread of this actor; each of its evaluations is one Tune result."""
 
-    def setup(self, config: dict[str, Any], trial: TrialSetup | None = None) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
+    # Tune passes tune.with_parameters' values to setup() as keyword arguments: the override adds one
+    def setup(self, config: dict[str, Any], trial: TrialSetup | None = None) -> None:  # pyright: ignore[reportIncompatibleMethodOverride] - see above
         from tunefleet.launcher.runner import run_one
 
         assert trial is not None

@@ -109,6 +109,39 @@ def blocked_outcome(plan: RunPlan, why: str) -> RunOutcome:
     return RunOutcome(plan.name, RunStatus.BLOCKED, join(plan.output_dir, "train.log"), error=why)
 
 
+class Schedule:
+    """A sweep's DAG as both backends drive it: each outcome settled (the view, the DAG), the stages that take the
+    best run of another chosen in threads, the children of a run that did not finish blocked, and the runs that may
+    start now."""
+
+    def __init__(self, runs: list[RunPlan], view: SweepView, chooser: Chooser | None):
+        self.dag, self.choices, self.view = Dag(runs), Choices(chooser), view
+        self.outcomes: dict[str, RunOutcome] = {}
+
+    def settle(self, outcome: RunOutcome) -> None:
+        self.outcomes[outcome.name] = outcome
+        self.view.set(outcome.name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
+        self.dag.ended(outcome.name, outcome.ok)
+
+    def ready(self) -> list[RunPlan]:
+        """The runs that may start now (each returned once); what can never start is settled as blocked."""
+        for stage, best, why in self.choices.done():
+            for plan, reason in self.dag.choose(stage, best, why):
+                self.settle(blocked_outcome(plan, reason))
+        for plan, reason in self.dag.blocked():
+            self.settle(blocked_outcome(plan, reason))
+        self.choices.start(self.dag.choices())
+        return self.dag.ready()
+
+    @property
+    def waiting(self) -> bool:
+        """Runs not started yet, or a stage's choice still under way."""
+        return bool(self.dag.pending) or self.choices.busy
+
+    def in_order(self, runs: list[RunPlan]) -> list[RunOutcome]:
+        return [self.outcomes[r.name] for r in runs if r.name in self.outcomes]
+
+
 def run_local(
     runs: list[RunPlan], resources: Resources, retries: int, view: SweepView, chooser: Chooser | None = None
 ) -> list[RunOutcome]:
@@ -117,9 +150,9 @@ def run_local(
     cores = os.cpu_count() or 1
     most = resources.max_parallel or len(runs)
     warm.prestart()  # imports the training stack while the first runs are placed; each run is forked from it
-    dag, choices = Dag(runs), Choices(chooser)
+    schedule = Schedule(runs, view, chooser)
     pending: deque[RunPlan] = deque()  # may start, waiting for a slot
-    running, outcomes = {}, {}
+    running = {}
     tries = Retries(retries)
 
     def cpu_env(plan: RunPlan) -> dict:
@@ -144,20 +177,9 @@ def run_local(
         running[plan.name] = (plan, ids, thread, result)
         thread.start()
 
-    def settle(outcome: RunOutcome) -> None:
-        outcomes[outcome.name] = outcome
-        view.set(outcome.name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
-        dag.ended(outcome.name, outcome.ok)
-
     try:
-        while (not stopping.is_set() and (dag.pending or pending or choices.busy)) or running:
-            for stage, best, why in choices.done():
-                for plan, reason in dag.choose(stage, best, why):
-                    settle(blocked_outcome(plan, reason))
-            for plan, reason in dag.blocked():
-                settle(blocked_outcome(plan, reason))
-            choices.start(dag.choices())
-            pending.extend(dag.ready())
+        while (not stopping.is_set() and (schedule.waiting or pending)) or running:
+            pending.extend(schedule.ready())
             for plan in list(pending) if not stopping.is_set() else []:  # start what fits, in order
                 busy_cores = sum(p.placement.cpus for p, *_ in running.values() if p.placement.gpus == 0)
                 cpu_bound = plan.placement.gpus == 0
@@ -179,13 +201,13 @@ def run_local(
                     pending.appendleft(again[0])
                     view.set(name, RunStatus.QUEUED, again[1])
                 else:
-                    settle(outcome)
+                    schedule.settle(outcome)
             view.refresh()
             time.sleep(0.2)
     except KeyboardInterrupt:
         terminate_children()
         raise
-    return [outcomes[r.name] for r in runs if r.name in outcomes]
+    return schedule.in_order(runs)
 
 
 def check_ray_resources(runs: list[RunPlan], resources: Resources, nodes: list[dict]) -> None:
@@ -242,8 +264,7 @@ def run_ray(
         tries = Retries(retries)
         inflight = {}
         nodes = NodeWatch(ray.nodes())
-        dag, choices = Dag(runs), Choices(chooser)
-        outcomes: dict[str, RunOutcome] = {}
+        schedule = Schedule(runs, view, chooser)
 
         def submit(plan: RunPlan):
             by_name[plan.name] = plan
@@ -259,21 +280,10 @@ def run_ray(
             )
             inflight[task.remote(plan)] = plan.name
 
-        def settle(outcome: RunOutcome) -> None:
-            outcomes[outcome.name] = outcome
-            view.set(outcome.name, outcome.status, outcome.error or "; ".join(outcome.memory_steps))
-            dag.ended(outcome.name, outcome.ok)
-
         running = set()
         try:
-            while inflight or ((dag.pending or choices.busy) and not stopping.is_set()):
-                for stage, best, why in choices.done():
-                    for plan, reason in dag.choose(stage, best, why):
-                        settle(blocked_outcome(plan, reason))
-                for plan, reason in dag.blocked():
-                    settle(blocked_outcome(plan, reason))
-                choices.start(dag.choices())
-                for plan in dag.ready():
+            while inflight or (schedule.waiting and not stopping.is_set()):
+                for plan in schedule.ready():
                     submit(plan)
                 if not inflight:
                     time.sleep(0.2)
@@ -294,13 +304,13 @@ def run_ray(
                         view.set(name, RunStatus.QUEUED, again[1])
                         submit(again[0])
                         continue
-                    settle(outcome)
+                    schedule.settle(outcome)
                 view.refresh()
         except KeyboardInterrupt:
             for ref in inflight:
                 ray.cancel(ref, force=True)  # kills the worker; its training child gets SIGTERM (PDEATHSIG)
             raise
-        return [outcomes[r.name] for r in runs if r.name in outcomes], nodes.lost
+        return schedule.in_order(runs), nodes.lost
     finally:
         if started:
             ray.shutdown()

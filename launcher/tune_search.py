@@ -293,7 +293,7 @@ def search_method(
         tune.with_parameters(TrialRun, trial=setup),
         {"cpu": setup.placement.cpus, "gpu": setup.placement.gpus},
     )
-    experiment = join(storage, method) if filesystem is None else f"{storage.rstrip('/')}/{method}"
+    experiment = join(storage, method)  # a local path, or the store's path without its scheme
     if Tuner.can_restore(experiment, storage_filesystem=filesystem):
         print(f"search {method}: restoring from {join(spec.runs_dir, TUNE_STATE, method)}", flush=True)
         tuner = Tuner.restore(
@@ -441,7 +441,7 @@ def run_search(spec: sweeps.SweepSpec, setups: dict[str, TrialSetup], address: s
         code = 1 if any(t.status is RunStatus.FAILED for f in found.values() for t in f.trials) else 0
         if settings.confirm:
             code = max(code, confirm(spec, settings, found, address, retries, state))
-        write_search_report(spec, settings, found)
+        write_search_report(spec, settings, found, state)
         print(f"search: {join(spec.runs_dir, 'search.json')}, report: {join(spec.runs_dir, 'search_report.md')}")
         return code
     finally:
@@ -544,14 +544,15 @@ def confirm(
 
 
 # ---------------------------------------------------------------- report
-def write_search_report(spec: sweeps.SweepSpec, settings: SearchSettings, found: dict[str, MethodSearch]) -> None:
+def write_search_report(
+    spec: sweeps.SweepSpec, settings: SearchSettings, found: dict[str, MethodSearch], state: dict
+) -> None:
     """search_report.md (and a plot per method) in runs_dir: the confirmed comparison first, then the search."""
     from tunefleet.eval.report import SUMMARY
     from tunefleet.eval.results import load_results, results_path
 
     results = load_results(results_path(spec.runs_dir))
-    state = Store(spec.runs_dir).read_json("search.json") or {}
-    confirmed = state.get("confirm") or {}
+    confirmed = state.get("confirm") or {}  # search.json's record, as confirm() left it
     lines = [
         f"# Search {spec.name}: {settings.searcher} searcher, {settings.scheduler} scheduler",
         "",

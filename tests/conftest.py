@@ -104,6 +104,11 @@ class Started:
         return self.log.read().decode(errors="replace")
 
 
+def sft_train(output_dir) -> list:
+    """The start of a `tunefleet train` command line: a tiny SFT run into `output_dir` (append its flags)."""
+    return ["train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", output_dir]
+
+
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the real CLI entry in this process (fast: imports once); returns (code, stdout, stderr)."""
     from tunefleet.launcher.cli import main

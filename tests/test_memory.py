@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, TINY, Started, pids_in_tree, read_json, tunefleet, wait_for_checkpoint
+from conftest import ROOT, Started, pids_in_tree, read_json, sft_train, tunefleet, wait_for_checkpoint
 
 from tunefleet.common.storage import Store
 from tunefleet.launcher.placement import place
@@ -222,14 +222,7 @@ def test_a_rerun_resumes_with_the_step_down_of_the_attempt_that_ran_out_of_memor
     the same command again resumes with 4 x 4 and checkpointing, not the batch that ran out of memory."""
     out = tmp_path / "run"
     args = [
-        "train",
-        "--method",
-        "sft",
-        *TINY,
-        "--split",
-        "train_sft",
-        "--output_dir",
-        out,
+        *sft_train(out),
         "--use_qlora",
         "false",
         "--per_device_train_batch_size",

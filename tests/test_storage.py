@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, Started, kill_tree, read_json, tunefleet
+from conftest import ROOT, TINY, Started, kill_tree, read_json, sft_train, tunefleet
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json as maybe_json  # None while the file does not exist yet
@@ -142,14 +142,7 @@ def test_a_killed_run_resumes_from_the_bucket_on_a_fresh_node(s3, s3_env, tmp_pa
     bucket = s3.make_bucket("killed")
     out = f"{bucket}/run"
     args = [
-        "train",
-        "--method",
-        "sft",
-        *TINY,
-        "--split",
-        "train_sft",
-        "--output_dir",
-        out,
+        *sft_train(out),
         "--max_steps",
         "80",
         "--save_steps",
@@ -267,14 +260,7 @@ def test_a_store_that_stops_answering_mid_upload_loses_nothing(s3, s3_env, tmp_p
     bucket = s3.make_bucket("flaky")
     out = f"{bucket}/run"
     args = [
-        "train",
-        "--method",
-        "sft",
-        *TINY,
-        "--split",
-        "train_sft",
-        "--output_dir",
-        out,
+        *sft_train(out),
         "--max_steps",
         "120",
         "--save_steps",

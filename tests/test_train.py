@@ -14,6 +14,7 @@ from conftest import (
     checkpoint_steps,
     read_json,
     run_cli,
+    sft_train,
     tunefleet,
     wait_for_checkpoint,
 )
@@ -212,14 +213,7 @@ def test_yaml_config_with_cli_override(tiny_model, tmp_path, capsys):
 def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
     out = tmp_path / "r"
     args = [
-        "train",
-        "--method",
-        "sft",
-        *TINY,
-        "--split",
-        "train_sft",
-        "--output_dir",
-        str(out),
+        *sft_train(str(out)),
         "--max_steps",
         "400",
         "--save_steps",

@@ -183,9 +183,10 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
         if is_main_process():
             clear(folder.store)
         record = {}
-    if record and parent_changed(cfg, record):
+    changed = parent_changed(cfg, record) if record else None  # hashes the parent's adapter: once
+    if changed:
         if not cfg.overwrite:
-            raise TunefleetError(parent_changed(cfg, record) or "")
+            raise TunefleetError(changed)
         if is_main_process():
             clear(folder.store)
         record = {}

@@ -8,6 +8,7 @@ once with a whole GPU -> the others go on; a run whose parent did not finish is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -235,6 +236,28 @@ def run_on_ray_node(plan: RunPlan) -> RunOutcome:
     return run_one(plan, {"TUNEFLEET_NODE_ID": ray.get_runtime_context().get_node_id()})
 
 
+@contextlib.contextmanager
+def ray_for_runs(address: str | None):
+    """Ray for a sweep's runs or a search's trials: the cluster at `address` (or RAY_ADDRESS), else a local Ray
+    started here, whose workers inherit the warm process's address and fork every run from it. What this started
+    is shut down at the end; a Ray already connected is used as it is."""
+    import ray
+
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        advertised = warm.prestart()
+        if advertised:
+            os.environ[warm.SOCKET_ENV] = advertised
+    started = ensure_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+        if local:
+            os.environ.pop(warm.SOCKET_ENV, None)
+
+
 def run_ray(
     runs: list[RunPlan],
     resources: Resources,
@@ -248,13 +271,7 @@ def run_ray(
     import ray
     from ray.exceptions import RayError
 
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local:  # the local Ray's workers inherit the warm process's address, and fork every run from it
-        advertised = warm.prestart()
-        if advertised:
-            os.environ[warm.SOCKET_ENV] = advertised
-    started = ensure_ray(address)
-    try:
+    with ray_for_runs(address):
         check_ray_resources(runs, resources, ray.nodes())
         # One task per run on the share of a GPU and the CPUs it asks for; Ray queues what does not fit. A task whose
         # worker or node dies is re-executed by Ray (max_retries) and the run resumes from its checkpoint.
@@ -311,11 +328,6 @@ def run_ray(
                 ray.cancel(ref, force=True)  # kills the worker; its training child gets SIGTERM (PDEATHSIG)
             raise
         return schedule.in_order(runs), nodes.lost
-    finally:
-        if started:
-            ray.shutdown()
-        if local:
-            os.environ.pop(warm.SOCKET_ENV, None)
 
 
 class NodeWatch:

@@ -419,20 +419,13 @@ class TrialLines(tune.Callback):
 def run_search(spec: sweeps.SweepSpec, setups: dict[str, TrialSetup], address: str | None, retries: int) -> int:
     """The search of every method on Ray (the cluster at `address`, else a local Ray started for it), then the
     confirmation runs, their evaluation and the report. Exit code: 1 when a trial or confirm run failed."""
-    from tunefleet.common.raycluster import ensure_ray
-    from tunefleet.launcher import warm
+    from tunefleet.launcher.backends import ray_for_runs
 
     settings = spec.search
     assert settings is not None
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local:  # the local Ray's workers fork every trial's run from this warm process
-        advertised = warm.prestart()
-        if advertised:
-            os.environ[warm.SOCKET_ENV] = advertised
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    started = ensure_ray(address)
     seed = int(spec.base.get("seed") or 0)
-    try:
+    with ray_for_runs(address):
         found = {m: search_method(spec, settings, setups[m], retries, seed) for m in settings.methods}
         state = search_record(spec, settings, found)
         Store(spec.runs_dir).write_json("search.json", state)
@@ -444,13 +437,6 @@ def run_search(spec: sweeps.SweepSpec, setups: dict[str, TrialSetup], address: s
         write_search_report(spec, settings, found, state)
         print(f"search: {join(spec.runs_dir, 'search.json')}, report: {join(spec.runs_dir, 'search_report.md')}")
         return code
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-        if local:
-            os.environ.pop(warm.SOCKET_ENV, None)
 
 
 def record_sweep(spec: sweeps.SweepSpec, found: dict[str, MethodSearch], confirmed: list | None = None) -> None:

@@ -337,7 +337,7 @@ def test_one_array_task_trains_two_runs_that_share_its_gpu(cluster, tmp_path, ca
         tmp_path / "s.yaml",
         name="pack",
         runs_dir=str(runs_dir),
-        base={**TINY, "max_steps": 30},
+        base={**TINY, "max_steps": 120},  # long enough that both runs outlast the timestamps' one-second grain
         grid={"seed": [1, 2]},
         resources={"gpus_per_run": 0.5, "cpus_per_run": 1},
     )

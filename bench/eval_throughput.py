@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tunefleet.eval.scoring import Sequence, encode_conversation, score_batched, score_one
 from tunefleet.eval.settings import EvalData, EvalSettings
 from tunefleet.eval.worker import load_eval_data
+from tunefleet.trainers.scoring import Sequence, encode_conversation, score_batched, score_one
 
 DATASET = "tunefleet/tiny-ultrafeedback"
 
@@ -127,8 +127,8 @@ def original_way(root: Path, max_samples: int, gens: int) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunefleet.eval.scoring import generate
     from tunefleet.trainers.model import resolve
+    from tunefleet.trainers.scoring import generate
 
     base_path = resolve("tunefleet/tiny-qwen2")
     out = {}

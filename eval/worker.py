@@ -17,8 +17,9 @@ from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.eval.plan import Task
-from tunefleet.eval.scoring import encode_conversation, generate, score_batched, score_pairs
 from tunefleet.eval.settings import EvalData
+from tunefleet.trainers.heldout import GENERATION_CHUNK, first_rows, load_pairs, load_prompts, rewarded
+from tunefleet.trainers.scoring import encode_conversation, generate, score_batched, score_pairs
 
 
 @dataclass
@@ -31,7 +32,6 @@ class ShardResult:
     node_id: str | None = None  # the Ray node that scored it
 
 
-GENERATION_CHUNK = 256  # prompts per generate call: bounded memory, few calls
 MERGE_MAX_PARAMS = 200_000_000  # float32 bases up to this size score with the adapter merged (Scorer.merged)
 # Adapter config keys that do not change the shape or the output of an adapter in eval mode.
 NOT_SHAPE = {
@@ -44,10 +44,6 @@ NOT_SHAPE = {
 }
 
 
-def _first_rows(ds, n: int):
-    return ds.select(range(min(n, len(ds))))
-
-
 def load_eval_data(spec: EvalData) -> dict:
     """Per metric, the first `max_samples` items of its test split: conversations (ppl), pairs (pref) and
     held-out prompts with their other columns (gen: greedy answers, rewards, samples; the first `heldout`).
@@ -58,7 +54,7 @@ def load_eval_data(spec: EvalData) -> dict:
     from tunefleet.trainers import data
 
     def prepared(method: str, split: str, rows_wanted: int = spec.max_samples):
-        rows = _first_rows(data.load_split(spec.dataset, split), rows_wanted)
+        rows = first_rows(data.load_split(spec.dataset, split), rows_wanted)
         return data.prepare(method, rows, source=spec.dataset, split=split, strict=False).dataset
 
     out = {"ppl": [], "pref": [], "gen": [], "gen_columns": []}
@@ -74,16 +70,10 @@ def load_eval_data(spec: EvalData) -> dict:
                 "conversations (chat template): give a conversational split or --skip_perplexity"
             )
     if spec.pref_split:
-        pairs = prepared("dpo", spec.pref_split)
-        if "prompt" not in pairs.column_names or not isinstance(pairs[0]["prompt"], list):
-            raise TunefleetError(
-                f"dataset {spec.dataset} split '{spec.pref_split}' must hold conversational chosen/rejected "
-                "for preference accuracy (its layout is plain text)"
-            )
-        out["pref"] = [(p + c, p + r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+        out["pref"] = load_pairs(spec.dataset, spec.pref_split, spec.max_samples)
     if spec.gen_split:
         try:
-            prompts = prepared("grpo", spec.gen_split, spec.heldout)
+            out["gen"], out["gen_columns"] = load_prompts(spec.dataset, spec.gen_split, spec.heldout)
         except TunefleetError as exc:
             if "has no split" not in str(exc) or not out["ppl"]:
                 raise
@@ -93,10 +83,6 @@ def load_eval_data(spec: EvalData) -> dict:
             )
             out["gen"] = [m[:-1] for m in out["ppl"]][: spec.heldout]
             out["gen_columns"] = [{} for _ in out["gen"]]
-        else:
-            others = [c for c in prompts.column_names if c != "prompt"]
-            out["gen"] = prompts["prompt"]
-            out["gen_columns"] = prompts.select_columns(others).to_list()
     return out
 
 
@@ -288,16 +274,11 @@ class Scorer:
         """Per prompt: the prompt, the answer, each reward's score and their sum."""
         prompts = self.data["gen"][task.start : task.end]
         columns = self.gen_columns[task.start : task.end]
-        extra = {c: [row[c] for row in columns] for c in (columns[0] if columns else {})}
-        completions = [[{"role": "assistant", "content": r}] for r in replies]
-        scores = {name: f(prompts=prompts, completions=completions, **extra) for name, f in self.rewards}
-        out = []
-        for i, (prompt, reply) in enumerate(zip(prompts, replies)):
-            each = {name: float(values[i] or 0.0) for name, values in scores.items()}
-            out.append(
-                {"prompt": _last_user(prompt), "response": reply, "rewards": each, "reward": sum(each.values())}
-            )
-        return out
+        scores = rewarded(self.rewards, prompts, columns, replies)
+        return [
+            {"prompt": _last_user(prompt), "response": reply, "rewards": each, "reward": sum(each.values())}
+            for prompt, reply, each in zip(prompts, replies, scores)
+        ]
 
 
 def _last_user(messages: list[dict]) -> str:

@@ -2,7 +2,9 @@
 
     search:
       metric: eval_loss            # what the runs' evaluation during training logs (each method needs eval_split);
-                                   # or one per method: {dpo: eval_rewards/accuracies, kto: eval_loss}
+                                   # or one per method: {dpo: eval_rewards/accuracies, kto: eval_loss}; or the
+                                   # evaluator's, for any method: eval_preference_accuracy (runs need eval_pairs),
+                                   # eval_heldout_reward (eval_prompts)
       mode: min                    # default: min for a loss, max otherwise
       num_samples: 8               # trials per method
       searcher: random             # random | optuna (TPE, `pip install 'tunefleet[optuna]'`) | grid
@@ -55,6 +57,9 @@ METRICS = {
     "kto": ("eval_loss", "eval_rewards/margins", "eval_kl"),
     "grpo": ("eval_reward",),
 }
+# The evaluator's metrics, which a run of any method logs at each evaluation given the held-out split its flag names
+# (trainers/heldout.py): what ranks trials whose trainers' own metrics mean different things.
+HELDOUT_METRICS = {"eval_preference_accuracy": "eval_pairs", "eval_heldout_reward": "eval_prompts"}
 NOT_SEARCHED = ("method", "output_dir", "run_name", "stage", "config")  # what a search cannot vary
 
 
@@ -220,11 +225,18 @@ def check_search(settings: SearchSettings, spec: Any, where_of) -> None:
     steps for ASHA's rungs, a searcher that takes the space."""
     for method, flags in settings.space.items():
         values = {**spec.base, **spec.methods.get(method, {})}
-        known, metric = METRICS[method], settings.metric_for(method)
+        known, metric = METRICS[method] + tuple(HELDOUT_METRICS), settings.metric_for(method)
         if metric not in known:
             raise TunefleetError(
                 f"{where_of('search.metric')}{method} runs cannot report {metric}{nearest(metric, known)}: "
                 f"its evaluation during training logs {', '.join(known)}"
+            )
+        flag = HELDOUT_METRICS.get(metric)
+        if flag and not values.get(flag):
+            split = "test_prefs" if flag == "eval_pairs" else "test_gen"
+            raise TunefleetError(
+                f"{where_of('search.metric')}{metric} is scored on held-out rows at each evaluation: give {method} "
+                f"{flag} (base or methods.{method}: {flag}: {split})"
             )
         if not values.get("eval_split"):
             raise TunefleetError(

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY, read_json, run_cli
+from conftest import TINY, read_json, run_cli, sft_train, tunefleet
 
 from tunefleet.eval import plan
 from tunefleet.eval.plan import Task
@@ -131,9 +131,9 @@ def test_batched_scoring_equals_per_sample_reference(trained_runs, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunefleet.eval.scoring import encode_conversation, score_batched, score_one
     from tunefleet.eval.settings import EvalData
     from tunefleet.eval.worker import load_eval_data
+    from tunefleet.trainers.scoring import encode_conversation, score_batched, score_one
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_runs / "sft_tiny_s1")
@@ -154,9 +154,9 @@ def test_pairs_scored_from_their_shared_prompt_equal_the_reference(trained_runs,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunefleet.eval.scoring import Sequence, encode_conversation, score_one, score_pairs
     from tunefleet.eval.settings import EvalData
     from tunefleet.eval.worker import load_eval_data
+    from tunefleet.trainers.scoring import Sequence, encode_conversation, score_one, score_pairs
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), trained_runs / "dpo_tiny_s1")
@@ -225,6 +225,34 @@ def test_eval_scores_runs_and_learning_shows(trained_runs, tmp_path, capsys):
     for png in ("loss_curves.png", "preference_accuracy.png", "perplexity.png"):
         assert (runs / png).stat().st_size > 1000
     assert "pref. acc." in out
+
+
+def test_a_run_of_any_method_logs_the_evaluators_metrics_at_each_evaluation(tmp_path, capsys, tiny_model):
+    """SFT (whose trainer logs no pair metric) with --eval_pairs and --eval_prompts: each evaluation during training
+    logs the evaluator's preference accuracy and held-out reward, and the last equals `tunefleet eval`'s numbers.
+    QLoRA on CPU: evaluating mid-training must leave the 4-bit layers trainable."""
+    runs = tmp_path / "runs"
+    run = runs / "sft_heldout"
+    flags = ["--eval_pairs", "test_prefs", "--eval_prompts", "test_gen", "--reward_funcs", "length"]
+    steps = ["--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2", "--learning_rate", "5e-3"]
+    done = tunefleet(*sft_train(run), "--eval_split", "test_sft", "--heldout_samples", "24", *flags, *steps)
+    assert "done:" in done.stdout, done.stdout[-3000:]
+    evaluations = read_json(run / "progress.json")["evaluations"]
+    assert [e["step"] for e in evaluations] == [2, 4]
+    last = evaluations[-1]
+    assert 0 <= last["eval_preference_accuracy"] <= 1 and last["eval_heldout_reward"] > 0
+    history = read_json(run / "trainer_state.json")["log_history"]
+    assert [h["eval_preference_accuracy"] for h in history if "eval_loss" in h] == [
+        e["eval_preference_accuracy"] for e in evaluations
+    ]
+    args = ["--max_samples", 24, "--heldout_prompts", 24, "--reward_funcs", "length", "--skip_perplexity"]
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, *args)
+    assert code == 0, err
+    scored = read_json(runs / "evaluation_results.json")["sft_heldout"]
+    assert last["eval_preference_accuracy"] == pytest.approx(scored["preference_accuracy"], abs=1e-6)
+    # Same prompts and rewards; a greedy answer may differ by a token where the evaluator's batches (all runs in one
+    # mixed-adapter batch) round differently from a run's own.
+    assert last["eval_heldout_reward"] == pytest.approx(scored["heldout_reward"], rel=0.05)
 
 
 def test_shards_give_identical_numbers(trained_runs, tmp_path, capsys):

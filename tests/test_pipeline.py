@@ -235,10 +235,10 @@ def test_the_reference_of_a_child_is_its_parent(local_study):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunefleet.eval.plan import preference_metrics
-    from tunefleet.eval.scoring import encode_conversation, score_pairs
     from tunefleet.eval.settings import EvalData
     from tunefleet.eval.worker import load_eval_data
     from tunefleet.trainers.model import resolve
+    from tunefleet.trainers.scoring import encode_conversation, score_pairs
 
     root, _, _, _ = local_study
     runs = root / "runs"

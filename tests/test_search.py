@@ -70,6 +70,11 @@ def test_the_shipped_search_demo_plans_each_methods_trials(capsys):
             ":18: grid values need searcher random or grid; optuna samples its own points: use choice",
         ),
         ({"metric": "eval_reward"}, "dpo runs cannot report eval_reward"),
+        (
+            {"metric": "eval_preference_accuracy"},
+            "eval_preference_accuracy is scored on held-out rows at each evaluation: give dpo eval_pairs",
+        ),
+        ({"metric": "eval_heldout_rewards"}, "(did you mean 'eval_heldout_reward'?)"),
         ({"max_t": 50}, "search.max_t 50 is beyond dpo's max_steps 12"),
         (
             {"space": {"dpo": {"learning_rat": {"loguniform": [1e-4, 1e-2]}}}},
@@ -254,7 +259,13 @@ def test_a_pipeline_searches_dpo_from_its_best_sft_run_then_confirms_it(tmp_path
             "tuned": {
                 "from": "sft",
                 "best": "test_loss",
-                "search": {"metric": "eval_rewards/accuracies", "scheduler": "fifo", "num_samples": 2, "space": SPACE},
+                "base": {"eval_pairs": "test_prefs", "heldout_samples": 20},  # the evaluator's metric, in training
+                "search": {
+                    "metric": "eval_preference_accuracy",
+                    "scheduler": "fifo",
+                    "num_samples": 2,
+                    "space": SPACE,
+                },
                 "confirm": {"seed": [1]},
                 "eval": {"max_samples": 20, "max_generation_samples": 1, "heldout_prompts": 5},
             },
@@ -273,6 +284,10 @@ def test_a_pipeline_searches_dpo_from_its_best_sft_run_then_confirms_it(tmp_path
     for trial in trials:
         record = read_json(Path(trial["output_dir"]) / "run.json")
         assert record["status"] == "finished" and record["stage"] == "tuned"
+        evaluations = read_json(Path(trial["output_dir"]) / "progress.json")["evaluations"]
+        assert [e["step"] for e in evaluations] == [3, 6] and trial["metric"] == evaluations[-1][
+            "eval_preference_accuracy"
+        ]
         assert Path(record["base_model"]) == parent.resolve() and record["lineage"]["parent_name"] == parent.name
     confirmed = read_json(runs / "tuned" / "dpo_tiny-qwen2_s1" / "run.json")
     assert Path(confirmed["base_model"]) == parent.resolve()

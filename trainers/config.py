@@ -123,7 +123,9 @@ class TrainConfig:
     )
     num_generations: int = option(4, "GRPO completions per prompt; must divide the generation batch.", at_least=2)
     reward_funcs: list[str] = option(
-        ["length"], "GRPO rewards: built-in names (length, friendly, answer), module:function, or a reward-model path."
+        ["length"],
+        "Rewards: built-in names (length, friendly, answer), module:function, or a reward-model path (GRPO trains "
+        "on them; --eval_prompts scores with them, functions only).",
     )
     loss_type: list[str] | None = option(
         None,
@@ -156,6 +158,17 @@ class TrainConfig:
         None, "Evaluate every N steps (default: logging_steps) when eval_split is set.", at_least=1
     )
     per_device_eval_batch_size: int = option(8, "Evaluation batch size per device.", at_least=1)
+    eval_pairs: str | None = option(
+        None,
+        "Held-out preference pairs (a split of the dataset): each evaluation also logs eval_preference_accuracy, "
+        "the evaluator's preference accuracy, for any method.",
+    )
+    eval_prompts: str | None = option(
+        None,
+        "Held-out prompts (a split of the dataset): each evaluation also logs eval_heldout_reward, the mean summed "
+        "--reward_funcs of greedy answers (the evaluator's heldout_reward), for any method.",
+    )
+    heldout_samples: int = option(64, "Rows of --eval_pairs and --eval_prompts used (the first ones).", at_least=1)
     report_to: str = option(
         "none",
         "Trackers: none, or any of tensorboard, mlflow, wandb (comma separated; pip install 'tunefleet[NAME]').",
@@ -277,6 +290,11 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
     given = [name for name in grpo_only if getattr(cfg, name) not in (None, False)]
     if cfg.method and cfg.method != "grpo" and given:
         raise TunefleetError(f"{where}{', '.join('--' + n for n in given)}: GRPO only, not {cfg.method}")
+    heldout = [f"--{name}" for name in ("eval_pairs", "eval_prompts") if getattr(cfg, name)]
+    if heldout and not cfg.eval_split:
+        raise TunefleetError(
+            f"{where}{' and '.join(heldout)} are scored at each evaluation during training: give --eval_split too"
+        )
     if cfg.mixture and any(not part.dataset for part in cfg.mixture):
         raise TunefleetError(f"{where}every --mixture part needs a dataset")
     if cfg.mixture and (cfg.columns or cfg.ignore_columns or cfg.dataset_config or cfg.data_files):

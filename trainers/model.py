@@ -320,6 +320,15 @@ def count_4bit_layers(model) -> int:
     return sum(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
+def keep_4bit_training_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference the first time it runs
+    in eval mode without gradients (an evaluation during training), and the training steps after it fail on the
+    repacked layout ("a view of a leaf Variable ... in-place operation"). A model that trains keeps its layout."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _is_bnb_failure(exc: Exception) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(k in text for k in ("bitsandbytes", "4bit", "4-bit", "quantiz", "cuda"))

@@ -31,7 +31,7 @@ from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, StoreUnavailable, refuse_ray_job_temp, scratch_dir
 from tunefleet.common.tracking import Tracking
-from tunefleet.trainers import data, memory, recovery
+from tunefleet.trainers import data, heldout, memory, recovery
 from tunefleet.trainers.config import model_short
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
@@ -736,7 +736,7 @@ def train_and_save(
     """
     from transformers import PrinterCallback
 
-    from tunefleet.trainers.model import count_4bit_layers
+    from tunefleet.trainers.model import count_4bit_layers, keep_4bit_training_layout
 
     if not cfg.verbose:
         trainer.remove_callback(PrinterCallback)  # progress_callback prints one compact line per log instead
@@ -756,6 +756,10 @@ def train_and_save(
             print(line, flush=True)
         for column, text in extra["example"].items():
             print(f"example {column}: {text[:300]!r}", flush=True)
+    keep_4bit_training_layout(trainer.model)
+    metrics = heldout.held_out(cfg, trainer.processing_class)
+    if metrics is not None:  # first: every later callback (progress.json, trackers) sees its numbers
+        trainer.callback_handler.callbacks.insert(0, heldout.heldout_callback(metrics))
     preemption = preemption_callback()
     trainer.add_callback(preemption)
     clock = startup_clock()

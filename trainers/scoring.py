@@ -112,7 +112,7 @@ def score_pairs(model, pairs: list[tuple[Sequence, Sequence]], batch_size: int =
         for row, reply in enumerate(replies):
             reply_ids[row, : len(reply)] = torch.tensor(reply)
             reply_mask[row, : len(reply)] = 1
-        with torch.inference_mode():
+        with torch.no_grad():
             prompt_out = model(
                 input_ids=ids.to(device),
                 attention_mask=attention.to(device),
@@ -144,7 +144,7 @@ def score_one(model, seq: Sequence) -> tuple[float, int]:
 
     device = next(model.parameters()).device
     ids = torch.tensor([list(seq.prompt_ids) + list(seq.completion_ids)], device=device)
-    with torch.inference_mode():
+    with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     nll = _nll(logits, ids[:, 1:])[0]
     start = len(seq.prompt_ids) - 1
@@ -155,7 +155,7 @@ def _logits(model, ids, attention, positions, keep: int):
     """Logits of the last `keep` positions (models that cannot skip the others compute all and drop them)."""
     import torch
 
-    with torch.inference_mode():
+    with torch.no_grad():
         try:
             out = model(
                 input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=keep
@@ -191,7 +191,7 @@ def generate(
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
-    with torch.inference_mode():
+    with torch.no_grad():
         extra = {"adapter_names": adapter_names} if adapter_names else {}
         out = model.generate(
             **{k: v.to(device) for k, v in enc.items()},

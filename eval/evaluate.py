@@ -18,7 +18,7 @@ from tunefleet.eval import plan, results
 from tunefleet.eval.progress import shard_progress
 from tunefleet.eval.settings import EvalData, EvalSettings
 from tunefleet.eval.worker import ShardResult
-from tunefleet.trainers.model import root_model, run_folder
+from tunefleet.trainers.model import reward_model_path, root_model, run_folder
 
 
 def base_key(model: str) -> str:
@@ -54,10 +54,17 @@ def evaluate(
     from tunefleet.eval.worker import reward_functions
 
     reward_functions(reward_funcs)  # a reward that cannot be loaded: one line now, not in every worker
+    reward_model = (
+        reward_model_path(settings.reward_model, settings.trust_remote_code) if settings.reward_model else None
+    )
 
     groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
     updates = {}
+    reward_models = [run for run in runs if run.method == "rm"]  # judged on the pairs, not generated from
+    updates.update(_evaluate_reward_models(reward_models, settings, existing))
     for run in runs:
+        if run.method == "rm":
+            continue
         base = settings.base_model or run.base_model
         dataset = settings.dataset or run.dataset
         if base and dataset:
@@ -76,6 +83,7 @@ def evaluate(
                     members,
                     settings,
                     reward_funcs,
+                    reward_model,
                     existing,
                     address,
                     progress,
@@ -90,6 +98,56 @@ def evaluate(
 
     write_report(out_path, runs_dir)
     return merged
+
+
+def _evaluate_reward_models(runs: list, settings: EvalSettings, existing: dict) -> dict:
+    """A reward model (`--method rm` run) is scored on the test pairs: preference_accuracy is the share it scores
+    the chosen reply above the rejected one (its other metrics are the language models')."""
+    from tunefleet.trainers.heldout import load_pairs
+    from tunefleet.trainers.model import load_reward_model
+    from tunefleet.trainers.scoring import reward_model_scores
+
+    updates = {}
+    for run in runs:
+        dataset = settings.dataset or run.dataset
+        fp = run.fingerprint(
+            {"pref_split": settings.pref_split, "max_samples": settings.max_samples, "dataset": dataset}
+        )
+        old = existing.get(run.name)
+        if not settings.force and old and old.get("fingerprint") == fp and not old.get("error"):
+            updates[run.name] = old
+            continue
+        entry = results.empty_entry(run.name, run.location) | results.training_metrics(run.path)
+        entry |= plan.perplexity_metrics(None) | plan.preference_metrics(None) | plan.reward_metrics(None)
+        lineage = run.record.get("lineage") or {}
+        entry.update(
+            method=run.method,
+            seed=run.seed,
+            base_model=run.base_model,
+            dataset=dataset,
+            fingerprint=fp,
+            stage=run.record.get("stage"),
+            parent=lineage.get("parent_name"),
+            error=None,
+        )
+        t0 = time.time()
+        try:
+            if not dataset:
+                raise TunefleetError("dataset unknown (no run.json): pass --dataset")
+            pairs = load_pairs(dataset, settings.pref_split, settings.max_samples)
+            scorer, tokenizer = load_reward_model(str(run.path), settings.trust_remote_code)
+            scores = reward_model_scores(scorer, tokenizer, [c for pair in pairs for c in pair], settings.batch_size)
+            correct = sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(pairs)))
+            entry.update(
+                preference_accuracy=correct / len(pairs), preference_correct=correct, preference_total=len(pairs)
+            )
+        except TunefleetError as exc:
+            entry["error"] = str(exc)
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {first_line(exc)}"
+        entry["eval_seconds"] = round(time.time() - t0, 2)
+        updates[run.name] = entry
+    return updates
 
 
 def log_to_trackers(runs: list, updates: dict) -> None:
@@ -116,6 +174,7 @@ def _evaluate_group(
     runs: list,
     settings: EvalSettings,
     reward_funcs: tuple[str, ...],
+    reward_model: str | None,
     existing: dict,
     address: str | None,
     progress: bool,
@@ -147,6 +206,7 @@ def _evaluate_group(
         reward_funcs=reward_funcs,
         max_new_tokens=settings.max_new_tokens,
         heldout_prompts=settings.heldout_prompts,
+        reward_model=reward_model,
     )
     targets = {base_name: None} | {run.name: str(run.path) for run, _ in todo}
     from tunefleet.eval.worker import load_eval_data
@@ -225,7 +285,7 @@ def _evaluate_group(
 
 def answers(values: list | None) -> list[dict] | None:
     """Per held-out prompt: the reward of a base or parent model's answer (in all and per reward)."""
-    return [{"reward": v["reward"], "rewards": v["rewards"]} for v in values] if values else None
+    return [{"reward": v["reward"], "rewards": v["rewards"], "rm": v.get("rm")} for v in values] if values else None
 
 
 def compare_with_root(entry: dict, values: list | None, root: list | None) -> None:
@@ -234,8 +294,13 @@ def compare_with_root(entry: dict, values: list | None, root: list | None) -> No
     entry["win_rate_vs_parent"] = entry.pop("win_rate_vs_base", None)
     entry["win_rates_vs_parent"] = entry.pop("win_rates_vs_base", None)
     entry["win_rate_vs_base"] = entry["win_rates_vs_base"] = None
+    if "rm_win_rate_vs_base" in entry:
+        entry["rm_win_rate_vs_parent"] = entry.pop("rm_win_rate_vs_base")
+        entry["rm_win_rate_vs_base"] = None
     if values and root and len(root) == len(values):
         entry["win_rate_vs_base"], entry["win_rates_vs_base"] = plan.win_rates(values, root)
+        if values[0].get("rm") is not None and root[0].get("rm") is not None:
+            entry["rm_win_rate_vs_base"] = plan.rm_win_rate(values, root)
 
 
 def _run_local(

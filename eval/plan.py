@@ -120,7 +120,14 @@ def preference_metrics(values: list | None, base: list | None = None) -> dict:
 def reward_metrics(values: list | None, base: list | None = None, samples: int = 3) -> dict:
     """values: per held-out prompt {"prompt", "response", "rewards": {name: score}, "reward": sum} (same for the
     base) -> mean rewards, win rates against the base (strictly higher, same prompt) and the first samples."""
-    keys = ("heldout_reward", "heldout_rewards", "win_rate_vs_base", "win_rates_vs_base")
+    keys = (
+        "heldout_reward",
+        "heldout_rewards",
+        "win_rate_vs_base",
+        "win_rates_vs_base",
+        "rm_score",
+        "rm_win_rate_vs_base",
+    )
     if not values:
         return dict.fromkeys(keys) | {"prompts_rewarded": 0, "generation_samples": []}
     names = list(values[0]["rewards"])
@@ -130,6 +137,8 @@ def reward_metrics(values: list | None, base: list | None = None, samples: int =
         "heldout_rewards": {k: sum(v["rewards"][k] for v in values) / n for k in names},
         "win_rate_vs_base": None,
         "win_rates_vs_base": None,
+        "rm_score": None,
+        "rm_win_rate_vs_base": None,
         "prompts_rewarded": n,
         "generation_samples": [
             {"prompt": v["prompt"], "response": v["response"], "reward": v["reward"]} for v in values[:samples]
@@ -140,7 +149,17 @@ def reward_metrics(values: list | None, base: list | None = None, samples: int =
         out["win_rates_vs_base"] = {
             k: sum(v["rewards"][k] > b["rewards"][k] for v, b in zip(values, base)) / n for k in names
         }
+    if values[0].get("rm") is not None:  # scored by a reward model (--reward_model)
+        out["rm_score"] = sum(v["rm"] for v in values) / n
+        out["rm_win_rate_vs_base"] = rm_win_rate(values, base) if base and len(base) == n else None
     return out
+
+
+def rm_win_rate(values: list, base: list) -> float:
+    """Share of prompts where the reward model scores an answer above `base`'s answer to the same prompt; a tie
+    counts half (the convention of reward-model and judge win rates)."""
+    wins = sum(1.0 if v["rm"] > b["rm"] else 0.5 if v["rm"] == b["rm"] else 0.0 for v, b in zip(values, base))
+    return wins / len(values)
 
 
 def win_rates(values: list, base: list) -> tuple[float, dict]:

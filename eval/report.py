@@ -73,12 +73,19 @@ def columns(results: dict) -> list[tuple[str, str, str]]:
         out.insert(1, ("stage", "stage", "{}"))
     if any(e.get("win_rate_vs_parent") is not None for e in results.values()):
         out.append(("win_rate_vs_parent", "win rate vs parent", "{:.2f}"))
+    judged = [  # --reward_model
+        ("rm_score", "RM score", "{:.3f}"),
+        ("rm_win_rate_vs_base", "RM win vs base", "{:.2f}"),
+        ("rm_win_rate_vs_parent", "RM win vs parent", "{:.2f}"),
+    ]
+    out += [column for column in judged if any(e.get(column[0]) is not None for e in results.values())]
     return out
 
 
 def markdown(results: dict) -> str:
     rows = _ordered(results)
     shown = columns(results)
+    summary = SUMMARY + [key for key, _, _ in shown if key.startswith("rm_")]
     best = {}
     for key, _, _ in shown:
         better = BETTER.get(key)
@@ -106,8 +113,8 @@ def markdown(results: dict) -> str:
         "",
         "## Per method (mean ± std across seeds)",
         "",
-        "| method | runs | " + " | ".join(SUMMARY) + " |",
-        "|---" * (len(SUMMARY) + 2) + "|",
+        "| method | runs | " + " | ".join(summary) + " |",
+        "|---" * (len(summary) + 2) + "|",
     ]
     by_method: dict[str, list[dict]] = {}
     for _, entry in rows:  # in a pipeline, per stage and method: DPO from SFT is not DPO from the raw base
@@ -116,7 +123,7 @@ def markdown(results: dict) -> str:
             by_method.setdefault(group, []).append(entry)
     for method, entries in by_method.items():
         cells = []
-        for key in SUMMARY:
+        for key in summary:
             vals = [e[key] for e in entries if isinstance(e.get(key), (int, float))]
             if not vals:
                 cells.append("–")

@@ -53,6 +53,9 @@ BETTER = {
     "heldout_reward": "max",
     "win_rate_vs_base": "max",
     "win_rate_vs_parent": "max",
+    "rm_score": "max",
+    "rm_win_rate_vs_base": "max",
+    "rm_win_rate_vs_parent": "max",
 }
 
 
@@ -166,6 +169,7 @@ def loss_curve(run_dir: str) -> list[tuple[int, float]]:
 
 def empty_entry(name: str, path: str) -> dict:
     lineage = {"stage": None, "parent": None, "win_rate_vs_parent": None, "win_rates_vs_parent": None}
+    lineage |= {"rm_score": None, "rm_win_rate_vs_base": None, "rm_win_rate_vs_parent": None}  # --reward_model
     return dict.fromkeys(RESULT_KEYS) | lineage | {"model_name": name, "model_path": path, "generation_samples": []}
 
 

@@ -39,6 +39,12 @@ class EvalSettings:
     reward_funcs: list[str] | None = option(
         None, "Rewards for heldout_reward and win_rate_vs_base (default: the GRPO runs' rewards, else length)."
     )
+    reward_model: str | None = option(
+        None,
+        "A reward model scoring every greedy answer (a sequence classifier with one label: a folder, a hub id or a "
+        "tunefleet rm run): rm_score, rm_win_rate_vs_base and, for runs that start from a parent, "
+        "rm_win_rate_vs_parent (ties count half).",
+    )
     max_new_tokens: int = option(48, "Longest generated answer, in tokens.", at_least=1)
     backend: str | None = option(
         None, "Where to score: local or ray (default: local; after a sweep, the sweep's backend).", choices=BACKENDS
@@ -64,6 +70,7 @@ class EvalSettings:
                 "gen_split",
                 "heldout_prompts",
                 "max_new_tokens",
+                "reward_model",
             )
         }
 
@@ -81,6 +88,7 @@ class EvalData:
     reward_funcs: tuple[str, ...] = ("length",)
     max_new_tokens: int = 48
     heldout_prompts: int | None = None  # None: max_samples
+    reward_model: str | None = None  # what from_pretrained loads (a run folder already merged)
 
     @property
     def heldout(self) -> int:

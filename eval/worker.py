@@ -19,7 +19,13 @@ from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.eval.plan import Task
 from tunefleet.eval.settings import EvalData
 from tunefleet.trainers.heldout import GENERATION_CHUNK, first_rows, load_pairs, load_prompts, rewarded
-from tunefleet.trainers.scoring import encode_conversation, generate, score_batched, score_pairs
+from tunefleet.trainers.scoring import (
+    encode_conversation,
+    generate,
+    reward_model_scores,
+    score_batched,
+    score_pairs,
+)
 
 
 @dataclass
@@ -153,6 +159,11 @@ class Scorer:
         }
         self.gen_columns = raw["gen_columns"]
         self.rewards = reward_functions(data_spec.reward_funcs)
+        self.reward_model = None  # (model, tokenizer): loaded once, beside the base, when answers are judged by one
+        if data_spec.reward_model and raw["gen"]:
+            from tunefleet.trainers.model import load_reward_model
+
+            self.reward_model = load_reward_model(data_spec.reward_model, trust_remote_code, device)
         self.max_new_tokens = data_spec.max_new_tokens
 
     def sizes(self) -> dict:
@@ -275,9 +286,14 @@ class Scorer:
         prompts = self.data["gen"][task.start : task.end]
         columns = self.gen_columns[task.start : task.end]
         scores = rewarded(self.rewards, prompts, columns, replies)
+        judged = [None] * len(replies)
+        if self.reward_model is not None:
+            scorer, tokenizer = self.reward_model
+            conversations = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, replies)]
+            judged = reward_model_scores(scorer, tokenizer, conversations, self.batch_size)
         return [
-            {"prompt": _last_user(prompt), "response": reply, "rewards": each, "reward": sum(each.values())}
-            for prompt, reply, each in zip(prompts, replies, scores)
+            {"prompt": _last_user(prompt), "response": reply, "rewards": each, "reward": sum(each.values()), "rm": rm}
+            for prompt, reply, each, rm in zip(prompts, replies, scores, judged)
         ]
 
 

@@ -267,19 +267,20 @@ def model_card(chosen: Chosen, record: dict, base: str, saved: str, adapter_only
         lines.append("Not evaluated: `tunefleet eval --runs_dir <its runs folder>` scores it.")
 
     lines += ["", "## Use", "", "```python"]
+    kind = "SequenceClassification" if method == "rm" else "CausalLM"  # a reward model: one score per sequence
     if adapter_only:
         lines += [
-            "from peft import AutoPeftModelForCausalLM",
+            f"from peft import AutoPeftModelFor{kind}",
             "from transformers import AutoTokenizer",
             "",
-            'model = AutoPeftModelForCausalLM.from_pretrained("<this folder or repo>")',
+            f'model = AutoPeftModelFor{kind}.from_pretrained("<this folder or repo>")',
             'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
         ]
     else:
         lines += [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"from transformers import AutoModelFor{kind}, AutoTokenizer",
             "",
-            'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
+            f'model = AutoModelFor{kind}.from_pretrained("<this folder or repo>")',
             'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
         ]
     lines += ["```", ""]

@@ -56,6 +56,7 @@ METRICS = {
     "orpo": ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_nll_loss"),
     "kto": ("eval_loss", "eval_rewards/margins", "eval_kl"),
     "grpo": ("eval_reward",),
+    "rm": ("eval_loss", "eval_accuracy", "eval_margin"),
 }
 # The evaluator's metrics, which a run of any method logs at each evaluation given the held-out split its flag names
 # (trainers/heldout.py): what ranks trials whose trainers' own metrics mean different things.

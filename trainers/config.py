@@ -18,9 +18,9 @@ from tunefleet.common import schema, tracking
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
 
-METHODS = ("sft", "dpo", "orpo", "kto", "grpo")
+METHODS = ("sft", "dpo", "orpo", "kto", "grpo", "rm")
 # The original tool's per-method learning rates (tuned for ~0.5B models).
-DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5}
+DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5, "rm": 1e-4}
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "grpo": 0.0}
 
 
@@ -275,7 +275,7 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
         )
     if cfg.loss_weights and len(cfg.loss_weights) != len(cfg.loss_type or ["sigmoid"]):
         raise TunefleetError(f"{where}--loss_weights needs one weight per --loss_type")
-    if cfg.loss_type and cfg.method in ("sft", "orpo"):
+    if cfg.loss_type and cfg.method in ("sft", "orpo", "rm"):
         raise TunefleetError(f"{where}--loss_type: {cfg.method} has one loss (DPO, KTO and GRPO take --loss_type)")
     if cfg.method in ("grpo", "kto") and cfg.loss_type and len(cfg.loss_type) > 1:
         raise TunefleetError(f"{where}{cfg.method} takes one --loss_type, got {', '.join(cfg.loss_type)}")

@@ -83,7 +83,7 @@ ACCEPTED = {
     "any preference layout",
     "grpo": "prompt; question; instruction (+ input); messages/conversations",
 }
-ACCEPTED["orpo"] = ACCEPTED["dpo"]
+ACCEPTED["orpo"] = ACCEPTED["rm"] = ACCEPTED["dpo"]
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -470,7 +470,7 @@ def detect_layout(method: str, ds) -> Layout:
     cols, row = set(ds.column_names), ds[0] if len(ds) else {}
     if method == "sft":
         return sft_layout(cols, row)
-    if method in ("dpo", "orpo"):
+    if method in ("dpo", "orpo", "rm"):
         return preference_layout(method, cols, row)
     if method == "kto":
         return kto_layout(cols, row)

@@ -31,7 +31,7 @@ GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 1 / 256  # 4-bit weights + absmax per 64 (8-bit, double-quantized) + second level
 # Activations kept per method, relative to the per-token formula: fitted to peaks measured with
 # bench/memory_estimate.py on two model sizes (bench/README.md states the fit and its error on a third).
-ACTIVATION_SCALE = {"sft": 1.55, "dpo": 1.15, "orpo": 1.15, "kto": 1.35, "grpo": 1.6}
+ACTIVATION_SCALE = {"sft": 1.55, "dpo": 1.15, "orpo": 1.15, "kto": 1.35, "grpo": 1.6, "rm": 1.15}
 HEAD_TILE = (4096, 32768)  # TRL's chunked log-prob tile: tokens x vocabulary entries
 HEAD_TILES_ALIVE = {"gpu": 2, "cpu": 7}
 
@@ -120,7 +120,7 @@ def estimate(
     if device == "cpu":
         weights += shape.params * dtype_bytes
     adapter = lora_r * shape.lora_in_out * shape.layers * 16
-    sequences = batch * {"dpo": 2, "orpo": 2, "kto": 2}.get(method, 1)
+    sequences = batch * {"dpo": 2, "orpo": 2, "kto": 2, "rm": 2}.get(method, 1)
     length = seq_len + (completion_len if method == "grpo" else 0)
     tokens = sequences * length
     h, kv, inter = shape.hidden, shape.kv_dim, shape.intermediate

@@ -7,6 +7,7 @@ trains 4-bit on CPU, so this path is the same everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -144,18 +145,71 @@ def merged_model(folder: Path, trust_remote_code: bool = False) -> Path:
     return target
 
 
+def reward_model_path(name: str, trust_remote_code: bool = False) -> str:
+    """A reward model as `from_pretrained` takes it: a folder, a hub id, or a tunefleet `rm` run (its adapter and
+    score head merged into its base). One line for what is no reward model (a sequence classifier with one label)."""
+    from transformers import AutoConfig
+
+    path = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TunefleetError(f"cannot load reward model {name}: {first_line(exc)}") from None
+    kinds = config.architectures or []
+    if not any(kind.endswith("ForSequenceClassification") for kind in kinds):
+        what = "a causal LM" if any(k.endswith("ForCausalLM") for k in kinds) else f"a {' / '.join(kinds) or 'model'}"
+        raise TunefleetError(
+            f"{name} is {what}, not a reward model (a sequence classifier with one label): train one with "
+            "--method rm and pass its run folder or export"
+        )
+    if config.num_labels != 1:
+        raise TunefleetError(
+            f"reward model {name} has {config.num_labels} labels; a reward model gives one score (num_labels 1)"
+        )
+    return path
+
+
+def load_reward_model(name: str, trust_remote_code: bool = False, device=None):
+    """(reward model in eval mode, its tokenizer) from anything `reward_model_path` takes."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = reward_model_path(name, trust_remote_code)
+    scorer = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if scorer.config.pad_token_id is None:  # the score is read at each row's last real token
+        scorer.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        scorer.to(device)
+    return scorer.eval(), tokenizer
+
+
+def is_reward_adapter(run_path: Path) -> bool:
+    """The adapter of a reward model (`--method rm`: a sequence classifier's LoRA and score head)."""
+    import json
+
+    config = run_path / "adapter_config.json"
+    return config.is_file() and json.loads(config.read_text()).get("task_type") == "SEQ_CLS"
+
+
 def merge_adapter(run_path: Path, base: str, dtype: str, into: Path, trust_remote_code: bool) -> str:
     """Base in float32 + the adapter of `run_path`, merged, cast to `dtype` ("auto": the base's own dtype), saved
     as safetensors. A QLoRA run is merged into the base's original weights, never into 4-bit ones (4-bit weights
-    cannot hold the sum; PEFT would round it back to NF4). Returns the dtype saved."""
+    cannot hold the sum; PEFT would round it back to NF4). A reward model's adapter (with its score head) gives a
+    plain sequence classifier with one label. Returns the dtype saved."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    reward_model = is_reward_adapter(run_path)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            resolve(base), dtype=torch.float32, trust_remote_code=trust_remote_code
-        )
+        auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+        with quiet_new_head() if reward_model else contextlib.nullcontext():
+            loaded = auto.from_pretrained(
+                resolve(base),
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+                **({"num_labels": 1} if reward_model else {}),
+            )
     except TunefleetError:
         raise
     except Exception as exc:
@@ -168,6 +222,8 @@ def merge_adapter(run_path: Path, base: str, dtype: str, into: Path, trust_remot
         raise TunefleetError(f"cannot apply the adapter of {run_path} to {base}: {first_line(exc)}") from None
     merged = merged.to(getattr(torch, target))
     merged.config.dtype = getattr(torch, target)
+    if reward_model:  # the score is read at each row's last real token
+        merged.config.pad_token_id = load_tokenizer(base, trust_remote_code).pad_token_id
     merged.save_pretrained(into)
     return target
 
@@ -275,13 +331,17 @@ def load_model(
     bf16: bool | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    reward_model: bool = False,
 ):
-    """Base model ready for LoRA training (4-bit prepared when `use_qlora`)."""
-    from transformers import AutoModelForCausalLM
+    """Base model ready for LoRA training (4-bit prepared when `use_qlora`). `reward_model`: the base with a
+    one-output score head (a sequence classifier, what TRL's RewardTrainer trains; the head starts random)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     RESIDENT_BEFORE_MODEL_MB.append(resident_mb())
     dtype = compute_dtype(bf16)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if reward_model:
+        kwargs["num_labels"] = 1
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if use_qlora:
@@ -289,7 +349,9 @@ def load_model(
         if has_gpu() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # DeepSpeed places weights itself
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(name), **kwargs)
+        auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+        with quiet_new_head() if reward_model else contextlib.nullcontext():
+            model = auto.from_pretrained(resolve(name), **kwargs)
     except TunefleetError:
         raise
     except Exception as exc:
@@ -307,12 +369,39 @@ def load_model(
     return model
 
 
-def lora_config(r: int, alpha: int, dropout: float):
+def lora_config(r: int, alpha: int, dropout: float, reward_model: bool = False):
+    """LoRA on all linear layers; a reward model's score head is trained in full (PEFT's SEQ_CLS task saves it)."""
     from peft import LoraConfig
 
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM", bias="none"
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        task_type="SEQ_CLS" if reward_model else "CAUSAL_LM",
+        bias="none",
     )
+
+
+def score_head_in(model, dtype) -> None:
+    """TRL's RewardTrainer casts a 4-bit model's trainable weights to bf16. LoRA layers cast their input to match;
+    the score head (a plain linear layer, trained in full) does not, so it computes in the hidden states' dtype."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and ".modules_to_save." in name:
+            param.data = param.data.to(dtype)
+
+
+@contextlib.contextmanager
+def quiet_new_head():
+    """transformers warns that a sequence classifier's score head is newly initialized: that is the point here."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def count_4bit_layers(model) -> int:

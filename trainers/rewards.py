@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.trainers import model
 from tunefleet.trainers.tiny import ANIMALS, FRIENDLY, HOSTILE, THINGS
 
 
@@ -82,10 +83,10 @@ def load(specs: list[str], trust_remote_code: bool = False) -> list:
             funcs.append(BUILTIN[spec])
         elif ":" in spec:
             funcs.append(_import(spec))
-        elif Path(spec).expanduser().exists():
-            if not (Path(spec).expanduser() / "config.json").exists():
+        elif Path(spec).expanduser().exists():  # a reward model's folder, or a tunefleet rm run (merged)
+            if not (Path(spec).expanduser() / "config.json").exists() and not model.run_folder(spec):
                 raise TunefleetError(f"reward model {spec} holds no config.json")
-            funcs.append(str(Path(spec).expanduser()))
+            funcs.append(model.reward_model_path(spec, trust_remote_code))
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             funcs.append(spec)  # hub id of a reward model; TRL loads it
         else:

@@ -202,3 +202,32 @@ def generate(
         )
     width = enc["input_ids"].shape[1]
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def reward_model_scores(scorer, tokenizer, conversations: list[list[dict]], batch_size: int = 16) -> list[float]:
+    """A reward model's score of each conversation (its last turn is the reply judged), in input order.
+
+    As TRL feeds a reward model: the reward model's own chat template over the whole conversation, tokenized
+    without added special tokens, padded on the right; the score is read at each row's last real token."""
+    import torch
+
+    if not conversations:
+        return []
+    if not tokenizer.chat_template:
+        raise ValueError("the reward model's tokenizer has no chat template to render the conversations with")
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    lengths = [len(t) for t in texts]
+    device = next(scorer.parameters()).device
+    scores = [0.0] * len(texts)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        for batch in length_sorted_batches(lengths, batch_size):
+            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                logits = scorer(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0]
+            for row, i in enumerate(batch):
+                scores[i] = float(logits[row])
+    finally:
+        tokenizer.padding_side = side
+    return scores

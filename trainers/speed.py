@@ -84,7 +84,11 @@ def choose(
     flash = installed("flash_attn") if flash is None else flash
     liger = installed("liger_kernel") if liger is None else liger
     groupable = cfg.method in GROUPABLE
-    no_grouping = {"kto": "KTO's KL estimate needs sequential batches", "grpo": "GRPO samples its own prompt groups"}
+    no_grouping = {
+        "kto": "KTO's KL estimate needs sequential batches",
+        "grpo": "GRPO samples its own prompt groups",
+        "rm": "the reward trainer batches its own pairs",
+    }
     attention = _pick(
         cfg.attn_implementation,
         "flash_attention_2" if has_gpu and flash else "sdpa",

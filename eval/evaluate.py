@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.storage import refuse_ray_job_temp
@@ -40,7 +41,8 @@ def evaluate(
     refuse_ray_job_temp(runs_dir, "--runs_dir")
     out_path = results.results_path(runs_dir, output)
     methods = settings.methods
-    runs = results.discover(runs_dir, methods)
+    found = results.discover(runs_dir)
+    runs = [run for run in found if not methods or run.method in methods]
     if settings.runs is not None:
         runs = [run for run in runs if run.name in settings.runs]
     if not runs:
@@ -54,9 +56,14 @@ def evaluate(
     from tunefleet.eval.worker import reward_functions
 
     reward_functions(reward_funcs)  # a reward that cannot be loaded: one line now, not in every worker
-    reward_model = (
-        reward_model_path(settings.reward_model, settings.trust_remote_code) if settings.reward_model else None
-    )
+    reward_model = None
+    if settings.reward_model:  # a path or hub id, or the name of an rm run under runs_dir (a sweep's own)
+        named = next((str(run.path) for run in found if run.name == settings.reward_model), settings.reward_model)
+        reward_model = reward_model_path(named, settings.trust_remote_code)
+    if settings.tasks:
+        from tunefleet.eval.benchmarks import check_tasks
+
+        check_tasks(settings.tasks, settings.include_path)  # lm-eval missing, an unknown task: one line now
 
     groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
     updates = {}
@@ -181,6 +188,7 @@ def _evaluate_group(
     results_so_far: dict | None = None,
 ) -> dict:
     fp_settings = settings.fingerprint_fields() | {"dataset": dataset, "base": base, "rewards": list(reward_funcs)}
+    fp_settings["reward_model_weights"] = weights_identity(reward_model)  # a retrained reward model judges anew
     todo, updates = [], {}
     for run in runs:
         fp = run.fingerprint(fp_settings)
@@ -207,6 +215,10 @@ def _evaluate_group(
         max_new_tokens=settings.max_new_tokens,
         heldout_prompts=settings.heldout_prompts,
         reward_model=reward_model,
+        tasks=tuple(settings.tasks or ()),
+        num_fewshot=settings.num_fewshot,
+        limit=settings.limit,
+        include_path=settings.include_path,
     )
     targets = {base_name: None} | {run.name: str(run.path) for run, _ in todo}
     from tunefleet.eval.worker import load_eval_data
@@ -262,6 +274,7 @@ def _evaluate_group(
         )
         if name not in errors:
             entry.update(plan.perplexity_metrics(merged.get((name, "ppl"))))
+            entry["benchmarks"] = dict(zip(settings.tasks or (), merged.get((name, "bench")) or [])) or None
             entry.update(plan.preference_metrics(merged.get((name, "pref")), None if name == base_name else base_pref))
             entry.update(
                 plan.reward_metrics(
@@ -281,6 +294,14 @@ def _evaluate_group(
             entry.update(stage=info["run"].record.get("stage"), parent=lineage.get("parent_name"))
         updates[name] = entry
     return updates
+
+
+def weights_identity(path: str | None) -> list | None:
+    """What changes when a model folder is written again: its weight files' names, sizes and modification times
+    (hashing gigabytes at every evaluation would cost more than the scoring)."""
+    if not path or not Path(path).is_dir():
+        return None
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in Path(path).glob("*.safetensors"))
 
 
 def answers(values: list | None) -> list[dict] | None:

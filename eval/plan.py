@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-METRICS = ("ppl", "pref", "gen")
-COST = {"ppl": 1.0, "pref": 2.0, "gen": 8.0}  # rough relative cost per sample: pairs score 2, generation ~8
+METRICS = ("ppl", "pref", "gen", "bench")
+# Rough relative cost per sample: pairs score 2, generation ~8; a benchmark task (one sample) ~ a hundred answers.
+COST = {"ppl": 1.0, "pref": 2.0, "gen": 8.0, "bench": 100.0}
 
 
 @dataclass(frozen=True, order=True)

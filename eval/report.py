@@ -79,13 +79,30 @@ def columns(results: dict) -> list[tuple[str, str, str]]:
         ("rm_win_rate_vs_parent", "RM win vs parent", "{:.2f}"),
     ]
     out += [column for column in judged if any(e.get(column[0]) is not None for e in results.values())]
-    return out
+    return out + benchmark_columns(results)
+
+
+def benchmark_keys(entry: dict) -> dict[str, float]:
+    """An entry's benchmark numbers as table keys: `<task> <metric>` (stderrs left to the results file)."""
+    return {
+        f"{task} {metric}": value
+        for task, numbers in (entry.get("benchmarks") or {}).items()
+        for metric, value in numbers.items()
+        if not metric.endswith("_stderr")
+    }
+
+
+def benchmark_columns(results: dict) -> list[tuple[str, str, str]]:
+    keys = sorted({key for entry in results.values() for key in benchmark_keys(entry)})
+    return [(key, key, "{:.3f}") for key in keys]
 
 
 def markdown(results: dict) -> str:
+    results = {name: entry | benchmark_keys(entry) for name, entry in results.items()}
     rows = _ordered(results)
     shown = columns(results)
-    summary = SUMMARY + [key for key, _, _ in shown if key.startswith("rm_")]
+    benchmarks = {key for key, _, _ in benchmark_columns(results)}
+    summary = SUMMARY + [key for key, _, _ in shown if key.startswith("rm_") or key in benchmarks]
     best = {}
     for key, _, _ in shown:
         better = BETTER.get(key)

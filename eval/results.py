@@ -170,6 +170,7 @@ def loss_curve(run_dir: str) -> list[tuple[int, float]]:
 def empty_entry(name: str, path: str) -> dict:
     lineage = {"stage": None, "parent": None, "win_rate_vs_parent": None, "win_rates_vs_parent": None}
     lineage |= {"rm_score": None, "rm_win_rate_vs_base": None, "rm_win_rate_vs_parent": None}  # --reward_model
+    lineage["benchmarks"] = None  # --tasks: {task: {metric: value, metric_stderr: value}}
     return dict.fromkeys(RESULT_KEYS) | lineage | {"model_name": name, "model_path": path, "generation_samples": []}
 
 

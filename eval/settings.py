@@ -46,6 +46,16 @@ class EvalSettings:
         "rm_win_rate_vs_parent (ties count half).",
     )
     max_new_tokens: int = option(48, "Longest generated answer, in tokens.", at_least=1)
+    tasks: list[str] | None = option(
+        None,
+        "Benchmark tasks through lm-evaluation-harness (pip install 'tunefleet[bench]'): lm-eval's task names "
+        "(arc_easy, mmlu, ...) or tiny_world (shipped, offline); each worker loads the base once for every run.",
+    )
+    num_fewshot: int | None = option(None, "Benchmark few-shot examples (default: each task's own).", at_least=0)
+    limit: int | None = option(None, "Questions per benchmark task (default: all).", at_least=1)
+    include_path: str | None = option(
+        None, "A folder of your own lm-eval task YAMLs, beside lm-eval's and tiny_world."
+    )
     backend: str | None = option(
         None, "Where to score: local or ray (default: local; after a sweep, the sweep's backend).", choices=BACKENDS
     )
@@ -71,6 +81,10 @@ class EvalSettings:
                 "heldout_prompts",
                 "max_new_tokens",
                 "reward_model",
+                "tasks",
+                "num_fewshot",
+                "limit",
+                "include_path",
             )
         }
 
@@ -89,6 +103,10 @@ class EvalData:
     max_new_tokens: int = 48
     heldout_prompts: int | None = None  # None: max_samples
     reward_model: str | None = None  # what from_pretrained loads (a run folder already merged)
+    tasks: tuple[str, ...] = ()  # lm-eval benchmark tasks
+    num_fewshot: int | None = None
+    limit: int | None = None
+    include_path: str | None = None
 
     @property
     def heldout(self) -> int:

@@ -63,7 +63,7 @@ def load_eval_data(spec: EvalData) -> dict:
         rows = first_rows(data.load_split(spec.dataset, split), rows_wanted)
         return data.prepare(method, rows, source=spec.dataset, split=split, strict=False).dataset
 
-    out = {"ppl": [], "pref": [], "gen": [], "gen_columns": []}
+    out = {"ppl": [], "pref": [], "gen": [], "gen_columns": [], "bench": list(spec.tasks)}
     if spec.sft_split:
         sft = prepared("sft", spec.sft_split)
         if "messages" in sft.column_names:
@@ -156,7 +156,15 @@ class Scorer:
                 for c, r in raw["pref"]
             ],
             "gen": raw["gen"],
+            "bench": raw["bench"],
         }
+        self.benchmarks = None  # lm-eval's task index, built once per worker
+        if raw["bench"]:
+            from tunefleet.eval.benchmarks import Benchmarks
+
+            self.benchmarks = Benchmarks(
+                tuple(raw["bench"]), data_spec.num_fewshot, data_spec.limit, data_spec.include_path, batch_size
+            )
         self.gen_columns = raw["gen_columns"]
         self.rewards = reward_functions(data_spec.reward_funcs)
         self.reward_model = None  # (model, tokenizer): loaded once, beside the base, when answers are judged by one
@@ -279,6 +287,10 @@ class Scorer:
             for i in range(0, len(prompts), GENERATION_CHUNK):
                 replies += generate(model, self.tokenizer, prompts[i : i + GENERATION_CHUNK], self.max_new_tokens)
             return self._rewarded(task, replies)
+        if task.metric == "bench" and self.benchmarks is not None:
+            return [
+                self.benchmarks.run(model, self.tokenizer, name) for name in self.data["bench"][task.start : task.end]
+            ]
         raise ValueError(f"unknown metric {task.metric}")
 
     def _rewarded(self, task: Task, replies: list[str]) -> list[dict]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,16 +276,47 @@ def test_shards_give_identical_numbers(trained_runs, tmp_path, capsys):
 def test_ray_workers_give_the_local_numbers(trained_runs, tmp_path, capsys):
     local = copy_runs(trained_runs, tmp_path / "local")
     ray_runs = copy_runs(trained_runs, tmp_path / "ray")
-    assert run_cli(capsys, "eval", "--runs_dir", local, "--max_samples", 30)[0] == 0
-    assert (
-        run_cli(capsys, "eval", "--runs_dir", ray_runs, "--max_samples", 30, "--backend", "ray", "--shards", 3)[0] == 0
-    )
+    bench = ["--tasks", "tiny_world", "--limit", 20]  # benchmark tasks shard across the workers with the rest
+    assert run_cli(capsys, "eval", "--runs_dir", local, "--max_samples", 30, *bench)[0] == 0
+    ray_args = ["--max_samples", 30, "--backend", "ray", "--shards", 3, *bench]
+    assert run_cli(capsys, "eval", "--runs_dir", ray_runs, *ray_args)[0] == 0
     a, b = read_json(local / "evaluation_results.json"), read_json(ray_runs / "evaluation_results.json")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and a["dpo_tiny_s1"]["benchmarks"]["tiny_world"]["acc"] is not None
     for name in a:
         for key in ("test_loss", "preference_accuracy", "avg_chosen_loss", "reward_accuracy", "generation_samples"):
             value = a[name][key]
             assert b[name][key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (name, key)
+        for task, numbers in a[name]["benchmarks"].items():
+            assert b[name]["benchmarks"][task] == pytest.approx(numbers, rel=1e-6), (name, task)
+
+
+def test_benchmarks_on_one_base_load_equal_lm_evals_own_run_on_the_merged_export(
+    trained_runs, tmp_path, capsys, tiny_model
+):
+    """tiny_world through lm-eval's HFLM around the worker's loaded base (adapters in turn) gives what lm-eval's own
+    CLI gives on the run's merged export and on the base: same task, same limit."""
+    from tunefleet.eval.benchmarks import TASKS_DIR
+
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    args = ["--tasks", "tiny_world", "--limit", 40, "--max_samples", 4, "--max_generation_samples", 0]
+    code, out, err = run_cli(capsys, "eval", "--runs_dir", runs, *args)
+    assert code == 0, err
+    ours = read_json(runs / "evaluation_results.json")
+    assert "tiny_world acc" in out and "tiny_world acc_norm" in (runs / "evaluation_report.md").read_text()
+    export = tmp_path / "dpo_merged"
+    assert run_cli(capsys, "export", runs / "dpo_tiny_s1", "--output_dir", export, "--dtype", "float32")[0] == 0
+    for name, model in (("dpo_tiny_s1", export), ("base:tunefleet/tiny-qwen2", tiny_model)):
+        out_dir = tmp_path / f"lm_eval_{len(name)}"
+        lm_eval = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
+                   f"pretrained={model},dtype=float32", "--tasks", "tiny_world", "--include_path", str(TASKS_DIR),
+                   "--limit", "40", "--batch_size", "32", "--device", "cpu", "--output_path", str(out_dir)]  # fmt: skip
+        done = subprocess.run(lm_eval, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (written,) = out_dir.rglob("results_*.json")
+        theirs = json.loads(written.read_text())["results"]["tiny_world"]
+        mine = ours[name]["benchmarks"]["tiny_world"]
+        for metric in ("acc", "acc_norm", "acc_stderr"):
+            assert mine[metric] == pytest.approx(theirs[f"{metric},none"], abs=1e-6), (name, metric)
 
 
 def test_partial_rerun_keeps_other_entries_and_reuses_unchanged(trained_runs, tmp_path, capsys):
@@ -351,6 +384,21 @@ def test_eval_bad_input(tmp_path, capsys, trained_runs):
     code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--dataset", data)
     assert code == 2 and err.count("\n") == 1
     assert "no sft layout fits the columns answer, prompt" in err
+
+
+def test_benchmark_tasks_that_cannot_run_are_one_line(trained_runs, tmp_path, capsys, monkeypatch):
+    runs = copy_runs(trained_runs, tmp_path / "runs")
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--tasks", "tiny_wrld")
+    assert (
+        code == 2 and err.count("\n") == 1 and "unknown benchmark task 'tiny_wrld' (did you mean 'tiny_world'" in err
+    )
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--tasks", "arc_easy")  # a hub task, offline here
+    assert code == 2 and err.count("\n") == 1, err
+    assert "benchmark task arc_easy: its data cannot be reached" in err and "only local tasks run" in err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--tasks", "tiny_world")
+    assert code == 2 and "pip install 'tunefleet[bench]'" in err
+    assert not (runs / "evaluation_results.json").exists()  # nothing was scored
 
 
 def test_report_rebuilds_from_json(trained_runs, tmp_path, capsys):

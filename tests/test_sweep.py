@@ -41,7 +41,7 @@ def write_spec(path: Path, **spec) -> Path:
 def test_demo_spec_expands_with_precedence():
     spec = sweeps.load_spec(str(ROOT / "sweeps" / "demo.yaml"))
     runs = sweeps.expand(spec)
-    assert len(runs) == 10 and runs[0].name == "sft_tiny-qwen2_s1"
+    assert len(runs) == 12 and runs[0].name == "sft_tiny-qwen2_s1" and runs[-1].name == "rm_tiny-qwen2_s2"
     by = {r.name: r.config for r in runs}
     assert by["dpo_tiny-qwen2_s2"].split == "train_prefs" and by["dpo_tiny-qwen2_s2"].seed == 2
     assert by["grpo_tiny-qwen2_s1"].max_steps == 100 and by["kto_tiny-qwen2_s1"].max_steps == 60  # method > base

@@ -160,6 +160,23 @@ def make_rows(split: str, n: int) -> list[dict]:
     return rows
 
 
+def benchmark_rows(n: int = 60) -> list[dict]:
+    """Multiple-choice questions of the tiny world (the tiny_world benchmark): four answer sentences, one right."""
+    rng = random.Random("tunefleet-benchmark")
+    rows = []
+    for _ in range(n):
+        prompt, kind, key = _item(rng)
+        if isinstance(key, tuple):  # a sum
+            wrong = rng.sample([v for v in range(19) if v != sum(key)], 3)
+        else:
+            known = ANIMALS if kind == "animal" else THINGS
+            wrong = rng.sample(sorted(set(known.values()) - {known[str(key)]}), 3)
+        choices = [_answer(kind, key)] + [_answer(kind, key, value) for value in wrong]
+        rng.shuffle(choices)
+        rows.append({"question": prompt, "choices": choices, "answer": choices.index(_answer(kind, key))})
+    return rows
+
+
 def write_data(directory: Path = DATA_DIR) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for split, n in SPLITS.items():

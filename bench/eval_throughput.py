@@ -4,9 +4,12 @@
     and data;
 (b) end to end: `tunefleet eval` on 10 runs vs the original way (each run: load base + adapter, score every
     sample on its own, chosen and rejected separately), like for like and with tunefleet's defaults, checking
-    both give the same numbers (test loss to 1e-6, preference accuracy identical).
+    both give the same numbers (test loss to 1e-6, preference accuracy identical);
+(c) benchmark tasks: `tunefleet eval --tasks tiny_world` on 10 runs (one process, the base loaded once, adapters
+    in turn) vs lm-eval's own way (`lm_eval --model_args pretrained=<base>,peft=<run>`: one process per
+    adapter), checking both give the same accuracies.
 
-    python bench/eval_throughput.py            # ~2-3 minutes on 2 CPU cores
+    python bench/eval_throughput.py            # ~5 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -210,6 +213,63 @@ def bench_end_to_end(n_runs: int = 10, max_samples: int = 100, gens: int = 3, re
         shutil.rmtree(warm, ignore_errors=True)
 
 
+def bench_benchmark_tasks(n_runs: int = 10, limit: int = 60) -> None:
+    """Both sides as the commands a user runs, each its own process(es), so each pays its own start-up."""
+    import json
+    import subprocess
+    import sys
+
+    from tunefleet.eval.benchmarks import TASKS_DIR
+    from tunefleet.trainers.model import resolve
+
+    root = Path(tempfile.mkdtemp(prefix="tf-bench-tasks-"))
+    bin_dir = Path(sys.executable).parent
+    try:
+        train_runs(root, n_runs)
+        t0 = time.perf_counter()
+        tunefleet = [str(bin_dir / "tunefleet"), "eval", "--runs_dir", str(root), "--tasks", "tiny_world"]
+        tunefleet += [
+            "--limit",
+            str(limit),
+            "--max_samples",
+            "1",
+            "--max_generation_samples",
+            "0",
+            "--skip_perplexity",
+        ]
+        subprocess.run(tunefleet, check=True, capture_output=True)
+        ours_s = time.perf_counter() - t0
+        ours = json.loads((root / "evaluation_results.json").read_text())
+
+        base = resolve("tunefleet/tiny-qwen2")
+        theirs, t0 = {}, time.perf_counter()
+        for run_dir in sorted(p for p in root.iterdir() if (p / "adapter_config.json").exists()):
+            out = root / "lm_eval" / run_dir.name
+            lm_eval = [str(bin_dir / "lm_eval"), "--model", "hf", "--model_args",
+                       f"pretrained={base},peft={run_dir},dtype=float32", "--tasks", "tiny_world",
+                       "--include_path", str(TASKS_DIR), "--limit", str(limit), "--batch_size", "32",
+                       "--device", "cpu", "--output_path", str(out)]  # fmt: skip
+            subprocess.run(lm_eval, check=True, capture_output=True)
+            (written,) = out.rglob("results_*.json")
+            theirs[run_dir.name] = json.loads(written.read_text())["results"]["tiny_world"]
+        theirs_s = time.perf_counter() - t0
+        same = all(
+            abs(ours[name]["benchmarks"]["tiny_world"][metric] - result[f"{metric},none"]) < 1e-6
+            for name, result in theirs.items()
+            for metric in ("acc", "acc_norm")
+        )
+        print(f"(c) benchmark task tiny_world ({limit} questions), {n_runs} runs")
+        print(f"    lm-eval, one process per adapter                                    {theirs_s:7.2f} s")
+        print(
+            f"    tunefleet eval --tasks, one process, base loaded once               {ours_s:7.2f} s   "
+            f"{theirs_s / ours_s:5.2f}x; acc and acc_norm identical: {same}"
+        )
+        assert same
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 if __name__ == "__main__":
     bench_scorer()
     bench_end_to_end()
+    bench_benchmark_tasks()

@@ -23,7 +23,7 @@ def test_defaults_match_the_original_tool():
     assert {
         m: config.from_dict({"method": m, "model_name": "m", "dataset": "d", "output_dir": "o"}).lr
         for m in config.METHODS
-    } == {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5}
+    } == {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5, "rm": 1e-4}
     assert cfg.trust_remote_code is False
 
 

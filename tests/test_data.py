@@ -136,6 +136,8 @@ def seen_text(run_dir) -> str:
         ("dpo", "alpaca-pref", "alpaca + chosen/rejected", True),
         ("dpo", "hh", "hh transcript", False),
         ("orpo", "question-pref", "question + chosen/rejected", True),
+        ("rm", "sharegpt-pref", "sharegpt + chosen/rejected", True),
+        ("rm", "hh", "hh transcript", False),
         ("kto", "kto-strings", "prompt + completion + label", True),
         ("kto", "kto-sharegpt", "conversations + label", True),
         ("kto", "kto-alpaca", "alpaca + output + label", True),

@@ -90,6 +90,22 @@ def test_merge_refuses_gaps_and_overlaps():
         plan.merge([(Task("a", "ppl", 0, 2), [1])])
 
 
+def test_reward_model_win_rates_count_ties_half_and_move_to_the_parent_in_a_pipeline():
+    from tunefleet.eval.evaluate import compare_with_root
+
+    values = [
+        {"prompt": "q", "response": "a", "reward": 1.0, "rewards": {"length": 1.0}, "rm": score}
+        for score in (2.0, 1.0, 0.0)
+    ]
+    parent = [{"reward": 0.0, "rewards": {"length": 0.0}, "rm": 1.0}] * 3
+    entry = plan.reward_metrics(values, parent)
+    assert entry["rm_score"] == 1.0 and entry["rm_win_rate_vs_base"] == pytest.approx(0.5)  # a win, a tie, a loss
+    root = [{"reward": 0.0, "rewards": {"length": 0.0}, "rm": -1.0}] * 3  # the pipeline's raw base
+    compare_with_root(entry, values, root)  # the group's base row was the parent: its rates move
+    assert entry["rm_win_rate_vs_parent"] == pytest.approx(0.5) and entry["rm_win_rate_vs_base"] == 1.0
+    assert plan.reward_metrics(values)["rm_win_rate_vs_base"] is None
+
+
 def test_metrics_are_exact_sums_not_means_of_means():
     values = [[30.0, 10], [1.0, 2]]  # token-weighted 31/12, not the mean of means (3.0 + 0.5) / 2
     assert plan.perplexity_metrics(values)["test_loss"] == pytest.approx(31 / 12)

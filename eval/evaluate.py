@@ -168,6 +168,8 @@ def log_to_trackers(runs: list, updates: dict) -> None:
         for group in ("heldout_rewards", "win_rates_vs_base"):
             for reward, value in (entry.get(group) or {}).items():
                 metrics[f"{group}/{reward}"] = float(value)
+        for task, numbers in (entry.get("benchmarks") or {}).items():
+            metrics |= {f"benchmarks/{task}/{metric}": value for metric, value in numbers.items()}
         if not metrics:
             continue
         step = run.record.get("global_step") or 0

@@ -29,7 +29,8 @@ def run_shards_ray(
     try:
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
-        per_worker = settings.gpus_per_worker if gpus else 0
+        judge = settings.reward_model_gpus if data_spec.reward_model else 0.0  # loaded beside the base
+        per_worker = min(1.0, settings.gpus_per_worker + judge) if gpus else 0
         slots = int(gpus / per_worker) if gpus else int(resources.get("CPU", 1))
         n_actors = max(1, min(settings.shards, len(work), slots))
         # spread the workers over the nodes: each loads the base once and scores its shards where it is

@@ -45,6 +45,13 @@ class EvalSettings:
         "tunefleet rm run): rm_score, rm_win_rate_vs_base and, for runs that start from a parent, "
         "rm_win_rate_vs_parent (ties count half).",
     )
+    reward_model_gpus: float = option(
+        0.25,
+        "Ray on GPUs: the GPU share each worker asks for its reward model, on top of gpus_per_worker (the reward "
+        "model is loaded beside the base).",
+        at_least=0,
+        at_most=1,
+    )
     max_new_tokens: int = option(48, "Longest generated answer, in tokens.", at_least=1)
     tasks: list[str] | None = option(
         None,

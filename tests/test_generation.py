@@ -336,7 +336,8 @@ def test_demo_shows_what_each_method_does(tmp_path):
         assert sft["test_loss"] <= base["test_loss"] * 0.85
     for rm in by_method["rm"]:  # the reward model ranks the test pairs, and judges the friendly runs winners
         assert rm["preference_accuracy"] >= 0.9 and rm["benchmarks"] is None
-    for judged in (*by_method["dpo"], *by_method["grpo"]):
-        assert judged["rm_win_rate_vs_base"] > 0.5 and judged["rm_score"] > base["rm_score"]
+    judged = [*by_method["dpo"], *by_method["grpo"]]  # measured: RM win rates 0.60-0.93, scores 1.96-2.13 vs 0.30
+    assert all(e["rm_score"] >= base["rm_score"] + 0.5 for e in judged)
+    assert sum(e["rm_win_rate_vs_base"] for e in judged) / len(judged) >= 0.65
     assert all(e["benchmarks"]["tiny_world"]["acc"] is not None for e in [base, *by_method["sft"]])
     assert "tiny_world acc" in (tmp_path / "demo" / "evaluation_report.md").read_text()

@@ -270,7 +270,7 @@ def test_a_run_of_any_method_logs_the_evaluators_metrics_at_each_evaluation(tmp_
     assert last["eval_preference_accuracy"] == pytest.approx(scored["preference_accuracy"], abs=1e-6)
     # Same prompts and rewards; a greedy answer may differ by a token where the evaluator's batches (all runs in one
     # mixed-adapter batch) round differently from a run's own.
-    assert last["eval_heldout_reward"] == pytest.approx(scored["heldout_reward"], rel=0.05)
+    assert last["eval_heldout_reward"] == pytest.approx(scored["heldout_reward"], rel=0.1)
 
 
 def test_shards_give_identical_numbers(trained_runs, tmp_path, capsys):

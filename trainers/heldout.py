@@ -16,6 +16,7 @@ that takes another token where batching rounds differently (tested).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tunefleet.common.errors import TunefleetError
@@ -51,7 +52,9 @@ def load_prompts(dataset: str, split: str, n: int) -> tuple[list[list[dict]], li
     return prompts["prompt"], prompts.select_columns(others).to_list()
 
 
-def rewarded(scorers, prompts: list[list[dict]], columns: list[dict], replies: list[str]) -> list[dict[str, float]]:
+def rewarded(
+    scorers: list[Scorer], prompts: list[list[dict]], columns: list[dict], replies: list[str]
+) -> list[dict[str, float]]:
     """Per answer, each reward's score (a reward that declines a sample scores 0, as in the evaluator)."""
     extra = {c: [row[c] for row in columns] for c in (columns[0] if columns else {})}
     completions = [[{"role": "assistant", "content": r}] for r in replies]
@@ -59,7 +62,10 @@ def rewarded(scorers, prompts: list[list[dict]], columns: list[dict], replies: l
     return [{name: float(values[i] or 0.0) for name, values in scores.items()} for i in range(len(replies))]
 
 
-def reward_scorers(specs: list[str]) -> list[tuple[str, object]]:
+Scorer = tuple[str, Callable[..., list[float | None]]]  # a reward's name and its guarded function
+
+
+def reward_scorers(specs: list[str]) -> list[Scorer]:
     """(name, guarded function) per reward; reward models are refused here (a second model in the run)."""
     loaded = rewards.load(list(specs))
     models = [spec for spec, f in zip(specs, loaded) if not callable(f)]
@@ -78,7 +84,7 @@ class HeldOut:
     pairs: list[tuple[scoring.Sequence, scoring.Sequence]]
     prompts: list[list[dict]]
     prompt_columns: list[dict]
-    scorers: list
+    scorers: list[Scorer]
     max_new_tokens: int
     batch_size: int
 

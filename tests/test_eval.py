@@ -319,18 +319,17 @@ def test_benchmarks_on_one_base_load_equal_lm_evals_own_run_on_the_merged_export
     assert "tiny_world acc" in out and "tiny_world acc_norm" in (runs / "evaluation_report.md").read_text()
     export = tmp_path / "dpo_merged"
     assert run_cli(capsys, "export", runs / "dpo_tiny_s1", "--output_dir", export, "--dtype", "float32")[0] == 0
-    for name, model in (("dpo_tiny_s1", export),):
-        out_dir = tmp_path / "lm_eval"
-        lm_eval = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
-                   f"pretrained={model},dtype=float32", "--tasks", "tiny_world", "--include_path", str(TASKS_DIR),
-                   "--limit", "40", "--batch_size", "32", "--device", "cpu", "--output_path", str(out_dir)]  # fmt: skip
-        done = subprocess.run(lm_eval, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        (written,) = out_dir.rglob("results_*.json")
-        theirs = json.loads(written.read_text())["results"]["tiny_world"]
-        mine = ours[name]["benchmarks"]["tiny_world"]
-        for metric in ("acc", "acc_norm", "acc_stderr"):
-            assert mine[metric] == pytest.approx(theirs[f"{metric},none"], abs=1e-6), (name, metric)
+    out_dir = tmp_path / "lm_eval"
+    lm_eval = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
+               f"pretrained={export},dtype=float32", "--tasks", "tiny_world", "--include_path", str(TASKS_DIR),
+               "--limit", "40", "--batch_size", "32", "--device", "cpu", "--output_path", str(out_dir)]  # fmt: skip
+    done = subprocess.run(lm_eval, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = out_dir.rglob("results_*.json")
+    theirs = json.loads(written.read_text())["results"]["tiny_world"]
+    mine = ours["dpo_tiny_s1"]["benchmarks"]["tiny_world"]
+    for metric in ("acc", "acc_norm", "acc_stderr"):
+        assert mine[metric] == pytest.approx(theirs[f"{metric},none"], abs=1e-6), metric
 
 
 def test_partial_rerun_keeps_other_entries_and_reuses_unchanged(trained_runs, tmp_path, capsys):

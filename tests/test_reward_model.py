@@ -107,14 +107,15 @@ def test_an_exported_reward_model_is_a_plain_classifier_that_rewards_grpo(runs, 
 
 
 def test_what_is_no_reward_model_is_one_line(runs, tmp_path, capsys, tiny_model):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     scored = tmp_path / "runs"
     shutil.copytree(runs / "dpo_tiny_s1", scored / "dpo_tiny_s1")
     code, _, err = run_cli(capsys, "eval", "--runs_dir", scored, "--reward_model", tiny_model)
     assert code == 2 and err.count("\n") == 1 and "is a causal LM, not a reward model" in err, err
     two = tmp_path / "two_labels"
-    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).save_pretrained(two)
+    config = AutoConfig.from_pretrained(tiny_model, num_labels=2)  # from a config: no load report is logged
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(two)
     code, _, err = run_cli(capsys, "eval", "--runs_dir", scored, "--reward_model", two)
     assert code == 2 and err.count("\n") == 1 and "has 2 labels; a reward model gives one score" in err, err
     code, _, err = run_cli(capsys, "train", *TINY, "--method", "grpo", "--split", "train_gen", "--reward_funcs",

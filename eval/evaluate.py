@@ -63,7 +63,9 @@ def evaluate(
     if settings.tasks:
         from tunefleet.eval.benchmarks import check_tasks
 
-        check_tasks(settings.tasks, settings.include_path)  # lm-eval missing, an unknown task: one line now
+        check_tasks(
+            settings.benchmark_tasks(), settings.include_path
+        )  # lm-eval missing, an unknown task: one line now
 
     groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
     updates = {}
@@ -217,7 +219,7 @@ def _evaluate_group(
         max_new_tokens=settings.max_new_tokens,
         heldout_prompts=settings.heldout_prompts,
         reward_model=reward_model,
-        tasks=tuple(settings.tasks or ()),
+        tasks=tuple(settings.benchmark_tasks()),
         num_fewshot=settings.num_fewshot,
         limit=settings.limit,
         include_path=settings.include_path,
@@ -276,7 +278,7 @@ def _evaluate_group(
         )
         if name not in errors:
             entry.update(plan.perplexity_metrics(merged.get((name, "ppl"))))
-            entry["benchmarks"] = dict(zip(settings.tasks or (), merged.get((name, "bench")) or [])) or None
+            entry["benchmarks"] = dict(zip(settings.benchmark_tasks(), merged.get((name, "bench")) or [])) or None
             entry.update(plan.preference_metrics(merged.get((name, "pref")), None if name == base_name else base_pref))
             entry.update(
                 plan.reward_metrics(

@@ -74,6 +74,10 @@ class EvalSettings:
     force: bool = option(False, "Re-score runs whose adapter has not changed.")
     trust_remote_code: bool = option(False, "Allow code shipped with the base model.")
 
+    def benchmark_tasks(self) -> list[str]:
+        """`tasks` as lm-eval's own CLI takes them too: comma separated (`--tasks arc_easy,mmlu`) or one by one."""
+        return [task.strip() for item in self.tasks or [] for task in item.split(",") if task.strip()]
+
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that change the numbers (a run scored under other ones is scored again)."""
         return {

@@ -401,7 +401,7 @@ def test_eval_bad_input(tmp_path, capsys, trained_runs):
 
 def test_benchmark_tasks_that_cannot_run_are_one_line(trained_runs, tmp_path, capsys, monkeypatch):
     runs = copy_runs(trained_runs, tmp_path / "runs")
-    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--tasks", "tiny_wrld")
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--tasks", "tiny_world,tiny_wrld")  # as lm-eval's
     assert (
         code == 2 and err.count("\n") == 1 and "unknown benchmark task 'tiny_wrld' (did you mean 'tiny_world'" in err
     )

@@ -53,9 +53,11 @@ def evaluate(
         )
     existing = results.load_results(out_path)
     reward_funcs = tuple(settings.reward_funcs or results.grpo_rewards(runs) or ["length"])
-    from tunefleet.eval.worker import reward_functions
+    from tunefleet.eval.worker import EVAL_REWARD_MODEL_HINT
+    from tunefleet.trainers.heldout import reward_scorers
 
-    reward_functions(reward_funcs)  # a reward that cannot be loaded: one line now, not in every worker
+    # a reward that cannot be loaded: one line now, not in every worker
+    reward_scorers(list(reward_funcs), EVAL_REWARD_MODEL_HINT)
     reward_model = None
     if settings.reward_model:  # a path or hub id, or the name of an rm run under runs_dir (a sweep's own)
         named = next((str(run.path) for run in found if run.name == settings.reward_model), settings.reward_model)
@@ -63,17 +65,14 @@ def evaluate(
     if settings.tasks:
         from tunefleet.eval.benchmarks import check_tasks
 
-        check_tasks(
-            settings.benchmark_tasks(), settings.include_path
-        )  # lm-eval missing, an unknown task: one line now
+        # lm-eval missing, an unknown task, unreachable data: one line now, before any model loads
+        check_tasks(settings.benchmark_tasks(), settings.include_path)
 
     groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
     updates = {}
-    reward_models = [run for run in runs if run.method == "rm"]  # judged on the pairs, not generated from
-    updates.update(_evaluate_reward_models(reward_models, settings, existing))
-    for run in runs:
-        if run.method == "rm":
-            continue
+    # reward models are scored on the pairs; the language models from their base, in groups
+    updates.update(_evaluate_reward_models([run for run in runs if run.method == "rm"], settings, existing))
+    for run in (run for run in runs if run.method != "rm"):
         base = settings.base_model or run.base_model
         dataset = settings.dataset or run.dataset
         if base and dataset:

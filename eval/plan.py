@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from tunefleet.trainers.scoring import chosen_preferred
+
 METRICS = ("ppl", "pref", "gen", "bench")
 # Rough relative cost per sample: pairs score 2, generation ~8; a benchmark task (one sample) ~ a hundred answers.
 COST = {"ppl": 1.0, "pref": 2.0, "gen": 8.0, "bench": 100.0}
@@ -100,7 +102,7 @@ def preference_metrics(values: list | None, base: list | None = None) -> dict:
         return dict.fromkeys(keys) | {"preference_total": 0}
     chosen = [v[0] / v[1] for v in values]
     rejected = [v[2] / v[3] for v in values]
-    correct = sum(c < r for c, r in zip(chosen, rejected))
+    correct = sum(chosen_preferred(*v) for v in values)
     avg_c, avg_r = sum(chosen) / len(chosen), sum(rejected) / len(rejected)
     out = {
         "preference_accuracy": correct / len(values),

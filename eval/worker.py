@@ -11,17 +11,22 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.eval.plan import Task
 from tunefleet.eval.settings import EvalData
-from tunefleet.trainers.heldout import GENERATION_CHUNK, first_rows, load_pairs, load_prompts, rewarded
+from tunefleet.trainers.heldout import (
+    first_rows,
+    greedy_answers,
+    load_pairs,
+    load_prompts,
+    reward_scorers,
+    rewarded,
+)
 from tunefleet.trainers.scoring import (
     encode_conversation,
-    generate,
     reward_model_scores,
     score_batched,
     score_pairs,
@@ -38,6 +43,7 @@ class ShardResult:
     node_id: str | None = None  # the Ray node that scored it
 
 
+EVAL_REWARD_MODEL_HINT = "give --reward_funcs functions; a reward model judges the answers as --reward_model"
 MERGE_MAX_PARAMS = 200_000_000  # float32 bases up to this size score with the adapter merged (Scorer.merged)
 # Adapter config keys that do not change the shape or the output of an adapter in eval mode.
 NOT_SHAPE = {
@@ -90,20 +96,6 @@ def load_eval_data(spec: EvalData) -> dict:
             out["gen"] = [m[:-1] for m in out["ppl"]][: spec.heldout]
             out["gen_columns"] = [{} for _ in out["gen"]]
     return out
-
-
-def reward_functions(specs) -> list[tuple[str, Callable[..., list[float | None]]]]:
-    """(name, guarded function) for the eval's rewards; reward models are refused (the evaluator runs functions)."""
-    from tunefleet.trainers import rewards
-
-    loaded = rewards.load(list(specs))
-    models = [spec for spec, f in zip(specs, loaded) if not callable(f)]
-    if models:
-        raise TunefleetError(
-            f"eval rewards must be functions (built-in names or module:function); {', '.join(models)} is a reward "
-            "model: pass --reward_funcs with functions"
-        )
-    return [(spec, rewards.guarded(spec, f)) for spec, f in zip(specs, loaded)]
 
 
 def ray_node_id() -> str | None:
@@ -166,7 +158,7 @@ class Scorer:
                 tuple(raw["bench"]), data_spec.num_fewshot, data_spec.limit, data_spec.include_path, batch_size
             )
         self.gen_columns = raw["gen_columns"]
-        self.rewards = reward_functions(data_spec.reward_funcs)
+        self.rewards = reward_scorers(list(data_spec.reward_funcs), EVAL_REWARD_MODEL_HINT)
         self.reward_model = None  # (model, tokenizer): loaded once, beside the base, when answers are judged by one
         if data_spec.reward_model and raw["gen"]:
             from tunefleet.trainers.model import load_reward_model
@@ -283,10 +275,7 @@ class Scorer:
             return score_pairs(model, self.data["pref"][task.start : task.end], self.batch_size, pad)
         if task.metric == "gen":
             prompts = self.data["gen"][task.start : task.end]
-            replies = []
-            for i in range(0, len(prompts), GENERATION_CHUNK):
-                replies += generate(model, self.tokenizer, prompts[i : i + GENERATION_CHUNK], self.max_new_tokens)
-            return self._rewarded(task, replies)
+            return self._rewarded(task, greedy_answers(model, self.tokenizer, prompts, self.max_new_tokens))
         if task.metric == "bench" and self.benchmarks is not None:
             return [
                 self.benchmarks.run(model, self.tokenizer, name) for name in self.data["bench"][task.start : task.end]

@@ -65,16 +65,25 @@ def rewarded(
 Scorer = tuple[str, Callable[..., list[float | None]]]  # a reward's name and its guarded function
 
 
-def reward_scorers(specs: list[str]) -> list[Scorer]:
-    """(name, guarded function) per reward; reward models are refused here (a second model in the run)."""
+def reward_scorers(specs: list[str], instead: str) -> list[Scorer]:
+    """(name, guarded function) per reward. Reward models are refused (answers are scored by functions here), with
+    `instead`: what to do about one."""
     loaded = rewards.load(list(specs))
     models = [spec for spec, f in zip(specs, loaded) if not callable(f)]
     if models:
         raise TunefleetError(
-            f"--eval_prompts scores answers with reward functions (built-in names or module:function); "
-            f"{', '.join(models)} is a reward model: give --reward_funcs functions"
+            f"held-out answers are scored by reward functions (built-in names or module:function); "
+            f"{', '.join(models)} is a reward model: {instead}"
         )
     return [(spec, rewards.guarded(spec, f)) for spec, f in zip(specs, loaded)]
+
+
+def greedy_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to every prompt, GENERATION_CHUNK prompts per generate call."""
+    replies = []
+    for i in range(0, len(prompts), GENERATION_CHUNK):
+        replies += scoring.generate(model, tokenizer, prompts[i : i + GENERATION_CHUNK], max_new_tokens)
+    return replies
 
 
 @dataclass
@@ -99,13 +108,10 @@ class HeldOut:
                 if self.pairs:
                     pad = tokenizer.pad_token_id or 0
                     scores = scoring.score_pairs(model, self.pairs, self.batch_size, pad)
-                    correct = sum(cs / cc < rs / rc for cs, cc, rs, rc in scores)
+                    correct = sum(scoring.chosen_preferred(*pair) for pair in scores)
                     out["eval_preference_accuracy"] = correct / len(scores)
                 if self.prompts:
-                    replies = []
-                    for i in range(0, len(self.prompts), GENERATION_CHUNK):
-                        chunk = self.prompts[i : i + GENERATION_CHUNK]
-                        replies += scoring.generate(model, tokenizer, chunk, self.max_new_tokens)
+                    replies = greedy_answers(model, tokenizer, self.prompts, self.max_new_tokens)
                     each = rewarded(self.scorers, self.prompts, self.prompt_columns, replies)
                     out["eval_heldout_reward"] = sum(sum(r.values()) for r in each) / len(each)
         finally:
@@ -129,7 +135,7 @@ def held_out(cfg, tokenizer) -> HeldOut | None:
             for chosen, rejected in conversations
         ]
     if cfg.eval_prompts:
-        scorers = reward_scorers(cfg.reward_funcs)
+        scorers = reward_scorers(cfg.reward_funcs, "give --reward_funcs functions for --eval_prompts")
         prompts, columns = load_prompts(dataset, cfg.eval_prompts, cfg.heldout_samples)
     return HeldOut(
         pairs, prompts, columns, scorers, cfg.max_completion_length or MAX_NEW_TOKENS, cfg.per_device_eval_batch_size

@@ -16,6 +16,9 @@ Batching: sequences sorted by length, batches of `batch_size`, left padding to t
 position ids that count real tokens only; padding never touches a scored position, so batched sums equal the
 per-sample ones (tested to 1e-5 relative). The LM head runs on completion positions only, and the two replies of
 a preference pair continue from one forward pass over their shared prompt.
+
+Gradients are off with `no_grad`, not `inference_mode`: runs also score with these functions between training
+steps (trainers/heldout.py), and tensors made in inference mode cannot take part in the steps after.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int = 2048)
     completion = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     keep = max(1, max_length - len(completion))
     return Sequence(tuple(prompt[-keep:]), tuple(completion[: max_length - 1]))
+
+
+def chosen_preferred(chosen_sum: float, chosen_count: int, rejected_sum: float, rejected_count: int) -> bool:
+    """A preference pair is correct when the chosen reply's mean NLL per token is strictly below the rejected one's."""
+    return chosen_sum / chosen_count < rejected_sum / rejected_count
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -284,20 +284,37 @@ def test_wheel_installs_and_runs_from_a_folder_with_its_own_trainers_and_eval(tm
                     "gradient_accumulation_steps": 1,
                     "use_qlora": False,
                 },
-                "grid": {"method": ["sft", "dpo"]},
-                "methods": {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}},
+                "grid": {"method": ["sft", "dpo", "rm"]},
+                "methods": {
+                    "sft": {"split": "train_sft"},
+                    "dpo": {"split": "train_prefs"},
+                    "rm": {"split": "train_prefs"},
+                },
             }
         )
     )
     out = run([tunefleet, "sweep", spec, "--backend", "local"], cwd=work).stdout
-    assert "finished 2" in out
+    assert "finished 3" in out
+    judged = ["--reward_model", "rm_tiny-qwen2_s42", "--tasks", "tiny_world", "--limit", "8"]  # the shipped task
     run(
-        [tunefleet, "eval", "--runs_dir", "runs/sweep", "--max_samples", "8", "--max_generation_samples", "1"],
+        [
+            tunefleet,
+            "eval",
+            "--runs_dir",
+            "runs/sweep",
+            "--max_samples",
+            "8",
+            "--max_generation_samples",
+            "1",
+            *judged,
+        ],
         cwd=work,
     )
     results = read_json(work / "runs" / "sweep" / "evaluation_results.json")
-    assert {"sft_tiny-qwen2_s42", "dpo_tiny-qwen2_s42"} <= set(results)
+    assert {"sft_tiny-qwen2_s42", "dpo_tiny-qwen2_s42", "rm_tiny-qwen2_s42"} <= set(results)
     assert not any(entry.get("error") for entry in results.values())
+    assert results["dpo_tiny-qwen2_s42"]["rm_score"] is not None
+    assert results["sft_tiny-qwen2_s42"]["benchmarks"]["tiny_world"]["acc"] is not None
     # Every launched process ran tunefleet's modules, never the project's own packages.
     for log in (work / "runs" / "sweep").glob("*/train.log"):
         assert "-m tunefleet.trainers.train" in log.read_text() and "own trainers" not in log.read_text()

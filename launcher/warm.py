@@ -301,12 +301,24 @@ def with_advertised(env: dict) -> dict:
     return {**env, SOCKET_ENV: path} if path else env
 
 
-def stop_all() -> None:
+def own_sockets() -> set[str]:
+    """The sockets of the warm processes this process started and keeps (one per environment its runs had)."""
     with _servers_lock:
-        servers = list(_servers.values())
-        _servers.clear()
-    for server in servers:
+        return {server.socket for server in _servers.values()}
+
+
+def stop(sockets: set[str]) -> None:
+    """End these warm processes of this process (and runs of theirs still going)."""
+    with _servers_lock:
+        ending = {key: server for key, server in _servers.items() if server.socket in sockets}
+        for key in ending:
+            del _servers[key]
+    for server in ending.values():
         server.stop()
+
+
+def stop_all() -> None:
+    stop(own_sockets())
 
 
 def enabled(env: dict) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,63 @@ TINY = ["--model_name", "tunefleet/tiny-qwen2", "--dataset", "tunefleet/tiny-ult
 SPLIT = {"sft": "train_sft", "dpo": "train_prefs", "orpo": "train_prefs", "kto": "train_prefs", "grpo": "train_gen"}
 # A few fast steps: batch 4, no accumulation.
 FAST = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
+
+# `make test` runs two pytest workers (pytest-xdist, `--dist loadgroup`). The tests of a file whose module fixture
+# trains runs or starts a service (the local SLURM, a 2-node Ray) form one group, so that fixture is made once and
+# one SLURM runs at a time; every other test is a unit of its own. The longest units go first.
+SHARED_FIXTURE_FILES = (  # longest first
+    "test_multinode",
+    "test_slurm",
+    "test_pipeline",
+    "test_eval",
+    "test_export",
+    "test_speed",
+    "test_reward_model",
+    "test_tracking",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.stem in SHARED_FIXTURE_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+    def order(item) -> tuple[int, int]:
+        if item.path.stem in SHARED_FIXTURE_FILES:
+            return 0, SHARED_FIXTURE_FILES.index(item.path.stem)
+        return (1 if item.get_closest_marker("slow") else 2), 0
+
+    items.sort(key=order)
+
+
+RAY_TMPDIR_MADE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # Each worker's local Rays keep their session folders apart from the other's (the path stays short:
+        # Ray's unix sockets live under it)
+        if "RAY_TMPDIR" not in os.environ:
+            os.environ["RAY_TMPDIR"] = config.stash[RAY_TMPDIR_MADE] = tempfile.mkdtemp(
+                prefix=f"tfr{worker}", dir="/tmp"
+            )
+    elif not token_present():
+        # Ray's token, which the first head of a machine writes, is made before the workers start: two heads
+        # starting at once would each write their own
+        ray = Path(sys.executable).parent / "ray"
+        subprocess.run([str(ray), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
+
+
+def pytest_unconfigure(config):
+    made = config.stash.get(RAY_TMPDIR_MADE, None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def token_present() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path.home() / ".ray" / "auth_token").is_file()
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,10 +101,19 @@ def warm_process():
     warm.stop_all()
 
 
+@pytest.fixture(autouse=True)
+def warm_processes_of_a_test_end_with_it(warm_process):
+    """A test that runs commands in an environment of its own (a PYTHONPATH, a bucket's credentials) gets a warm
+    process for that environment (about 630 MB): it ends with the test, so that the session keeps only its own."""
+    from tunefleet.launcher import warm
+
+    before = warm.own_sockets()
+    yield
+    warm.stop(warm.own_sockets() - before)
+
+
 def tunefleet(*args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `tunefleet` CLI in a process of its own (forked warm; cold when the environment asks)."""
-    import tempfile
-
     from tunefleet.launcher import warm
 
     cmd = [sys.executable, "-m", "tunefleet.launcher.cli", *map(str, args)]
@@ -75,8 +143,6 @@ class Started:
     (stdout and stderr together) once it ended."""
 
     def __init__(self, *args, env: dict | None = None):
-        import tempfile
-
         from tunefleet.launcher import warm
 
         self.log = tempfile.TemporaryFile()

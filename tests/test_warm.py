@@ -250,3 +250,14 @@ def test_the_warm_process_ends_with_its_owner(tmp_path):
         time.sleep(0.2)
     status = open(f"/proc/{server_pid}/status").read() if os.path.exists(f"/proc/{server_pid}") else ""
     assert not status or "State:\tZ" in status
+
+
+def test_a_warm_process_for_another_environment_can_be_ended_alone(tmp_path):
+    """What the tests' fixture does after each test: the warm processes started for environments of that test's own
+    end, this process's first one stays."""
+    kept = warm.own_sockets()
+    server = warm.own_server({**os.environ, "HF_HOME": str(tmp_path / "hf")})
+    assert warm.own_sockets() == kept | {server.socket}
+    warm.stop({server.socket})
+    assert warm.own_sockets() == kept and server.proc.poll() is not None
+    assert not os.path.exists(server.socket)

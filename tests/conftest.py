@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tunefleet.common.raycluster import token_available
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model_name", "tunefleet/tiny-qwen2", "--dataset", "tunefleet/tiny-ultrafeedback"]
 SPLIT = {"sft": "train_sft", "dpo": "train_prefs", "orpo": "train_prefs", "kto": "train_prefs", "grpo": "train_gen"}
@@ -59,7 +61,7 @@ def pytest_configure(config):
             os.environ["RAY_TMPDIR"] = config.stash[RAY_TMPDIR_MADE] = tempfile.mkdtemp(
                 prefix=f"tfr{worker}", dir="/tmp"
             )
-    elif not token_present():
+    elif not token_available():
         # Ray's token, which the first head of a machine writes, is made before the workers start: two heads
         # starting at once would each write their own
         ray = Path(sys.executable).parent / "ray"
@@ -70,10 +72,6 @@ def pytest_unconfigure(config):
     made = config.stash.get(RAY_TMPDIR_MADE, None)
     if made:
         shutil.rmtree(made, ignore_errors=True)
-
-
-def token_present() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or (Path.home() / ".ray" / "auth_token").is_file()
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -57,7 +57,11 @@ SWITCH_ENV = "TUNEFLEET_WARM_START"  # "0": every run starts cold
 STARTED_ENV = "TUNEFLEET_STARTED_AT"  # when the launcher started the run's process (run.json: startup_s)
 START_KIND_ENV = "TUNEFLEET_START"  # "warm" or "cold" (run.json: start)
 # Read when used, not at import: these may differ between the warm process and a run it forks.
-# (PYTHONBREAKPOINT and SPT_NOENV: what Ray adds to its workers' environment; read by breakpoint() and setproctitle.)
+# (PYTHONBREAKPOINT and SPT_NOENV: what Ray adds to its workers' environment; read by breakpoint() and setproctitle.
+# PL_DISABLE_FORK, TUNE_*, TRAIN_COPY_...: what Ray Tune adds to a trial's, read by Lightning and Ray, which the warm
+# process does not import. KMP_DUPLICATE_LIB_OK: what scikit-learn and threadpoolctl set on import, in a launcher
+# after its warm process started; read by Intel's OpenMP when it loads. PYTEST_CURRENT_TEST: what pytest sets anew
+# for every phase of every test, around launchers started by a test suite.)
 PER_RUN_ENV = (
     "CUDA_VISIBLE_DEVICES",
     "PYTHONUNBUFFERED",
@@ -67,11 +71,16 @@ PER_RUN_ENV = (
     "TERM",
     "PYTHONBREAKPOINT",
     "SPT_NOENV",
+    "PL_DISABLE_FORK",
+    "KMP_DUPLICATE_LIB_OK",
+    "PYTEST_CURRENT_TEST",
+    "TRAIN_COPY_DIRECTORY_CHECKPOINTS_INSTEAD_OF_MOVING",
     "DS_ACCELERATOR",  # imported early only on a host without GPUs, as "cpu": what terminal.calm sets there
 )
 PER_RUN_PREFIXES = (
     "TUNEFLEET_",
     "RAY_",
+    "TUNE_",
     "SLURM_",
     "AWS_",
     "MLFLOW_",
@@ -240,6 +249,8 @@ class WarmServer:
                 env={k: v for k, v in env.items() if k != SOCKET_ENV},
                 cwd=os.getcwd(),
             )
+        # While it imports, a launcher it was advertised to waits for it as long as this pid lives
+        Path(self.socket + ".pid").write_text(str(self.proc.pid))
         self.ready: bool | None = None
 
     def wait_ready(self) -> bool:
@@ -325,7 +336,9 @@ def enabled(env: dict) -> bool:
     return env.get(SWITCH_ENV, "1") != "0" and hasattr(os, "fork") and hasattr(socket, "send_fds")
 
 
-def request(path: str, entry: str, argv: list[str], env: dict, cwd: str, fds: list[int]) -> WarmProcess:
+def request(
+    path: str, entry: str, argv: list[str], env: dict, cwd: str, fds: list[int], launched_at: float
+) -> WarmProcess:
     """Ask the warm process at `path` to fork `entry` with these arguments, environment and streams.
 
     Raises OSError when it cannot be reached, RuntimeError (its reason) when it declines."""
@@ -337,7 +350,7 @@ def request(path: str, entry: str, argv: list[str], env: dict, cwd: str, fds: li
             "argv": argv,
             "env": env,
             "cwd": cwd,
-            "started_at": time.time(),
+            "started_at": launched_at,
             "executable": sys.executable,  # another interpreter (another venv) has other packages: never forked here
         }
         socket.send_fds(conn, [json.dumps(message).encode()], fds)
@@ -354,6 +367,7 @@ def request(path: str, entry: str, argv: list[str], env: dict, cwd: str, fds: li
 def Popen(cmd: list[str], stdout=None, stderr=None, env: dict | None = None, cwd: str | None = None):  # noqa: N802
     """subprocess.Popen for a run's command: forked warm when it can be, else a cold process (and the run's log
     says why). `stdout` is a file object (or None: this process's); `stderr` the same, or subprocess.STDOUT."""
+    launched_at = time.time()  # a run's start-up includes any wait for the warm process it is forked from
     env = dict(os.environ if env is None else env)
     entry = warm_entry(cmd)
     if entry is None or not enabled(env):
@@ -364,15 +378,19 @@ def Popen(cmd: list[str], stdout=None, stderr=None, env: dict | None = None, cwd
     cwd = os.path.abspath(cwd or os.getcwd())
     reasons = []
     advertised = env.get(SOCKET_ENV) or os.environ.get(SOCKET_ENV)
-    if advertised:
+    if advertised and not wait_ready(advertised):
+        reasons.append(f"{advertised}: not serving")
+    elif advertised:
         try:
-            return request(advertised, entry, cmd[3:], {**env, SOCKET_ENV: advertised}, cwd, streams)
+            return request(advertised, entry, cmd[3:], {**env, SOCKET_ENV: advertised}, cwd, streams, launched_at)
         except (OSError, RuntimeError) as exc:
             reasons.append(f"{advertised}: {exc}")
     server = own_server(env)
     if server.wait_ready():
         try:
-            return request(server.socket, entry, cmd[3:], {**env, SOCKET_ENV: server.socket}, cwd, streams)
+            return request(
+                server.socket, entry, cmd[3:], {**env, SOCKET_ENV: server.socket}, cwd, streams, launched_at
+            )
         except (OSError, RuntimeError) as exc:
             reasons.append(str(exc))
     else:
@@ -657,10 +675,28 @@ def wait_ready(path: str, timeout: float = READY_TIMEOUT_S) -> bool:
     while time.time() < deadline:
         if os.path.exists(path + ".ready"):
             return True
-        if os.path.exists(path + ".failed") or not os.path.isdir(os.path.dirname(path)):
+        if os.path.exists(path + ".failed") or not warm_process_lives(path):
             return False
         time.sleep(0.05)
     return False
+
+
+def warm_process_lives(path: str) -> bool:
+    """A warm process for `path` was started and lives (it may still be importing)."""
+    try:
+        pid = int(Path(path + ".pid").read_text())
+    except (OSError, ValueError):
+        return False  # none was started there (an address that is stale, or wrong)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (its launcher has not reaped it yet) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc here
 
 
 def rank(argv: list[str]) -> int:
@@ -669,10 +705,11 @@ def rank(argv: list[str]) -> int:
     process relays the signals it gets (torch elastic stops ranks with SIGTERM) and ends as the rank ended. With no
     warm process to ask, or one that declines, this process becomes the rank itself, cold (exec)."""
     entry = "tunefleet.trainers.train"
+    launched_at = time.time()
     path = os.environ.get(SOCKET_ENV)
     if path and enabled(dict(os.environ)) and wait_ready(path):
         try:
-            proc = request(path, entry, argv, dict(os.environ), os.getcwd(), [0, 1, 2])
+            proc = request(path, entry, argv, dict(os.environ), os.getcwd(), [0, 1, 2], launched_at)
         except (OSError, RuntimeError) as exc:
             print(f"=== warm start unavailable ({exc}): starting cold", file=sys.stderr, flush=True)
         else:

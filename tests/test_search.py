@@ -170,13 +170,16 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path, tiny_model):
+def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path, tiny_model, warm_process):
     done = tunefleet("sweep", search_spec(tmp_path), "--backend", "local", timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     runs = tmp_path / "runs"
     state = read_json(runs / "search.json")
     trials = state["methods"]["dpo"]["trials"]
     assert len(trials) == 4
+    if warm_process:  # each trial, in its own Ray actor, was forked from the warm process the search was given
+        warm_from = [read_json(Path(t["output_dir"]) / "run.json")["startup"].get("warm_process") for t in trials]
+        assert warm_from == [warm_process] * 4
     stopped = [t for t in trials if t["status"] == "stopped"]
     assert stopped, trials  # ASHA ended at least one trial early
     for trial in stopped:

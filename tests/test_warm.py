@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, ROOT, TINY, checkpoint_steps, pids_in_tree, read_json
+from conftest import FAST, ROOT, TINY, checkpoint_steps, pids_in_tree, read_json, tunefleet
 
 from tunefleet.launcher import warm
 
@@ -213,12 +213,56 @@ def test_warm_start_falls_back_to_cold_and_says_why(tmp_path, tiny_model):
     assert read_json(tmp_path / "gone" / "run.json")["startup"]["kind"] == "warm"
 
 
+def test_every_command_of_a_test_suite_forks_from_its_one_warm_process(tmp_path, tiny_model, warm_process):
+    """pytest sets PYTEST_CURRENT_TEST anew for each test phase: no reason for another warm process (and its
+    seconds of imports) per test."""
+    if not warm_process:
+        pytest.skip("warm starts are off")
+    before = warm.own_sockets()
+    out = tmp_path / "run"
+    args = ["--method", "sft", *TINY, "--split", "train_sft", "--output_dir", out, "--max_steps", 1, *FAST]
+    tunefleet("train", *args, "--use_qlora", "false")
+    assert read_json(out / "run.json")["startup"]["warm_process"] == warm_process
+    assert warm.own_sockets() == before
+
+
+def test_a_run_waits_for_an_advertised_warm_process_still_importing_and_not_for_a_killed_one(tmp_path, tiny_model):
+    """A launcher given the address of a warm process that is still importing waits for it rather than start its
+    own (seconds of imports again); one whose warm process was killed while importing does not wait at all."""
+    env = {**ENV, "HF_HOME": str(tmp_path / "hf")}  # an environment of its own: no warm process here serves it
+    script = "import sys\nfrom tunefleet.launcher import warm\nprint(warm.prestart(), flush=True)\nsys.stdin.read()\n"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    advertised = owner.stdout.readline().strip()
+    assert not os.path.exists(advertised + ".ready")  # still importing
+    before = warm.own_sockets()
+    log = tmp_path / "run.log"
+    proc = start(train_command("sft", "train_sft", tmp_path / "run", 1), log, {**env, warm.SOCKET_ENV: advertised})
+    assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
+    assert read_json(tmp_path / "run" / "run.json")["startup"]["warm_process"] == advertised
+    assert warm.own_sockets() == before
+    owner.stdin.close()  # the owner ends, and its warm process with it
+    owner.wait(timeout=120)
+
+    killed = warm.own_server({**env, "HF_HOME": str(tmp_path / "hf2")})
+    assert warm.warm_process_lives(killed.socket) and not os.path.exists(killed.socket + ".ready")
+    killed.proc.kill()
+    killed.proc.wait()
+    assert not warm.warm_process_lives(killed.socket)
+    assert not warm.wait_ready(killed.socket)  # at once, not at its timeout (10 minutes)
+    warm.stop({killed.socket})
+
+
 def test_an_environment_read_at_import_gets_its_own_warm_process():
     """Variables read when used (the GPU, threads, tunefleet's own) may differ; others (HF_HOME, read when
     huggingface_hub is imported) may not: such a run is served by a warm process started with its environment."""
     base = {"HF_HOME": "/a", "PATH": "/bin"}
     assert warm.env_difference(base, {**base, "CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "4"}) is None
     assert warm.env_difference(base, {**base, "TUNEFLEET_NODE_ID": "x", "RAY_JOB_ID": "2"}) is None
+    # what Ray Tune gives a trial, scikit-learn sets on import, pytest sets for each test
+    others = {"PL_DISABLE_FORK": "1", "TUNE_ORIG_WORKING_DIR": "/w", "KMP_DUPLICATE_LIB_OK": "True"}
+    assert warm.env_difference(base, {**base, **others, "PYTEST_CURRENT_TEST": "t.py::t (call)"}) is None
     assert warm.env_difference(base, {**base, "HF_HOME": "/b"}) == "HF_HOME"
     assert warm.env_difference(base, {"PATH": "/bin"}) == "HF_HOME"
     assert warm.warm_entry([sys.executable, "-m", "tunefleet.trainers.train", "--x"]) == "tunefleet.trainers.train"

@@ -612,7 +612,11 @@ def startup_clock():
 
         def record(self) -> dict:
             seconds = None if self.first_step_at is None else round(self.first_step_at - process_started_at(), 2)
-            return {"kind": os.environ.get("TUNEFLEET_START", "cold"), "to_first_step_s": seconds}
+            kind = os.environ.get("TUNEFLEET_START", "cold")
+            out = {"kind": kind, "to_first_step_s": seconds}
+            if kind == "warm":  # which warm process it was forked from: a launcher's own, or one it was given
+                out["warm_process"] = os.environ.get("TUNEFLEET_WARM_SOCKET")
+            return out
 
     return StartupClock()
 

@@ -22,20 +22,23 @@ FAST = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "
 
 # `make test` runs two pytest workers (pytest-xdist, `--dist loadfile`): a file's tests run on one worker, so a
 # module fixture (trained runs, the local SLURM, a 2-node Ray) is made once and one SLURM runs at a time. Files go
-# out longest first (seconds measured in one process), so that the two workers end together.
+# out longest first (seconds each took in a two-worker run), so that the two workers end together.
 LONGEST_FILES_FIRST = (
-    "test_search",  # 243 s
-    "test_multinode",  # 187
-    "test_slurm",  # 167
-    "test_storage",  # 165
+    "test_slurm",  # 176 s
+    "test_search",  # 173
     "test_pipeline",  # 139
-    "test_warm",  # 122
-    "test_sweep",  # 100
-    "test_memory",  # 97
-    "test_distributed",  # 80
-    "test_package",  # 79
-    "test_generation",  # 66
-    "test_eval",  # 57
+    "test_storage",  # 129
+    "test_multinode",  # 128
+    "test_warm",  # 110
+    "test_memory",  # 90
+    "test_sweep",  # 84
+    "test_package",  # 75
+    "test_generation",  # 62
+    "test_eval",  # 53
+    "test_distributed",  # 39
+    "test_export",  # 37
+    "test_train",  # 31
+    "test_data",  # 30
 )
 
 

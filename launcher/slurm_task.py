@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     task = groups[a.group][a.index]
     runs = [with_chosen_parent(RunPlan.from_json(spec["runs"][i]), slurm_dir) for i in task]
     received = relay_signals()
-    warm.prestart()  # imports the training stack once for the runs of this task
+    # One warm process inside the job, importing the training stack once for its runs: not one the submitter's
+    # environment may name, whose runs would live outside the job's cgroup (its GPUs, its memory, scancel)
+    os.environ.pop(warm.SOCKET_ENV, None)
+    warm.prestart()
     cpus = max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", len(runs))) // len(runs))
     env = {"OMP_NUM_THREADS": str(cpus)} if len(runs) > 1 else {}
 

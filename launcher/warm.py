@@ -68,6 +68,7 @@ PER_RUN_ENV = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
     "COLUMNS",
+    "LINES",  # with COLUMNS: what a Ray job's driver is given
     "TERM",
     "PYTHONBREAKPOINT",
     "SPT_NOENV",

@@ -261,7 +261,7 @@ def test_an_environment_read_at_import_gets_its_own_warm_process():
     assert warm.env_difference(base, {**base, "CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "4"}) is None
     assert warm.env_difference(base, {**base, "TUNEFLEET_NODE_ID": "x", "RAY_JOB_ID": "2"}) is None
     # what Ray Tune gives a trial, scikit-learn sets on import, pytest sets for each test
-    others = {"PL_DISABLE_FORK": "1", "TUNE_ORIG_WORKING_DIR": "/w", "KMP_DUPLICATE_LIB_OK": "True"}
+    others = {"PL_DISABLE_FORK": "1", "TUNE_ORIG_WORKING_DIR": "/w", "KMP_DUPLICATE_LIB_OK": "True", "LINES": "24"}
     assert warm.env_difference(base, {**base, **others, "PYTEST_CURRENT_TEST": "t.py::t (call)"}) is None
     assert warm.env_difference(base, {**base, "HF_HOME": "/b"}) == "HF_HOME"
     assert warm.env_difference(base, {"PATH": "/bin"}) == "HF_HOME"

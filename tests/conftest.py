@@ -114,6 +114,18 @@ def warm_processes_of_a_test_end_with_it(warm_process):
     warm.stop(warm.own_sockets() - before)
 
 
+@pytest.fixture(autouse=True)
+def environment_of_a_test_ends_with_it():
+    """Variables set in this process during a test (a library's import: lm-eval sets HF_XET_HIGH_PERFORMANCE; the
+    in-process tracking tests set WANDB_RUN_ID) are undone after it: later tests' commands would carry them, and the
+    session's warm process declines an environment that differs in what its imports read."""
+    saved = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    os.environ.update(saved)
+
+
 def tunefleet(*args, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `tunefleet` CLI in a process of its own (forked warm; cold when the environment asks)."""
     from tunefleet.launcher import warm

@@ -20,9 +20,10 @@ SPLIT = {"sft": "train_sft", "dpo": "train_prefs", "orpo": "train_prefs", "kto":
 # A few fast steps: batch 4, no accumulation.
 FAST = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--logging_steps", "1"]
 
-# `make test` runs two pytest workers (pytest-xdist, `--dist loadfile`): a file's tests run on one worker, so a
-# module fixture (trained runs, the local SLURM, a 2-node Ray) is made once and one SLURM runs at a time. Files go
-# out longest first (seconds each took in a two-worker run), so that the two workers end together.
+# `make test` runs three pytest workers (pytest-xdist, `--dist loadfile`) on the 2 cores: a file's tests run on one
+# worker, so a module fixture (trained runs, the local SLURM, a 2-node Ray) is made once and one SLURM runs at a time;
+# a third worker fills the time the others wait (Ray and SLURM starting, runs waiting on each other). Files go out
+# longest first (seconds each took in a two-worker run; in a three-worker one the workers ended within 41 s).
 LONGEST_FILES_FIRST = (
     "test_slurm",  # 176 s
     "test_search",  # 173
@@ -56,7 +57,7 @@ RAY_TMPDIR_MADE = pytest.StashKey[str]()
 def pytest_configure(config):
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
-        # Two workers share 2 cores: one thread per training process, not two each
+        # Three workers share 2 cores: one thread per training process, not two each
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         # Each worker's local Rays keep their session folders apart from the other's (the path stays short:
         # Ray's unix sockets live under it)

@@ -77,6 +77,7 @@ PER_RUN_ENV = (
     "PYTEST_CURRENT_TEST",
     "TRAIN_COPY_DIRECTORY_CHECKPOINTS_INSTEAD_OF_MOVING",
     "DS_ACCELERATOR",  # imported early only on a host without GPUs, as "cpu": what terminal.calm sets there
+    "TORCH_EXTENSIONS_DIR",  # where torch builds a C++ extension, read when one is loaded
 )
 PER_RUN_PREFIXES = (
     "TUNEFLEET_",

@@ -328,6 +328,17 @@ def git_commit() -> str | None:
     return top[1]
 
 
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU accelerator compiles its shared-memory all-reduce (`deepspeed_shm_comm`, 30-70 s of g++ in
+    every new environment: a fresh venv, node image or CI clone) when its communication backend starts. Only its
+    tensor-parallel inference uses that op; training reduces through torch.distributed (gloo) either way. Marked
+    unavailable in DeepSpeed's table of compatible ops (probed once per process, kept for edits like this one),
+    DeepSpeed goes on without it, as it does where the op cannot build."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def training_args(cfg, folder: RunFolder, dtype, fast: FastPath) -> dict:
     """TrainingArguments shared by all five TRL configs (`fast`: speed choices)."""
     import torch
@@ -337,6 +348,8 @@ def training_args(cfg, folder: RunFolder, dtype, fast: FastPath) -> dict:
     deepspeed_on_cpu = (
         not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     )
+    if deepspeed_on_cpu:
+        skip_deepspeed_shm_build()
     return dict(
         output_dir=str(folder.local),
         num_train_epochs=cfg.num_train_epochs,

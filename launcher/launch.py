@@ -189,11 +189,17 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
 
     `env_extra` is what a backend gives this run (CUDA_VISIBLE_DEVICES of its slot, say).
     """
+    base = {**os.environ, **(env_extra or {})}
+    if cfg.num_processes == 1 and cfg.accelerate_config in (None, "", "auto"):
+        # Nothing to choose or check, and torch is not imported here: the process that launches the run (a Ray
+        # worker, a SLURM task) would spend seconds on it before the run's own, warm, process starts.
+        return with_launch_record(
+            choose_config(cfg.accelerate_config, 1, None, 0, None), launch_env(base, 1, False), 1
+        )
     import torch
 
     from tunefleet.trainers.model import compute_dtype
 
-    base = {**os.environ, **(env_extra or {})}
     has_gpu = torch.cuda.is_available()
     devices = torch.cuda.device_count() if has_gpu else (os.cpu_count() or 1)
     if has_gpu and base.get("CUDA_VISIBLE_DEVICES"):
@@ -219,10 +225,13 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
             if problems:
                 raise TunefleetError(f"{ds.name}: " + "; ".join(problems))
     env = launch_env(base, cfg.num_processes, has_gpu, deepspeed=deepspeed_file(choice.config) is not None)
-    env["TUNEFLEET_LAUNCH"] = json.dumps(
-        {"accelerate_config": choice.config, "reason": choice.reason, "num_processes": cfg.num_processes}
-    )
-    return choice, env
+    return with_launch_record(choice, env, cfg.num_processes)
+
+
+def with_launch_record(choice: LaunchChoice, env: dict, num_processes: int) -> tuple[LaunchChoice, dict]:
+    """The choice, and `env` telling the run's processes what was chosen and why (run.json: launch)."""
+    record = {"accelerate_config": choice.config, "reason": choice.reason, "num_processes": num_processes}
+    return choice, {**env, "TUNEFLEET_LAUNCH": json.dumps(record)}
 
 
 def launch_env(base: dict, num_processes: int, has_gpu: bool, deepspeed: bool = False) -> dict:

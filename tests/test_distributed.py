@@ -136,6 +136,23 @@ def test_auto_choice():
     assert choose_config("zero2", 2, 1, 2, 80 * GIB).reason == "asked for with --accelerate_config zero2"
 
 
+def test_a_one_process_run_is_planned_without_importing_torch():
+    """The process that launches a run (a Ray worker, a SLURM task) forks it warm; importing torch there first
+    would cost seconds of start-up per worker."""
+    code = (
+        "import json, sys\n"
+        "from tunefleet.launcher.launch import plan_launch\n"
+        "from tunefleet.trainers.config import from_dict\n"
+        "cfg = from_dict({'method': 'sft', 'model_name': 'm', 'dataset': 'd', 'output_dir': 'o'})\n"
+        "choice, env = plan_launch(cfg)\n"
+        "print(json.dumps([choice.config, json.loads(env['TUNEFLEET_LAUNCH']), 'torch' in sys.modules]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    config, record, imported_torch = json.loads(done.stdout.strip().splitlines()[-1])
+    assert config is None and not imported_torch
+    assert record == {"accelerate_config": None, "reason": "one process: no distributed launch", "num_processes": 1}
+
+
 def test_deepspeed_contradictions_are_named():
     cfg = from_dict(
         {

@@ -193,9 +193,7 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
     if cfg.num_processes == 1 and cfg.accelerate_config in (None, "", "auto"):
         # Nothing to choose or check, and torch is not imported here: the process that launches the run (a Ray
         # worker, a SLURM task) would spend seconds on it before the run's own, warm, process starts.
-        return with_launch_record(
-            choose_config(cfg.accelerate_config, 1, None, 0, None), launch_env(base, 1, False), 1
-        )
+        return with_launch_record(choose_config("auto", 1, None, 0, None), launch_env(base, 1, False), 1)
     import torch
 
     from tunefleet.trainers.model import compute_dtype

@@ -689,14 +689,21 @@ def warm_process_lives(path: str) -> bool:
         pid = int(Path(path + ".pid").read_text())
     except (OSError, ValueError):
         return False  # none was started there (an address that is stale, or wrong)
+    return process_lives(pid)
+
+
+def process_lives(pid: int) -> bool:
+    """The process exists and has not ended: a zombie (its parent has not reaped it yet) is gone too."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie (its launcher has not reaped it yet) is gone too
+    try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False  # ended between the two looks
     except (OSError, IndexError):
         return True  # no /proc here
 

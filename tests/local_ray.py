@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tunefleet.launcher.launch import free_port
+from tunefleet.launcher.warm import process_lives
 
 HELPERS = str(Path(__file__).parent / "helpers")  # reward functions the tests' runs import on every node
 
@@ -86,10 +87,10 @@ class LocalRayHead:
                 except ProcessLookupError:
                     pass
             deadline = time.time() + 10  # gcs_server/raylet may ignore SIGTERM for a while
-            while time.time() < deadline and any(_alive(p) for p in pids):
+            while time.time() < deadline and any(process_lives(p) for p in pids):
                 time.sleep(0.2)
             for pid in pids:
-                if _alive(pid):
+                if process_lives(pid):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:
@@ -172,12 +173,3 @@ class LocalRayCluster(LocalRayHead):
     def kill_node(self, node_id: str) -> None:
         """SIGKILL a node's raylet: for the cluster, the node is lost."""
         os.kill(self.raylet_pid(node_id), signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

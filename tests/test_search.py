@@ -15,6 +15,7 @@ from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json as maybe_json  # None while missing or half-written
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher import tune_search
+from tunefleet.launcher.warm import process_lives
 
 BASE = {
     "model_name": "tunefleet/tiny-qwen2",
@@ -161,14 +162,6 @@ def search_spec(tmp_path: Path, **search) -> Path:
     return path
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-
-
 @pytest.mark.slow
 def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path, tiny_model, warm_process):
     done = tunefleet("sweep", search_spec(tmp_path), "--backend", "local", timeout=900, check=False)
@@ -189,7 +182,7 @@ def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path
         assert record["stopped"]["step"] == record["stopped"]["last_evaluation_step"] == trial["steps"]
         assert any(Path(trial["output_dir"]).glob("checkpoint-*"))  # it saved a checkpoint on its way out
         pid = read_json(Path(trial["output_dir"]) / "launch.json")["pid"]
-        assert not alive(pid)
+        assert not process_lives(pid)
     best = state["methods"]["dpo"]["best"]
     assert best["status"] == "finished" and best["steps"] == 24
     assert state["methods"]["dpo"]["steps_used"] < state["methods"]["dpo"]["steps_without_early_stopping"]

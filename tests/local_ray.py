@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,10 +77,11 @@ class LocalRayHead:
 
     def stop(self) -> None:
         """TERM, then KILL after a grace period, every process of this Ray; again for any that started meanwhile
-        (a raylet may spawn a worker while it shuts down)."""
+        (a raylet may spawn a worker while it shuts down). Its temp dir (sessions, logs) goes once they have."""
         for _ in range(3):
             pids = pids_under(self.temp_dir)
             if not pids:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
                 return
             for pid in pids:
                 try:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeGuard
 
 from tunefleet.common.errors import TunefleetError
 
@@ -34,9 +35,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def asks_for_config(name: str | None) -> TypeGuard[str]:
+    """Whether --accelerate_config names a config (a catalogue name or a path) rather than leaving it to tunefleet."""
+    return name not in (None, "", "auto")
+
+
 def accelerate_config_path(name: str | None) -> Path | None:
     """`auto` -> None (plain --multi_gpu); a catalogue name (`zero2`) or a path -> that file."""
-    if name in (None, "", "auto"):
+    if not asks_for_config(name):
         return None
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.exists():
@@ -59,7 +65,7 @@ def choose_config(
     share: float = ZERO3_SHARE,
 ) -> LaunchChoice:
     """DDP, or ZeRO-3 when the weights would not leave room on one device (pure)."""
-    if requested not in (None, "", "auto"):
+    if asks_for_config(requested):
         return LaunchChoice(requested, f"asked for with --accelerate_config {requested}")
     if num_processes == 1:
         return LaunchChoice(None, "one process: no distributed launch")
@@ -190,7 +196,7 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
     `env_extra` is what a backend gives this run (CUDA_VISIBLE_DEVICES of its slot, say).
     """
     base = {**os.environ, **(env_extra or {})}
-    if cfg.num_processes == 1 and cfg.accelerate_config in (None, "", "auto"):
+    if cfg.num_processes == 1 and not asks_for_config(cfg.accelerate_config):
         # Nothing to choose or check, and torch is not imported here: the process that launches the run (a Ray
         # worker, a SLURM task) would spend seconds on it before the run's own, warm, process starts.
         return with_launch_record(choose_config("auto", 1, None, 0, None), launch_env(base, 1, False), 1)

@@ -6,8 +6,9 @@ flags that reproduce a value on another machine's command line (`to_argv`). TRL'
 a dataclass with `metadata={"help": ...}` on every field.
 
 Metadata a field may carry: `help` (required), `choices`, `required`, ranges `at_least`, `at_most`, `above`,
-`below` (each checked by `coerce`, with a one-line error naming the key), and `parse` (a function turning the
-given value into the field's value, raising ValueError with the reason).
+`below` (each checked by `coerce`, with a one-line error naming the key), `parse` (a function turning the
+given value into the field's value, raising ValueError with the reason), `nargs` (its flag's argparse nargs) and
+`internal` (a key of files and records, with no flag of its own).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ T = typing.TypeVar("T")
 
 
 def option(default: typing.Any, help: str, **meta: typing.Any) -> typing.Any:
-    """A dataclass field with its help text and checks (lists get a fresh copy per instance).
+    """A dataclass field with its help text and checks (lists and dicts get a fresh copy per instance).
 
     Typed Any, as `dataclasses.field` is to type checkers: the annotation of the field it defines is its type."""
     if isinstance(default, list | tuple):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help, **meta})
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
@@ -89,7 +92,7 @@ def parse_bool(value: typing.Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def _scalar(tp: typing.Any, value: typing.Any) -> typing.Any:
+def scalar(tp: typing.Any, value: typing.Any) -> typing.Any:
     if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):  # a nested settings object
         if isinstance(value, tp):
             return value
@@ -136,11 +139,11 @@ def coerce(cls: typing.Any, name: str, value: typing.Any, where: str = "", label
             value = known[name].metadata["parse"](value)
         elif tp is list:
             items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v.strip()]
-            value = [_scalar(elem, v.strip() if isinstance(v, str) else v) for v in items]
+            value = [scalar(elem, v.strip() if isinstance(v, str) else v) for v in items]
         elif tp is dict:
             value = parse_mapping(value)
         else:
-            value = _scalar(tp, value)
+            value = scalar(tp, value)
     except ValueError as exc:
         raise TunefleetError(f"{where}bad value for '{label}': {exc}") from None
     except TunefleetError as exc:  # a nested settings object named the inner key
@@ -191,13 +194,15 @@ def from_mapping(cls: type[T], values: typing.Mapping[str, typing.Any], where: s
 def add_flags(parser: argparse.ArgumentParser, cls: typing.Any, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """A `--name` flag per field. Defaults are suppressed, so the parsed namespace holds only what was passed."""
     for name, f in fields(cls).items():
-        if name in skip:
+        if name in skip or f.metadata.get("internal"):
             continue
         tp, _ = kind(cls, name)
         default = default_of(f)
         shown = "" if default in (None, (), []) else f" (default: {default})"
         kw = {"default": argparse.SUPPRESS, "help": f.metadata["help"] + shown}
-        if tp is bool:
+        if "nargs" in f.metadata:
+            parser.add_argument(f"--{name}", nargs=f.metadata["nargs"], **kw)
+        elif tp is bool:
             parser.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, metavar="true|false", **kw)
         elif tp is dict:
             parser.add_argument(f"--{name}", type=str, metavar="NAME=VALUE,...", **kw)

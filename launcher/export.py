@@ -180,12 +180,20 @@ def export_run(
     return out
 
 
+def finetune_of(config: dict) -> str:
+    """qlora, lora or full, from a run record's config (records written before `finetune` hold `use_qlora`)."""
+    if "finetune" in config:
+        return str(config["finetune"])
+    return "qlora" if config.get("use_qlora") else "lora"
+
+
 def model_card(chosen: Chosen, record: dict, base: str, saved: str, adapter_only: bool) -> str:
     """A Hub model card: front matter, how it was made, its data, its evaluation numbers, how to load it."""
     config = record.get("config") or {}
     method = record.get("method") or config.get("method") or "?"
     dataset = record.get("dataset") or config.get("dataset")
-    tags = ["tunefleet", "trl", method, "lora"] + (["qlora"] if config.get("use_qlora") else [])
+    finetune = finetune_of(config)
+    tags = ["tunefleet", "trl", method] + {"qlora": ["lora", "qlora"], "lora": ["lora"], "full": ["full"]}[finetune]
     front = ["---", f"base_model: {base}", f"library_name: {'peft' if adapter_only else 'transformers'}"]
     front += ["pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags]
     if dataset and not dataset.startswith(("/", ".")):
@@ -194,7 +202,9 @@ def model_card(chosen: Chosen, record: dict, base: str, saved: str, adapter_only
 
     if adapter_only:
         what = f"The LoRA adapter of this run, to apply to `{base}` with PEFT."
-    elif config.get("use_qlora"):
+    elif finetune == "full":
+        what = f"The whole model, fine-tuned from `{base}` ({saved}). Loads with plain transformers or vLLM, no PEFT."
+    elif finetune == "qlora":
         what = (
             f"Merged weights ({saved}): the LoRA adapter, trained on a 4-bit (NF4) `{base}`, merged into the base's "
             "original full-precision weights. Loads with plain transformers or vLLM, no PEFT."
@@ -229,7 +239,7 @@ def model_card(chosen: Chosen, record: dict, base: str, saved: str, adapter_only
             "LoRA r / alpha / dropout",
             f"{config.get('lora_r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')}",
         ),
-        ("QLoRA (4-bit base)", config.get("use_qlora")),
+        ("fine-tuning", finetune),
         ("mean train loss", record.get("train_loss")),
     ]
     if method in ("dpo", "orpo", "kto"):

@@ -111,10 +111,7 @@ def train(capsys, method: str, dataset, out, *extra):
         1,
         "--use_qlora",
         "false",
-        "--num_generations",
-        2,
-        "--max_completion_length",
-        4,
+        *(["--num_generations", 2, "--max_completion_length", 4] if method == "grpo" else []),
         *extra,
     )
 

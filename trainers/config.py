@@ -17,11 +17,27 @@ from typing import Any, cast
 from tunefleet.common import schema, tracking
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
+from tunefleet.trainers import recipe_file, trl_fields
 
 METHODS = ("sft", "dpo", "orpo", "kto", "grpo", "rm")
 # The original tool's per-method learning rates (tuned for ~0.5B models).
 DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5, "orpo": 8e-6, "kto": 5e-5, "grpo": 5e-5, "rm": 1e-4}
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "grpo": 0.0}
+
+
+def trl_fields_mapping(value: Any) -> dict[str, Any]:
+    """`trl_args` as a run record holds it: every key a TRL field, every value of its type."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of TRL options, got {value!r}")
+    mapping = cast(dict[str, Any], value)
+    return {str(k): trl_fields.coerce(str(k), v, "trl_args: ") for k, v in mapping.items()}
+
+
+def trackers_text(value: Any) -> str:
+    """`report_to` as TRL's list (`[tensorboard, wandb]`) or tunefleet's comma-separated text -> the text."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(x) for x in cast(list[Any], value))
+    return str(value)
 
 
 @dataclass
@@ -36,7 +52,18 @@ class DatasetPart:
     columns: dict[str, str] | None = option(None, "Column mapping of this part (as --columns).")
     ignore_columns: list[str] | None = option(None, "Columns of this part left out on purpose.")
     samples: int | None = option(None, "Rows taken from this part (seeded sample).", at_least=1)
-    weight: float | None = option(None, "Share of the weighted parts (relative; rows drawn without repeats).", above=0)
+    weight: float | None = option(
+        None, "Share of the weighted parts (relative; rows drawn without repeats; TRL's `fraction`).", above=0
+    )
+    portion: float | None = option(
+        None,
+        "Share of this part's own rows taken, in (0, 1] (a seeded sample; the alignment-handbook's `weight`).",
+        above=0,
+        at_most=1,
+    )
+    select_columns: list[str] | None = option(
+        None, "Read only these columns of this part; the others are left out on purpose (TRL's `columns`)."
+    )
 
     @classmethod
     def parse(cls, text: str) -> DatasetPart:
@@ -95,7 +122,7 @@ class TrainConfig:
     learning_rate: float | None = option(
         None, "Learning rate (default by method: sft 2e-4, dpo 5e-5, orpo 8e-6, kto 5e-5, grpo 5e-5).", above=0
     )
-    use_qlora: bool = option(True, "4-bit NF4 QLoRA (false: plain LoRA on full-precision weights).")
+    finetune: str = option("qlora", recipe_file.FINETUNE_HELP + ".", choices=("qlora", "lora", "full"))
     lora_r: int = option(16, "LoRA rank.", at_least=1)
     lora_alpha: int = option(32, "LoRA alpha.", above=0)
     lora_dropout: float = option(0.05, "LoRA dropout, in [0, 1).", at_least=0, below=1)
@@ -111,7 +138,26 @@ class TrainConfig:
     mixture: list[DatasetPart] | None = option(
         None, "Train on several datasets: DATASET[:SPLIT][@SAMPLES|*WEIGHT] or {dataset: ..., columns: ...} each."
     )
+    test_split_size: float | None = option(
+        None,
+        "Hold out this share of the training rows as the evaluation set (the alignment-handbook's "
+        "dataset_mixture.test_split_size; evaluated each eval_steps).",
+        above=0,
+        below=1,
+    )
+    mixture_seed: int | None = option(None, "Seed of the mixture's sampling and shuffle (default: --seed).")
     # --- what TRL users expect ---
+    dtype: str | None = option(
+        None,
+        "dtype the base model's weights load in: auto (the checkpoint's), bfloat16, float16, float32. Default: "
+        "bf16 where the GPU has it, else float32.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    chat_template: str | None = option(
+        None,
+        "Jinja chat template (the text, or a .jinja file) the run trains with; saved with the run's tokenizer and "
+        "used by its evaluation.",
+    )
     seed: int = option(42, "Random seed (sampling, init, data order).")
     max_steps: int = option(-1, "Stop after this many optimizer steps (-1: run the epochs).")
     beta: float | None = option(
@@ -171,7 +217,10 @@ class TrainConfig:
     heldout_samples: int = option(64, "Rows of --eval_pairs and --eval_prompts used (the first ones).", at_least=1)
     report_to: str = option(
         "none",
-        "Trackers: none, or any of tensorboard, mlflow, wandb (comma separated; pip install 'tunefleet[NAME]').",
+        "Trackers: none, or any of tensorboard, mlflow, wandb (comma separated or a list; pip install "
+        "'tunefleet[NAME]').",
+        parse=trackers_text,
+        nargs="+",
     )
     verbose: bool = option(False, "Show every library warning, progress bar and the trainer's raw log lines.")
     run_name: str | None = option(None, "The run's name in trackers (default: the output folder's name).")
@@ -216,6 +265,33 @@ class TrainConfig:
     overwrite: bool = option(False, "Retrain even if output_dir holds a finished run.")
     num_processes: int = option(1, "Processes (GPUs) for this run; >1 launches through accelerate launch.", at_least=1)
     accelerate_config: str = option("auto", "auto, a name in cluster_configs/accelerate, or a path.")
+    # --- TRL's own options: every other field of the method's TRL config, of ModelConfig and ScriptArguments
+    trl_args: dict[str, Any] = option(
+        {},
+        "TRL options with no tunefleet setting of their own (lr_scheduler_type, warmup_steps, optim, "
+        "lora_target_modules, ...), checked against TRL's dataclasses: give each as its own key or --flag.",
+        parse=trl_fields_mapping,
+        internal=True,
+    )
+    config_form: str = option(
+        "tunefleet", "How the settings were written: tunefleet's form or TRL's (model_name_or_path).", internal=True
+    )
+    config_notes: list[str] = option([], "What was translated from TRL's or older names.", internal=True)
+
+    @property
+    def use_qlora(self) -> bool:
+        """LoRA on a quantized base (the original tool's flag, kept as a name for finetune: qlora)."""
+        return self.finetune == "qlora"
+
+    @property
+    def adapters(self) -> bool:
+        """Only LoRA adapters train (qlora, lora); false for full fine-tuning."""
+        return self.finetune != "full"
+
+    @property
+    def evaluates(self) -> bool:
+        """Evaluated during training: on a split of its own, or on rows held out of the training data."""
+        return self.eval_split is not None or self.test_split_size is not None
 
     @property
     def lr(self) -> float:
@@ -241,15 +317,68 @@ def model_short(model_name: str) -> str:
     return Path(str(model_name).rstrip("/")).name.lower()
 
 
+# Keys that describe datasets in TRL's or the alignment-handbook's form (read by recipe_file).
+DATASET_FORMS = ("dataset_mixture", "datasets", "dataset_mixer", "dataset_splits", "dataset_test_split")
+# TRL fields tunefleet sets itself (the run's folder, its name in trackers): a TRL default never replaces them.
+NOT_FROM_TRL_DEFAULTS = ("output_dir", "run_name")
+
+
 def coerce(name: str, value: Any, where: str = "") -> Any:
-    """Check and convert one value of a train setting; one-line error naming the key."""
-    return schema.coerce(TrainConfig, name, value, where)
+    """Check and convert one value of a train setting (tunefleet's own, TRL's name for one, an older key, or a field of
+    TRL's configs); one-line error naming the key, with the nearest known name for a typo."""
+    if name in FIELDS and not FIELDS[name].metadata.get("internal"):
+        return schema.coerce(TrainConfig, name, value, where)
+    if name in recipe_file.TRL_NAMES:
+        return schema.coerce(TrainConfig, recipe_file.TRL_NAMES[name], value, where, label=name)
+    if name in recipe_file.RENAMED:
+        return coerce(recipe_file.RENAMED[name][0], value, where)
+    if name in recipe_file.REFUSED or name in recipe_file.ADAPTER_KEYS or name in DATASET_FORMS:
+        recipe_file.read({name: value}, where)  # refuses, or checks the shape of, what it reads
+        return value
+    if name in FIELDS:  # trl_args, config_form, ...: written by tunefleet into run records
+        return schema.coerce(TrainConfig, name, value, where)
+    if trl_fields.lookup(name) is not None:
+        return trl_fields.coerce(name, value, where)
+    raise TunefleetError(f"{where}unknown key '{name}'{nearest(name, known_names())}")
+
+
+def known_names() -> list[str]:
+    """Every key a run takes: tunefleet's settings, TRL's names for them, older keys, and TRL's fields."""
+    own = [n for n, f in FIELDS.items() if not f.metadata.get("internal")]
+    aliases = [*recipe_file.TRL_NAMES, *recipe_file.RENAMED, *recipe_file.ADAPTER_KEYS, *DATASET_FORMS]
+    return [*own, *aliases, *trl_fields.names()]
 
 
 def from_dict(values: dict[str, Any], where: str = "", check_required: bool = True) -> TrainConfig:
-    """Build a TrainConfig from plain values (YAML, sweep), checking every key and type."""
-    clean = {k: coerce(k, v, where) for k, v in values.items()}
-    cfg = TrainConfig(**clean)
+    """Build a TrainConfig from plain values (YAML, sweep, a run record), checking every key and type. Keys may be
+    tunefleet's, TRL's (`model_name_or_path`, `lr_scheduler_type`, ...) or an older library's (with a note)."""
+    return build(recipe_file.read(values, where, form=values.get("config_form")), where, check_required)
+
+
+def build(read: recipe_file.Read, where: str = "", check_required: bool = True) -> TrainConfig:
+    """A TrainConfig from settings already in tunefleet's keys: TRL fields go to `trl_args`; TRL's form takes TRL's
+    defaults for what it leaves out."""
+    own: dict[str, Any] = {}
+    trl: dict[str, Any] = dict(read.values.get("trl_args") or {})
+    for key, value in read.values.items():
+        if key in ("trl_args", "config_form", "config_notes"):
+            continue
+        if key in FIELDS:
+            own[key] = coerce(key, value, where)
+        else:
+            trl[key] = coerce(key, value, where)
+    trl = {k: trl_fields.coerce(k, v, where) for k, v in trl.items()}
+    notes = list(read.values.get("config_notes") or [])
+    notes += [n for n in read.notes if n not in notes]
+    method = own.get("method")
+    if read.form == "trl" and method in METHODS:
+        for name, value in trl_defaults(method, given=set(own)).items():
+            own[name] = value
+        if "finetune" not in read.values:
+            own["finetune"] = "full"
+            note = "no use_peft: full fine-tuning (TRL's default)"
+            notes += [note] if note not in notes else []
+    cfg = TrainConfig(**own, trl_args=trl, config_form=read.form, config_notes=notes)
     if check_required:
         needed = [n for n, f in FIELDS.items() if f.metadata.get("required") or (n == "dataset" and not cfg.mixture)]
         missing = [n for n in needed if getattr(cfg, n) is None]
@@ -257,6 +386,16 @@ def from_dict(values: dict[str, Any], where: str = "", check_required: bool = Tr
             raise TunefleetError(f"{where}missing required setting(s): " + ", ".join(f"--{m}" for m in missing))
     validate(cfg, where)
     return cfg
+
+
+def trl_defaults(method: str, given: set[str]) -> dict[str, Any]:
+    """TRL's defaults for tunefleet settings of the same name that a recipe in TRL's form left out."""
+    out: dict[str, Any] = {}
+    for name, f in trl_fields.fields_of(method).items():
+        default = f.default_for(method)
+        if name in FIELDS and name not in given and name not in NOT_FROM_TRL_DEFAULTS and default is not None:
+            out[name] = schema.coerce(TrainConfig, name, default)
+    return out
 
 
 def validate(cfg: TrainConfig, where: str = "") -> None:
@@ -275,11 +414,14 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
         )
     if cfg.loss_weights and len(cfg.loss_weights) != len(cfg.loss_type or ["sigmoid"]):
         raise TunefleetError(f"{where}--loss_weights needs one weight per --loss_type")
-    if cfg.loss_type and cfg.method in ("sft", "orpo", "rm"):
-        raise TunefleetError(f"{where}--loss_type: {cfg.method} has one loss (DPO, KTO and GRPO take --loss_type)")
+    if cfg.loss_type and cfg.method in ("orpo", "rm"):
+        raise TunefleetError(
+            f"{where}--loss_type: {cfg.method} has one loss (SFT, DPO, KTO and GRPO take --loss_type)"
+        )
     if cfg.method in ("grpo", "kto") and cfg.loss_type and len(cfg.loss_type) > 1:
         raise TunefleetError(f"{where}{cfg.method} takes one --loss_type, got {', '.join(cfg.loss_type)}")
     grpo_only = [
+        *(["num_generations"] if cfg.num_generations != FIELDS["num_generations"].default else []),
         "temperature",
         "max_prompt_length",
         "reward_weights",
@@ -301,6 +443,24 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
         raise TunefleetError(f"{where}with --mixture, set columns, ignore_columns, config and data_files per part")
     if cfg.mixture and any(p.samples for p in cfg.mixture) and any(p.weight for p in cfg.mixture):
         raise TunefleetError(f"{where}a mixture takes either samples or weight per part, not both kinds")
+    if cfg.test_split_size and cfg.eval_split:
+        raise TunefleetError(
+            f"{where}test_split_size holds out training rows for evaluation; eval_split names a split: give one"
+        )
+    if cfg.method in METHODS:
+        check_trl_args(cfg, where)
+
+
+def check_trl_args(cfg: TrainConfig, where: str = "") -> None:
+    """Every TRL option of the run belongs to its method's config, ModelConfig or ScriptArguments."""
+    for name in cfg.trl_args:
+        f = trl_fields.lookup(name)
+        if f is not None and not f.shared and cfg.method not in f.methods:
+            owners = ", ".join(f"{cls} ({m})" for cls, m in zip(f.owners, f.methods))
+            raise TunefleetError(
+                f"{where}'{name}' is an option of {owners}, not of {cfg.method}'s "
+                f"{trl_fields.METHOD_CLASSES[cfg.method][1]}: set it for that method only (methods.<method> in a sweep)"
+            )
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -308,21 +468,80 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Flags for every field. Defaults are suppressed so we can tell what the user actually passed."""
-    parser = parser or argparse.ArgumentParser(prog="tunefleet train", allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of flag values (CLI flags override it).")
+    """tunefleet's own flags. Defaults are suppressed so we can tell what the user actually passed; TRL's fields are
+    read from what is left over (`extra_flags`), each checked against TRL's dataclasses."""
+    parser = parser or argparse.ArgumentParser(
+        prog="tunefleet train",
+        allow_abbrev=False,
+        epilog="Every field of TRL's config for the method, of ModelConfig and of ScriptArguments is a flag too "
+        "(--lr_scheduler_type cosine --warmup_steps 0.1 --lora_target_modules q_proj v_proj ...): "
+        "--help-all lists them with their types, defaults and TRL's help.",
+    )
+    parser.add_argument("--config", help="YAML file of settings, in tunefleet's form or TRL's (flags override it).")
+    parser.add_argument(
+        "--help-all", action="store_true", help="List every TRL option of --method (or of every method) and exit."
+    )
     return schema.add_flags(parser, TrainConfig)
+
+
+def extra_flags(tokens: list[str]) -> dict[str, Any]:
+    """`--name value [value ...]` pairs argparse did not know (TRL's fields, TRL's names): a flag alone is true, one
+    value a scalar, several a list; `--name=value` works too."""
+    out: dict[str, list[str]] = {}
+    key = None
+    for token in tokens:
+        if token.startswith("--") and len(token) > 2:
+            name, has_value, value = token[2:].partition("=")
+            key = name.replace("-", "_")
+            out[key] = [value] if has_value else []
+        elif key is None:
+            raise TunefleetError(f"unexpected argument {token!r}: settings are --name value")
+        else:
+            out[key].append(token)
+    return {k: True if not v else v[0] if len(v) == 1 else v for k, v in out.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """CLI argv -> TrainConfig (YAML first, then flags). Raises TunefleetError on bad input."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = unknown[0]
-        name = flag.lstrip("-").split("=")[0].replace("-", "_")
-        raise TunefleetError(f"unknown flag {flag}{nearest(name, FIELDS)}")
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "help_all")}
+    flags.update(extra_flags(unknown))
+    if args.help_all:
+        print(help_all(flags.get("method")))
+        raise SystemExit(0)
     path = getattr(args, "config", None)
-    merged: dict[str, Any] = {k: coerce(k, v, f"{path}: ") for k, v in (load_yaml(path) if path else {}).items()}
-    merged.update({k: coerce(k, v) for k, v in vars(args).items() if k != "config"})
-    return from_dict(merged)
+    file_values = load_yaml(path) if path else {}
+    form = "trl" if "model_name_or_path" in file_values or "model_name_or_path" in flags else "tunefleet"
+    from_file = recipe_file.read(file_values, f"{path}: ", form)
+    from_flags = recipe_file.read(flags, "", form)
+    for source, where in ((from_file, f"{path}: "), (from_flags, "")):
+        source.values = {k: coerce(k, v, where) for k, v in source.values.items()}  # errors name the file
+    for key in list(from_file.values):
+        # A flag overrides the file's value of the same setting, whatever name either gave it.
+        if key in from_flags.values:
+            del from_file.values[key]
+    notes = from_file.notes + [n for n in from_flags.notes if n not in from_file.notes]
+    return build(recipe_file.Read({**from_file.values, **from_flags.values}, form, notes))
+
+
+def help_all(method: str | None) -> str:
+    """Every TRL option a run takes (of `method`, or of every method), with its type, default and TRL's help."""
+    if method is not None:
+        coerce("method", method)
+    rows = trl_fields.fields_of(method) if method else trl_fields.table()
+    lines = [
+        f"TRL {trl_fields.versions().split('-')[0]} options"
+        + (f" of {method} ({trl_fields.METHOD_CLASSES[method][1]}, ModelConfig, ScriptArguments)" if method else ""),
+        "Set any as --name VALUE, a key of a --config file or of a sweep spec. Where tunefleet has a setting of the "
+        "same name (marked *), it is that setting.",
+        "",
+    ]
+    for name, f in sorted(rows.items()):
+        mark = "*" if name in FIELDS else " "
+        where = "" if method else f"  [{', '.join(f.methods) or 'all methods'}]"
+        default = f.default_for(method) if method else f.default
+        lines.append(f"{mark} --{name}  ({f.describe_type()}; default {default!r}){where}")
+        if f.help:
+            lines.append(f"      {f.help}")
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ printed and recorded in run.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -779,12 +780,33 @@ def drop_long_prompts(prepared: Prepared, tokenizer, max_tokens: int) -> None:
 
 # ---------------------------------------------------------------- what a run trains and evaluates on
 def training_data(cfg) -> Prepared:
-    """The run's training rows: one dataset, or a mixture of several."""
+    """The run's training rows: one dataset, or a mixture of several (less the rows `test_split_size` holds out)."""
     if cfg.mixture:
-        return mixture(cfg.method, cfg.mixture, cfg.seed, cfg.max_train_samples)
-    raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.data_files)
-    raw = sample(raw, cfg.max_train_samples, cfg.seed, "--max_train_samples")
-    return prepare(cfg.method, raw, cfg.columns, cfg.ignore_columns, cfg.dataset, cfg.split)
+        prepared = mixture(cfg.method, cfg.mixture, cfg.mixture_seed or cfg.seed, cfg.max_train_samples)
+    else:
+        raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.data_files)
+        raw = sample(raw, cfg.max_train_samples, cfg.seed, "--max_train_samples")
+        prepared = prepare(cfg.method, raw, cfg.columns, cfg.ignore_columns, cfg.dataset, cfg.split)
+    if cfg.test_split_size:
+        prepared, HELD_OUT[cfg.output_dir] = hold_out(prepared, cfg.test_split_size, cfg.mixture_seed or cfg.seed)
+    return prepared
+
+
+# The rows `test_split_size` held out of each run's training data, until its evaluation data is asked for.
+HELD_OUT: dict[str, Prepared] = {}
+
+
+def hold_out(prepared: Prepared, share: float, seed: int) -> tuple[Prepared, Prepared]:
+    """Split prepared rows into (training, held out): a seeded share of the rows, as the alignment-handbook's
+    `test_split_size` does with `train_test_split`."""
+    import dataclasses
+
+    if len(prepared.dataset) < 2:
+        raise TunefleetError(f"test_split_size {share}: {prepared.rows} row(s) cannot be split into train and test")
+    halves = prepared.dataset.train_test_split(test_size=share, seed=seed)
+    train = dataclasses.replace(prepared, dataset=halves["train"])
+    test = dataclasses.replace(prepared, dataset=halves["test"], split=f"{prepared.split} (held out: {share})")
+    return train, test
 
 
 def eval_part(cfg) -> DatasetPart | None:
@@ -809,7 +831,14 @@ def train_parts(cfg) -> list[DatasetPart]:
 
 
 def evaluation_data(cfg) -> Prepared | None:
-    """The eval split, prepared like the training data."""
+    """The eval split, prepared like the training data (or the rows `test_split_size` held out of it)."""
+    if cfg.test_split_size:
+        if cfg.output_dir not in HELD_OUT:
+            training_data(cfg)
+        held = HELD_OUT.pop(cfg.output_dir)
+        return dataclasses.replace(
+            held, dataset=sample(held.dataset, cfg.max_eval_samples, cfg.seed, "--max_eval_samples")
+        )
     part = eval_part(cfg)
     if part is None:
         return None
@@ -825,10 +854,12 @@ def mixture(method: str, parts: list[DatasetPart], seed: int, max_rows: int | No
     prepared = []
     for part in parts:
         raw = load_split(part.dataset, part.split, part.config, part.data_files)
-        prepared.append(prepare(method, raw, part.columns, part.ignore_columns, part.dataset, part.split))
-    counts = mixture_counts(
-        [len(p.dataset) for p in prepared], [p.samples for p in parts], [p.weight for p in parts], max_rows
-    )
+        ignore = [*(part.ignore_columns or []), *left_out_by_selection(raw, part)]
+        prepared.append(prepare(method, raw, part.columns, ignore, part.dataset, part.split))
+    available = [
+        int(len(p.dataset) * part.portion) if part.portion else len(p.dataset) for p, part in zip(prepared, parts)
+    ]
+    counts = mixture_counts(available, [p.samples for p in parts], [p.weight for p in parts], max_rows)
     pieces = []
     for p, n in zip(prepared, counts):
         p.dataset = p.dataset.shuffle(seed=seed).select(range(n))
@@ -848,6 +879,19 @@ def mixture(method: str, parts: list[DatasetPart], seed: int, max_rows: int | No
         {},
         [p.record() for p in pieces],
     )
+
+
+def left_out_by_selection(raw, part: DatasetPart) -> list[str]:
+    """The columns a part's `select_columns` leaves out (TRL's and the handbook's `columns:` list)."""
+    if not part.select_columns:
+        return []
+    missing = [c for c in part.select_columns if c not in raw.column_names]
+    if missing:
+        raise TunefleetError(
+            f"{part.dataset} split '{part.split}': select_columns names {', '.join(missing)}, which it does not have; "
+            f"columns: {', '.join(raw.column_names)}"
+        )
+    return [c for c in raw.column_names if c not in part.select_columns and c not in (part.ignore_columns or [])]
 
 
 def mixture_counts(

@@ -1,4 +1,4 @@
-"""Group Relative Policy Optimization (GRPO) with LoRA / QLoRA: online rewards on sampled completions.
+"""Group Relative Policy Optimization (GRPO) with LoRA / QLoRA or in full: online rewards on sampled completions.
 
 Rewards come from `--reward_funcs` (see trainers/rewards.py): built-in names, `module:function`, or a
 reward-model path.
@@ -52,20 +52,16 @@ def train(cfg):
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
-    # ---- tokenizer and base model (4-bit when --use_qlora); prompts over --max_prompt_length dropped, counted
-    tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    # ---- tokenizer and base model (quantized for --finetune qlora); prompts over --max_prompt_length dropped, counted
+    tokenizer = model.run_tokenizer(cfg)
     if cfg.max_prompt_length:
         data.drop_long_prompts(train, tokenizer, cfg.max_prompt_length)
-    base = model.load_model(
-        cfg.model_name,
-        cfg.use_qlora,
-        cfg.bf16,
-        cfg.trust_remote_code,
-        fast.attn_implementation.on,
-    )
+    base = model.load_model(cfg, fast.attn_implementation.on)
 
     # ---- trainer
-    args = GRPOConfig(
+    args = run.trl_config(
+        GRPOConfig,
+        cfg,
         **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         beta=cfg.beta_value,
         num_generations=cfg.num_generations,
@@ -79,7 +75,7 @@ def train(cfg):
         train_dataset=train.dataset,
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
-        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        peft_config=model.lora_config(cfg),
         callbacks=[run.progress_callback(folder)],
     )
 

@@ -1,4 +1,4 @@
-"""Kahneman-Tversky Optimization (KTO) with LoRA / QLoRA on single labelled replies.
+"""Kahneman-Tversky Optimization (KTO) with LoRA / QLoRA or in full on single labelled replies.
 
 Takes prompt/completion/label rows, or preference pairs (the original README trains KTO on
 `train_prefs`), which are unpaired: each pair gives a desirable and an undesirable row.
@@ -24,18 +24,14 @@ def train(cfg):
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
-    # ---- tokenizer and base model (4-bit when --use_qlora)
-    tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    base = model.load_model(
-        cfg.model_name,
-        cfg.use_qlora,
-        cfg.bf16,
-        cfg.trust_remote_code,
-        fast.attn_implementation.on,
-    )
+    # ---- tokenizer and base model (quantized for --finetune qlora)
+    tokenizer = model.run_tokenizer(cfg)
+    base = model.load_model(cfg, fast.attn_implementation.on)
 
     # ---- trainer
-    args = KTOConfig(
+    args = run.trl_config(
+        KTOConfig,
+        cfg,
         **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         max_length=cfg.max_length,
         beta=cfg.beta_value,
@@ -48,7 +44,7 @@ def train(cfg):
         train_dataset=train.dataset,
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
-        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        peft_config=model.lora_config(cfg),
         callbacks=[run.progress_callback(folder)],
     )
 

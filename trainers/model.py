@@ -253,18 +253,55 @@ def compute_dtype(bf16: bool | None):
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(
+    name: str, trust_remote_code: bool = False, revision: str | None = None, chat_template: str | None = None
+):
+    """The model's tokenizer; `chat_template` (Jinja text, or a file holding it) replaces the model's own, and is
+    saved with the run's tokenizer, so its evaluation renders conversations the same way."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+        kwargs = {"revision": revision} if revision else {}
+        tok = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code, **kwargs)
     except TunefleetError:
         raise
     except Exception as exc:
         raise TunefleetError(f"cannot load tokenizer for {name}: {first_line(exc)}") from None
+    if chat_template:
+        tok.chat_template = read_chat_template(chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def run_tokenizer(cfg):
+    """The tokenizer a run trains with: its model's (at `model_revision`), with the run's `chat_template`."""
+    return load_tokenizer(cfg.model_name, cfg.trust_remote_code, cfg.trl_args.get("model_revision"), cfg.chat_template)
+
+
+def read_chat_template(value: str) -> str:
+    """A chat template given as Jinja text, or as the path of a file that holds it (`.jinja`, `.j2`, `.txt`)."""
+    if "{" not in value:
+        path = Path(value)
+        if not path.is_file():
+            raise TunefleetError(f"chat_template {value!r} is neither Jinja text nor a file")
+        value = path.read_text()
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(value)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TunefleetError(f"chat_template is not valid Jinja (line {exc.lineno}: {exc.message})") from None
+    return value
+
+
+def weights_dtype(cfg):
+    """The dtype the base's weights load in: `dtype` when given (auto: the checkpoint's), else the compute dtype."""
+    import torch
+
+    if cfg.dtype is None:
+        return compute_dtype(cfg.bf16)
+    return "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
 
 def check_vllm() -> None:
@@ -299,15 +336,22 @@ def check_assistant_masks(tokenizer, name: str, dataset) -> None:
         )
 
 
-def quantization_config(dtype):
+def quantization_config(dtype, trl_args: dict | None = None, trl_form: bool = False):
+    """4-bit NF4 (or 8-bit with TRL's `load_in_8bit`). TRL's ModelConfig fields choose the rest; tunefleet's form
+    keeps double quantization on and the storage dtype equal to the compute dtype (what FSDP/ZeRO-3 need to shard
+    4-bit weights), TRL's form takes TRL's defaults."""
     from transformers import BitsAndBytesConfig
 
+    trl_args = trl_args or {}
+    if trl_args.get("load_in_8bit"):
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = trl_args.get("bnb_4bit_quant_storage") or (None if trl_form else dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type=trl_args.get("bnb_4bit_quant_type", "nf4"),
+        bnb_4bit_use_double_quant=trl_args.get("use_bnb_nested_quant", not trl_form),
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=dtype,  # equal to the compute dtype: what FSDP/ZeRO-3 need to shard 4-bit weights
+        **({"bnb_4bit_quant_storage": storage} if storage else {}),
     )
 
 
@@ -325,43 +369,43 @@ def resident_mb() -> float:
 RESIDENT_BEFORE_MODEL_MB: list[float] = []
 
 
-def load_model(
-    name: str,
-    use_qlora: bool,
-    bf16: bool | None = None,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    reward_model: bool = False,
-):
-    """Base model ready for LoRA training (4-bit prepared when `use_qlora`). `reward_model`: the base with a
-    one-output score head (a sequence classifier, what TRL's RewardTrainer trains; the head starts random)."""
+def load_model(cfg, attn_implementation: str | None = None, reward_model: bool = False):
+    """The run's base model, ready to train: quantized and prepared for adapters (finetune qlora), full precision
+    (lora), or whole (full). `reward_model`: the base with a one-output score head (a sequence classifier, what
+    TRL's RewardTrainer trains; the head starts random)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     RESIDENT_BEFORE_MODEL_MB.append(resident_mb())
-    dtype = compute_dtype(bf16)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    dtype = weights_dtype(cfg)
+    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.trl_args.get("model_revision"):
+        kwargs["revision"] = cfg.trl_args["model_revision"]
     if reward_model:
         kwargs["num_labels"] = 1
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if use_qlora:
-        kwargs["quantization_config"] = quantization_config(dtype)
+    if cfg.use_qlora:
+        compute = dtype if dtype != "auto" else compute_dtype(cfg.bf16)
+        kwargs["quantization_config"] = quantization_config(compute, cfg.trl_args, cfg.config_form == "trl")
         if has_gpu() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # DeepSpeed places weights itself
     try:
         auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
         with quiet_new_head() if reward_model else contextlib.nullcontext():
-            model = auto.from_pretrained(resolve(name), **kwargs)
+            model = auto.from_pretrained(resolve(cfg.model_name), **kwargs)
     except TunefleetError:
         raise
     except Exception as exc:
-        if use_qlora and _is_bnb_failure(exc):
+        if cfg.use_qlora and _is_bnb_failure(exc):
             raise TunefleetError(
-                f"4-bit loading failed ({first_line(exc)}); install a bitsandbytes build for "
-                "this device or rerun with --use_qlora false"
+                f"quantized loading failed ({first_line(exc)}); install a bitsandbytes build for "
+                "this device or rerun with --finetune lora"
             ) from None
-        raise TunefleetError(f"cannot load model {name}: {first_line(exc)}") from None
-    if use_qlora:
+        raise TunefleetError(f"cannot load model {cfg.model_name}: {first_line(exc)}") from None
+    if cfg.trl_args.get("ignore_bias_buffers"):
+        # TRL's ScriptArguments option, as its scripts apply it: DDP leaves boolean buffers (masks) out of syncing.
+        model._ddp_params_and_buffers_to_ignore = [n for n, b in model.named_buffers() if str(b.dtype) == "torch.bool"]
+    if cfg.use_qlora:
         from peft import prepare_model_for_kbit_training
 
         # Checkpointing is the trainer's to turn on (`activation_checkpointing`), with the input gradients PEFT needs.
@@ -369,17 +413,30 @@ def load_model(
     return model
 
 
-def lora_config(r: int, alpha: int, dropout: float, reward_model: bool = False):
-    """LoRA on all linear layers; a reward model's score head is trained in full (PEFT's SEQ_CLS task saves it)."""
+def lora_config(cfg, reward_model: bool = False):
+    """The run's LoRA adapters (None for full fine-tuning). tunefleet's form adapts all linear layers; TRL's form
+    takes TRL's default (PEFT's per-architecture modules) unless `lora_target_modules` names them. A reward
+    model's score head is trained in full (PEFT's SEQ_CLS task saves it)."""
+    if not cfg.adapters:
+        return None
     from peft import LoraConfig
 
+    options = cfg.trl_args
+    targets = options.get("lora_target_modules") or (None if cfg.config_form == "trl" else "all-linear")
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]  # as TRL's ModelConfig does: one name may be "all-linear"
+    extra = {"target_parameters": options["lora_target_parameters"]} if options.get("lora_target_parameters") else {}
     return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules="all-linear",
-        task_type="SEQ_CLS" if reward_model else "CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="SEQ_CLS" if reward_model else options.get("lora_task_type", "CAUSAL_LM"),
         bias="none",
+        use_rslora=options.get("use_rslora", False),
+        use_dora=options.get("use_dora", False),
+        modules_to_save=options.get("lora_modules_to_save"),
+        **extra,
     )
 
 

@@ -1,4 +1,4 @@
-"""Odds Ratio Preference Optimization (ORPO) with LoRA / QLoRA: SFT and preference in one loss, no reference.
+"""Odds Ratio Preference Optimization (ORPO) with LoRA / QLoRA or in full: SFT and preference in one loss, no reference.
 
 ORPO lives in `trl.experimental.orpo` in TRL 1.x. `--beta` is ORPO's lambda.
 
@@ -23,18 +23,14 @@ def train(cfg):
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
-    # ---- tokenizer and base model (4-bit when --use_qlora)
-    tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    base = model.load_model(
-        cfg.model_name,
-        cfg.use_qlora,
-        cfg.bf16,
-        cfg.trust_remote_code,
-        fast.attn_implementation.on,
-    )
+    # ---- tokenizer and base model (quantized for --finetune qlora)
+    tokenizer = model.run_tokenizer(cfg)
+    base = model.load_model(cfg, fast.attn_implementation.on)
 
     # ---- trainer
-    args = ORPOConfig(
+    args = run.trl_config(
+        ORPOConfig,
+        cfg,
         **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         max_length=cfg.max_length,
         max_completion_length=cfg.max_completion_length,
@@ -46,7 +42,7 @@ def train(cfg):
         train_dataset=train.dataset,
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
-        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        peft_config=model.lora_config(cfg),
         callbacks=[run.progress_callback(folder)],
     )
     if fast.group_by_length.on:

@@ -1,4 +1,4 @@
-"""Reward modelling with LoRA / QLoRA on preference pairs: a sequence classifier with one output, trained (TRL's
+"""Reward modelling with LoRA / QLoRA or in full on preference pairs: a sequence classifier with one output, trained (TRL's
 RewardTrainer, Bradley-Terry loss) to score the chosen reply above the rejected one.
 
 LoRA adapts the base's linear layers; the score head is new and trained in full (saved with the adapter). Its
@@ -28,20 +28,15 @@ def train(cfg):
     # ---- fast path (attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
-    # ---- tokenizer and base model with a score head (4-bit when --use_qlora)
-    tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-    scorer = model.load_model(
-        cfg.model_name,
-        cfg.use_qlora,
-        cfg.bf16,
-        cfg.trust_remote_code,
-        fast.attn_implementation.on,
-        reward_model=True,
-    )
+    # ---- tokenizer and base model with a score head (quantized for --finetune qlora)
+    tokenizer = model.run_tokenizer(cfg)
+    scorer = model.load_model(cfg, fast.attn_implementation.on, reward_model=True)
     scorer.config.pad_token_id = tokenizer.pad_token_id  # the score is read at each row's last real token
 
     # ---- trainer
-    args = RewardConfig(
+    args = run.trl_config(
+        RewardConfig,
+        cfg,
         **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         max_length=cfg.max_length,
     )
@@ -51,7 +46,7 @@ def train(cfg):
         train_dataset=train.dataset,
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
-        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, reward_model=True),
+        peft_config=model.lora_config(cfg, reward_model=True),
         callbacks=[run.progress_callback(folder)],
     )
     model.score_head_in(trainer.model, model.compute_dtype(cfg.bf16))

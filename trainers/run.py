@@ -25,13 +25,13 @@ import threading
 import time
 from pathlib import Path
 
-from tunefleet.common import tracking
+from tunefleet.common import schema, tracking
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, StoreUnavailable, refuse_ray_job_temp, scratch_dir
 from tunefleet.common.tracking import Tracking
-from tunefleet.trainers import data, heldout, memory, recovery
+from tunefleet.trainers import data, heldout, memory, recovery, trl_fields
 from tunefleet.trainers.config import model_short
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
@@ -344,7 +344,7 @@ def training_args(cfg, folder: RunFolder, dtype, fast: FastPath) -> dict:
     import torch
 
     on = {k: v.on for k, v in vars(fast).items()}
-    evaluate = cfg.eval_split is not None
+    evaluate = cfg.evaluates
     deepspeed_on_cpu = (
         not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     )
@@ -385,6 +385,33 @@ def training_args(cfg, folder: RunFolder, dtype, fast: FastPath) -> dict:
         **({"use_liger_kernel": True} if on.get("use_liger_kernel") else {}),
         **({"tf32": True} if on.get("tf32") else {}),
     )
+
+
+# tunefleet settings named as TRL's that tunefleet turns into another TRL option (`activation_checkpointing`).
+DECIDED_ELSEWHERE = ("gradient_checkpointing",)
+
+
+def trl_config(config_class, cfg, **values):
+    """The method's TRL config: tunefleet's choices (`values`), every tunefleet setting that TRL's class has under
+    the same name, then every TRL option the run was given (`cfg.trl_args`, which win). TRL's own checks
+    (`__post_init__`) run here: a value TRL refuses is one line with TRL's message."""
+    import dataclasses
+
+    own = {f.name for f in dataclasses.fields(config_class) if f.init}
+    args = dict(values)
+    for name in own.intersection(schema.fields(type(cfg))) - set(args) - set(DECIDED_ELSEWHERE):
+        value = getattr(cfg, name)
+        if value is not None:
+            args[name] = value
+    args.update({k: v for k, v in cfg.trl_args.items() if k in own})
+    for name, value in args.items():
+        field = trl_fields.lookup(name)
+        if isinstance(value, list) and len(value) == 1 and field is not None and "list" not in field.forms:
+            args[name] = value[0]  # one name given as tunefleet's list (loss_type) where TRL's field takes one
+    try:
+        return config_class(**args)
+    except (ValueError, TypeError) as exc:
+        raise TunefleetError(f"TRL's {config_class.__name__} refused the settings: {first_line(exc)}") from None
 
 
 def group_by_token_length(trainer) -> None:

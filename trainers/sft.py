@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (SFT) with LoRA / QLoRA on conversations.
+"""Supervised fine-tuning (SFT) with LoRA / QLoRA or in full on conversations.
 
     tunefleet train --method sft --model_name Qwen/Qwen2-0.5B-Instruct \
       --dataset HuggingFaceH4/ultrafeedback_binarized --split train_sft --eval_split test_sft \
@@ -23,20 +23,16 @@ def train(cfg):
     # ---- fast path (group-by-length, attention kernel, ...): chosen for this device, recorded in run.json
     fast = speed.detect(cfg)
 
-    # ---- tokenizer and base model (4-bit when --use_qlora)
-    tokenizer = model.load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    # ---- tokenizer and base model (quantized for --finetune qlora)
+    tokenizer = model.run_tokenizer(cfg)
     if cfg.assistant_only_loss:
         model.check_assistant_masks(tokenizer, cfg.model_name, train.dataset)
-    base = model.load_model(
-        cfg.model_name,
-        cfg.use_qlora,
-        cfg.bf16,
-        cfg.trust_remote_code,
-        fast.attn_implementation.on,
-    )
+    base = model.load_model(cfg, fast.attn_implementation.on)
 
     # ---- trainer
-    args = SFTConfig(
+    args = run.trl_config(
+        SFTConfig,
+        cfg,
         **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         padding_free=fast.padding_free.on,
         assistant_only_loss=cfg.assistant_only_loss,
@@ -49,7 +45,7 @@ def train(cfg):
         train_dataset=train.dataset,
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
-        peft_config=model.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout),
+        peft_config=model.lora_config(cfg),
         callbacks=[run.progress_callback(folder)],
     )
     if fast.group_by_length.on:

@@ -27,6 +27,8 @@ def run(cfg) -> dict:
     run to a GPU of its own), the error goes up to the launcher.
     """
     trainer_module = importlib.import_module(f"tunefleet.trainers.{cfg.method}")  # sft.py ... grpo.py
+    if int(os.environ.get("RANK", "0")) == 0:
+        say_what_was_read(cfg)
     earlier = recovery.keep_earlier_step(cfg, Store(cfg.output_dir).read_json("run.json"))
     if earlier != cfg and int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -47,6 +49,19 @@ def run(cfg) -> dict:
             print(f"{step.describe()} ({exc.error})", file=sys.stderr, flush=True)
         release_memory()
         cfg = smaller
+
+
+def say_what_was_read(cfg) -> None:
+    """The log's first lines: the form the settings were written in, what was translated, and what trains."""
+    for note in cfg.config_notes:
+        print(f"config: {note}", flush=True)
+    trains = {"qlora": "LoRA adapters on a quantized base", "lora": "LoRA adapters", "full": "every weight"}
+    options = ", ".join(f"{k}={v}" for k, v in cfg.trl_args.items())
+    print(
+        f"config: {cfg.config_form}'s form; {cfg.method} trains {trains[cfg.finetune]} of {cfg.model_name}"
+        + (f"; TRL options: {options}" if options else ""),
+        flush=True,
+    )
 
 
 def recover_here(cfg) -> bool:

@@ -159,7 +159,7 @@ def build_rows() -> list[dict[str, Any]]:
                     "choices": choices,
                     "element": element,
                     "defaults": {},
-                    "help": " ".join(str(f.metadata.get("help", "")).split()),
+                    "help": " ".join(str(f.metadata.get("help", "")).replace("%%", "%").split()),
                     "owners": [],
                     "methods": [],
                 },
@@ -249,6 +249,10 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
         raise TunefleetError(f"{where}unknown key '{name}'")
     if value is None:
         return None
+    if f.forms == ("object",):
+        raise TunefleetError(
+            f"{where}{name} holds a Python object in TRL's {f.owners[0]}; it cannot be set from a file or a flag"
+        )
     errors = []
     for form in f.forms:
         try:
@@ -256,6 +260,8 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
         except ValueError as exc:
             errors.append(str(exc))
     expected = f.describe_type()
+    if len(f.choices) > 12:  # the optimizers: the nearest name, and where to see them all
+        expected = f"one of {len(f.choices)} names (tunefleet train --help-all lists them)"
     shown = value if not isinstance(value, str) else repr(value)
     hint = schema.nearest(str(value), f.choices) if f.choices and isinstance(value, str) else ""
     raise TunefleetError(f"{where}bad value for '{name}': expected {expected}, got {shown}{hint}")

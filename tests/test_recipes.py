@@ -1,0 +1,324 @@
+"""The recipes people already have: every TRL option (from TRL's own dataclasses), TRL's form of a config file, the
+alignment-handbook's mixtures, older libraries' keys, and full fine-tuning."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+
+import pytest
+import yaml
+from conftest import FAST, TINY, read_json, run_cli, tunefleet
+
+from tunefleet.common.errors import TunefleetError
+from tunefleet.trainers import config, recipe_file, run, trl_fields
+
+REQUIRED = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "output_dir": "o"}
+# Read under another name (TRL's names, renamed keys, the adapter choice, the test split): tested by name below.
+TRANSLATED = {
+    *recipe_file.TRL_NAMES,
+    *recipe_file.RENAMED,
+    *recipe_file.ADAPTER_KEYS,
+    *recipe_file.REFUSED,
+    "dataset_test_split",
+}
+
+
+def sample(f: trl_fields.TrlField, method: str):
+    """A value of the field's own type (its first form), other than its default."""
+    default = f.default_for(method)
+    form = f.forms[0]
+    if form == "bool":
+        return not bool(default)
+    if form == "choice":
+        return next(c for c in f.choices if c != default)
+    if form == "list":
+        return {"int": [1, 2], "float": [0.5, 1.5], "bool": [True, False]}.get(f.element, ["alpha", "beta"])
+    return {"int": 3, "float": 0.25, "false": False, "dict": {"key": 1}, "str": "text"}[form]
+
+
+def settable(method: str) -> dict[str, trl_fields.TrlField]:
+    """The TRL options a run of `method` takes with no tunefleet setting of the same name: from TRL's classes."""
+    return {
+        name: f
+        for name, f in sorted(trl_fields.fields_of(method).items())
+        if name not in config.FIELDS and name not in TRANSLATED and "object" not in f.forms
+    }
+
+
+def as_flags(values: dict) -> list[str]:
+    argv = []
+    for name, value in values.items():
+        if isinstance(value, list):
+            argv += [f"--{name}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{name}", json.dumps(value)]
+        else:
+            argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+@pytest.mark.parametrize("method", config.METHODS)
+def test_every_trl_field_is_accepted_from_yaml_and_as_a_flag(method, tmp_path):
+    fields = settable(method)
+    assert len(fields) > 80  # TRL 1.16: 94 (ORPO) to 162 (GRPO)
+    values = {name: sample(f, method) for name, f in fields.items()}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"method": method, **REQUIRED, **values}))
+    from_yaml = config.parse_args(["--config", str(path)])
+    from_flags = config.parse_args(["--method", method, *as_flags(REQUIRED), *as_flags(values)])
+    assert from_yaml.trl_args == values
+    assert from_flags.trl_args == values
+    # A field that holds a Python object (accelerate's ParallelismConfig) is refused in one line.
+    for name, f in trl_fields.fields_of(method).items():
+        if "object" in f.forms:
+            with pytest.raises(TunefleetError, match=f"{name} holds a Python object"):
+                config.parse_args(["--method", method, *as_flags(REQUIRED), f"--{name}", "x"])
+
+
+@pytest.mark.parametrize("method", config.METHODS)
+def test_every_trl_field_reaches_the_trainers_arguments(method, tmp_path):
+    """Each field alone, with a value of its type, lands on the config object the trainer is given (trainer.args);
+    where TRL's own checks refuse the value (they need other settings with it), the refusal is one line quoting TRL."""
+    config_class = trl_fields.load_class(*trl_fields.METHOD_CLASSES[method])
+    own = {f.name for f in dataclasses.fields(config_class)}
+    cfg = config.from_dict({"method": method, **REQUIRED})
+    reached, refused = [], {}
+    for name, f in settable(method).items():
+        if name not in own:
+            continue  # ModelConfig / ScriptArguments: the model and data loading read those
+        value = sample(f, method)
+        cfg.trl_args = {name: value}
+        try:
+            args = run.trl_config(config_class, cfg, output_dir=str(tmp_path), use_cpu=True, report_to=[])
+        except TunefleetError as exc:
+            assert str(exc).startswith(f"TRL's {config_class.__name__} refused the settings: ") and "\n" not in str(
+                exc
+            )
+            refused[name] = str(exc)
+            continue
+        got = getattr(args, name)
+        got = got.value if isinstance(got, enum.Enum) else got
+        if name == "include_num_input_tokens_seen":
+            got = {"no": False, "all": True}.get(got, got)  # transformers spells the booleans as names
+        assert got == value, name
+        reached.append(name)
+    assert len(refused) <= 0.1 * (len(reached) + len(refused)), refused
+
+
+def test_translated_names_mean_what_they_mean_in_trl(tmp_path):
+    cfg = config.parse_args(
+        [
+            "--method", "dpo", "--model_name_or_path", "tunefleet/tiny-qwen2", "--dataset_name", "tunefleet/tiny-ultrafeedback",
+            "--dataset_train_split", "train_prefs", "--dataset_test_split", "test_prefs", "--eval_strategy", "steps",
+            "--output_dir", "o", "--use_peft", "--load_in_4bit", "--torch_dtype", "float32", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    assert (cfg.model_name, cfg.dataset, cfg.split, cfg.eval_split) == (
+        "tunefleet/tiny-qwen2",
+        "tunefleet/tiny-ultrafeedback",
+        "train_prefs",
+        "test_prefs",
+    )
+    assert (cfg.finetune, cfg.dtype, cfg.config_form) == ("qlora", "float32", "trl")
+    # TRL's form takes TRL's defaults for what it leaves out: DPOConfig's learning rate and batch, not tunefleet's.
+    assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps) == (1e-6, 8, 1)
+    assert "'torch_dtype' read as 'dtype'" in " ".join(cfg.config_notes)
+    # Without use_peft, TRL trains the whole model; tunefleet's own form keeps QLoRA.
+    trl_form = config.parse_args(
+        ["--method", "sft", "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o"]
+    )
+    own_form = config.parse_args(["--method", "sft", "--model_name", "m", "--dataset", "d", "--output_dir", "o"])
+    assert (trl_form.finetune, own_form.finetune) == ("full", "qlora")
+    # The old flag still works; a TRL test split without evaluation is said, not dropped silently.
+    old = config.parse_args(
+        ["--method", "sft", *as_flags(REQUIRED), "--use_qlora", "false", "--dataset_test_split", "t"]
+    )
+    assert old.finetune == "lora" and old.eval_split is None
+    assert any("dataset_test_split: t' is evaluated only with eval_strategy" in n for n in old.config_notes)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lr_sheduler_type", "cosine"], "unknown key 'lr_sheduler_type' (did you mean 'lr_scheduler_type'?)"),
+        (["--packing", "true"], "'packing' is an option of SFTConfig (sft), not of dpo's DPOConfig"),
+        (["--num_generations", "8"], "--num_generations: GRPO only, not dpo"),
+        (["--warmup_steps", "some"], "bad value for 'warmup_steps': expected float, got 'some'"),
+        (["--optim", "adamw_tourch"], "bad value for 'optim': expected one of"),
+        (["--model_name_or_path", "x"], "'model_name' and 'model_name_or_path' are one setting (model_name)"),
+        (["--dataset_streaming"], "'dataset_streaming': tunefleet samples, counts and mixes whole datasets"),
+        (
+            ["--tokenizer_name_or_path", "x"],
+            "'tokenizer_name_or_path': the tokenizer is loaded from the model's folder",
+        ),
+        (
+            ["--load_in_4bit", "--use_peft", "false"],
+            "'load_in_4bit' quantizes the base, whose weights then cannot train",
+        ),
+        (["--use_qlora", "--use_peft"], "'use_qlora' and 'use_peft' both choose the adapters"),
+    ],
+)
+def test_bad_trl_input_is_one_line(argv, message, capsys):
+    code, out, err = run_cli(capsys, "train", "--method", "dpo", *as_flags(REQUIRED), *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_value_trl_refuses_is_one_line_with_trls_message(tmp_path, capsys, tiny_model):
+    code, out, err = run_cli(
+        capsys, "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", tmp_path / "r",
+        "--max_steps", 1, "--use_qlora", "false", "--load_best_model_at_end", "--save_strategy", "steps",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert "error: TRL's SFTConfig refused the settings: --load_best_model_at_end requires the save and eval" in err
+
+
+def test_help_all_lists_every_trl_field_of_the_method(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(["--help-all", "--method", "grpo"])
+    out = capsys.readouterr().out
+    listed = set(re.findall(r"^[* ] --(\w+)  \(", out, re.MULTILINE))
+    assert listed == set(trl_fields.fields_of("grpo"))
+    assert "* --num_generations  (int; default 8)" in out and "* --learning_rate" in out
+    assert "--lr_scheduler_type  (one of linear, cosine," in out
+    assert "Number of generations to sample." in out  # TRL's own help text
+    with pytest.raises(SystemExit):
+        config.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--help-all" in out and "\n  --finetune" in out and "\n  --lr_scheduler_type" not in out
+
+
+HANDBOOK_DPO = """\
+# A recipe in TRL's form, as the alignment-handbook writes them (the embedded model and data).
+model_name_or_path: tunefleet/tiny-qwen2
+model_revision: main
+torch_dtype: float32
+use_peft: true
+lora_r: 8
+lora_alpha: 16
+lora_target_modules: [q_proj, k_proj, v_proj, o_proj]
+chat_template: "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+dataset_mixture:
+  datasets:
+    - id: tunefleet/tiny-ultrafeedback
+      split: train_prefs
+      columns: [prompt, chosen, rejected]
+      weight: 0.5
+    - id: tunefleet/tiny-ultrafeedback
+      split: test_prefs
+      columns: [prompt, chosen, rejected]
+      weight: 1.0
+  test_split_size: 0.1
+  seed: 0
+preprocessing_num_workers: 1
+beta: 0.05
+eval_strategy: steps
+eval_steps: 2
+gradient_accumulation_steps: 1
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+learning_rate: 5.0e-6
+logging_steps: 1
+lr_scheduler_type: cosine
+max_length: 256
+max_steps: 2
+optim: paged_adamw_32bit
+per_device_train_batch_size: 4
+per_device_eval_batch_size: 4
+report_to: [none]
+save_strategy: "steps"
+save_steps: 100
+seed: 42
+warmup_ratio: 0.1
+"""
+
+
+def test_a_handbook_recipe_in_trls_form_trains_as_written(tmp_path, tiny_model):
+    import torch
+
+    recipe, out = tmp_path / "dpo.yaml", tmp_path / "out"
+    recipe.write_text(HANDBOOK_DPO + f"output_dir: {out}\n")
+    log = tunefleet("train", "--method", "dpo", "--config", recipe).stdout
+    assert log.index("config: read in TRL's form") < log.index("step 1 ")
+    assert "config: trl's form; dpo trains LoRA adapters of tunefleet/tiny-qwen2" in log
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.lr_scheduler_type.value, args.warmup_steps, args.optim.value) == ("cosine", 0.1, "paged_adamw_32bit")
+    assert (args.learning_rate, args.beta, args.eval_strategy.value, args.dataset_num_proc) == (5e-6, 0.05, "steps", 1)
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    adapter = read_json(out / "adapter_config.json")
+    assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)
+    assert (out / "chat_template.jinja").read_text() == yaml.safe_load(HANDBOOK_DPO)["chat_template"]
+    record = read_json(out / "run.json")
+    train, held_out = record["data"]["train"], record["data"]["eval"]
+    assert [p["rows"] for p in train["parts"]] == [600, 200]  # weight 0.5 of 1200 rows, all 200
+    assert (train["rows"], held_out["rows"]) == (720, 80)  # test_split_size 0.1 of the 800
+    history = read_json(out / "trainer_state.json")["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [2]  # evaluated on the held-out rows
+
+
+def test_older_keys_are_honoured_with_a_note(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": "dpo",
+                "model_name_or_path": "tunefleet/tiny-qwen2",
+                "dataset_mixer": {"tunefleet/tiny-ultrafeedback": 0.5},
+                "dataset_splits": ["train_prefs", "test_prefs"],
+                "evaluation_strategy": "steps",
+                "max_seq_length": 128,
+                "output_dir": "o",
+            }
+        )
+    )
+    cfg = config.parse_args(["--config", str(path)])
+    assert cfg.mixture and (cfg.mixture[0].portion, cfg.mixture[0].split) == (0.5, "train_prefs")
+    assert (cfg.eval_split, cfg.max_length, cfg.trl_args["eval_strategy"]) == ("test_prefs", 128, "steps")
+    notes = " ".join(cfg.config_notes)
+    assert "'dataset_mixer' read as a mixture (today's key: dataset_mixture)" in notes
+    assert (
+        "'evaluation_strategy' read as 'eval_strategy'" in notes and "'max_seq_length' read as 'max_length'" in notes
+    )
+
+
+def test_trls_dataset_mixture_form(tmp_path):
+    cfg = config.from_dict(
+        {
+            "method": "sft",
+            "model_name": "m",
+            "output_dir": "o",
+            "datasets": [
+                {"path": "tunefleet/tiny-ultrafeedback", "split": "train_sft", "columns": ["messages"], "fraction": 2},
+                {"path": "tunefleet/tiny-ultrafeedback", "split": "test_sft", "columns": ["messages"], "fraction": 1},
+            ],
+        }
+    )
+    assert [(p.split, p.select_columns, p.weight) for p in cfg.mixture or []] == [
+        ("train_sft", ["messages"], 2.0),
+        ("test_sft", ["messages"], 1.0),
+    ]
+    with pytest.raises(TunefleetError, match="'datasets' entry key 'data_dir' is not read"):
+        config.from_dict({"method": "sft", **REQUIRED, "datasets": [{"path": "x", "data_dir": "d"}]})
+
+
+def test_full_fine_tuning_trains_every_weight_and_loads_as_a_plain_model(tmp_path, capsys, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    code, stdout, stderr = run_cli(
+        capsys, "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", out,
+        "--finetune", "full", "--max_steps", 30, "--learning_rate", "1e-3", *FAST, "--per_device_train_batch_size", 8,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+    losses = [e["loss"] for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = [n for n, p in trained.named_parameters() if not p.equal(base.get_parameter(n))]
+    assert len(changed) == len(list(base.named_parameters()))  # every weight
+    assert read_json(out / "run.json")["config"]["finetune"] == "full"

@@ -199,7 +199,7 @@ def parse_distribution(flag: str, dist: Any, label: str, where_of) -> Distributi
         )
     if not isinstance(values, list) or not values:
         raise TunefleetError(f"{where}'{label}.{kind}' takes a list")
-    flag_type, _ = schema.kind(TrainConfig, flag)
+    flag_type = config.value_type(flag)
     if kind in ("loguniform", "uniform", "randint"):
         wanted = int if kind == "randint" else float
         if flag_type is not wanted:

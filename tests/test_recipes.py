@@ -15,6 +15,7 @@ from conftest import FAST, TINY, read_json, run_cli, tunefleet
 from tunefleet.common.errors import TunefleetError
 from tunefleet.trainers import config, recipe_file, run, trl_fields
 
+TINY_SPEC = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "use_qlora": False}
 REQUIRED = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "output_dir": "o"}
 # Read under another name (TRL's names, renamed keys, the adapter choice, the test split): tested by name below.
 TRANSLATED = {
@@ -322,3 +323,59 @@ def test_full_fine_tuning_trains_every_weight_and_loads_as_a_plain_model(tmp_pat
     changed = [n for n, p in trained.named_parameters() if not p.equal(base.get_parameter(n))]
     assert len(changed) == len(list(base.named_parameters()))  # every weight
     assert read_json(out / "run.json")["config"]["finetune"] == "full"
+
+
+# ------------------------------------------------------------------ TRL's options in sweeps and searches
+def test_a_grid_over_a_trl_option_trains_each_value(tmp_path, tiny_model):
+    from tunefleet.launcher import sweep as sweeps
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "schedules",
+                "runs_dir": str(tmp_path / "runs"),
+                "naming": "{method}_{lr_scheduler_type}",
+                "base": {**TINY_SPEC, "split": "train_prefs", "max_steps": 2, "warmup_ratio": 0.1},
+                "grid": {"method": ["dpo"], "lr_scheduler_type": ["cosine", "constant_with_warmup"]},
+            }
+        )
+    )
+    runs = sweeps.expand(sweeps.load_spec(str(spec)))
+    assert {r.name: r.config.trl_args["lr_scheduler_type"] for r in runs} == {
+        "dpo_cosine": "cosine",
+        "dpo_constant_with_warmup": "constant_with_warmup",
+    }
+    tunefleet("sweep", spec)
+    import torch
+
+    for name, schedule in (("dpo_cosine", "cosine"), ("dpo_constant_with_warmup", "constant_with_warmup")):
+        args = torch.load(tmp_path / "runs" / name / "training_args.bin", weights_only=False)
+        assert (args.lr_scheduler_type.value, args.warmup_steps) == (schedule, 0.1)
+
+
+def test_a_search_over_trl_options_plans_trials_with_them(tmp_path, capsys):
+    from tunefleet.launcher import sweep as sweeps
+    from tunefleet.launcher import tune_search
+
+    def write(space: dict):
+        spec = {
+            "name": "warmups",
+            "runs_dir": str(tmp_path / "runs"),
+            "base": {**TINY_SPEC, "split": "train_prefs", "eval_split": "test_prefs", "max_steps": 12},
+            "search": {"metric": "eval_loss", "num_samples": 2, "space": {"dpo": space}},
+        }
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        return str(tmp_path / "spec.yaml")
+
+    path = write({"warmup_ratio": {"uniform": [0.0, 0.3]}, "lr_scheduler_type": {"choice": ["cosine", "linear"]}})
+    loaded = sweeps.load_spec(path)
+    assert loaded.search is not None
+    plan = tune_search.trial_setups(loaded, loaded.search)["dpo"].plan(
+        "t_00001", {"warmup_ratio": 0.2, "lr_scheduler_type": "linear"}
+    )
+    assert plan.config.trl_args == {"warmup_steps": 0.2, "lr_scheduler_type": "linear"}
+    code, out, _ = run_cli(capsys, "sweep", path, "--dry-run")
+    assert code == 0 and "warmup_ratio uniform" in out
+    with pytest.raises(TunefleetError, match="uniform needs a float flag, but 'lr_scheduler_type' is a string"):
+        sweeps.load_spec(write({"lr_scheduler_type": {"uniform": [0, 1]}}))

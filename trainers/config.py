@@ -342,6 +342,18 @@ def coerce(name: str, value: Any, where: str = "") -> Any:
     raise TunefleetError(f"{where}unknown key '{name}'{nearest(name, known_names())}")
 
 
+def value_type(name: str) -> Any:
+    """The Python type a setting holds (int, float, bool, str, list, ...): a search's distributions ask it."""
+    name = recipe_file.TRL_NAMES.get(name) or recipe_file.RENAMED.get(name, (name,))[0]
+    if name in FIELDS:
+        return schema.kind(TrainConfig, name)[0]
+    f = trl_fields.lookup(name)
+    if f is None:
+        return object
+    scalar = {"int": int, "float": float, "bool": bool, "str": str, "choice": str, "list": list, "dict": dict}
+    return scalar.get(f.forms[0], object)
+
+
 def known_names() -> list[str]:
     """Every key a run takes: tunefleet's settings, TRL's names for them, older keys, and TRL's fields."""
     own = [n for n, f in FIELDS.items() if not f.metadata.get("internal")]

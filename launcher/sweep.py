@@ -35,6 +35,8 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
@@ -203,6 +205,8 @@ def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None)
         if not isinstance(value, dict):
             raise TunefleetError(f"{_where(spec_path, lines, section)}'{section}' must be a mapping")
         setattr(spec, section, value)
+    spec.base = with_recipe_path(spec.base, spec_path)
+    spec.methods = {m: with_recipe_path(v, spec_path) for m, v in spec.methods.items()}
     for key, value in spec.base.items():
         config.coerce(key, value, _where(spec_path, lines, f"base.{key}"))
     for key, values in spec.grid.items():
@@ -240,8 +244,19 @@ def parse_spec(data: dict, spec_path: str = "<spec>", lines: dict | None = None)
     return spec
 
 
+def with_recipe_path(values: Any, spec_path: str) -> Any:
+    """A `recipe:` named relative to the spec is read from the spec's folder (where it was written beside it)."""
+    if not isinstance(values, dict) or not isinstance(values.get("recipe"), str):
+        return values
+    beside = Path(spec_path).parent / values["recipe"]
+    if not Path(values["recipe"]).is_absolute() and beside.is_file():
+        return {**values, "recipe": str(beside.resolve())}
+    return values
+
+
 def _checked_flags(values, name: str, spec_path: str, lines: dict) -> dict:
     where = _where(spec_path, lines, name)
+    values = with_recipe_path(values, spec_path)
     if not isinstance(values, dict):
         raise TunefleetError(f"{where}'{name}' must be a mapping of flags")
     for key, value in values.items():
@@ -486,7 +501,9 @@ def _expand_stage(spec: SweepSpec, stage: Stage, parents: list[RunPlan], lineage
             elif stage.best:
                 extra |= {"parent": f"best-{stage.parent}", "parent_stage": stage.parent}
             values |= combo
-            root = str(values.get("model_name") or "model")
+            root = str(
+                values.get("model_name") or (values.get("recipe") and config.recipe_model(values["recipe"])) or "model"
+            )
             if parent is not None:
                 root = parent.lineage.root_model if parent.lineage else parent.config.model_name
             pattern = stage.naming or (CHILD_NAMING if parent else BEST_CHILD_NAMING if stage.best else spec.naming)

@@ -365,7 +365,7 @@ def test_a_search_over_trl_options_plans_trials_with_them(tmp_path, capsys):
             "base": {**TINY_SPEC, "split": "train_prefs", "eval_split": "test_prefs", "max_steps": 12},
             "search": {"metric": "eval_loss", "num_samples": 2, "space": {"dpo": space}},
         }
-        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         return str(tmp_path / "spec.yaml")
 
     path = write({"warmup_ratio": {"uniform": [0.0, 0.3]}, "lr_scheduler_type": {"choice": ["cosine", "linear"]}})
@@ -379,3 +379,73 @@ def test_a_search_over_trl_options_plans_trials_with_them(tmp_path, capsys):
     assert code == 0 and "warmup_ratio uniform" in out
     with pytest.raises(TunefleetError, match="uniform needs a float flag, but 'lr_scheduler_type' is a string"):
         sweeps.load_spec(write({"lr_scheduler_type": {"uniform": [0, 1]}}))
+
+
+SFT_RECIPE = """\
+model_name_or_path: tunefleet/tiny-qwen2
+dataset_name: tunefleet/tiny-ultrafeedback
+dataset_train_split: train_sft
+use_peft: true
+lora_target_modules: all-linear
+learning_rate: 5.0e-3
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+max_steps: 4
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 1
+output_dir: data/where-the-recipe-wrote   # the sweep names each run's folder
+"""
+DPO_RECIPE = """\
+model_name_or_path: my-org/tiny-sft   # the pipeline gives each DPO run its SFT parent instead
+dataset_name: tunefleet/tiny-ultrafeedback
+dataset_train_split: train_prefs
+use_peft: true
+lora_target_modules: [q_proj, v_proj]
+learning_rate: 3.0e-3
+beta: 0.05
+lr_scheduler_type: constant
+max_steps: 4
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 1
+"""
+
+
+def test_a_two_stage_study_from_an_sft_recipe_and_a_dpo_recipe(tmp_path, tiny_model):
+    import hashlib
+
+    from tunefleet.launcher import sweep as sweeps
+
+    (tmp_path / "sft.yaml").write_text(SFT_RECIPE)
+    (tmp_path / "dpo.yaml").write_text(DPO_RECIPE)
+    spec = {
+        "name": "recipes",
+        "runs_dir": str(tmp_path / "runs"),
+        "base": {"logging_steps": 2},  # the spec's keys override the recipes'
+        "stages": {
+            "sft": {"grid": {"method": ["sft"], "seed": [1, 2]}, "methods": {"sft": {"recipe": "sft.yaml"}}},
+            "aligned": {"from": "sft", "grid": {"method": ["dpo"]}, "methods": {"dpo": {"recipe": "dpo.yaml"}}},
+        },
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    runs = sweeps.expand(sweeps.load_spec(str(tmp_path / "spec.yaml")))
+    assert [r.name for r in runs] == [
+        "sft_tiny-qwen2_s1",
+        "sft_tiny-qwen2_s2",
+        "sft_tiny-qwen2_s1-dpo",
+        "sft_tiny-qwen2_s2-dpo",
+    ]
+    tunefleet("sweep", tmp_path / "spec.yaml")
+    for name, recipe, targets in (
+        ("sft_tiny-qwen2_s2", "sft.yaml", None),
+        ("sft_tiny-qwen2_s2-dpo", "dpo.yaml", ["q_proj", "v_proj"]),
+    ):
+        record = read_json(tmp_path / "runs" / name / "run.json")
+        cfg = record["config"]
+        assert record["status"] == "finished" and cfg["config_form"] == "trl" and cfg["finetune"] == "lora"
+        assert cfg["recipe"] == str(tmp_path / recipe)
+        assert cfg["recipe_sha256"] == hashlib.sha256((tmp_path / recipe).read_bytes()).hexdigest()
+        assert cfg["logging_steps"] == 2 and cfg["output_dir"] == str(tmp_path / "runs" / name)
+        if targets:
+            assert sorted(read_json(tmp_path / "runs" / name / "adapter_config.json")["target_modules"]) == targets
+            assert cfg["model_name"] == str(tmp_path / "runs" / "sft_tiny-qwen2_s2")  # its parent, not the recipe's
+            assert (cfg["beta"], cfg["trl_args"]["lr_scheduler_type"]) == (0.05, "constant")

@@ -265,6 +265,12 @@ class TrainConfig:
     overwrite: bool = option(False, "Retrain even if output_dir holds a finished run.")
     num_processes: int = option(1, "Processes (GPUs) for this run; >1 launches through accelerate launch.", at_least=1)
     accelerate_config: str = option("auto", "auto, a name in cluster_configs/accelerate, or a path.")
+    recipe: str | None = option(
+        None,
+        "A recipe file (TRL's, the alignment-handbook's or tunefleet's form) the run starts from: every other setting "
+        "given overrides the recipe's; run.json records its path and sha256.",
+    )
+    recipe_sha256: str | None = option(None, "The recipe file's sha256 when the run was planned.", internal=True)
     # --- TRL's own options: every other field of the method's TRL config, of ModelConfig and ScriptArguments
     trl_args: dict[str, Any] = option(
         {},
@@ -363,8 +369,38 @@ def known_names() -> list[str]:
 
 def from_dict(values: dict[str, Any], where: str = "", check_required: bool = True) -> TrainConfig:
     """Build a TrainConfig from plain values (YAML, sweep, a run record), checking every key and type. Keys may be
-    tunefleet's, TRL's (`model_name_or_path`, `lr_scheduler_type`, ...) or an older library's (with a note)."""
-    return build(recipe_file.read(values, where, form=values.get("config_form")), where, check_required)
+    tunefleet's, TRL's (`model_name_or_path`, `lr_scheduler_type`, ...) or an older library's (with a note); a
+    `recipe` file gives the values these leave out."""
+    own = recipe_file.read(values, where, form=values.get("config_form"))
+    return build(with_recipe(own, values, where), where, check_required)
+
+
+def recipe_model(path: str) -> str | None:
+    """The base model a recipe file names (`model_name_or_path` or `model_name`), for run names before planning."""
+    raw = schema.read_yaml_mapping(str(path), "recipe", "expected a mapping of settings")
+    return raw.get("model_name_or_path") or raw.get("model_name")
+
+
+def with_recipe(own: recipe_file.Read, given: dict[str, Any], where: str = "") -> recipe_file.Read:
+    """`own` over the recipe file it names (if any): the recipe's values where `own` leaves a setting out, its form
+    where `own` does not name its model in TRL's way, and a note with the file's path and sha256."""
+    path = own.values.get("recipe")
+    if not path:
+        return own
+    import hashlib
+
+    where_in = f"{path}: "
+    raw = schema.read_yaml_mapping(str(path), "recipe", "expected a mapping of settings")
+    if "recipe" in raw:
+        raise TunefleetError(f"{where_in}a recipe names another recipe ('recipe: {raw['recipe']}'): give one file")
+    form = given.get("config_form") or ("trl" if own.form == "trl" else recipe_file.form_of(raw))
+    base = recipe_file.read(raw, where_in, form)
+    base.values = {k: coerce(k, v, where_in) for k, v in base.values.items()}  # errors name the recipe file
+    digest = own.values.get("recipe_sha256") or hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    values = {**{k: v for k, v in base.values.items() if k not in own.values}, **own.values, "recipe_sha256": digest}
+    notes = [f"recipe {path} (sha256 {digest[:12]}), in {base.form}'s form", *base.notes]
+    notes += [n for n in own.notes if n not in notes and not n.startswith("read in TRL's form")]
+    return recipe_file.Read(values, form, notes)
 
 
 def build(read: recipe_file.Read, where: str = "", check_required: bool = True) -> TrainConfig:
@@ -534,7 +570,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if key in from_flags.values:
             del from_file.values[key]
     notes = from_file.notes + [n for n in from_flags.notes if n not in from_file.notes]
-    return build(recipe_file.Read({**from_file.values, **from_flags.values}, form, notes))
+    merged = recipe_file.Read({**from_file.values, **from_flags.values}, form, notes)
+    return build(with_recipe(merged, {**file_values, **flags}))
 
 
 def help_all(method: str | None) -> str:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from pathlib import Path
 
 from tunefleet.common import schema, tracking
@@ -404,10 +405,10 @@ def trl_config(config_class, cfg, **values):
         if value is not None:
             args[name] = value
     args.update({k: v for k, v in cfg.trl_args.items() if k in own})
+    hints = typing.get_type_hints(config_class)
     for name, value in args.items():
-        field = trl_fields.lookup(name)
-        if isinstance(value, list) and len(value) == 1 and field is not None and "list" not in field.forms:
-            args[name] = value[0]  # one name given as tunefleet's list (loss_type) where TRL's field takes one
+        if isinstance(value, list) and len(value) == 1 and "list" not in trl_fields.type_forms(hints[name])[0]:
+            args[name] = value[0]  # one name given as tunefleet's list (loss_type) where this class takes one
     try:
         return config_class(**args)
     except (ValueError, TypeError) as exc:

@@ -404,7 +404,8 @@ def load_model(cfg, attn_implementation: str | None = None, reward_model: bool =
         raise TunefleetError(f"cannot load model {cfg.model_name}: {first_line(exc)}") from None
     if cfg.trl_args.get("ignore_bias_buffers"):
         # TRL's ScriptArguments option, as its scripts apply it: DDP leaves boolean buffers (masks) out of syncing.
-        model._ddp_params_and_buffers_to_ignore = [n for n, b in model.named_buffers() if str(b.dtype) == "torch.bool"]
+        ignored = [n for n, b in model.named_buffers() if str(b.dtype) == "torch.bool"]
+        setattr(model, "_ddp_params_and_buffers_to_ignore", ignored)  # the attribute torch's DDP reads
     if cfg.use_qlora:
         from peft import prepare_model_for_kbit_training
 

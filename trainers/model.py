@@ -405,7 +405,7 @@ def load_model(cfg, attn_implementation: str | None = None, reward_model: bool =
     if cfg.trl_args.get("ignore_bias_buffers"):
         # TRL's ScriptArguments option, as its scripts apply it: DDP leaves boolean buffers (masks) out of syncing.
         ignored = [n for n, b in model.named_buffers() if str(b.dtype) == "torch.bool"]
-        setattr(model, "_ddp_params_and_buffers_to_ignore", ignored)  # the attribute torch's DDP reads
+        model._ddp_params_and_buffers_to_ignore = ignored  # pyright: ignore[reportArgumentType] - DDP reads this list
     if cfg.use_qlora:
         from peft import prepare_model_for_kbit_training
 

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunefleet.common import hub
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
@@ -122,14 +123,7 @@ def check_finished(record: dict, location: str) -> None:
 
 def hub_token() -> str:
     """The token `--push_to_hub` uploads with; refuses before any work when there is none."""
-    from huggingface_hub import get_token
-
-    token = get_token()
-    if not token:
-        raise TunefleetError(
-            "--push_to_hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`, then rerun"
-        )
-    return token
+    return hub.token_for("--push_to_hub")
 
 
 def export_run(

@@ -449,3 +449,24 @@ def test_a_two_stage_study_from_an_sft_recipe_and_a_dpo_recipe(tmp_path, tiny_mo
             assert sorted(read_json(tmp_path / "runs" / name / "adapter_config.json")["target_modules"]) == targets
             assert cfg["model_name"] == str(tmp_path / "runs" / "sft_tiny-qwen2_s2")  # its parent, not the recipe's
             assert (cfg["beta"], cfg["trl_args"]["lr_scheduler_type"]) == (0.05, "constant")
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_not_a_token"}, "push_to_hub: the hub is off here (HF_HUB_OFFLINE"),
+        ({"HF_HUB_OFFLINE": "1", "HF_TOKEN": ""}, "push_to_hub needs a Hugging Face token"),
+        (
+            {"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_token", "HF_ENDPOINT": "http://127.0.0.1:9"},
+            "push_to_hub: the hub at http://127.0.0.1:9 did not accept this token or did not answer",
+        ),
+    ],
+)
+def test_push_to_hub_without_a_reachable_hub_is_one_line_before_training(env, message, tmp_path, tiny_model):
+    out = tmp_path / "run"
+    proc = tunefleet(
+        "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", out, "--max_steps", 1,
+        "--push_to_hub", "--hub_model_id", "me/tiny-sft", "--hub_strategy", "end", check=False, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+    assert not (out / "trainer_state.json").exists() and "step 1 " not in proc.stdout

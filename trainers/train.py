@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from tunefleet.common import terminal
+from tunefleet.common import hub, terminal
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.storage import Store
 from tunefleet.trainers import memory, recovery
@@ -29,6 +29,8 @@ def run(cfg) -> dict:
     trainer_module = importlib.import_module(f"tunefleet.trainers.{cfg.method}")  # sft.py ... grpo.py
     if int(os.environ.get("RANK", "0")) == 0:
         say_what_was_read(cfg)
+        if cfg.trl_args.get("push_to_hub"):  # TRL uploads at saves and at the end: find out now, not then
+            hub.check_reachable("push_to_hub", hub.token_for("push_to_hub"))
     earlier = recovery.keep_earlier_step(cfg, Store(cfg.output_dir).read_json("run.json"))
     if earlier != cfg and int(os.environ.get("RANK", "0")) == 0:
         print(

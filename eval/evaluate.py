@@ -19,13 +19,13 @@ from tunefleet.eval import plan, results
 from tunefleet.eval.progress import shard_progress
 from tunefleet.eval.settings import EvalData, EvalSettings
 from tunefleet.eval.worker import ShardResult
-from tunefleet.trainers.model import reward_model_path, root_model, run_folder
+from tunefleet.trainers.model import full_run_folder, reward_model_path, root_model, run_folder
 
 
 def base_key(model: str) -> str:
     """The row of the model a group of runs starts from: `base:<model>`, or `parent:<run>` for a run folder (a
     pipeline's runs start from their parent run, merged)."""
-    folder = run_folder(model)
+    folder = run_folder(model) or full_run_folder(model)
     return f"parent:{folder.resolve().name}" if folder is not None else f"base:{model}"
 
 
@@ -72,10 +72,14 @@ def evaluate(
     updates = {}
     # reward models are scored on the pairs; the language models from their base, in groups
     updates.update(_evaluate_reward_models([run for run in runs if run.method == "rm"], settings, existing))
+    full_runs = []  # each scored as a model of its own, after the bases it is compared with
     for run in (run for run in runs if run.method != "rm"):
         base = settings.base_model or run.base_model
         dataset = settings.dataset or run.dataset
-        if base and dataset:
+        if base and dataset and run.full:
+            groups.setdefault((root_model(base), dataset), [])  # the raw base's row: what its win rates compare with
+            full_runs.append((run, dataset))
+        elif base and dataset:
             groups.setdefault((base, dataset), []).append(run)
         else:
             updates[run.name] = results.empty_entry(run.name, run.location) | {
@@ -96,6 +100,22 @@ def evaluate(
                     address,
                     progress,
                     {**existing, **updates},
+                )
+            )
+        for run, dataset in full_runs:
+            updates.update(
+                _evaluate_group(
+                    str(run.path),
+                    dataset,
+                    [],
+                    settings,
+                    reward_funcs,
+                    reward_model,
+                    existing,
+                    address,
+                    progress,
+                    {**existing, **updates},
+                    full_run=run,
                 )
             )
     finally:
@@ -189,7 +209,10 @@ def _evaluate_group(
     address: str | None,
     progress: bool,
     results_so_far: dict | None = None,
+    full_run=None,
 ) -> dict:
+    """Score `runs` (adapters) on `base` loaded once, with the base's own row; `full_run`: a full fine-tuning run
+    (base is its folder), scored alone as the group's model and compared with the raw base it started from."""
     fp_settings = settings.fingerprint_fields() | {"dataset": dataset, "base": base, "rewards": list(reward_funcs)}
     fp_settings["reward_model_weights"] = weights_identity(reward_model)  # a retrained reward model judges anew
     todo, updates = [], {}
@@ -200,8 +223,10 @@ def _evaluate_group(
             updates[run.name] = old  # unchanged adapter, same settings: reuse
         else:
             todo.append((run, fp))
-    base_name = base_key(base)
+    base_name = full_run.name if full_run else base_key(base)
     base_fp = hashlib.sha256(repr(sorted(fp_settings.items())).encode()).hexdigest()[:16]
+    if full_run:
+        base_fp = full_run.fingerprint(fp_settings)
     base_old = existing.get(base_name)
     # The base row is always scored with the runs: reward_accuracy needs its per-pair values.
     if not todo and base_old and base_old.get("fingerprint") == base_fp and not settings.force:
@@ -255,8 +280,22 @@ def _evaluate_group(
     base_pref, base_gen = merged.get((base_name, "pref")), merged.get((base_name, "gen"))
     from_parent = base_name.startswith("parent:")
     root = root_model(base)
-    root_answers = ((results_so_far or {}).get(f"base:{root}") or {}).get("heldout_answers") if from_parent else None
+    root_answers = (
+        ((results_so_far or {}).get(f"base:{root}") or {}).get("heldout_answers") if from_parent or full_run else None
+    )
+    root_row = (results_so_far or {}).get(f"base:{root}") or {}
+    root_pairs = root_row.get("pair_losses") if full_run else None
     meta = {base_name: {"method": "parent" if from_parent else "base", "seed": None, "path": base, "fp": base_fp}}
+    if full_run:
+        meta = {
+            base_name: {
+                "method": full_run.method,
+                "seed": full_run.seed,
+                "path": full_run.location,
+                "fp": base_fp,
+                "run": full_run,
+            }
+        }
     meta |= {
         run.name: {"method": run.method, "seed": run.seed, "path": run.location, "fp": fp, "run": run}
         for run, fp in todo
@@ -268,7 +307,7 @@ def _evaluate_group(
         entry.update(
             method=info["method"],
             seed=info["seed"],
-            base_model=base,
+            base_model=full_run.base_model if full_run else base,
             dataset=dataset,
             fingerprint=info["fp"],
             eval_seconds=round(seconds, 2),
@@ -278,7 +317,9 @@ def _evaluate_group(
         if name not in errors:
             entry.update(plan.perplexity_metrics(merged.get((name, "ppl"))))
             entry["benchmarks"] = dict(zip(settings.benchmark_tasks(), merged.get((name, "bench")) or [])) or None
-            entry.update(plan.preference_metrics(merged.get((name, "pref")), None if name == base_name else base_pref))
+            # a full fine-tuning run's implicit reward is against the raw base's per-pair losses (kept in its row)
+            against = root_pairs if full_run else None if name == base_name else base_pref
+            entry.update(plan.preference_metrics(merged.get((name, "pref")), against))
             entry.update(
                 plan.reward_metrics(
                     merged.get((name, "gen")), None if name == base_name else base_gen, settings.max_generation_samples
@@ -287,9 +328,10 @@ def _evaluate_group(
             )
             if name == base_name:  # kept, so the runs of a later stage can be compared with this model's answers
                 entry["heldout_answers"] = answers(merged.get((name, "gen")))
-            elif from_parent:
+                entry["pair_losses"] = merged.get((name, "pref"))  # and full runs' implicit rewards with its losses
+            if full_run or (from_parent and name != base_name):
                 compare_with_root(entry, merged.get((name, "gen")), root_answers)
-        if name == base_name and from_parent:  # the parent's row stands with the stage of the runs it started
+        if name == base_name and from_parent and not full_run:  # the parent's row stands with its runs' stage
             stages = {run.record.get("stage") for run, _ in todo}
             entry.update(stage=stages.pop() if len(stages) == 1 else None, parent=None)
         if "run" in info:

@@ -18,6 +18,18 @@ from tunefleet.common.storage import Store, join, scratch_dir
 from tunefleet.trainers.config import METHODS
 
 FETCHED = ("adapter_config.json", "adapter_model.safetensors", "run.json", "trainer_state.json")
+# A full fine-tuning run is scored as a model of its own: its weights, config and tokenizer.
+FULL_FETCHED = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "run.json",
+    "trainer_state.json",
+)
 
 RESULT_KEYS = (
     "model_name",
@@ -69,6 +81,7 @@ class RunInfo:
     base_model: str | None
     dataset: str | None
     record: dict = field(default_factory=dict)
+    full: bool = False  # a full fine-tuning run: scored as a model of its own, not as an adapter on its base
 
     def fingerprint(self, settings: dict) -> str:
         h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -76,28 +89,50 @@ class RunInfo:
             p = self.path / f
             if p.exists():
                 h.update(p.read_bytes())
+        if self.full:  # gigabytes: their names, sizes and write times stand for them (a retrained run changes them)
+            h.update(
+                repr(
+                    sorted((w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in self.path.glob("*.safetensors"))
+                ).encode()
+            )
         return h.hexdigest()[:16]
 
 
 def discover(runs_dir: str, methods: list[str] | None = None) -> list[RunInfo]:
-    """Every folder under `runs_dir` (nested too) with an adapter at its top, checkpoints excluded."""
+    """Every folder under `runs_dir` (nested too) with an adapter at its top, or the whole model of a full
+    fine-tuning run; checkpoints excluded."""
     store = Store(runs_dir)
     if not store.exists():
         raise TunefleetError(f"runs_dir {runs_dir} does not exist")
     runs = []
-    for found in store.find("adapter_config.json"):
-        name = found.rsplit("/", 1)[0] if "/" in found else ""
+
+    def folder_of(found: str) -> str:
+        return found.rsplit("/", 1)[0] if "/" in found else ""
+
+    with_adapter = {folder_of(f) for f in store.find("adapter_config.json")}
+    for name in sorted(with_adapter | {folder_of(f) for f in store.find("run.json")}):
         if not name or any(part.startswith("checkpoint-") for part in name.split("/")):
             continue
         run = store.child(name)
         record = run.read_json("run.json") or {}
+        full = name not in with_adapter and (record.get("config") or {}).get("finetune") == "full"
+        if name not in with_adapter and not (full and run.exists("config.json")):
+            continue  # a run.json without a model yet (running, failed, a merged parent's folder)
         method = record.get("method") or _method_from_name(name.rsplit("/", 1)[-1])
         if methods and method not in methods:
             continue
-        path = Path(run.url()) if not store.remote else fetch(run, scratch_dir(runs_dir, "eval") / name)
+        local = scratch_dir(runs_dir, "eval") / name
+        path = Path(run.url()) if not store.remote else fetch(run, local, full_files(run) if full else FETCHED)
         base = record.get("base_model") or (run.read_json("adapter_config.json") or {}).get("base_model_name_or_path")
-        runs.append(RunInfo(name, path, run.url(), method, record.get("seed"), base, record.get("dataset"), record))
+        info = RunInfo(name, path, run.url(), method, record.get("seed"), base, record.get("dataset"), record, full)
+        runs.append(info)
     return runs
+
+
+def full_files(run: Store) -> tuple[str, ...]:
+    """The files a full fine-tuning run's model is made of (a sharded one lists its shards in its index)."""
+    shards = (run.read_json("model.safetensors.index.json") or {}).get("weight_map", {}).values()
+    return (*FULL_FETCHED, *sorted(set(shards)))
 
 
 def drop_fetched(runs_dir: str) -> None:

@@ -26,7 +26,7 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.common.terminal import calm
 from tunefleet.eval.results import BETTER, fetch, load_results, results_path
-from tunefleet.trainers.model import merge_adapter, save_tokenizer
+from tunefleet.trainers.model import merge_adapter, save_full_model, save_tokenizer
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -41,6 +41,8 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
 )
+# A full fine-tuning run keeps its whole model at the top of its folder, as save_pretrained writes it.
+FULL_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 COPIED = (*ADAPTER_FILES, *TOKENIZER_FILES, "run.json", "trainer_state.json")
 
 
@@ -85,7 +87,8 @@ def choose_best(runs_dir: str, metric: str, method: str | None = None, results_f
     sign = 1 if BETTER[metric] == "min" else -1
     name, entry = min(scored, key=lambda item: (sign * item[1][metric], item[0]))
     location = join(runs_dir, name)
-    if not Store(location).exists("adapter_config.json") and entry.get("model_path"):
+    run = Store(location)
+    if not (run.exists("adapter_config.json") or run.exists("run.json")) and entry.get("model_path"):
         location = entry["model_path"]  # results written by an older layout: where the evaluator found it
     return Chosen(name, location, entry, metric, float(entry[metric]), len(scored))
 
@@ -101,14 +104,20 @@ def evaluation_entry(location: str, name: str) -> dict:
     return load_results(join(parent, "evaluation_results.json")).get(name) or {}
 
 
-def local_run(location: str) -> Path:
-    """A local folder with the run's adapter, tokenizer and records (a store's run is fetched; checkpoints never)."""
+def local_run(location: str, full: bool = False) -> Path:
+    """A local folder with the run's adapter (or, for full fine-tuning, its model), tokenizer and records (a store's
+    run is fetched; checkpoints never)."""
     store = Store(location)
-    if not store.exists("adapter_config.json"):
+    kept = "model.safetensors" if full else "adapter_config.json"
+    if not store.exists(kept) and not (full and store.exists("model.safetensors.index.json")):
         hint = " (a checkpoint folder is not a run: give the run's folder)" if "checkpoint-" in location else ""
-        raise TunefleetError(f"{location} holds no adapter_config.json: not a finished run{hint}")
+        raise TunefleetError(f"{location} holds no {kept}: not a finished run{hint}")
     if not store.remote:
         return Path(location)
+    if full:
+        shards = (store.read_json("model.safetensors.index.json") or {}).get("weight_map", {}).values()
+        names = (*FULL_MODEL_FILES, *sorted(set(shards)), *TOKENIZER_FILES, "run.json", "trainer_state.json")
+        return fetch(store, scratch_dir(location, "export"), names)
     return fetch(store, scratch_dir(location, "export"), COPIED)
 
 
@@ -140,8 +149,11 @@ def export_run(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TunefleetError(f"{out} exists and is not empty; choose another --output_dir or pass --overwrite")
-    run_path = local_run(location)
     record = Store(location).read_json("run.json") or {}
+    full = finetune_of(record.get("config") or {}) == "full"
+    if full and adapter_only:
+        raise TunefleetError(f"--adapter_only: {location} is a full fine-tuning run (no adapter); export it whole")
+    run_path = local_run(location, full)
     check_finished(record, location)
     base = record.get("base_model") or (Store(location).read_json("adapter_config.json") or {}).get(
         "base_model_name_or_path"
@@ -155,7 +167,10 @@ def export_run(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        if adapter_only:
+        trust_remote_code = bool((record.get("config") or {}).get("trust_remote_code"))
+        if full:
+            saved_dtype = save_full_model(run_path, dtype, partial, trust_remote_code, record.get("method") == "rm")
+        elif adapter_only:
             for file in ADAPTER_FILES:
                 shutil.copy2(run_path / file, partial / file)
             saved_dtype = "adapter"
@@ -231,7 +246,9 @@ def model_card(chosen: Chosen, record: dict, base: str, saved: str, adapter_only
         ),
         (
             "LoRA r / alpha / dropout",
-            f"{config.get('lora_r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')}",
+            None
+            if finetune == "full"
+            else f"{config.get('lora_r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')}",
         ),
         ("fine-tuning", finetune),
         ("mean train loss", record.get("train_loss")),
@@ -356,7 +373,8 @@ def cmd_export(argv: list[str]) -> int:
         name = a.run.rstrip("/").rsplit("/", 1)[-1]
         chosen = Chosen(name, a.run, evaluation_entry(a.run, name))
     out = export_run(chosen.location, Path(a.output_dir), a.dtype, a.adapter_only, chosen, a.overwrite)
-    kind = "adapter" if a.adapter_only else "merged model"
+    full = finetune_of((Store(chosen.location).read_json("run.json") or {}).get("config") or {}) == "full"
+    kind = "adapter" if a.adapter_only else "model" if full else "merged model"
     print(f"wrote {kind} of {chosen.name} to {out}")
     if a.push_to_hub and token:
         print(f"pushed to {push(out, a.push_to_hub, a.private, token)}")

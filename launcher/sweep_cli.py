@@ -311,14 +311,17 @@ def _evaluate(spec, a) -> int:
                 by_stage.setdefault(run.lineage.stage, []).append(run.name)
         merged = {}
         for stage in spec.stages:
-            names = [
-                n for n in by_stage.get(stage.name, []) if Store(join(spec.runs_dir, n)).exists("adapter_config.json")
-            ]
+            names = [n for n in by_stage.get(stage.name, []) if has_model(Store(join(spec.runs_dir, n)))]
             if names:
                 merged = evaluate(spec.runs_dir, eval_settings(stage.eval, a.backend, names), None, a.address)
     print(table(merged))
     print(f"results: {join(spec.runs_dir, 'evaluation_results.json')}")
     return 1 if any(e.get("error") for e in merged.values()) else 0
+
+
+def has_model(run: Store) -> bool:
+    """A run folder holding what the evaluator scores: an adapter, or a full fine-tuning run's model."""
+    return run.exists("adapter_config.json") or run.exists("model.safetensors")
 
 
 def cmd_status(argv: list[str]) -> int:

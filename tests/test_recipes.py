@@ -306,15 +306,19 @@ def test_trls_dataset_mixture_form(tmp_path):
         config.from_dict({"method": "sft", **REQUIRED, "datasets": [{"path": "x", "data_dir": "d"}]})
 
 
-def test_full_fine_tuning_trains_every_weight_and_loads_as_a_plain_model(tmp_path, capsys, tiny_model):
+def test_full_fine_tuning_trains_every_weight_is_evaluated_beside_adapters_and_exports(tmp_path, capsys, tiny_model):
+    import torch
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "full"
-    code, stdout, stderr = run_cli(
-        capsys, "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", out,
-        "--finetune", "full", "--max_steps", 30, "--learning_rate", "1e-3", *FAST, "--per_device_train_batch_size", 8,
-    )  # fmt: skip
-    assert code == 0, stderr
+    runs = tmp_path / "runs"
+    for name, finetune, steps in (("sft_full", "full", 30), ("sft_lora", "lora", 4)):
+        code, stdout, stderr = run_cli(
+            capsys, "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", runs / name,
+            "--finetune", finetune, "--max_steps", steps, "--learning_rate", "1e-3", *FAST,
+            "--per_device_train_batch_size", 8,
+        )  # fmt: skip
+        assert code == 0, stderr
+    out = runs / "sft_full"
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
     losses = [e["loss"] for e in read_json(out / "trainer_state.json")["log_history"] if "loss" in e]
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5
@@ -323,6 +327,30 @@ def test_full_fine_tuning_trains_every_weight_and_loads_as_a_plain_model(tmp_pat
     changed = [n for n, p in trained.named_parameters() if not p.equal(base.get_parameter(n))]
     assert len(changed) == len(list(base.named_parameters()))  # every weight
     assert read_json(out / "run.json")["config"]["finetune"] == "full"
+
+    # The evaluator scores the full run as a model of its own, in the same plan as the adapter runs and the base.
+    code, stdout, stderr = run_cli(
+        capsys, "eval", "--runs_dir", runs, "--max_samples", 12, "--max_generation_samples", 1
+    )  # fmt: skip
+    assert code == 0, stderr
+    results = read_json(runs / "evaluation_results.json")
+    assert set(results) == {"base:tunefleet/tiny-qwen2", "sft_full", "sft_lora"}
+    full = results["sft_full"]
+    assert full["error"] is None and full["method"] == "sft" and full["base_model"] == "tunefleet/tiny-qwen2"
+    assert full["test_loss"] != results["base:tunefleet/tiny-qwen2"]["test_loss"]
+    assert full["win_rate_vs_base"] is not None and full["reward_accuracy"] is not None
+
+    # Export copies the model, or converts it to the dtype asked for; --adapter_only has no adapter to copy.
+    code, stdout, stderr = run_cli(
+        capsys, "export", out, "--output_dir", tmp_path / "exported", "--dtype", "bfloat16"
+    )  # fmt: skip
+    assert code == 0 and "wrote model of sft_full" in stdout, stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert exported.dtype == torch.bfloat16
+    assert exported.get_parameter("model.norm.weight").equal(trained.get_parameter("model.norm.weight").bfloat16())
+    assert "- full" in (tmp_path / "exported" / "README.md").read_text()
+    code, stdout, stderr = run_cli(capsys, "export", out, "--output_dir", tmp_path / "x", "--adapter_only")
+    assert code == 2 and "is a full fine-tuning run (no adapter)" in stderr
 
 
 # ------------------------------------------------------------------ TRL's options in sweeps and searches

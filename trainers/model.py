@@ -23,6 +23,10 @@ def resolve(name: str) -> str:
     folder = run_folder(name)
     if folder is not None:
         return str(merged_model(folder))
+    full = full_run_folder(name)
+    if full is not None:
+        check_finished_run(full)
+        return str(full)  # the whole model is there: nothing to merge
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -42,6 +46,38 @@ def run_folder(name: str) -> Path | None:
     """`name` as a local folder holding an adapter (a tunefleet run, or any PEFT adapter folder), else None."""
     path = Path(str(name)).expanduser()
     return path if (path / "adapter_config.json").is_file() else None
+
+
+def full_run_folder(name: str) -> Path | None:
+    """`name` as the folder of a full fine-tuning run (its whole model at the top, run.json saying so), else None."""
+    import json
+
+    path = Path(str(name)).expanduser()
+    record = path / "run.json"
+    if not record.is_file() or not (path / "config.json").is_file():
+        return None
+    try:
+        config = json.loads(record.read_text()).get("config") or {}
+    except ValueError:
+        return None
+    return path if config.get("finetune") == "full" else None
+
+
+def check_finished_run(folder: Path) -> None:
+    """A run folder used as a model must hold a whole model: a finished run."""
+    import json
+
+    status = json.loads((folder / "run.json").read_text()).get("status")
+    if status != "finished":
+        raise TunefleetError(
+            f"{folder} is a run that is {status}, not finished: its model is partial; finish it first "
+            "(rerun its command: it resumes from its latest checkpoint)"
+        )
+
+
+def model_digests(folder: Path) -> dict[str, str]:
+    """The sha256 (16 hex digits) of each weights file of a model folder."""
+    return {w.name: file_digest(w) for w in sorted(folder.glob("*.safetensors"))}
 
 
 def file_digest(path: Path) -> str:
@@ -67,11 +103,18 @@ def adapter_base(folder: Path) -> str:
 
 
 def root_model(name: str) -> str:
-    """The model a chain of runs started from: `name` itself, or for a run folder its base's root."""
+    """The model a chain of runs started from: `name` itself, or for a run folder (adapter or full) its base's root."""
+    import json
+
     seen = set()
-    while (folder := run_folder(name)) is not None and name not in seen:
+    while name not in seen:
         seen.add(name)
-        name = adapter_base(folder)
+        if (folder := run_folder(name)) is not None:
+            name = adapter_base(folder)
+        elif (full := full_run_folder(name)) is not None:
+            name = json.loads((full / "run.json").read_text()).get("base_model") or name
+        else:
+            break
     return name
 
 
@@ -225,6 +268,24 @@ def merge_adapter(run_path: Path, base: str, dtype: str, into: Path, trust_remot
     if reward_model:  # the score is read at each row's last real token
         merged.config.pad_token_id = load_tokenizer(base, trust_remote_code).pad_token_id
     merged.save_pretrained(into)
+    return target
+
+
+def save_full_model(run_path: Path, dtype: str, into: Path, trust_remote_code: bool, reward_model: bool) -> str:
+    """A full fine-tuning run's own model, copied (dtype auto: as trained) or converted to `dtype`, as safetensors.
+    Returns the dtype saved."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+    try:
+        loaded = auto.from_pretrained(run_path, dtype="auto", trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise TunefleetError(f"cannot load the model of {run_path}: {first_line(exc)}") from None
+    target = dtype if dtype != "auto" else str(loaded.dtype).removeprefix("torch.")
+    loaded = loaded.to(getattr(torch, target))
+    loaded.config.dtype = getattr(torch, target)
+    loaded.save_pretrained(into)
     return target
 
 

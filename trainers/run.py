@@ -242,12 +242,21 @@ def parent_lineage(cfg) -> dict | None:
     from tunefleet.trainers import model
 
     folder = model.run_folder(cfg.model_name)
-    if folder is None:
+    if folder is not None:
+        return {
+            "parent_name": folder.resolve().name,
+            "root_model": model.root_model(cfg.model_name),
+            **model.lineage(folder),
+        }
+    full = model.full_run_folder(cfg.model_name)
+    if full is None:
         return None
-    return {
-        "parent_name": folder.resolve().name,
+    return {  # a full fine-tuning parent is its own model: its weights' hashes stand for it
+        "parent_name": full.resolve().name,
         "root_model": model.root_model(cfg.model_name),
-        **model.lineage(folder),
+        "parent": str(full.resolve()),
+        "base_model": (read_json(full / "run.json") or {}).get("base_model"),
+        "weights_sha256": model.model_digests(full),
     }
 
 
@@ -255,6 +264,13 @@ def parent_changed(cfg, record: dict) -> str | None:
     """Why this run's checkpoints no longer fit its parent (retrained or overwritten since), or None."""
     from tunefleet.trainers import model
 
+    full = model.full_run_folder(cfg.model_name)
+    weights_before = (record.get("lineage") or {}).get("weights_sha256")
+    if full is not None and weights_before and model.model_digests(full) != weights_before:
+        return (
+            f"{cfg.output_dir} was trained from {cfg.model_name}, whose weights changed since (retrained), so this "
+            "run's checkpoints continue a model that is gone: pass --overwrite to train it again from the new parent"
+        )
     before = (record.get("lineage") or {}).get("adapter_sha256")
     folder = model.run_folder(cfg.model_name)
     if not before or folder is None or not (folder / "adapter_model.safetensors").is_file():

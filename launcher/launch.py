@@ -63,8 +63,11 @@ def choose_config(
     dtype_bytes: int,
     device_mem: int | None,
     share: float = ZERO3_SHARE,
+    full: bool = False,
 ) -> LaunchChoice:
-    """DDP, or ZeRO-3 when the weights would not leave room on one device (pure)."""
+    """DDP, or ZeRO-3 when the weights would not leave room on one device (pure). `full`: full fine-tuning, where
+    every weight also has a gradient and two Adam moments (in the weights' dtype): ZeRO-3 when they do not fit one
+    device, with CPU offload when even sharded over the processes they would not."""
     if asks_for_config(requested):
         return LaunchChoice(requested, f"asked for with --accelerate_config {requested}")
     if num_processes == 1:
@@ -73,8 +76,26 @@ def choose_config(
         return LaunchChoice("ddp", "no GPU: data parallel over gloo on CPU processes")
     if n_params is None:
         return LaunchChoice("ddp", "model size unknown (config not readable): plain data parallel")
-    weights, limit = n_params * dtype_bytes, share * device_mem
     gib = 2**30
+    limit = share * device_mem
+    if full:
+        states = n_params * dtype_bytes * 4  # weights, gradients, two Adam moments
+        what = f"weights, gradients and Adam states {states / gib:.1f} GiB"
+        if states / num_processes > limit:
+            return LaunchChoice(
+                "zero3_offload",
+                f"{what}, {states / num_processes / gib:.1f} GiB a process even sharded over {num_processes}, "
+                f"> {share:.0%} of one device's {device_mem / gib:.0f} GiB: ZeRO-3 with the optimizer and "
+                "parameters offloaded to CPU memory",
+            )
+        if states > limit:
+            return LaunchChoice(
+                "zero3", f"{what} > {share:.0%} of one device's {device_mem / gib:.0f} GiB: shard them with ZeRO-3"
+            )
+        return LaunchChoice(
+            "ddp", f"{what} <= {share:.0%} of one device's {device_mem / gib:.0f} GiB: every GPU holds a copy (DDP)"
+        )
+    weights = n_params * dtype_bytes
     if weights > limit:
         return LaunchChoice(
             "zero3",
@@ -217,7 +238,9 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
     dtype = compute_dtype(cfg.bf16)
     mem = torch.cuda.get_device_properties(0).total_memory if has_gpu else None
     n_params = count_params(cfg.model_name, cfg.trust_remote_code) if cfg.num_processes > 1 else None
-    choice = choose_config(cfg.accelerate_config, cfg.num_processes, n_params, dtype.itemsize, mem)
+    choice = choose_config(
+        cfg.accelerate_config, cfg.num_processes, n_params, dtype.itemsize, mem, full=cfg.finetune == "full"
+    )
     if choice.config is not None:
         path = accelerate_config_path(choice.config)
         if path is None or not path.exists():

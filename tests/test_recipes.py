@@ -498,3 +498,41 @@ def test_push_to_hub_without_a_reachable_hub_is_one_line_before_training(env, me
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
     assert not (out / "trainer_state.json").exists() and "step 1 " not in proc.stdout
+
+
+def test_auto_launch_counts_a_full_runs_gradients_and_optimizer_states():
+    from tunefleet.launcher.launch import choose_config
+    from tunefleet.trainers import memory
+
+    gib = 2**30
+    # 7B in bf16: 13 GiB of weights fit one 80 GiB GPU for LoRA; 52 GiB of weights + gradients + Adam do not.
+    assert choose_config("auto", 8, 7 * 10**9, 2, 80 * gib).config == "ddp"
+    sharded = choose_config("auto", 8, 7 * 10**9, 2, 80 * gib, full=True)
+    assert sharded.config == "zero3" and "weights, gradients and Adam states 52.2 GiB > 50%" in sharded.reason
+    # 70B: 522 GiB, 65 GiB a process over 8 GPUs: still more than half of one, so offload as well.
+    offload = choose_config("auto", 8, 70 * 10**9, 2, 80 * gib, full=True)
+    assert offload.config == "zero3_offload" and "65.2 GiB a process even sharded over 8" in offload.reason
+    assert choose_config("auto", 2, 10**8, 2, 80 * gib, full=True).config == "ddp"
+    # The memory estimate (GPU packing) counts the same states, and DPO's reference copy.
+    shape = memory.ModelShape(10**9, 8 * 10**8, 2048, 24, 16, 512, 5504, 32000)
+    lora = memory.estimate(shape, "sft", 1, 512, qlora=False)
+    full = memory.estimate(shape, "sft", 1, 512, full=True)
+    assert full.adapter == 3 * 2 * 10**9 and full.weights == lora.weights
+    assert memory.estimate(shape, "dpo", 1, 512, full=True).weights == 2 * full.weights
+
+
+def test_a_two_process_zero3_full_fine_tuning_run_on_cpu(tmp_path, capsys, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "z3"
+    code, stdout, stderr = run_cli(
+        capsys, "train", "--method", "sft", *TINY, "--split", "train_sft", "--output_dir", out, "--finetune", "full",
+        "--max_steps", 4, "--save_steps", 2, "--learning_rate", "1e-3", *FAST,
+        "--num_processes", 2, "--accelerate_config", "zero3",
+    )  # fmt: skip
+    assert code == 0, stderr[-3000:]
+    record = read_json(out / "run.json")
+    assert (record["status"], record["world_size"], record["launch"]["accelerate_config"]) == ("finished", 2, "zero3")
+    trained = AutoModelForCausalLM.from_pretrained(out)  # gathered whole from the shards at the save
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not any(p.equal(base.get_parameter(n)) for n, p in trained.named_parameters())

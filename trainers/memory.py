@@ -1,6 +1,7 @@
 """Peak memory of a training run, estimated from the model's config before anything loads.
 
-What a QLoRA/LoRA run holds at its peak, per device:
+What a QLoRA/LoRA run holds at its peak, per device (a full fine-tuning run: the weights in the compute dtype, and a
+gradient and two Adam moments for each, instead of the adapter):
 - weights: linear layers in 4 bits (NF4 + double-quantized absmax, ~0.52 byte/param) with QLoRA, else in the
   compute dtype; embeddings and norms in the compute dtype;
 - the adapter: LoRA A and B on every linear layer (rank r), fp32, with gradients and two Adam moments (16
@@ -111,15 +112,19 @@ def estimate(
     quadratic_attention: bool = False,
     completion_len: int = 64,
     device: str = "gpu",
+    full: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes of one training process (pure). `device`: "gpu" (what `max_memory_allocated` counts) or "cpu"
     (resident memory: the safetensors pages of the weights stay mapped beside the tensors, and TRL's LM head runs
-    its torch fallback)."""
+    its torch fallback). `full`: full fine-tuning: no adapter, but every weight has a gradient and two Adam
+    moments in its own dtype (counted under `adapter`, the trained state)."""
     dense = shape.params - shape.linear_params
-    weights = shape.linear_params * (NF4_BYTES if qlora else dtype_bytes) + dense * dtype_bytes
+    weights = shape.linear_params * (NF4_BYTES if qlora and not full else dtype_bytes) + dense * dtype_bytes
     if device == "cpu":
         weights += shape.params * dtype_bytes
-    adapter = lora_r * shape.lora_in_out * shape.layers * 16
+    if full and method in ("dpo", "kto"):
+        weights += shape.params * dtype_bytes  # without adapters to turn off, TRL keeps a reference copy
+    adapter = shape.params * dtype_bytes * 3 if full else lora_r * shape.lora_in_out * shape.layers * 16
     sequences = batch * {"dpo": 2, "orpo": 2, "kto": 2, "rm": 2}.get(method, 1)
     length = seq_len + (completion_len if method == "grpo" else 0)
     tokens = sequences * length
@@ -162,6 +167,7 @@ def estimate_run(
         quadratic_attention=quadratic_attention,
         completion_len=cfg.max_completion_length or 64,
         device=device,
+        full=cfg.finetune == "full",
     )
 
 

@@ -536,3 +536,31 @@ def test_a_two_process_zero3_full_fine_tuning_run_on_cpu(tmp_path, capsys, tiny_
     trained = AutoModelForCausalLM.from_pretrained(out)  # gathered whole from the shards at the save
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert not any(p.equal(base.get_parameter(n)) for n, p in trained.named_parameters())
+
+
+def test_a_full_fine_tuning_run_is_a_later_stages_base_without_a_merge(tmp_path, tiny_model):
+    (tmp_path / "sft.yaml").write_text(
+        SFT_RECIPE.replace("use_peft: true\n", "").replace("lora_target_modules: all-linear\n", "")
+    )
+    (tmp_path / "dpo.yaml").write_text(DPO_RECIPE)
+    spec = {
+        "name": "full_then_lora",
+        "runs_dir": str(tmp_path / "runs"),
+        "eval": {"max_samples": 12, "max_generation_samples": 1},
+        "stages": {
+            "sft": {"grid": {"method": ["sft"], "seed": [1]}, "methods": {"sft": {"recipe": "sft.yaml"}}},
+            "aligned": {"from": "sft", "grid": {"method": ["dpo"]}, "methods": {"dpo": {"recipe": "dpo.yaml"}}},
+        },
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    tunefleet("sweep", tmp_path / "spec.yaml", "--eval")
+    parent, child = tmp_path / "runs" / "sft_tiny-qwen2_s1", tmp_path / "runs" / "sft_tiny-qwen2_s1-dpo"
+    assert read_json(parent / "run.json")["config"]["finetune"] == "full" and not (parent / "merged").exists()
+    lineage = read_json(child / "run.json")["lineage"]
+    assert lineage["parent_name"] == parent.name and lineage["root_model"] == "tunefleet/tiny-qwen2"
+    assert set(lineage["weights_sha256"]) == {"model.safetensors"}
+    results = read_json(tmp_path / "runs" / "evaluation_results.json")
+    assert results[parent.name]["win_rate_vs_base"] is not None and results[parent.name]["error"] is None
+    assert (
+        results[child.name]["win_rate_vs_parent"] is not None and results[child.name]["win_rate_vs_base"] is not None
+    )

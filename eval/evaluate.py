@@ -19,7 +19,7 @@ from tunefleet.eval import plan, results
 from tunefleet.eval.progress import shard_progress
 from tunefleet.eval.settings import EvalData, EvalSettings
 from tunefleet.eval.worker import ShardResult
-from tunefleet.trainers.model import full_run_folder, reward_model_path, root_model, run_folder
+from tunefleet.trainers.model import full_run_folder, read_chat_template, reward_model_path, root_model, run_folder
 
 
 def base_key(model: str) -> str:
@@ -68,7 +68,7 @@ def evaluate(
         # lm-eval missing, an unknown task, unreachable data: one line now, before any model loads
         check_tasks(settings.benchmark_tasks(), settings.include_path)
 
-    groups: dict[tuple[str, str], list] = {}  # one base model loaded per (base, dataset)
+    groups: dict[tuple[str, str, str | None], list] = {}  # one base model loaded per (base, dataset, chat template)
     updates = {}
     # reward models are scored on the pairs; the language models from their base, in groups
     updates.update(_evaluate_reward_models([run for run in runs if run.method == "rm"], settings, existing))
@@ -77,17 +77,21 @@ def evaluate(
         base = settings.base_model or run.base_model
         dataset = settings.dataset or run.dataset
         if base and dataset and run.full:
-            groups.setdefault((root_model(base), dataset), [])  # the raw base's row: what its win rates compare with
+            groups.setdefault((root_model(base), dataset, None), [])  # the raw base's row: what it is compared with
             full_runs.append((run, dataset))
         elif base and dataset:
-            groups.setdefault((base, dataset), []).append(run)
+            # A run trained with its own chat template is scored with it (and so is its group's base row).
+            template = (run.record.get("config") or {}).get("chat_template")
+            groups.setdefault((base, dataset, read_chat_template(template) if template else None), []).append(run)
         else:
             updates[run.name] = results.empty_entry(run.name, run.location) | {
                 "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"
             }
     try:
         # runs from the raw base first: the runs that start from a parent compare with that base's answers
-        for (base, dataset), members in sorted(groups.items(), key=lambda g: run_folder(g[0][0]) is not None):
+        for (base, dataset, template), members in sorted(
+            groups.items(), key=lambda g: (run_folder(g[0][0]) is not None, g[0][2] is not None)
+        ):
             updates.update(
                 _evaluate_group(
                     base,
@@ -100,6 +104,7 @@ def evaluate(
                     address,
                     progress,
                     {**existing, **updates},
+                    chat_template=template,
                 )
             )
         for run, dataset in full_runs:
@@ -210,10 +215,14 @@ def _evaluate_group(
     progress: bool,
     results_so_far: dict | None = None,
     full_run=None,
+    chat_template: str | None = None,
 ) -> dict:
     """Score `runs` (adapters) on `base` loaded once, with the base's own row; `full_run`: a full fine-tuning run
-    (base is its folder), scored alone as the group's model and compared with the raw base it started from."""
+    (base is its folder), scored alone as the group's model and compared with the raw base it started from;
+    `chat_template`: the runs' own template (the base's row under it is named after it)."""
     fp_settings = settings.fingerprint_fields() | {"dataset": dataset, "base": base, "rewards": list(reward_funcs)}
+    if chat_template:
+        fp_settings["chat_template"] = chat_template
     fp_settings["reward_model_weights"] = weights_identity(reward_model)  # a retrained reward model judges anew
     todo, updates = [], {}
     for run in runs:
@@ -224,6 +233,8 @@ def _evaluate_group(
         else:
             todo.append((run, fp))
     base_name = full_run.name if full_run else base_key(base)
+    if chat_template and not full_run:
+        base_name += f" @template-{hashlib.sha256(chat_template.encode()).hexdigest()[:8]}"
     base_fp = hashlib.sha256(repr(sorted(fp_settings.items())).encode()).hexdigest()[:16]
     if full_run:
         base_fp = full_run.fingerprint(fp_settings)
@@ -247,6 +258,7 @@ def _evaluate_group(
         num_fewshot=settings.num_fewshot,
         limit=settings.limit,
         include_path=settings.include_path,
+        chat_template=chat_template,
     )
     targets = {base_name: None} | {run.name: str(run.path) for run, _ in todo}
     from tunefleet.eval.worker import load_eval_data

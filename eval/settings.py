@@ -118,6 +118,7 @@ class EvalData:
     num_fewshot: int | None = None
     limit: int | None = None
     include_path: str | None = None
+    chat_template: str | None = None  # the runs' own template (their `chat_template`), else the base model's
 
     @property
     def heldout(self) -> int:

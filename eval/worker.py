@@ -125,7 +125,7 @@ class Scorer:
 
         from tunefleet.trainers.model import load_tokenizer, resolve
 
-        self.tokenizer = load_tokenizer(base_model, trust_remote_code)
+        self.tokenizer = load_tokenizer(base_model, trust_remote_code, chat_template=data_spec.chat_template)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
         self.base = AutoModelForCausalLM.from_pretrained(

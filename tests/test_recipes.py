@@ -237,10 +237,12 @@ warmup_ratio: 0.1
 """
 
 
-def test_a_handbook_recipe_in_trls_form_trains_as_written(tmp_path, tiny_model):
+def test_a_handbook_recipe_in_trls_form_trains_as_written(tmp_path, tiny_model, capsys):
+    import hashlib
+
     import torch
 
-    recipe, out = tmp_path / "dpo.yaml", tmp_path / "out"
+    recipe, out = tmp_path / "dpo.yaml", tmp_path / "runs" / "dpo_handbook"
     recipe.write_text(HANDBOOK_DPO + f"output_dir: {out}\n")
     log = tunefleet("train", "--method", "dpo", "--config", recipe).stdout
     assert log.index("config: read in TRL's form") < log.index("step 1 ")
@@ -259,6 +261,15 @@ def test_a_handbook_recipe_in_trls_form_trains_as_written(tmp_path, tiny_model):
     assert (train["rows"], held_out["rows"]) == (720, 80)  # test_split_size 0.1 of the 800
     history = read_json(out / "trainer_state.json")["log_history"]
     assert [e["step"] for e in history if "eval_loss" in e] == [2]  # evaluated on the held-out rows
+    # The evaluation renders conversations with the run's template: its group (and base row) is scored under it.
+    code, stdout, stderr = run_cli(
+        capsys, "eval", "--runs_dir", tmp_path / "runs", "--dataset", "tunefleet/tiny-ultrafeedback",
+        "--max_samples", 8, "--max_generation_samples", 1,
+    )  # fmt: skip
+    assert code == 0, stderr
+    template = yaml.safe_load(HANDBOOK_DPO)["chat_template"]
+    base_row = f"base:tunefleet/tiny-qwen2 @template-{hashlib.sha256(template.encode()).hexdigest()[:8]}"
+    assert set(read_json(tmp_path / "runs" / "evaluation_results.json")) == {"dpo_handbook", base_row}
 
 
 def test_older_keys_are_honoured_with_a_note(tmp_path):

@@ -11,7 +11,9 @@
 #   2. whether 4-bit layers were really used (run.json qlora_4bit_layers) and the fast-path choices;
 #   3. the ZeRO-3 + QLoRA path (one process, deepspeed carried) loads and trains a few steps;
 #   4. packing: 4 QLoRA runs on one GPU at once (gpus_per_run: auto) vs one after another, as a throughput ratio,
-#      and the memory estimate against torch.cuda.max_memory_allocated of each run.
+#      and the memory estimate against torch.cuda.max_memory_allocated of each run;
+#   5. full fine-tuning on the GPU (bf16), plain and through ZeRO-3 (one process, deepspeed carried), from a recipe in
+#      TRL's form (no use_peft: the whole model trains): status, peak memory, the saved model's dtype.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}
@@ -48,3 +50,28 @@ fi
 echo "== 4. packing: 4 QLoRA runs on one GPU at once vs one after another; memory estimate vs measured"
 timeout 200 python3 bench/gpu_packing.py --runs 4 --steps 10 --json "$out/packing_gpu.json" 2>&1 \
   | grep -vE "Warning|warn\(" | tail -6 | tee "$out/packing_gpu.txt"
+
+echo "== 5. full fine-tuning from a recipe in TRL's form (bf16), plain and ZeRO-3"
+cat > /tmp/full_recipe.yaml <<'YAML'
+model_name_or_path: tunefleet/tiny-qwen2
+dataset_name: tunefleet/tiny-ultrafeedback
+dataset_train_split: train_sft
+torch_dtype: bfloat16
+bf16: true
+learning_rate: 1.0e-3
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+max_steps: 20
+per_device_train_batch_size: 8
+logging_steps: 5
+YAML
+for config in auto zero3; do
+  if [ "$config" = zero3 ] && ! python3 -c "import deepspeed" 2>/dev/null; then
+    echo "deepspeed not carried: ZeRO-3 full step skipped" | tee -a "$out/full_finetune.txt"; continue
+  fi
+  timeout 150 python3 -m tunefleet.launcher.cli train --method sft --config /tmp/full_recipe.yaml \
+    --output_dir "/tmp/full-$config" --accelerate_config "$config" --overwrite 2>&1 | tail -3 | tee -a "$out/full_finetune.txt"
+  python3 -c "import json, sys; r=json.load(open(sys.argv[1] + '/run.json')); print(sys.argv[2], {k: r.get(k) for k in \
+('status', 'distributed_type', 'peak_gpu_mb', 'train_runtime_s', 'launch')}, r['config']['finetune'])" "/tmp/full-$config" "$config" \
+    | tee -a "$out/full_finetune.txt"
+done

@@ -73,8 +73,10 @@ def plan_text(spec, runs) -> str:
         where = (f"{p.gpus:g} GPU" + (f" ({p.runs_per_gpu} per GPU)" if p.shared else "")) if p.gpus else "CPU"
         estimate = f", estimated {p.estimate_gb:g} GiB" if p.estimate_gb is not None else ""
         lines.append(
-            f"  {run.name}: {c.method} {c.model_name} seed {c.seed} split {c.split} lr {c.lr}\n"
+            f"  {run.name}: {c.method} {c.model_name} seed {c.seed} split {c.split} lr {c.lr} {c.finetune}\n"
             + (f"    {starts_from(run)}\n" if run.lineage else "")
+            + (f"    recipe: {c.recipe} ({c.config_form}'s form)\n" if c.recipe else "")
+            + (f"    TRL: {', '.join(f'{k}={v}' for k, v in c.trl_args.items())}\n" if c.trl_args else "")
             + f"    placement: {where}{estimate}, {p.cpus} CPU ({p.reason})\n"
             f"    {' '.join(map(str, cmd))}"
         )

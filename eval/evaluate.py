@@ -88,10 +88,15 @@ def evaluate(
                 "error": "base model or dataset unknown (no run.json): pass --base_model and --dataset"
             }
     try:
-        # runs from the raw base first: the runs that start from a parent compare with that base's answers
-        for (base, dataset, template), members in sorted(
-            groups.items(), key=lambda g: (run_folder(g[0][0]) is not None, g[0][2] is not None)
-        ):
+        # Runs from the raw base first: runs that start from a parent, and full runs, compare with its answers.
+        jobs = [
+            (base, dataset, members, template, None)
+            for (base, dataset, template), members in sorted(
+                groups.items(), key=lambda g: (run_folder(g[0][0]) is not None, g[0][2] is not None)
+            )
+        ]
+        jobs += [(str(run.path), dataset, [], None, run) for run, dataset in full_runs]
+        for base, dataset, members, template, full_run in jobs:
             updates.update(
                 _evaluate_group(
                     base,
@@ -104,23 +109,8 @@ def evaluate(
                     address,
                     progress,
                     {**existing, **updates},
+                    full_run=full_run,
                     chat_template=template,
-                )
-            )
-        for run, dataset in full_runs:
-            updates.update(
-                _evaluate_group(
-                    str(run.path),
-                    dataset,
-                    [],
-                    settings,
-                    reward_funcs,
-                    reward_model,
-                    existing,
-                    address,
-                    progress,
-                    {**existing, **updates},
-                    full_run=run,
                 )
             )
     finally:

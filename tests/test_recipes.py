@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -575,3 +576,29 @@ def test_a_full_fine_tuning_run_is_a_later_stages_base_without_a_merge(tmp_path,
     assert (
         results[child.name]["win_rate_vs_parent"] is not None and results[child.name]["win_rate_vs_base"] is not None
     )
+
+
+def test_a_field_a_newer_trl_adds_is_taken_without_a_tunefleet_change(tmp_path, monkeypatch):
+    """The field list is read from TRL's classes: a config class with one more field (as a TRL upgrade brings) is
+    accepted, typed and passed on with no change to tunefleet."""
+    import sys
+
+    import trl  # noqa: F401 - loaded here, the table is built in this process (where the stand-in class is found)
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    monkeypatch.setitem(trl_fields.METHOD_CLASSES, "dpo", ("newer_trl", "DPOConfigWithNewField"))
+    monkeypatch.setenv("TUNEFLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(trl_fields, "versions", lambda: "newer")  # the cache is kept per TRL version
+    trl_fields.table.cache_clear()
+    try:
+        cfg = config.parse_args(["--method", "dpo", *as_flags(REQUIRED), "--reward_temperature", "0.7"])
+        assert cfg.trl_args == {"reward_temperature": 0.7}
+        with pytest.raises(TunefleetError, match="bad value for 'reward_temperature': expected float"):
+            config.parse_args(["--method", "dpo", *as_flags(REQUIRED), "--reward_temperature", "warm"])
+        config_class = trl_fields.load_class("newer_trl", "DPOConfigWithNewField")
+        args = run.trl_config(config_class, cfg, output_dir=str(tmp_path), use_cpu=True, report_to=[])
+        assert args.reward_temperature == 0.7
+        assert (tmp_path / "cache" / "trl_fields-v2-newer.json").is_file()
+    finally:
+        sys.path.remove(str(Path(__file__).parent / "helpers"))
+        trl_fields.table.cache_clear()

@@ -43,7 +43,7 @@ def cmd_train(argv: list[str]) -> int:
 
     choice, env = plan_launch(cfg)
     if choice.config is None:
-        from tunefleet.trainers import recovery
+        from tunefleet.trainers import checkpoints, recovery
         from tunefleet.trainers.run import Preempted
         from tunefleet.trainers.train import run
 
@@ -52,6 +52,9 @@ def cmd_train(argv: list[str]) -> int:
         except Preempted as exc:
             print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
             return 128 + exc.signum
+        except checkpoints.DiskFull as exc:
+            print(f"stopped: {exc}", file=sys.stderr)
+            return checkpoints.DISK_FULL_EXIT
         except recovery.OutOfMemory as exc:
             print(f"error: {recovery.no_smaller_setup(exc, cfg)}", file=sys.stderr)
             return 3

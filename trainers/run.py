@@ -32,7 +32,7 @@ from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, StoreUnavailable, refuse_ray_job_temp, scratch_dir
 from tunefleet.common.tracking import Tracking
-from tunefleet.trainers import data, heldout, memory, recovery, trl_fields
+from tunefleet.trainers import checkpoints, data, heldout, memory, recovery, trl_fields
 from tunefleet.trainers.config import model_short
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.speed import FastPath
@@ -44,16 +44,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-CHECKPOINT_MARKER = ".tunefleet-complete"  # written last into a stored checkpoint: what makes it complete
-
-
-def latest_checkpoint(output_dir: Path) -> str | None:
-    steps = [
-        (int(p.name.split("-")[1]), p)
-        for p in output_dir.glob("checkpoint-*")
-        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").exists()
-    ]
-    return str(max(steps)[1]) if steps else None
+CHECKPOINT_MARKER = checkpoints.MARKER  # written last into a checkpoint (and a stored one): what makes it whole
 
 
 def complete_checkpoints(store: Store) -> list[int]:
@@ -102,6 +93,7 @@ class RunFolder:
         self.store_retry_s = store_retry_s
         self.tracking: Tracking | None = None  # set by start_tracking in the main process
         self.progress_failed = False
+        self.set_aside: list[checkpoints.SetAside] = []  # torn checkpoints a rerun moved aside (run.json)
 
     def write_json(self, name: str, data, durable: bool = True) -> None:
         if is_main_process():
@@ -195,7 +187,7 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
     if not folder.store.remote:
         if folder.local.exists() and not folder.local.is_dir():
             raise TunefleetError(f"--output_dir {cfg.output_dir} is a file, not a folder")
-        return folder, latest_checkpoint(folder.local) if folder.local.exists() else None
+        return folder, resume_point(folder)
     ready = folder.local / ".ready"
     launch = os.environ.get("MASTER_PORT", "one process")  # tells this launch's marker from an older one
     if is_main_process():
@@ -222,7 +214,15 @@ def prepare_output_dir(cfg) -> tuple[RunFolder, str | None]:
             if time.time() > deadline:
                 raise TunefleetError(f"timed out waiting for the main process to fetch {cfg.output_dir}")
             time.sleep(0.5)
-    return folder, latest_checkpoint(folder.local)
+    return folder, resume_point(folder)
+
+
+def resume_point(folder: RunFolder) -> str | None:
+    """The newest whole checkpoint of the run's local folder; torn ones are set aside (and remembered for run.json)."""
+    if not folder.local.is_dir():
+        return None
+    resume, folder.set_aside = checkpoints.resumable(folder.local, is_main_process())
+    return resume
 
 
 LAUNCHER_FILES = ("train.log", "launch.json", "config.yaml")  # written by the launcher of this very attempt
@@ -702,6 +702,7 @@ def start_record(cfg, folder: RunFolder, resume_from: str | None, extra: dict | 
         "lineage": parent_lineage(cfg),
         "node_id": os.environ.get("TUNEFLEET_NODE_ID"),
         "resumed_from": resume_from,
+        **({"set_aside": [a.record() for a in folder.set_aside]} if folder.set_aside else {}),
         "versions": versions(),
         "git_commit": git_commit(),
         "host": platform.node(),
@@ -767,6 +768,28 @@ def store_failed(folder: RunFolder, record: dict, step: int, exc: StoreUnavailab
     )
 
 
+def disk_full(folder: RunFolder, record: dict, clock, step: int, exc: Exception) -> checkpoints.DiskFull:
+    """The disk could not take a checkpoint: its partial files go, the last whole one stays, the run is interrupted
+    (the same command resumes once there is room). One line says where, how much is free and what a save needs."""
+    steps = checkpoints.steps_of(folder.local)
+    written = checkpoints.size_of(steps[0][1]) if steps else 0  # the partial one, before it goes
+    removed = checkpoints.remove_partial(folder.local) if is_main_process() else []
+    if isinstance(exc, checkpoints.DiskFull):
+        why = str(exc)
+    else:
+        mib = 2**20
+        why = (
+            f"the disk filled during a checkpoint in {folder.local}: {written / mib:.1f} MiB of it were written, "
+            f"{shutil.disk_usage(folder.local).free / mib:.1f} MiB are free now"
+            + (f" (its partial files removed: {', '.join(removed)})" if removed else "")
+            + "; free some space (or lower save_total_limit) and run the same command again: it resumes from the "
+            "last whole checkpoint"
+        )
+    finish_record(folder, record, RunStatus.INTERRUPTED, clock, error=why, global_step=step)
+    folder.clean_scratch()
+    return checkpoints.DiskFull(why)
+
+
 def check_world_size(launched: int, seen: int) -> None:
     """Refuse N launched processes that each train as a world of one (they would all write one folder).
 
@@ -826,7 +849,10 @@ def train_and_save(
     clock = startup_clock()
     trainer.add_callback(clock)
     if folder.store.remote:
-        trainer.add_callback(checkpoint_upload_callback(folder))
+        trainer.add_callback(checkpoint_upload_callback(folder))  # marks each checkpoint itself, as it uploads
+    trainer.add_callback(
+        checkpoints.checkpoint_callback(folder.local, args.save_total_limit, mark=not folder.store.remote)
+    )
     record = start_record(cfg, folder, resume_from, extra)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
@@ -842,6 +868,8 @@ def train_and_save(
     except StoreUnavailable as exc:
         raise store_failed(folder, record, trainer.state.global_step, exc) from None
     except Exception as exc:
+        if isinstance(exc, checkpoints.DiskFull) or checkpoints.is_disk_full(exc, folder.local):
+            raise disk_full(folder, record, clock, trainer.state.global_step, exc) from None
         error = f"{type(exc).__name__}: {first_line(exc)}"
         out_of_memory = recovery.is_out_of_memory(exc)
         step = trainer.state.global_step

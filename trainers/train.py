@@ -15,6 +15,7 @@ from tunefleet.common import hub, terminal
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.storage import Store
 from tunefleet.trainers import memory, recovery
+from tunefleet.trainers.checkpoints import DISK_FULL_EXIT, DiskFull
 from tunefleet.trainers.config import parse_args
 from tunefleet.trainers.run import Preempted
 
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
         return 128 + exc.signum
+    except DiskFull as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return DISK_FULL_EXIT
     finally:
         close_process_group()
     return 0

@@ -148,6 +148,10 @@ def test_translated_names_mean_what_they_mean_in_trl(tmp_path):
         (["--lr_sheduler_type", "cosine"], "unknown key 'lr_sheduler_type' (did you mean 'lr_scheduler_type'?)"),
         (["--packing", "true"], "'packing' is an option of SFTConfig (sft), not of dpo's DPOConfig"),
         (["--num_generations", "8"], "--num_generations: GRPO only, not dpo"),
+        (
+            ["--max_prompt_length", "512"],
+            "'max_prompt_length': TRL 1.16's DPOConfig no longer cuts prompts on their own",
+        ),
         (["--warmup_steps", "some"], "bad value for 'warmup_steps': expected float, got 'some'"),
         (["--optim", "adamw_tourch"], "bad value for 'optim': expected one of"),
         (["--model_name_or_path", "x"], "'model_name' and 'model_name_or_path' are one setting (model_name)"),
@@ -284,6 +288,7 @@ def test_older_keys_are_honoured_with_a_note(tmp_path):
                 "dataset_splits": ["train_prefs", "test_prefs"],
                 "evaluation_strategy": "steps",
                 "max_seq_length": 128,
+                "preprocessing_num_workers": 2,
                 "output_dir": "o",
             }
         )
@@ -291,6 +296,7 @@ def test_older_keys_are_honoured_with_a_note(tmp_path):
     cfg = config.parse_args(["--config", str(path)])
     assert cfg.mixture and (cfg.mixture[0].portion, cfg.mixture[0].split) == (0.5, "train_prefs")
     assert (cfg.eval_split, cfg.max_length, cfg.trl_args["eval_strategy"]) == ("test_prefs", 128, "steps")
+    assert cfg.trl_args["dataset_num_proc"] == 2
     notes = " ".join(cfg.config_notes)
     assert "'dataset_mixer' read as a mixture (today's key: dataset_mixture)" in notes
     assert (

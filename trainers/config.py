@@ -471,12 +471,16 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
     grpo_only = [
         *(["num_generations"] if cfg.num_generations != FIELDS["num_generations"].default else []),
         "temperature",
-        "max_prompt_length",
         "reward_weights",
         "scale_rewards",
         "mask_truncated_completions",
         "use_vllm",
     ]
+    if cfg.max_prompt_length and cfg.method != "grpo":
+        raise TunefleetError(
+            f"{where}'max_prompt_length': TRL 1.16's {trl_fields.METHOD_CLASSES[cfg.method][1]} no longer cuts prompts "
+            "on their own (max_length caps prompt and completion together): remove it (tunefleet reads it for GRPO)"
+        )
     given = [name for name in grpo_only if getattr(cfg, name) not in (None, False)]
     if cfg.method and cfg.method != "grpo" and given:
         raise TunefleetError(f"{where}{', '.join('--' + n for n in given)}: GRPO only, not {cfg.method}")

@@ -29,6 +29,7 @@ RENAMED = {
     "max_seq_length": ("max_length", "TRL 0.20 renamed it"),
     "overwrite_output_dir": ("overwrite", "transformers 5 removed it; tunefleet's overwrite retrains a finished run"),
     "preprocessing_num_workers": ("dataset_num_proc", "the alignment-handbook's name; TRL's configs call it so"),
+    "text_column": ("dataset_text_field", "the alignment-handbook's older name; TRL's SFTConfig calls it so"),
 }
 # Keys that name something tunefleet cannot do as asked: refused in one line, never dropped.
 REFUSED = {

@@ -399,7 +399,7 @@ def with_recipe(own: recipe_file.Read, given: dict[str, Any], where: str = "") -
     digest = own.values.get("recipe_sha256") or hashlib.sha256(Path(path).read_bytes()).hexdigest()
     values = {**{k: v for k, v in base.values.items() if k not in own.values}, **own.values, "recipe_sha256": digest}
     notes = [f"recipe {path} (sha256 {digest[:12]}), in {base.form}'s form", *base.notes]
-    notes += [n for n in own.notes if n not in notes and not n.startswith("read in TRL's form")]
+    notes += [n for n in own.notes if n not in notes]
     return recipe_file.Read(values, form, notes)
 
 
@@ -407,15 +407,14 @@ def build(read: recipe_file.Read, where: str = "", check_required: bool = True) 
     """A TrainConfig from settings already in tunefleet's keys: TRL fields go to `trl_args`; TRL's form takes TRL's
     defaults for what it leaves out."""
     own: dict[str, Any] = {}
-    trl: dict[str, Any] = dict(read.values.get("trl_args") or {})
+    trl = {k: trl_fields.coerce(k, v, where) for k, v in (read.values.get("trl_args") or {}).items()}  # a record's
     for key, value in read.values.items():
         if key in ("trl_args", "config_form", "config_notes"):
             continue
         if key in FIELDS:
             own[key] = coerce(key, value, where)
         else:
-            trl[key] = coerce(key, value, where)
-    trl = {k: trl_fields.coerce(k, v, where) for k, v in trl.items()}
+            trl[key] = coerce(key, value, where)  # a TRL field (anything else is refused here, nearest name given)
     notes = list(read.values.get("config_notes") or [])
     notes += [n for n in read.notes if n not in notes]
     method = own.get("method")

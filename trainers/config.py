@@ -407,7 +407,8 @@ def build(read: recipe_file.Read, where: str = "", check_required: bool = True) 
     """A TrainConfig from settings already in tunefleet's keys: TRL fields go to `trl_args`; TRL's form takes TRL's
     defaults for what it leaves out."""
     own: dict[str, Any] = {}
-    trl = {k: trl_fields.coerce(k, v, where) for k, v in (read.values.get("trl_args") or {}).items()}  # a record's
+    recorded: dict[str, Any] = read.values.get("trl_args") or {}  # a run record's TRL options
+    trl: dict[str, Any] = {k: trl_fields.coerce(k, v, where) for k, v in recorded.items()}
     for key, value in read.values.items():
         if key in ("trl_args", "config_form", "config_notes"):
             continue

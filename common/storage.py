@@ -206,6 +206,30 @@ class Store:
         # one PUT: the object appears whole or not at all
         self._call(f"write {self.url(name)}", self.fs.pipe_file, self._remote(name), data)
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write `name` only if it does not exist (False when it does): O_EXCL on a filesystem (NFS honours it), a
+        conditional put (If-None-Match) in an object store."""
+        if not self.remote:
+            path = self._local(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return True
+        try:
+            self._call(f"write {self.url(name)}", self.fs.pipe_file, self._remote(name), data, mode="create")
+        except StoreUnavailable as exc:
+            cause = f"{exc} {exc.__cause__!r}"
+            if "PreconditionFailed" in cause or "412" in cause or "FileExistsError" in cause:
+                return False
+            raise
+        except FileExistsError:
+            return False
+        return True
+
     def read_bytes(self, name: str) -> bytes | None:
         try:
             if not self.remote:

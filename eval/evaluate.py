@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError, first_line
-from tunefleet.common.storage import refuse_ray_job_temp
+from tunefleet.common.runlock import EVAL_LOCK_NAME, RunLock
+from tunefleet.common.storage import Store, refuse_ray_job_temp
 from tunefleet.common.tracking import Tracking, log_evaluation
 from tunefleet.eval import plan, results
 from tunefleet.eval.progress import shard_progress
@@ -39,6 +40,17 @@ def evaluate(
     """Evaluate, merge into the results file, rebuild the report. Returns the whole results dict."""
     settings = settings or EvalSettings()
     refuse_ray_job_temp(runs_dir, "--runs_dir")
+    if not Store(runs_dir).exists():
+        raise TunefleetError(f"runs_dir {runs_dir} does not exist")
+    # One evaluator writes a runs folder's results at a time; a second waits, then reuses what the first scored.
+    with RunLock(Store(runs_dir), purpose="evaluation", name=EVAL_LOCK_NAME).acquire_waiting():
+        return evaluate_held(runs_dir, settings, output, address, progress)
+
+
+def evaluate_held(
+    runs_dir: str, settings: EvalSettings, output: str | None, address: str | None, progress: bool
+) -> dict:
+    """evaluate's work once it holds the runs folder's evaluation lock."""
     out_path = results.results_path(runs_dir, output)
     methods = settings.methods
     found = results.discover(runs_dir)

@@ -39,6 +39,17 @@ def cmd_train(argv: list[str]) -> int:
 
     calm(cfg.verbose)
     Store(cfg.output_dir).check(write=True)  # before minutes of loading, not after
+    from tunefleet.trainers.train import hold_folder, let_go
+
+    lock = hold_folder(cfg)  # one writer per run folder: refused in one line while another process writes it
+    try:
+        return train_held(cfg, argv)
+    finally:
+        let_go(lock)
+
+
+def train_held(cfg, argv: list[str]) -> int:
+    """`tunefleet train` once the run folder is this process's to write: in this process, or its ranks launched."""
     from tunefleet.launcher.launch import plan_launch
 
     choice, env = plan_launch(cfg)

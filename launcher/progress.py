@@ -94,7 +94,13 @@ def final_table(outcomes: list[RunOutcome]) -> str:
     header = ("run", "status", "steps", "final loss", "wall s", "log")
     rows = []
     for o in outcomes:
-        status = o.status + (" (skipped: finished before)" if o.skipped else "")
+        status = o.status + (
+            f" (trained elsewhere: {o.elsewhere})"
+            if o.elsewhere
+            else " (skipped: finished before)"
+            if o.skipped
+            else ""
+        )
         loss = o.final_loss
         rows.append(
             (

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tunefleet.common import schema
 from tunefleet.common.jsonfile import utc_now
+from tunefleet.common.runlock import HELD_ENV, Held, RunLock
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.launcher import warm
@@ -108,19 +109,69 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
         changed = parent_changed(plan.config, store.read_json("run.json") or {}) if plan.parent else None
         if not changed:
             return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
+    # One writer per run folder: taken before anything is written (another driver, or a `tunefleet train` by hand,
+    # may be training this very run: then wait for it and report what it did).
+    lock = RunLock(store, sweep=plan.config.tracking_group)
+    try:
+        lock.acquire()
+    except Held as held:
+        return trained_elsewhere(held, store, outcome)
+    try:
+        return run_locked(plan, lock, env_extra, store, out, here, log, host, node_id, t0, outcome)
+    finally:
+        lock.release()
+
+
+def trained_elsewhere(held: Held, store: Store, outcome) -> RunOutcome:
+    """The run is being trained by another holder of its folder: wait until it lets go, then report its outcome."""
+    print(f"{store.url()}: running elsewhere ({held.holder.describe()}); waiting for it", flush=True)
+    lock = RunLock(store)
+    while not stopping.is_set():
+        holder = lock.read()
+        if holder is None or not holder.alive():
+            break
+        time.sleep(2)
+    recorded = summarize(store.url()).status
+    where = held.holder.describe()
+    if recorded is RunStatus.FINISHED:
+        return outcome(RunStatus.FINISHED, skipped=True, returncode=0, elsewhere=where)
+    status = RunStatus.INTERRUPTED if recorded is RunStatus.INTERRUPTED else RunStatus.FAILED
+    ended = recorded.value if recorded else "without a record"
+    return outcome(status, elsewhere=where, error=f"trained elsewhere ({where}): it ended {ended}")
+
+
+def run_locked(
+    plan: RunPlan,
+    lock: RunLock,
+    env_extra,
+    store: Store,
+    out: str,
+    here: Path,
+    log: Path,
+    host: str,
+    node_id,
+    t0: float,
+    outcome,
+) -> RunOutcome:
+    """run_one's work once the run's folder is this process's to write."""
+    if summarize(out).status is RunStatus.FINISHED:
+        changed = parent_changed(plan.config, store.read_json("run.json") or {}) if plan.parent else None
+        if not changed:
+            return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
         # its parent was retrained since: this run is trained again from the new one (its log says why)
         plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, overwrite=True))
         here.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as log_file:
             log_file.write(f"\n=== {changed.split(':')[0]}: trained again from it\n")
-    choice, env = plan_launch(plan.config, env_extra)
+    assert lock.holder is not None
+    choice, env = plan_launch(plan.config, {**env_extra, HELD_ENV: lock.holder.token})
     plan = dataclasses.replace(
         plan, config=dataclasses.replace(plan.config, accelerate_config=choice.config or "auto")
     )
     if stopping.is_set():
         return outcome(RunStatus.FAILED, error="sweep interrupted before this run started")
     while True:
-        rc, error, out_of_memory = launch_once(plan, choice.config, env, store, here, host, node_id)
+        rc, error, out_of_memory = launch_once(plan, choice.config, env, store, here, host, node_id, lock)
         retry = None
         if rc != 0 and plan.config.num_processes > 1 and not plan.placement.shared:
             retry = recovery.after_failed_launch(plan.config, store, out_of_memory)  # one process recovers itself
@@ -141,7 +192,14 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
 
 
 def launch_once(
-    plan: RunPlan, accelerate_config: str | None, env: dict, store: Store, here: Path, host: str, node_id: str | None
+    plan: RunPlan,
+    accelerate_config: str | None,
+    env: dict,
+    store: Store,
+    here: Path,
+    host: str,
+    node_id: str | None,
+    lock: RunLock | None = None,
 ) -> tuple[int, str, bool]:
     """One launch of the run's processes, its output appended to `here`/train.log: exit code, last error line,
     and whether it ran out of memory (run.json or any line of this launch's output says so)."""
@@ -159,6 +217,8 @@ def launch_once(
         # Forked from a warm process that has the training stack imported (one process of two or more: cold).
         proc = warm.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         _children.add(proc)
+        if lock is not None:
+            lock.add_pid(proc.pid)  # the lock stays live while the training does, even if this process is killed
         record_launch(
             store,
             {

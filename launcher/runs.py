@@ -104,6 +104,7 @@ class RunOutcome:
     node_id: str | None = None  # the Ray node it ran on
     out_of_memory: bool = False  # failed by running out of GPU (or CPU allocator) memory
     memory_steps: list[str] = field(default_factory=list[str])  # out-of-memory steps down it took
+    elsewhere: str | None = None  # trained by another holder of its folder (another driver, a train by hand)
 
     @property
     def ok(self) -> bool:

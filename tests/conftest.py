@@ -41,6 +41,7 @@ LONGEST_FILES_FIRST = (
     "test_export",  # 37
     "test_train",  # 31
     "test_checkpoints",  # 32
+    "test_locks",  # 30
     "test_data",  # 30
 )
 

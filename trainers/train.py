@@ -13,6 +13,7 @@ import sys
 
 from tunefleet.common import hub, terminal
 from tunefleet.common.errors import TunefleetError
+from tunefleet.common.runlock import HELD_ENV, RunLock
 from tunefleet.common.storage import Store
 from tunefleet.trainers import memory, recovery
 from tunefleet.trainers.checkpoints import DISK_FULL_EXIT, DiskFull
@@ -54,6 +55,25 @@ def run(cfg) -> dict:
         cfg = smaller
 
 
+def hold_folder(cfg) -> RunLock | None:
+    """The run folder's lock, for a run started by hand: refused in one line while another process writes it. A
+    launcher that started this process holds it already (and so does this process for the ranks it launches)."""
+    if os.environ.get(HELD_ENV) or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = RunLock(Store(cfg.output_dir), sweep=cfg.tracking_group).acquire()
+    assert lock.holder is not None
+    os.environ[HELD_ENV] = lock.holder.token  # the processes it launches (accelerate's ranks) write under it
+    for note in lock.notes:
+        print(f"{cfg.output_dir}: {note}", flush=True)
+    return lock
+
+
+def let_go(lock: RunLock | None) -> None:
+    if lock is not None:
+        lock.release()
+        os.environ.pop(HELD_ENV, None)
+
+
 def say_what_was_read(cfg) -> None:
     """The log's first lines: the form the settings were written in, what was translated, and what trains."""
     for note in cfg.config_notes:
@@ -83,11 +103,13 @@ def release_memory() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    lock = None
     try:
         cfg = parse_args(argv)
         terminal.calm(cfg.verbose)
         if "TUNEFLEET_LAUNCH" not in os.environ and int(os.environ.get("RANK", "0")) == 0:
             Store(cfg.output_dir).check(write=True)  # started directly, not by a launcher that checked
+        lock = hold_folder(cfg)
         run(cfg)
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -102,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {exc}", file=sys.stderr)
         return DISK_FULL_EXIT
     finally:
+        let_go(lock)
         close_process_group()
     return 0
 

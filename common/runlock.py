@@ -1,0 +1,164 @@
+"""One writer per run folder: a lock that names its holder, taken before anything is written, renewed while held.
+
+The lock is `.tunefleet.lock` in the run's folder: a file created exclusively (O_EXCL, which NFS honours) or, in an
+object store, an object written with a conditional put (`If-None-Match: *`). It names its holder (host, the pids of
+the process that took it and of the training it launched, start time, the sweep) and a lease that a thread renews.
+A lock is stale when its holder is gone: on the holder's own host when none of its pids lives, elsewhere when its
+lease has run out. A stale lock is taken over, with a note; a live one is refused, naming the holder.
+
+    lock = RunLock(Store("runs/dpo_s1"), sweep="demo")
+    lock.acquire()          # raises Held("... is being trained by host-a, pid 4242 (sweep demo) since ...")
+    ...
+    lock.release()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from tunefleet.common.errors import TunefleetError
+from tunefleet.common.jsonfile import utc_now
+from tunefleet.common.storage import Store
+
+LOCK_NAME = ".tunefleet.lock"  # in a run's folder
+EVAL_LOCK_NAME = ".tunefleet-eval.lock"  # in a runs folder: one evaluator writes its results at a time
+LEASE_S = 120.0  # a holder on another host is gone once its lease runs out: renewed every quarter of it while held
+HELD_ENV = "TUNEFLEET_LOCK_TOKEN"  # given to a run process whose launcher holds its folder's lock
+
+
+@dataclass
+class Holder:
+    host: str
+    pids: list[int]
+    started_at: str
+    lease_until: float
+    token: str
+    sweep: str | None = None
+    purpose: str = "training"
+
+    def describe(self) -> str:
+        pids = ", ".join(str(p) for p in self.pids)
+        sweep = f", sweep {self.sweep}" if self.sweep else ""
+        return f"{self.host}, pid {pids}{sweep}, since {self.started_at}"
+
+    def alive(self) -> bool:
+        if self.host == socket.gethostname():
+            return any(pid_lives(pid) for pid in self.pids)
+        return time.time() < self.lease_until
+
+
+def pid_lives(pid: int) -> bool:
+    """A process with this pid exists on this host and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class Held(TunefleetError):
+    """The folder's lock is held by a live holder."""
+
+    def __init__(self, folder: str, holder: Holder):
+        self.holder = holder
+        super().__init__(f"{folder} is being written by {holder.describe()}: wait for it, or stop that process")
+
+
+@dataclass
+class RunLock:
+    store: Store
+    sweep: str | None = None
+    purpose: str = "training"
+    name: str = LOCK_NAME
+    lease_s: float = LEASE_S
+    notes: list[str] = field(default_factory=list)
+    holder: Holder | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def read(self) -> Holder | None:
+        data = self.store.read_bytes(self.name)
+        if data is None:
+            return None
+        try:
+            return Holder(**json.loads(data))
+        except (ValueError, TypeError):
+            return None  # a lock cut short by a crash while it was written: nobody holds it
+
+    def acquire(self) -> RunLock:
+        """Take the lock (taking over a stale one, with a note); Held when a live holder has it."""
+        me = Holder(socket.gethostname(), [os.getpid()], utc_now(), time.time() + self.lease_s, uuid.uuid4().hex)
+        me.sweep, me.purpose = self.sweep, self.purpose
+        for _ in range(3):  # a race with another taker: read again and decide again
+            found = self.read()
+            if found is not None and found.alive():
+                raise Held(self.store.url(), found)
+            if found is not None or self.store.exists(self.name):
+                what = found.describe() if found else "an unreadable holder"
+                self.notes.append(f"took over the stale lock of {what}")
+                self.store.remove(self.name)
+            if self.store.create_exclusive(self.name, json.dumps(asdict(me)).encode()):
+                self.holder = me
+                threading.Thread(target=self.renew, daemon=True, name="tunefleet-lock").start()
+                return self
+        found = self.read()
+        raise Held(self.store.url(), found or me)
+
+    def write(self) -> None:
+        assert self.holder is not None
+        self.holder.lease_until = time.time() + self.lease_s
+        self.store.write_bytes(self.name, json.dumps(asdict(self.holder)).encode())
+
+    def add_pid(self, pid: int) -> None:
+        """The training process this holder launched: the lock stays live while it does (a killed driver's orphan)."""
+        if self.holder is not None:
+            self.holder.pids.append(pid)
+            self.write()
+
+    def renew(self) -> None:
+        while not self.stop.wait(self.lease_s / 4):
+            try:
+                current = self.read()
+                if current is None or self.holder is None or current.token != self.holder.token:
+                    return  # taken over (this holder was judged gone): never write over the new holder
+                self.write()
+            except Exception:
+                pass  # a store that does not answer now: the next renewal tries again, within the lease
+
+    def release(self) -> None:
+        self.stop.set()
+        try:
+            current = self.read()
+            if self.holder is not None and current is not None and current.token == self.holder.token:
+                self.store.remove(self.name)
+        finally:
+            self.holder = None
+
+    def acquire_waiting(self, poll_s: float = 2.0) -> RunLock:
+        """Take the lock, waiting while a live holder has it (said once)."""
+        said = False
+        while True:
+            try:
+                return self.acquire()
+            except Held as held:
+                if not said:
+                    print(f"waiting for the {held.holder.purpose} by {held.holder.describe()} in {self.store.url()}")
+                    said = True
+                time.sleep(poll_s)
+
+    def __enter__(self) -> RunLock:
+        return self if self.holder is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,125 @@
+"""One writer per run folder: two sweeps of one spec (on a local runs folder and in a bucket) train every run once and
+both end well; a `tunefleet train` by hand into a folder being trained is refused naming the holder; a killed
+holder's lock is taken over at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import Started, kill_tree, read_json, tunefleet
+
+from tunefleet.common.runlock import LOCK_NAME, Holder, RunLock
+from tunefleet.common.storage import Store
+
+BASE = {
+    "model_name": "tunefleet/tiny-qwen2",
+    "dataset": "tunefleet/tiny-ultrafeedback",
+    "split": "train_sft",
+    "max_steps": 40,
+    "save_steps": 20,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "use_qlora": False,
+}
+
+
+def spec(tmp_path: Path, runs_dir: str, **base) -> Path:
+    path = tmp_path / "spec.yaml"
+    data = {
+        "name": "twice",
+        "runs_dir": runs_dir,
+        "base": {**BASE, **base},
+        "grid": {"method": ["sft"], "seed": [1, 2, 3]},
+        "eval": {"max_samples": 8, "max_generation_samples": 1},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def starts(log: str) -> int:
+    """How many times a run's train.log says it was launched."""
+    return sum(1 for line in log.splitlines() if line.startswith("=== ") and " on " in line and "-m " in line)
+
+
+def two_sweeps(spec_path: Path, env: dict | None = None) -> tuple[str, str]:
+    first = Started("sweep", spec_path, "--backend", "local", "--eval", env=env)
+    time.sleep(1)
+    second = Started("sweep", spec_path, "--backend", "local", "--eval", env=env)
+    out_first, out_second = first.output(600), second.output(600)
+    assert first.returncode == 0, out_first[-3000:]
+    assert second.returncode == 0, out_second[-3000:]
+    return out_first, out_second
+
+
+def test_two_sweeps_of_one_spec_train_every_run_once(tmp_path, tiny_model):
+    runs = tmp_path / "runs"
+    out_first, out_second = two_sweeps(spec(tmp_path, str(runs)))
+    for seed in (1, 2, 3):
+        run = runs / f"sft_tiny-qwen2_s{seed}"
+        assert starts((run / "train.log").read_text()) == 1
+        record = read_json(run / "run.json")
+        assert (record["status"], record["global_step"], record["attempts"]) == ("finished", 40, 1)
+        assert not (run / LOCK_NAME).exists()
+    assert "trained elsewhere" in out_first + out_second  # they met: one waited for the other's run
+    assert "finished 3 failed 0" in out_first and "finished 3 failed 0" in out_second
+    results = read_json(runs / "evaluation_results.json")  # both evaluated: one wrote, the other reused its rows
+    assert {f"sft_tiny-qwen2_s{s}" for s in (1, 2, 3)} <= set(results)
+    assert all(results[f"sft_tiny-qwen2_s{s}"]["error"] is None for s in (1, 2, 3))
+
+
+def test_two_sweeps_of_one_spec_in_a_bucket_train_every_run_once(tmp_path, tiny_model):
+    from local_s3 import LocalS3
+
+    server = LocalS3().start()
+    try:
+        bucket = server.make_bucket("twice")
+        env = {**server.env, "TUNEFLEET_SCRATCH": str(tmp_path / "scratch")}
+        two_sweeps(spec(tmp_path, f"{bucket}/runs", max_steps=20, save_steps=10), env)
+        os.environ.update(server.env)  # this process reads the bucket too (conftest restores the environment)
+        for seed in (1, 2, 3):
+            run = Store(f"{bucket}/runs/sft_tiny-qwen2_s{seed}")
+            assert starts((run.read_bytes("train.log") or b"").decode()) == 1
+            record = run.read_json("run.json") or {}
+            assert (record["status"], record["attempts"]) == ("finished", 1) and not run.exists(LOCK_NAME)
+    finally:
+        server.stop()
+
+
+def test_a_train_by_hand_into_a_folder_being_trained_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--method", "sft", "--model_name", "tunefleet/tiny-qwen2", "--dataset",
+            "tunefleet/tiny-ultrafeedback", "--split", "train_sft", "--output_dir", out, "--use_qlora", "false",
+            "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 1]  # fmt: skip
+    holder = Started(*args, "--max_steps", 100000, "--save_steps", 50)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("checkpoint-*")) and time.time() < deadline:
+            time.sleep(0.5)
+        second = tunefleet(*args, "--max_steps", 10, check=False)
+        assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
+        assert f"error: {out} is being written by " in second.stderr and f"pid {holder.pid}" in second.stderr
+    finally:
+        kill_tree(holder.pid)  # SIGKILL: no chance to let go of the lock
+        holder.wait(60)
+    assert (out / LOCK_NAME).exists()
+    third = tunefleet(*args, "--max_steps", 60, "--save_steps", 50)
+    assert "took over the stale lock of " in third.stdout and "resuming from" in third.stdout
+    assert read_json(out / "run.json")["status"] == "finished" and not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_from_another_host_is_stale_only_once_its_lease_ran_out(tmp_path):
+    store = Store(str(tmp_path))
+    other = Holder("another-host", [1], "2026-01-01T00:00:00+00:00", time.time() + 60, "t0", "s")
+    store.write_bytes(LOCK_NAME, json.dumps(other.__dict__).encode())
+    with pytest.raises(Exception, match="is being written by another-host, pid 1, sweep s"):
+        RunLock(store).acquire()
+    store.write_bytes(LOCK_NAME, json.dumps(other.__dict__ | {"lease_until": time.time() - 1}).encode())
+    lock = RunLock(store).acquire()
+    assert lock.notes == ["took over the stale lock of another-host, pid 1, sweep s, since 2026-01-01T00:00:00+00:00"]
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()

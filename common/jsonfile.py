@@ -23,8 +23,11 @@ def write_json_atomic(path: Path | str, data, durable: bool = True) -> None:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # a full disk: no half file left beside the whole one
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc  # named by the file it was writing
     except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill: no half file left beside the whole one
+        tmp.unlink(missing_ok=True)  # a kill: the same
         raise
 
 

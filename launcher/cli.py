@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import subprocess
 import sys
@@ -196,6 +197,16 @@ def dispatch(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # results, reports, exports, a search's state: written whole or not at all, so nothing half is left behind
+        print(
+            f"error: the disk is full ({exc.strerror}) writing {exc.filename or 'a file'}: free some space and "
+            f"run the same command again",
+            file=sys.stderr,
+        )
+        return 75
 
 
 if __name__ == "__main__":

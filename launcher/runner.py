@@ -116,6 +116,10 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
         lock.acquire()
     except Held as held:
         return trained_elsewhere(held, store, outcome)
+    if lock.notes:  # a killed driver's lock, taken over: the run's log says so
+        here.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as log_file:
+            log_file.writelines(f"\n=== {note}\n" for note in lock.notes)
     try:
         return run_locked(plan, lock, env_extra, store, out, here, log, host, node_id, t0, outcome)
     finally:

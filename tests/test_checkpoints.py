@@ -5,6 +5,7 @@ finishes once there is room."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -133,3 +134,21 @@ def test_a_json_write_that_fails_leaves_no_half_file(small_disk):
     with pytest.raises(OSError):
         write_json_atomic(disk / "results.json", {"rows": "x" * 200_000})
     assert list(disk.iterdir()) == []
+
+
+def test_the_evaluator_on_a_full_disk_is_one_line_and_leaves_no_half_results(tmp_path, capsys, tiny_model, small_disk):
+    runs = small_disk(2200) / "runs"
+    code, _, err = train(capsys, runs / "sft_s1", "--max_steps", 2, "--save_steps", 100)
+    assert code == 0, err
+    for checkpoint in (runs / "sft_s1").glob("checkpoint-*"):
+        subprocess.run(["rm", "-r", str(checkpoint)], check=True)
+    free = os.statvfs(runs).f_bavail * os.statvfs(runs).f_frsize
+    (runs / "filler").write_bytes(b"\0" * (free - 8 * 1024))  # 8 KiB left: the lock fits, the results do not
+    code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--max_samples", 8, "--max_generation_samples", 1)
+    assert code == checkpoints.DISK_FULL_EXIT and "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert (
+        line.startswith("error: the disk is full (No space left on device) writing ")
+        and "run the same command" in line
+    )
+    assert not [p.name for p in runs.iterdir() if "results" in p.name or ".tmp" in p.name]

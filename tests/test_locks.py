@@ -90,26 +90,38 @@ def test_two_sweeps_of_one_spec_in_a_bucket_train_every_run_once(tmp_path, tiny_
         server.stop()
 
 
-def test_a_train_by_hand_into_a_folder_being_trained_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
-    out = tmp_path / "run"
-    args = ["train", "--method", "sft", "--model_name", "tunefleet/tiny-qwen2", "--dataset",
-            "tunefleet/tiny-ultrafeedback", "--split", "train_sft", "--output_dir", out, "--use_qlora", "false",
-            "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 1]  # fmt: skip
-    holder = Started(*args, "--max_steps", 100000, "--save_steps", 50)
+def test_a_train_by_hand_into_a_folder_a_sweep_trains_is_refused_and_a_killed_driver_is_taken_over(tmp_path):
+    runs = tmp_path / "runs"
+    path = spec(tmp_path, str(runs), max_steps=100000, save_steps=50)
+    data = yaml.safe_load(path.read_text())
+    data["grid"]["seed"] = [1]
+    path.write_text(yaml.safe_dump(data))
+    out = runs / "sft_tiny-qwen2_s1"
+    driver = Started("sweep", path, "--backend", "local")
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while not list(out.glob("checkpoint-*")) and time.time() < deadline:
             time.sleep(0.5)
-        second = tunefleet(*args, "--max_steps", 10, check=False)
-        assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
-        assert f"error: {out} is being written by " in second.stderr and f"pid {holder.pid}" in second.stderr
+        by_hand = tunefleet(
+            "train", "--method", "sft", "--model_name", "tunefleet/tiny-qwen2", "--dataset",
+            "tunefleet/tiny-ultrafeedback", "--split", "train_sft", "--output_dir", out, "--max_steps", 10, check=False,
+        )  # fmt: skip
+        assert by_hand.returncode == 2 and by_hand.stderr.strip().count("\n") == 0, by_hand.stderr
+        assert f"error: {out} is being written by " in by_hand.stderr and "sweep twice" in by_hand.stderr
+        holder = read_json(out / LOCK_NAME)
+        assert holder["pids"][0] == driver.pid and len(holder["pids"]) == 2  # the driver and the training it started
     finally:
-        kill_tree(holder.pid)  # SIGKILL: no chance to let go of the lock
-        holder.wait(60)
+        kill_tree(driver.pid)  # SIGKILL, the training with it: nobody lets go of the lock
+        driver.wait(60)
     assert (out / LOCK_NAME).exists()
-    third = tunefleet(*args, "--max_steps", 60, "--save_steps", 50)
-    assert "took over the stale lock of " in third.stdout and "resuming from" in third.stdout
+    data["base"]["max_steps"] = 60
+    path.write_text(yaml.safe_dump(data))
+    started = time.time()
+    rerun = tunefleet("sweep", path, "--backend", "local")  # taken over at once: its holders are gone, no lease wait
+    log = (out / "train.log").read_text()
+    assert "took over the stale lock of " in log and "resuming from" in log
     assert read_json(out / "run.json")["status"] == "finished" and not (out / LOCK_NAME).exists()
+    assert "finished 1 failed 0" in rerun.stdout and time.time() - started < 120
 
 
 def test_a_lock_from_another_host_is_stale_only_once_its_lease_ran_out(tmp_path):

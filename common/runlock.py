@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import utc_now
@@ -29,6 +30,7 @@ from tunefleet.common.storage import Store
 LOCK_NAME = ".tunefleet.lock"  # in a run's folder
 EVAL_LOCK_NAME = ".tunefleet-eval.lock"  # in a runs folder: one evaluator writes its results at a time
 LEASE_S = 120.0  # a holder on another host is gone once its lease runs out: renewed every quarter of it while held
+LOCK_IO_S = 15.0  # how long one read or write of a lock in an object store may take
 HELD_ENV = "TUNEFLEET_LOCK_TOKEN"  # given to a run process whose launcher holds its folder's lock
 
 
@@ -86,9 +88,15 @@ class RunLock:
     notes: list[str] = field(default_factory=list)
     holder: Holder | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    created_folder: bool = False  # the lock made the run's folder: it goes again with the lock if nothing else came
+
+    def __post_init__(self) -> None:
+        # The lock's reads and writes give up after a while: a store that stops answering must not hold a run's end
+        # (an unreleased lock is stale once its holder is gone).
+        self.io = Store(self.store.root, timeout_s=LOCK_IO_S) if self.store.remote else self.store
 
     def read(self) -> Holder | None:
-        data = self.store.read_bytes(self.name)
+        data = self.io.read_bytes(self.name)
         if data is None:
             return None
         try:
@@ -104,11 +112,13 @@ class RunLock:
             found = self.read()
             if found is not None and found.alive():
                 raise Held(self.store.url(), found)
-            if found is not None or self.store.exists(self.name):
+            if found is not None or self.io.exists(self.name):
                 what = found.describe() if found else "an unreadable holder"
                 self.notes.append(f"took over the stale lock of {what}")
-                self.store.remove(self.name)
-            if self.store.create_exclusive(self.name, json.dumps(asdict(me)).encode()):
+                self.io.remove(self.name)
+            folder = None if self.store.remote else Path(self.store.root)
+            self.created_folder = folder is not None and not folder.exists()
+            if self.io.create_exclusive(self.name, json.dumps(asdict(me)).encode()):
                 self.holder = me
                 threading.Thread(target=self.renew, daemon=True, name="tunefleet-lock").start()
                 return self
@@ -118,7 +128,7 @@ class RunLock:
     def write(self) -> None:
         assert self.holder is not None
         self.holder.lease_until = time.time() + self.lease_s
-        self.store.write_bytes(self.name, json.dumps(asdict(self.holder)).encode())
+        self.io.write_bytes(self.name, json.dumps(asdict(self.holder)).encode())
 
     def add_pid(self, pid: int) -> None:
         """The training process this holder launched: the lock stays live while it does (a killed driver's orphan)."""
@@ -141,7 +151,11 @@ class RunLock:
         try:
             current = self.read()
             if self.holder is not None and current is not None and current.token == self.holder.token:
-                self.store.remove(self.name)
+                self.io.remove(self.name)
+                if self.created_folder:  # a run refused before it wrote anything leaves no folder behind
+                    Path(self.store.root).rmdir()
+        except Exception:
+            pass  # a store that does not answer, a folder that holds files now: the lock goes stale with its holder
         finally:
             self.holder = None
 

@@ -36,6 +36,7 @@ from ray import tune
 
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import utc_now, write_json_atomic
+from tunefleet.common.runlock import RunLock
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join
 from tunefleet.launcher import sweep as sweeps
@@ -426,7 +427,7 @@ def run_search(spec: sweeps.SweepSpec, setups: dict[str, TrialSetup], address: s
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     seed = int(spec.base.get("seed") or 0)
     with ray_for_runs(address):
-        found = {m: search_method(spec, settings, setups[m], retries, seed) for m in settings.methods}
+        found = {m: locked_search(spec, settings, setups[m], retries, seed) for m in settings.methods}
         state = search_record(spec, settings, found)
         Store(spec.runs_dir).write_json("search.json", state)
         record_sweep(spec, found)
@@ -437,6 +438,16 @@ def run_search(spec: sweeps.SweepSpec, setups: dict[str, TrialSetup], address: s
         write_search_report(spec, settings, found, state)
         print(f"search: {join(spec.runs_dir, 'search.json')}, report: {join(spec.runs_dir, 'search_report.md')}")
         return code
+
+
+def locked_search(
+    spec: sweeps.SweepSpec, settings: SearchSettings, setup: TrialSetup, retries: int, seed: int
+) -> MethodSearch:
+    """One method's search, by one driver at a time: a second driver of the same spec waits, then restores it (its
+    finished trials are kept, so it trains none of them again)."""
+    name = f".tunefleet-search-{setup.method}.lock"
+    with RunLock(Store(spec.runs_dir), sweep=spec.name, purpose=f"{setup.method} search", name=name).acquire_waiting():
+        return search_method(spec, settings, setup, retries, seed)
 
 
 def record_sweep(spec: sweeps.SweepSpec, found: dict[str, MethodSearch], confirmed: list | None = None) -> None:

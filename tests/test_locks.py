@@ -86,6 +86,8 @@ def test_two_sweeps_of_one_spec_in_a_bucket_train_every_run_once(tmp_path, tiny_
             assert starts((run.read_bytes("train.log") or b"").decode()) == 1
             record = run.read_json("run.json") or {}
             assert (record["status"], record["attempts"]) == ("finished", 1) and not run.exists(LOCK_NAME)
+        results = Store(f"{bucket}/runs").read_json("evaluation_results.json") or {}
+        assert all(results[f"sft_tiny-qwen2_s{s}"]["error"] is None for s in (1, 2, 3))
     finally:
         server.stop()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import utc_now
+from tunefleet.common.processes import process_lives
 from tunefleet.common.storage import Store
 
 LOCK_NAME = ".tunefleet.lock"  # in a run's folder
@@ -51,23 +52,8 @@ class Holder:
 
     def alive(self) -> bool:
         if self.host == socket.gethostname():
-            return any(pid_lives(pid) for pid in self.pids)
+            return any(process_lives(pid) for pid in self.pids)
         return time.time() < self.lease_until
-
-
-def pid_lives(pid: int) -> bool:
-    """A process with this pid exists on this host and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class Held(TunefleetError):

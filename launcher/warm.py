@@ -51,6 +51,8 @@ import threading
 import time
 from pathlib import Path
 
+from tunefleet.common.processes import process_lives
+
 ENTRIES = ("tunefleet.trainers.train", "tunefleet.launcher.cli")
 SOCKET_ENV = "TUNEFLEET_WARM_SOCKET"
 SWITCH_ENV = "TUNEFLEET_WARM_START"  # "0": every run starts cold
@@ -690,22 +692,6 @@ def warm_process_lives(path: str) -> bool:
     except (OSError, ValueError):
         return False  # none was started there (an address that is stale, or wrong)
     return process_lives(pid)
-
-
-def process_lives(pid: int) -> bool:
-    """The process exists and has not ended: a zombie (its parent has not reaped it yet) is gone too."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False  # ended between the two looks
-    except (OSError, IndexError):
-        return True  # no /proc here
 
 
 def rank(argv: list[str]) -> int:

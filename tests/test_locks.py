@@ -81,6 +81,9 @@ def test_two_sweeps_of_one_spec_in_a_bucket_train_every_run_once(tmp_path, tiny_
         env = {**server.env, "TUNEFLEET_SCRATCH": str(tmp_path / "scratch")}
         two_sweeps(spec(tmp_path, f"{bucket}/runs", max_steps=20, save_steps=10), env)
         os.environ.update(server.env)  # this process reads the bucket too (conftest restores the environment)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # a client made for an earlier test's server would ask that one
         for seed in (1, 2, 3):
             run = Store(f"{bucket}/runs/sft_tiny-qwen2_s{seed}")
             assert starts((run.read_bytes("train.log") or b"").decode()) == 1

@@ -32,6 +32,7 @@ from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import is_uri
 from tunefleet.launcher.placement import slurm_groups
+from tunefleet.launcher.plan_check import PlanNeeds, check_in_slurm
 from tunefleet.launcher.runner import summarize
 
 # Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
@@ -295,8 +296,9 @@ def sbatch(script: Path, *flags: str) -> str:
 
 
 # ---------------------------------------------------------------- submit
-def submit_sweep(spec, runs, a) -> int:
-    """Submit the sweep's unfinished runs as one job array (+ the evaluation job with --eval)."""
+def submit_sweep(spec, runs, a, needs: PlanNeeds | None = None) -> int:
+    """Submit the sweep's unfinished runs as one job array (+ the evaluation job with --eval). `needs`: what the
+    plan needs beyond tunefleet (launcher/plan_check.py), checked in an allocation before anything is submitted."""
     if not a.dry_run and shutil.which("sbatch") is None:
         raise TunefleetError(
             "sbatch not found on PATH: install SLURM's client tools (apt-get install slurm-wlm) "
@@ -359,6 +361,14 @@ def submit_sweep(spec, runs, a) -> int:
             )
         return 0
 
+    if needs:
+        # inside an allocation like the jobs' (their partition, account, QoS and Python), before any array exists
+        options = [
+            f"--{key}={getattr(spec.slurm, key)}"
+            for key in ("partition", "account", "qos")
+            if getattr(spec.slurm, key)
+        ]
+        check_in_slurm(needs, options, python, spec.name)
     slurm_dir.mkdir(parents=True, exist_ok=True)
     stages = {
         stage.name: {"from": stage.parent, "best": stage.best, "eval": schema.to_dict(stage.eval)}

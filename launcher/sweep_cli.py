@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, refuse_ray_job_temp
+from tunefleet.launcher import plan_check
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.launch import launch_command
 
@@ -48,6 +50,13 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_parallel", type=int, help="At most this many runs at once (overrides resources).")
     p.add_argument("--runs_dir", help="Where the runs go (overrides the spec): a shared path or a URI (s3://...).")
     p.add_argument("--skip_data_check", action="store_true", help="Do not load each split before starting.")
+    p.add_argument(
+        "--skip_plan_check",
+        action="store_true",
+        help="Do not check, before training, that the nodes have what the evaluation and the store need (lm-eval "
+        "and its tasks, the reward model, the store's driver, Optuna); checked here, on every Ray node, or in a "
+        "SLURM allocation.",
+    )
     return p
 
 
@@ -118,6 +127,7 @@ def cmd_sweep(argv: list[str]) -> int:
         for stage in searches:
             print(search_stage_text(spec, stage))
         return 0
+    needs = check_plan(plan_check.plan_needs(spec, runs, a.eval), a)
     if a.backend == "local" or (a.backend == "ray" and not (a.address or os.environ.get("RAY_ADDRESS"))):
         from tunefleet.launcher import warm
 
@@ -128,7 +138,7 @@ def cmd_sweep(argv: list[str]) -> int:
     if a.backend == "slurm":
         from tunefleet.launcher.slurm import submit_sweep
 
-        return submit_sweep(spec, runs, a)
+        return submit_sweep(spec, runs, a, None if a.skip_plan_check else needs)
     store = Store(spec.runs_dir)
     state = {
         "name": spec.name,
@@ -212,6 +222,7 @@ def cmd_search(spec, a) -> int:
     if a.dry_run:
         print(tune_search.plan_text(spec, spec.search, setups))
         return 0
+    check_plan(plan_check.plan_needs(spec, [setup.probe for setup in setups.values()], True), a)
     if not a.skip_data_check:
         sweeps.validate_data([setup.probe for setup in setups.values()])
     return tune_search.run_search(spec, setups, a.address, a.retries)
@@ -265,6 +276,21 @@ def search_stage(spec, stage, runs, a) -> int:
         Store(spec.runs_dir).write_json("sweep.json", state)
     sub = stage_search_spec(spec, stage, model)
     return tune_search.run_search(sub, tune_search.trial_setups(sub, stage.search), a.address, a.retries)
+
+
+def check_plan(needs: plan_check.PlanNeeds, a) -> plan_check.PlanNeeds:
+    """Before anything trains: what the plan needs (lm-eval and its tasks, the reward model, the store's driver,
+    Optuna) here, and on every node of a Ray cluster at an address (a local Ray's workers are this Python). SLURM's
+    check runs in an allocation when the arrays are about to be submitted."""
+    if not needs or a.skip_plan_check or a.backend == "slurm":  # SLURM: checked in an allocation, at submission
+        return needs
+    plan_check.refuse(plan_check.check_here(needs), f"this machine ({socket.gethostname()}, the sweep's driver)")
+    if a.backend == "ray" and (a.address or os.environ.get("RAY_ADDRESS")):
+        from tunefleet.launcher.backends import ray_for_runs
+
+        with ray_for_runs(a.address):  # the connection stays for the runs
+            plan_check.check_ray_nodes(needs)
+    return needs
 
 
 def local_gpu_memory() -> int | None:

@@ -25,6 +25,7 @@ FAST = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "
 # a third worker fills the time the others wait (Ray and SLURM starting, runs waiting on each other). Files go out
 # longest first (seconds each took in a two-worker run; in a three-worker one the workers ended within 41 s).
 LONGEST_FILES_FIRST = (
+    "test_cluster_recipes",  # ~300 s alone (three cluster setups in fresh venvs, each running the cluster check)
     "test_recipes",  # ~250 s alone (TRL recipes, full fine-tuning, ZeRO-3, pipelines)
     "test_slurm",  # 176 s
     "test_search",  # 173

@@ -39,16 +39,23 @@ def pids_under(temp_dir: str) -> set[int]:
 
 
 class LocalRayHead:
-    def __init__(self, num_cpus: int = 2):
+    def __init__(self, num_cpus: int = 2, ray: str | None = None, env: dict[str, str] | None = None):
+        """`ray`: the `ray` command to start it with (default: this environment's); `env`: its processes' environment
+        (default: this process's)."""
         self.temp_dir = tempfile.mkdtemp(prefix="tfray", dir="/tmp")  # short: unix socket paths are limited
         self.port, self.dashboard_port = free_port(), free_port()
         self.num_cpus = num_cpus
+        self.ray = ray or str(Path(sys.executable).parent / "ray")
+        self.env = env
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def start(self) -> LocalRayHead:
-        ray = str(Path(sys.executable).parent / "ray")
-        subprocess.run(
+        proc = subprocess.run(
             [
-                ray,
+                self.ray,
                 "start",
                 "--head",
                 "--port",
@@ -65,10 +72,12 @@ class LocalRayHead:
                 "--dashboard-port",
                 str(self.dashboard_port),
             ],
-            check=True,
             capture_output=True,
+            text=True,
             timeout=120,
+            env=self.env,
         )
+        assert proc.returncode == 0, f"ray start --head failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
         return self
 
     @property
@@ -157,10 +166,6 @@ class LocalRayCluster(LocalRayHead):
                 env=self.env,
             )
         return self
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def raylet_pid(self, node_id: str) -> int:
         for pid in pids_under(self.temp_dir):

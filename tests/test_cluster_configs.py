@@ -392,10 +392,11 @@ def validate_ray(path: Path) -> None:
     # tunefleet gets onto every node: the checkout is synced and installed.
     assert raw.get("file_mounts", {}).get("~/tunefleet") == ".", f"{rel(path)}: file_mounts must map ~/tunefleet: ."
     setup = " \n".join(raw.get("setup_commands", []))
-    assert re.search(r"pip install[^\n]* -e ~/tunefleet", setup), f"{rel(path)}: setup must pip install -e ~/tunefleet"
+    install = INSTALL.search(setup)
+    assert install, f"{rel(path)}: setup must pip install -e ~/tunefleet"
     assert "torch" in setup, f"{rel(path)}: setup must install torch"
     for key in ("head_setup_commands", "worker_setup_commands"):
-        assert any("-e ~/tunefleet" in c for c in cfg[key]), f"{rel(path)}: {key} lost the tunefleet install"
+        assert any(INSTALL.search(c) for c in cfg[key]), f"{rel(path)}: {key} lost the tunefleet install"
     if provider in HEAD_PACKAGES:
         assert any(re.search(rf"pip install.*{HEAD_PACKAGES[provider]}", c) for c in cfg["head_setup_commands"]), (
             f"{rel(path)}: head_setup_commands replaces Ray's defaults: keep installing {HEAD_PACKAGES[provider]}"
@@ -462,6 +463,61 @@ def validate_ray(path: Path) -> None:
     runs_dir = jp["entrypoint"][jp["entrypoint"].index("--runs_dir") + 1]  # a relative one is refused in a job
     assert runs_dir.startswith(("s3://", "gs://", "/")), f"{rel(path)}: the job's --runs_dir must outlive the job"
     assert "ray down" in text
+
+    # What the nodes install is what every recipe shown for them uses (the store's driver, lm-eval for benchmark
+    # tasks, Optuna for a TPE search), as the sweep's own plan check derives it from the spec.
+    installed = with_included(set(filter(None, (install.group(1) or "").split(","))))
+    recipes = [list(submit.make_context("submit", shlex.split(c)[2:]).params["script_args"]) for c in submits]
+    recipes += [
+        list(
+            job_cli_group.get_command(None, "submit").make_context("submit", shlex.split(c)[3:]).params["entrypoint"]
+        )[1:]
+        for c in jobs
+    ]
+    for argv in recipes:
+        needed = extras_needed(argv)
+        assert needed <= installed, (
+            f"{rel(path)}: `{' '.join(argv)}` needs tunefleet[{','.join(sorted(needed - installed))}], which "
+            f"setup_commands do not install (they install [{','.join(sorted(installed))}])"
+        )
+
+
+# `pip install ... -e ~/tunefleet` or `-e ~/"tunefleet[s3,bench]"`: the extras in group 1
+INSTALL = re.compile(r"pip install[^\n]* -e ~/\"?tunefleet(?:\[([\w,]+)\])?\"?")
+
+
+def with_included(extras: set[str]) -> set[str]:
+    """Extras and those they include (`cluster = ["tunefleet[s3,gcs,bench,optuna]"]`), from pyproject.toml."""
+    import tomllib
+
+    optional = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    found, todo = set(), list(extras)
+    while todo:
+        extra = todo.pop()
+        assert extra in optional, f"tunefleet has no extra [{extra}]"
+        found.add(extra)
+        for requirement in optional[extra]:
+            inner = re.fullmatch(r"tunefleet\[([\w,]+)\]", requirement)
+            todo += [e for e in (inner.group(1).split(",") if inner else []) if e not in found]
+    return found
+
+
+def extras_needed(argv: list[str]) -> set[str]:
+    """The extras a `sweep SPEC ...` command line needs on the nodes (tunefleet/ prefix: ray submit's synced copy)."""
+    from tunefleet.launcher import sweep as sweeps
+    from tunefleet.launcher.plan_check import STORE_EXTRAS, plan_needs
+
+    assert argv[0] == "sweep", argv
+    spec = sweeps.load_spec(str(REPO / argv[1].removeprefix("tunefleet/")))
+    if "--runs_dir" in argv:
+        spec.runs_dir = argv[argv.index("--runs_dir") + 1]
+    runs = sweeps.expand(spec) if spec.search is None else []
+    needs = plan_needs(spec, runs, evaluate="--eval" in argv)
+    return (
+        ({STORE_EXTRAS[needs.store]} if needs.store else set())
+        | ({"bench"} if needs.tasks else set())
+        | ({"optuna"} if needs.optuna else set())
+    )
 
 
 @pytest.mark.parametrize("path", RAY, ids=ids(RAY))
@@ -631,8 +687,20 @@ MUTANTS = [
     (
         "ray/onprem.yaml",
         validate_ray,
-        _mutate_text("pip install -q -e ~/tunefleet", "pip install -q tunefleet"),
+        _mutate_text('pip install -q -e ~/"tunefleet[cluster]"', "pip install -q tunefleet"),
         "pip install -e ~/tunefleet",
+    ),
+    (  # a cluster whose nodes lack lm-eval: its evaluation used to stop after training
+        "ray/aws.yaml",
+        validate_ray,
+        _mutate_text('-e ~/"tunefleet[s3,bench,optuna]"', "-e ~/tunefleet"),
+        "needs tunefleet[bench,s3]",
+    ),
+    (
+        "ray/gcp.yaml",
+        validate_ray,
+        _mutate_text('-e ~/"tunefleet[gcs,bench,optuna]"', '-e ~/"tunefleet[s3,bench,optuna]"'),
+        "needs tunefleet[gcs]",
     ),
     ("ray/onprem.yaml", validate_ray, _mutate_text("head_ip: 127.0.0.1", "head_ip: 8.8.8.8"), "public address"),
     (

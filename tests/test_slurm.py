@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from cluster_venv import set_up_node, shared_packages
 from conftest import ROOT, checkpoint_steps, read_json, run_cli
 
 from tunefleet.common.jsonfile import read_json as maybe_json  # None while the file does not exist yet
@@ -294,12 +296,17 @@ def test_two_runs_one_array_on_a_gpu_each_then_the_eval_job(cluster, tmp_path, c
         grid={"seed": [1, 2]},
         resources={"gpus_per_run": 1},
         slurm={"array_limit": 2},
-        eval={"max_samples": 10, "max_generation_samples": 1},
+        eval={"max_samples": 10, "max_generation_samples": 1, "tasks": ["tiny_world"]},
     )
     code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--eval", "--skip_data_check")
     assert code == 0, out + err
     state = read_json(runs_dir / "sweep.json")
     array, eval_job = state["slurm"]["array_job_id"], state["slurm"]["eval_job_id"]
+    # the plan check ran first in an allocation of its own (an srun job, ended before the array was submitted)
+    checks = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-n", "tf-two-check", "-o", "%i %T"], capture_output=True, text=True
+    ).stdout.split()
+    assert len(checks) == 2 and checks[1] == "COMPLETED" and int(checks[0]) < int(array), checks
     assert state["backend"] == "slurm" and state["slurm"]["job_ids"] == [array, eval_job]
     assert {n: r["slurm_task"] for n, r in state["runs"].items()} == {"sft_tiny-qwen2_s1": 0, "sft_tiny-qwen2_s2": 1}
     script = (runs_dir / "slurm" / "sweep.sbatch").read_text()
@@ -321,6 +328,7 @@ def test_two_runs_one_array_on_a_gpu_each_then_the_eval_job(cluster, tmp_path, c
         assert sorted(devices) == ["0", "1"]
     results = read_json(runs_dir / "evaluation_results.json")
     assert {"sft_tiny-qwen2_s1", "sft_tiny-qwen2_s2"} <= set(results)
+    assert results["sft_tiny-qwen2_s1"]["benchmarks"]["tiny_world"]["acc"] is not None
 
     code, out, _ = run_cli(capsys, "status", runs_dir)
     assert code == 0 and out.count(" COMPLETED ") == 3 and f"evaluation job {eval_job}: COMPLETED" in out
@@ -517,3 +525,31 @@ def test_a_pipeline_on_slurm_starts_children_after_their_parent_and_blocks_those
     assert set(again["slurm"]["arrays"]) == {"main", "after-grpo_tiny-qwen2_s1"}  # the rest finished before
     wait_for("the rerun", lambda: settled(*again["slurm"]["arrays"].values()), 300, runs_dir)
     assert read_json(runs_dir / "grpo_tiny-qwen2_s1-dpo" / "run.json")["status"] == "finished"
+
+
+def test_a_jobs_python_without_lm_eval_is_refused_before_any_array(cluster, tmp_path, capsys):
+    """The jobs' Python (slurm.python) set up without the bench extra: `--eval` with benchmark tasks is refused in
+    one line naming the compute node and the extra, from a step inside an allocation, and nothing is submitted."""
+    node = set_up_node(
+        tmp_path / "node", ["python -m pip install -q -e ~/tunefleet"], shared_packages(tmp_path / "shared")
+    )
+    runs_dir = tmp_path / "runs"
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="nolm",
+        runs_dir=str(runs_dir),
+        base=TINY,
+        eval={"tasks": ["tiny_world"]},
+        slurm={"python": str(node.bin / "python")},
+    )
+    started = time.time()
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--eval", "--skip_data_check")
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(
+        f"error: the plan cannot run on SLURM node {socket.gethostname()} (python {node.bin}"
+    ), err
+    assert "eval.tasks (tiny_world)" in lines[0] and "pip install 'tunefleet[bench]'" in lines[0], err
+    assert not (runs_dir / "sweep.json").exists() and not (runs_dir / "slurm").exists()
+    assert time.time() - started < 120
+    assert queue_is_empty()

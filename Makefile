@@ -8,7 +8,7 @@ LINKED := $(VENV)/.linked
 PACKAGE_DIRS := $(shell find common trainers launcher eval cluster_configs -type d -not -name __pycache__ 2>/dev/null)
 EDITABLE := --config-settings editable_mode=strict
 
-.PHONY: setup demo test typecheck bench clean
+.PHONY: setup demo check test typecheck bench clean
 
 setup: $(LINKED)
 
@@ -38,6 +38,14 @@ demo: setup
 typecheck: setup
 	$(BIN)/basedpyright
 
+# The inner loop, about two minutes on 2 cores: format, lint, types and the tests not marked slow.
+check: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/basedpyright
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations 5 tests
+
+# The whole suite (what CI runs).
 test: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .

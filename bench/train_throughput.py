@@ -211,6 +211,7 @@ def startup(methods: list[str], repeats: int = 3) -> list[dict]:
     starts it (`python -m tunefleet.trainers.train`), once as a new interpreter and once forked by a warm process
     that is already serving (what a sweep's later runs get). Start-up = from the launcher starting the process to
     the first training step (run.json `startup`); also the whole run's wall time. Fastest of `repeats` each."""
+    from tunefleet.common.contract import WARM_SWITCH_ENV
     from tunefleet.launcher import warm
 
     root = Path(tempfile.mkdtemp(prefix="tf-bench-startup-"))
@@ -231,7 +232,7 @@ def startup(methods: list[str], repeats: int = 3) -> list[dict]:
                 cmd += ["--model_name", "tunefleet/tiny-qwen2", "--dataset", "tunefleet/tiny-ultrafeedback"]
                 cmd += ["--split", split, "--output_dir", str(out), "--max_steps", "1", "--use_qlora", "false"]
                 cmd += ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1"]
-                run_env = {**env, warm.SWITCH_ENV: "1" if kind == "warm" else "0"}
+                run_env = {**env, WARM_SWITCH_ENV: "1" if kind == "warm" else "0"}
                 t0 = time.perf_counter()
                 with open(root / f"{method}-{kind}-{i}.log", "w") as log:
                     proc = warm.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=str(ROOT))

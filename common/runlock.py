@@ -32,7 +32,6 @@ LOCK_NAME = ".tunefleet.lock"  # in a run's folder
 EVAL_LOCK_NAME = ".tunefleet-eval.lock"  # in a runs folder: one evaluator writes its results at a time
 LEASE_S = 120.0  # a holder on another host is gone once its lease runs out: renewed every quarter of it while held
 LOCK_IO_S = 15.0  # how long one read or write of a lock in an object store may take
-HELD_ENV = "TUNEFLEET_LOCK_TOKEN"  # given to a run process whose launcher holds its folder's lock
 
 
 @dataclass

@@ -22,8 +22,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+from tunefleet.common.contract import SCRATCH_ENV
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import read_json, write_json_atomic
 
@@ -51,7 +53,7 @@ def join(base: str, *parts: str) -> str:
 
 def scratch_dir(uri: str, purpose: str = "run") -> Path:
     """This node's working folder for a run kept in a store (one per URI and purpose)."""
-    root = Path(os.environ.get("TUNEFLEET_SCRATCH") or Path(tempfile.gettempdir()) / "tunefleet-scratch")
+    root = Path(os.environ.get(SCRATCH_ENV) or Path(tempfile.gettempdir()) / "tunefleet-scratch")
     digest = hashlib.sha256(f"{uri}|{purpose}".encode()).hexdigest()[:16]
     return root / f"{purpose}-{digest}"
 
@@ -179,7 +181,7 @@ class Store:
         return Path(self.root) / name if name else Path(self.root)
 
     # ---------------------------------------------------------------- records
-    def read_json(self, name: str) -> dict | None:
+    def read_json(self, name: str) -> dict[str, Any] | None:
         """A JSON object, or None when missing or unreadable (never unpickles anything)."""
         if not self.remote:
             return read_json(self._local(name))
@@ -189,7 +191,7 @@ class Store:
         except (FileNotFoundError, ValueError):
             return None
 
-    def write_json(self, name: str, data, durable: bool = True) -> None:
+    def write_json(self, name: str, data: Any, durable: bool = True) -> None:
         if not self.remote:
             write_json_atomic(self._local(name), data, durable)
             return

@@ -2,7 +2,7 @@
 
 `--verbose` (train) leaves every library as it is. What is turned off, and why:
 - the "Loading weights" / "Writing model shards" bars of transformers, the hub's download bars and the datasets'
-  map bars: tunefleet draws one bar per run (trainers.run.progress_callback) and prints one line per data step;
+  map bars: tunefleet draws one bar per run (trainers.callbacks.progress_callback) and prints one line per data step;
 - DeepSpeed's "Setting accelerator to CPU" warning, printed on every import on a host without a GPU: on such a
   host tunefleet names the CPU accelerator itself (DS_ACCELERATOR=cpu, what DeepSpeed would pick);
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": a hint that an optional faster CPU

@@ -16,7 +16,7 @@ from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.runlock import EVAL_LOCK_NAME, RunLock
 from tunefleet.common.storage import Store, refuse_ray_job_temp
 from tunefleet.common.tracking import Tracking, log_evaluation
-from tunefleet.eval import plan, results
+from tunefleet.eval import metrics, plan, results
 from tunefleet.eval.progress import shard_progress
 from tunefleet.eval.settings import EvalData, EvalSettings
 from tunefleet.eval.worker import ShardResult
@@ -153,7 +153,7 @@ def _evaluate_reward_models(runs: list, settings: EvalSettings, existing: dict) 
             updates[run.name] = old
             continue
         entry = results.empty_entry(run.name, run.location) | results.training_metrics(run.path)
-        entry |= plan.perplexity_metrics(None) | plan.preference_metrics(None) | plan.reward_metrics(None)
+        entry |= metrics.perplexity_metrics(None) | metrics.preference_metrics(None) | metrics.reward_metrics(None)
         lineage = run.record.get("lineage") or {}
         entry.update(
             method=run.method,
@@ -329,13 +329,13 @@ def _evaluate_group(
             eval_nodes=sorted(nodes.get(name, ())),
         )
         if name not in errors:
-            entry.update(plan.perplexity_metrics(merged.get((name, "ppl"))))
+            entry.update(metrics.perplexity_metrics(merged.get((name, "ppl"))))
             entry["benchmarks"] = dict(zip(settings.benchmark_tasks(), merged.get((name, "bench")) or [])) or None
             # a full fine-tuning run's implicit reward is against the raw base's per-pair losses (kept in its row)
             against = root_pairs if full_run else None if name == base_name else base_pref
-            entry.update(plan.preference_metrics(merged.get((name, "pref")), against))
+            entry.update(metrics.preference_metrics(merged.get((name, "pref")), against))
             entry.update(
-                plan.reward_metrics(
+                metrics.reward_metrics(
                     merged.get((name, "gen")), None if name == base_name else base_gen, settings.max_generation_samples
                 ),
                 reward_funcs=list(reward_funcs),
@@ -378,9 +378,9 @@ def compare_with_root(entry: dict, values: list | None, root: list | None) -> No
         entry["rm_win_rate_vs_parent"] = entry.pop("rm_win_rate_vs_base")
         entry["rm_win_rate_vs_base"] = None
     if values and root and len(root) == len(values):
-        entry["win_rate_vs_base"], entry["win_rates_vs_base"] = plan.win_rates(values, root)
+        entry["win_rate_vs_base"], entry["win_rates_vs_base"] = metrics.win_rates(values, root)
         if values[0].get("rm") is not None and root[0].get("rm") is not None:
-            entry["rm_win_rate_vs_base"] = plan.rm_win_rate(values, root)
+            entry["rm_win_rate_vs_base"] = metrics.rm_win_rate(values, root)
 
 
 def _run_local(

@@ -13,11 +13,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunefleet.common.contract import RESULTS_FILE, RUN_RECORD
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.storage import Store, join, scratch_dir
 from tunefleet.trainers.config import METHODS
 
-FETCHED = ("adapter_config.json", "adapter_model.safetensors", "run.json", "trainer_state.json")
+FETCHED = ("adapter_config.json", "adapter_model.safetensors", RUN_RECORD, "trainer_state.json")
 # A full fine-tuning run is scored as a model of its own: its weights, config and tokenizer.
 FULL_FETCHED = (
     "config.json",
@@ -27,7 +28,7 @@ FULL_FETCHED = (
     "tokenizer.json",
     "tokenizer_config.json",
     "chat_template.jinja",
-    "run.json",
+    RUN_RECORD,
     "trainer_state.json",
 )
 
@@ -110,11 +111,11 @@ def discover(runs_dir: str, methods: list[str] | None = None) -> list[RunInfo]:
         return found.rsplit("/", 1)[0] if "/" in found else ""
 
     with_adapter = {folder_of(f) for f in store.find("adapter_config.json")}
-    for name in sorted(with_adapter | {folder_of(f) for f in store.find("run.json")}):
+    for name in sorted(with_adapter | {folder_of(f) for f in store.find(RUN_RECORD)}):
         if not name or any(part.startswith("checkpoint-") for part in name.split("/")):
             continue
         run = store.child(name)
-        record = run.read_json("run.json") or {}
+        record = run.read_json(RUN_RECORD) or {}
         full = name not in with_adapter and (record.get("config") or {}).get("finetune") == "full"
         if name not in with_adapter and not (full and run.exists("config.json")):
             continue  # a run.json without a model yet (running, failed, a merged parent's folder)
@@ -210,7 +211,7 @@ def empty_entry(name: str, path: str) -> dict:
 
 
 def results_path(runs_dir: str, output: str | None = None) -> str:
-    return str(output) if output else join(runs_dir, "evaluation_results.json")
+    return str(output) if output else join(runs_dir, RESULTS_FILE)
 
 
 def split_location(path: str) -> tuple[Store, str]:

@@ -1,4 +1,5 @@
-"""Where a sweep's runs execute: local processes or Ray. (SLURM: launcher/slurm.py.)
+"""Two backends (launcher/backend.py): `LocalBackend`, processes on this machine, and `RayBackend`, tasks on a Ray
+cluster (or a local Ray started for the sweep). (SLURM: launcher/slurm.py.)
 
 Both backends read as the same steps: check resources -> queue the runs that may start (all of a plain sweep; in a
 pipeline, those whose parent finished: launcher/dag.py) -> start each as its GPU share (or CPU slot) frees up -> a
@@ -8,25 +9,32 @@ once with a whole GPU -> the others go on; a run whose parent did not finish is 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from tunefleet.common.contract import LAUNCH_FILE, TRAIN_LOG
 from tunefleet.common.errors import TunefleetError, first_line
-from tunefleet.common.raycluster import ensure_ray
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, join
-from tunefleet.launcher import warm
+from tunefleet.launcher import plan_check, warm
+from tunefleet.launcher.backend import Chooser, Ran, SweepOptions
 from tunefleet.launcher.dag import Dag
+from tunefleet.launcher.dry_run import plan_text
+from tunefleet.launcher.execute import run_one, stopping, terminate_children
 from tunefleet.launcher.placement import Allocator
 from tunefleet.launcher.progress import SweepView
-from tunefleet.launcher.runner import run_one, stopping, terminate_children
-from tunefleet.launcher.runs import RunOutcome, RunPlan
-from tunefleet.launcher.sweep import Resources
+from tunefleet.launcher.ray_session import ray_for_runs
+from tunefleet.launcher.records import RunOutcome, RunPlan
+from tunefleet.launcher.sweep import Resources, SweepSpec
+
+if TYPE_CHECKING:
+    from tunefleet.launcher.plan_check import PlanNeeds
+    from tunefleet.launcher.tune_search import TrialSetup
 
 
 class Retries:
@@ -71,9 +79,6 @@ def check_local_resources(runs: list[RunPlan], allocator: Allocator) -> None:
             )
 
 
-Chooser = Callable[[str], tuple[RunPlan | None, str]]  # a stage -> the best run of the stage it starts from, and why
-
-
 class Choices:
     """Stages waiting for the best run of the stage they start from: each chosen in a thread of its own (the choice
     evaluates that stage) while the sweep goes on."""
@@ -107,7 +112,7 @@ class Choices:
 
 
 def blocked_outcome(plan: RunPlan, why: str) -> RunOutcome:
-    return RunOutcome(plan.name, RunStatus.BLOCKED, join(plan.output_dir, "train.log"), error=why)
+    return RunOutcome(plan.name, RunStatus.BLOCKED, join(plan.output_dir, TRAIN_LOG), error=why)
 
 
 class Schedule:
@@ -168,7 +173,7 @@ def run_local(
             try:
                 result["outcome"] = run_one(plan, env)
             except Exception as exc:  # a launch that cannot even start: recorded, and the sweep goes on
-                log = join(plan.output_dir, "train.log")
+                log = join(plan.output_dir, TRAIN_LOG)
                 error = f"{type(exc).__name__}: {first_line(exc)}"
                 result["outcome"] = RunOutcome(plan.name, RunStatus.FAILED, log, error=error)
 
@@ -236,28 +241,6 @@ def run_on_ray_node(plan: RunPlan) -> RunOutcome:
     return run_one(plan, {"TUNEFLEET_NODE_ID": ray.get_runtime_context().get_node_id()})
 
 
-@contextlib.contextmanager
-def ray_for_runs(address: str | None):
-    """Ray for a sweep's runs or a search's trials: the cluster at `address` (or RAY_ADDRESS), else a local Ray
-    started here, whose workers inherit the warm process's address and fork every run from it. What this started
-    is shut down at the end; a Ray already connected is used as it is."""
-    import ray
-
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local:
-        advertised = warm.prestart()
-        if advertised:
-            os.environ[warm.SOCKET_ENV] = advertised
-    started = ensure_ray(address)
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-        if local:
-            os.environ.pop(warm.SOCKET_ENV, None)
-
-
 def run_ray(
     runs: list[RunPlan],
     resources: Resources,
@@ -314,7 +297,7 @@ def run_ray(
                     try:
                         outcome = ray.get(ref)
                     except RayError as exc:
-                        log = join(by_name[name].output_dir, "train.log")
+                        log = join(by_name[name].output_dir, TRAIN_LOG)
                         outcome = RunOutcome(name, RunStatus.FAILED, log, error=first_line(exc))
                     again = tries.again(by_name[name], outcome)
                     if again:
@@ -352,7 +335,74 @@ def _mark_running(by_name: dict[str, RunPlan], inflight: dict, running: set, vie
     for name in inflight.values():
         if name in running:
             continue
-        started = (Store(by_name[name].output_dir).read_json("launch.json") or {}).get("started_at", "")
+        started = (Store(by_name[name].output_dir).read_json(LAUNCH_FILE) or {}).get("started_at", "")
         if started >= view.started_at:
             running.add(name)
             view.set(name, RunStatus.RUNNING)
+
+
+# ---------------------------------------------------------------- the two backends
+class LocalBackend:
+    """Processes on this machine: each run in its GPU share (or its CPU slot), forked from one warm process."""
+
+    name = "local"
+    eval_backend = "local"
+    submits = False
+
+    def __init__(self, options: SweepOptions):
+        self.options = options
+
+    def dry_run(self, spec: SweepSpec, runs: list[RunPlan], searches: list[str]) -> int:
+        print("\n".join([plan_text(spec, runs), *searches]))
+        return 0
+
+    def check_search(self) -> None:
+        pass  # on a local Ray started for it
+
+    def prepare(self) -> None:
+        warm.prestart()  # the runs' warm process imports while the data is checked
+
+    def check_plan(self, needs: PlanNeeds) -> None:
+        plan_check.refuse(plan_check.check_here(needs), f"this machine ({socket.gethostname()}, the sweep's driver)")
+
+    def run(self, spec: SweepSpec, runs: list[RunPlan], chooser: Chooser | None) -> Ran:
+        with SweepView(runs) as view:
+            return Ran(run_local(runs, spec.resources, self.options.retries, view, chooser))
+
+    def search(self, spec: SweepSpec, setups: dict[str, TrialSetup]) -> int:
+        return RayBackend(self.options).search(spec, setups)  # trials and confirmation on a local Ray
+
+
+class RayBackend(LocalBackend):
+    """Tasks on the Ray cluster at the options' address (or RAY_ADDRESS), else on a local Ray started for the sweep
+    (whose workers fork each run from this machine's warm process)."""
+
+    name = "ray"
+    eval_backend = "ray"
+
+    @property
+    def on_cluster(self) -> bool:
+        return bool(self.options.address or os.environ.get("RAY_ADDRESS"))
+
+    def prepare(self) -> None:
+        if not self.on_cluster:
+            warm.prestart()  # a local Ray's workers fork the runs from it
+
+    def check_plan(self, needs: PlanNeeds) -> None:
+        super().check_plan(needs)  # the driver: it evaluates, and writes the runs folder
+        if self.on_cluster:  # every node (a local Ray's workers are this very Python)
+            with ray_for_runs(self.options.address):  # the connection stays for the runs
+                plan_check.check_ray_nodes(needs)
+
+    def run(self, spec: SweepSpec, runs: list[RunPlan], chooser: Chooser | None) -> Ran:
+        with SweepView(runs) as view:
+            outcomes, lost = run_ray(runs, spec.resources, self.options.retries, view, self.options.address, chooser)
+        return Ran(outcomes, lost)
+
+    def search(self, spec: SweepSpec, setups: dict[str, TrialSetup]) -> int:
+        from tunefleet.launcher.tune_search import run_search
+
+        def confirm(spec: SweepSpec, runs: list[RunPlan]) -> list[RunOutcome]:
+            return self.run(spec, runs, None).outcomes
+
+        return run_search(spec, setups, self.options.address, self.options.retries, confirm)

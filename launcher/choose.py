@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tunefleet.common.status import RunStatus
 from tunefleet.eval.settings import EvalSettings
-from tunefleet.launcher.runner import summarize
+from tunefleet.launcher.execute import summarize
 
 
 @dataclass

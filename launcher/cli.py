@@ -16,8 +16,13 @@ import errno
 import json
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 from tunefleet.common.errors import TunefleetError
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
+
 
 COMMANDS = {
     "train": "Train one run (all flags of the original tool; --help lists them).",
@@ -49,33 +54,22 @@ def cmd_train(argv: list[str]) -> int:
         let_go(lock)
 
 
-def train_held(cfg, argv: list[str]) -> int:
+def train_held(cfg: TrainConfig, argv: list[str]) -> int:
     """`tunefleet train` once the run folder is this process's to write: in this process, or its ranks launched."""
     from tunefleet.launcher.launch import plan_launch
 
     choice, env = plan_launch(cfg)
     if choice.config is None:
-        from tunefleet.trainers import checkpoints, recovery
-        from tunefleet.trainers.run import Preempted
-        from tunefleet.trainers.train import run
+        from tunefleet.trainers.train import run_to_exit
 
-        try:
-            record = run(cfg)
-        except Preempted as exc:
-            print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
-            return 128 + exc.signum
-        except checkpoints.DiskFull as exc:
-            print(f"stopped: {exc}", file=sys.stderr)
-            return checkpoints.DISK_FULL_EXIT
-        except recovery.OutOfMemory as exc:
-            print(f"error: {recovery.no_smaller_setup(exc, cfg)}", file=sys.stderr)
-            return 3
-        print(f"done: {cfg.output_dir} (status {record['status']}, step {record.get('global_step')})")
-        return 0
+        code, record = run_to_exit(cfg)
+        if record is not None:
+            print(f"done: {cfg.output_dir} (status {record['status']}, step {record.get('global_step')})")
+        return code
     return launch_processes(cfg, argv, choice.config, choice.reason, env)
 
 
-def launch_processes(cfg, argv: list[str], config: str, reason: str, env: dict) -> int:
+def launch_processes(cfg: TrainConfig, argv: list[str], config: str, reason: str, env: dict) -> int:
     """`accelerate launch` the run; after running out of memory, again with the next smaller set-up."""
     from tunefleet.common.storage import Store
     from tunefleet.launcher import warm
@@ -83,27 +77,29 @@ def launch_processes(cfg, argv: list[str], config: str, reason: str, env: dict) 
     from tunefleet.trainers import recovery
 
     env = warm.with_advertised(env)  # the ranks fork from it (warm.rank)
-    while True:
-        cmd = launch_command([*argv, "--accelerate_config", config], cfg.num_processes, free_port(), config)
+
+    def launch(run_cfg: TrainConfig) -> tuple[int, bool]:
+        flags = [] if run_cfg is cfg else smaller_flags(run_cfg)
+        cmd = launch_command(
+            [*argv, *flags, "--accelerate_config", config], run_cfg.num_processes, free_port(), config
+        )
         print(f"launch: {config} ({reason})\n  {' '.join(cmd)}", flush=True)
         rc = subprocess.call(cmd, env=env)
-        store = Store(cfg.output_dir)
-        out_of_memory = recovery.launch_ran_out_of_memory(store)
-        retry = recovery.after_failed_launch(cfg, store, out_of_memory) if rc else None
-        if retry is None:
-            return rc
-        smaller, step = retry
-        print(step.describe(), flush=True)
-        argv = [
-            *argv,
-            "--gradient_checkpointing",
-            "true",
-            "--per_device_train_batch_size",
-            str(smaller.per_device_train_batch_size),
-            "--gradient_accumulation_steps",
-            str(smaller.gradient_accumulation_steps),
-        ]
-        cfg = smaller
+        return rc, recovery.launch_ran_out_of_memory(Store(run_cfg.output_dir))
+
+    return recovery.relaunch_smaller(cfg, launch, lambda line: print(line, flush=True))
+
+
+def smaller_flags(cfg: TrainConfig) -> list[str]:
+    """The flags that give a relaunch its smaller set-up (they come after the user's own, so they win)."""
+    return [
+        "--gradient_checkpointing",
+        "true",
+        "--per_device_train_batch_size",
+        str(cfg.per_device_train_batch_size),
+        "--gradient_accumulation_steps",
+        str(cfg.gradient_accumulation_steps),
+    ]
 
 
 def cmd_check_data(argv: list[str]) -> int:

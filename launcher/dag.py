@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tunefleet.launcher.runs import RunPlan
+from tunefleet.launcher.records import RunPlan
 
 
 class Dag:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunefleet.common import hub
+from tunefleet.common.contract import RESULTS_FILE, RUN_RECORD
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
@@ -43,7 +44,7 @@ TOKENIZER_FILES = (
 )
 # A full fine-tuning run keeps its whole model at the top of its folder, as save_pretrained writes it.
 FULL_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
-COPIED = (*ADAPTER_FILES, *TOKENIZER_FILES, "run.json", "trainer_state.json")
+COPIED = (*ADAPTER_FILES, *TOKENIZER_FILES, RUN_RECORD, "trainer_state.json")
 
 
 @dataclass
@@ -88,7 +89,7 @@ def choose_best(runs_dir: str, metric: str, method: str | None = None, results_f
     name, entry = min(scored, key=lambda item: (sign * item[1][metric], item[0]))
     location = join(runs_dir, name)
     run = Store(location)
-    if not (run.exists("adapter_config.json") or run.exists("run.json")) and entry.get("model_path"):
+    if not (run.exists("adapter_config.json") or run.exists(RUN_RECORD)) and entry.get("model_path"):
         location = entry["model_path"]  # results written by an older layout: where the evaluator found it
     return Chosen(name, location, entry, metric, float(entry[metric]), len(scored))
 
@@ -101,7 +102,7 @@ def present_metrics(results: dict) -> str:
 def evaluation_entry(location: str, name: str) -> dict:
     """The run's row of the evaluation_results.json in its parent folder, if it was evaluated there."""
     parent = location.rstrip("/").rpartition("/")[0] or "."
-    return load_results(join(parent, "evaluation_results.json")).get(name) or {}
+    return load_results(join(parent, RESULTS_FILE)).get(name) or {}
 
 
 def local_run(location: str, full: bool = False) -> Path:
@@ -116,7 +117,7 @@ def local_run(location: str, full: bool = False) -> Path:
         return Path(location)
     if full:
         shards = (store.read_json("model.safetensors.index.json") or {}).get("weight_map", {}).values()
-        names = (*FULL_MODEL_FILES, *sorted(set(shards)), *TOKENIZER_FILES, "run.json", "trainer_state.json")
+        names = (*FULL_MODEL_FILES, *sorted(set(shards)), *TOKENIZER_FILES, RUN_RECORD, "trainer_state.json")
         return fetch(store, scratch_dir(location, "export"), names)
     return fetch(store, scratch_dir(location, "export"), COPIED)
 
@@ -149,7 +150,7 @@ def export_run(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TunefleetError(f"{out} exists and is not empty; choose another --output_dir or pass --overwrite")
-    record = Store(location).read_json("run.json") or {}
+    record = Store(location).read_json(RUN_RECORD) or {}
     full = finetune_of(record.get("config") or {}) == "full"
     if full and adapter_only:
         raise TunefleetError(f"--adapter_only: {location} is a full fine-tuning run (no adapter); export it whole")
@@ -373,7 +374,7 @@ def cmd_export(argv: list[str]) -> int:
         name = a.run.rstrip("/").rsplit("/", 1)[-1]
         chosen = Chosen(name, a.run, evaluation_entry(a.run, name))
     out = export_run(chosen.location, Path(a.output_dir), a.dtype, a.adapter_only, chosen, a.overwrite)
-    full = finetune_of((Store(chosen.location).read_json("run.json") or {}).get("config") or {}) == "full"
+    full = finetune_of((Store(chosen.location).read_json(RUN_RECORD) or {}).get("config") or {}) == "full"
     kind = "adapter" if a.adapter_only else "model" if full else "merged model"
     print(f"wrote {kind} of {chosen.name} to {out}")
     if a.push_to_hub and token:

@@ -17,9 +17,14 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TypeGuard
+from typing import TYPE_CHECKING, TypeGuard
 
+from tunefleet.common.contract import LAUNCH_ENV
 from tunefleet.common.errors import TunefleetError
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
+
 
 # The shipped catalogue, as package data: found the same way from a checkout and from an installed wheel.
 CATALOGUE = Path(str(resources.files("tunefleet.cluster_configs")))
@@ -147,7 +152,7 @@ def deepspeed_file(config: str | None) -> Path | None:
     return ds.resolve()
 
 
-def check_deepspeed(ds: dict, cfg, bf16: bool) -> list[str]:
+def check_deepspeed(ds: dict, cfg: TrainConfig, bf16: bool) -> list[str]:
     """Settings of a DeepSpeed JSON that contradict the run's flags, each saying which (pure)."""
     problems = []
 
@@ -211,7 +216,7 @@ def launch_command(
     return cmd
 
 
-def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]:
+def plan_launch(cfg: TrainConfig, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]:
     """Choose and check the distributed set-up of one run before anything starts; env for its processes.
 
     `env_extra` is what a backend gives this run (CUDA_VISIBLE_DEVICES of its slot, say).
@@ -258,7 +263,7 @@ def plan_launch(cfg, env_extra: dict | None = None) -> tuple[LaunchChoice, dict]
 def with_launch_record(choice: LaunchChoice, env: dict, num_processes: int) -> tuple[LaunchChoice, dict]:
     """The choice, and `env` telling the run's processes what was chosen and why (run.json: launch)."""
     record = {"accelerate_config": choice.config, "reason": choice.reason, "num_processes": num_processes}
-    return choice, {**env, "TUNEFLEET_LAUNCH": json.dumps(record)}
+    return choice, {**env, LAUNCH_ENV: json.dumps(record)}
 
 
 def launch_env(base: dict, num_processes: int, has_gpu: bool, deepspeed: bool = False) -> dict:

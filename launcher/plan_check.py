@@ -23,8 +23,16 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from tunefleet.common.contract import RUN_RECORD
 from tunefleet.common.errors import TunefleetError, first_line
+
+if TYPE_CHECKING:
+    from tunefleet.eval.settings import EvalSettings
+    from tunefleet.launcher.records import RunPlan
+    from tunefleet.launcher.search_settings import SearchSettings
+    from tunefleet.launcher.sweep import SweepSpec
 
 # How long the nodes' checks may take: a worker starts and imports lm-eval and transformers (seconds); a SLURM step
 # may first wait for its allocation.
@@ -63,18 +71,20 @@ class PlanNeeds:
         )
 
 
-def plan_needs(spec, runs, evaluate: bool) -> PlanNeeds:
+def plan_needs(spec: SweepSpec, runs: list[RunPlan], evaluate: bool) -> PlanNeeds:
     """What `spec` needs: evaluations that will run (`--eval`, a stage choosing the best run of another, a search's
     confirmation), the runs folder's store and a TPE search. `runs`: the sweep's runs (their names may be a
     reward model the sweep trains itself)."""
     from tunefleet.common.storage import is_uri
 
-    settings = []
+    settings: list[EvalSettings] = []
     if evaluate:
         settings += [stage.eval for stage in spec.stages] if spec.stages else [spec.eval]
     chosen_from = {stage.parent for stage in spec.stages if stage.best}
     settings += [stage.eval for stage in spec.stages if stage.name in chosen_from]
-    searches = [spec.search] if spec.search else [stage.search for stage in spec.stages if stage.search]
+    searches: list[SearchSettings] = (
+        [spec.search] if spec.search else [stage.search for stage in spec.stages if stage.search]
+    )
     if spec.search:
         settings.append(spec.eval)  # a search's confirmation runs are evaluated
     settings += [stage.eval for stage in spec.stages if stage.search]
@@ -99,7 +109,7 @@ def earlier_run(runs_dir: str, name: str) -> str | None:
     if "/" in name or "://" in name:
         return None
     folder = join(runs_dir, name)
-    return folder if Store(folder).exists("run.json") else None
+    return folder if Store(folder).exists(RUN_RECORD) else None
 
 
 def check_here(needs: PlanNeeds) -> list[str]:

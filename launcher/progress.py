@@ -8,10 +8,11 @@ from __future__ import annotations
 import sys
 import time
 
+from tunefleet.common.contract import PROGRESS_FILE
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store
-from tunefleet.launcher.runs import RunOutcome, RunPlan
+from tunefleet.launcher.records import RunOutcome, RunPlan
 
 
 class SweepView:
@@ -76,7 +77,7 @@ class SweepView:
             table.add_column(col)
         for name, run in self.runs.items():
             running = self.state[name] is RunStatus.RUNNING
-            progress = (Store(run.output_dir).read_json("progress.json") or {}) if running else {}
+            progress = (Store(run.output_dir).read_json(PROGRESS_FILE) or {}) if running else {}
             step = f"{progress.get('step', '')}/{progress.get('max_steps', '')}" if progress else ""
             loss = progress.get("loss")
             table.add_row(

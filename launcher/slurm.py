@@ -8,11 +8,14 @@
 Reads as its steps: check sbatch -> refuse while the sweep's previous array is still queued/running -> pick
 the runs that are not finished -> write `<runs_dir>/slurm/runs.json` and the sbatch scripts -> sbatch ->
 record the job ids in `<runs_dir>/sweep.json`. Each array task runs `python -m tunefleet.launcher.slurm_task` (which
-calls `runner.run_one`, as every backend does); the batch script only relays signals and requeues. SLURM
+calls `execute.run_one`, as every backend does); the batch script only relays signals and requeues. SLURM
 sends USR1 `signal_seconds` before the time limit: the trainer checkpoints, the task requeues itself and
 resumes from that checkpoint.
 
 The renderers (`render_array_script`, `render_eval_script`, `array_spec`, `parse_queue`) are pure.
+
+Why one module of this size: the scripts it renders, their submission (ids, dependencies, sweep.json) and the
+queue's states are one protocol with slurm_task.py, which runs them.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from pathlib import Path
 
 from tunefleet.common import schema
 from tunefleet.common.errors import TunefleetError
-from tunefleet.common.jsonfile import read_json, utc_now, write_json_atomic
+from tunefleet.common.jsonfile import write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import is_uri
+from tunefleet.launcher.backend import Ran, SweepOptions
+from tunefleet.launcher.execute import summarize
 from tunefleet.launcher.placement import slurm_groups
 from tunefleet.launcher.plan_check import PlanNeeds, check_in_slurm
-from tunefleet.launcher.runner import summarize
+from tunefleet.launcher.sweep_record import RunEntry, SweepRecord
 
 # Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
 MAIN = "main"  # the array of the runs that wait for nothing (every run of a plain sweep)
@@ -146,7 +151,7 @@ task="${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
 echo "=== $(date -Is) task $task on $(hostname), restart ${{SLURM_RESTART_COUNT:-0}}," \
      "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}}"
 
-# The run is Python (runs.json -> runner.run_one); this shell relays signals to it and requeues.
+# The run is Python (runs.json -> execute.run_one); this shell relays signals to it and requeues.
 signalled=""
 relay() {{ signalled=$1; kill -s "$1" "$child" 2>/dev/null; }}
 trap 'relay USR1' USR1
@@ -296,7 +301,7 @@ def sbatch(script: Path, *flags: str) -> str:
 
 
 # ---------------------------------------------------------------- submit
-def submit_sweep(spec, runs, a, needs: PlanNeeds | None = None) -> int:
+def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) -> int:
     """Submit the sweep's unfinished runs as one job array (+ the evaluation job with --eval). `needs`: what the
     plan needs beyond tunefleet (launcher/plan_check.py), checked in an allocation before anything is submitted."""
     if not a.dry_run and shutil.which("sbatch") is None:
@@ -311,17 +316,16 @@ def submit_sweep(spec, runs, a, needs: PlanNeeds | None = None) -> int:
         )
     sweep_dir = Path(spec.runs_dir).resolve()
     slurm_dir = sweep_dir / "slurm"
-    state_path = sweep_dir / "sweep.json"
-    previous = read_json(state_path) or {}
+    previous = SweepRecord.read(str(sweep_dir))
     python = spec.slurm.python or sys.executable
 
-    old = previous.get("slurm") or {}
+    old = (previous.slurm if previous else None) or {}
     if not a.dry_run:
         refuse_while_queued(spec, old.get("job_ids", []))
 
     todo = [i for i, run in enumerate(runs) if summarize(run.output_dir).status is not RunStatus.FINISHED]
     finished = len(runs) - len(todo)
-    if not todo and not a.eval:
+    if not todo and not a.evaluate:
         print(f"sweep {spec.name}: all {len(runs)} runs already finished; nothing to submit")
         return 0
 
@@ -354,7 +358,7 @@ def submit_sweep(spec, runs, a, needs: PlanNeeds | None = None) -> int:
         )
         for key, script in scripts.items():
             print(f"# ---- {slurm_dir / script_name(key)} ({waits_for(key, runs)})\n{script}")
-        if a.eval:
+        if a.evaluate:
             print(
                 f"# ---- {slurm_dir / 'eval.sbatch'}\n"
                 + render_eval_script(spec, str(sweep_dir), python, "<array job ids>" if todo else None)
@@ -385,22 +389,22 @@ def submit_sweep(spec, runs, a, needs: PlanNeeds | None = None) -> int:
             "stages": stages,
         },
     )
-    state = {
-        "name": spec.name,
-        "spec": str(a.spec),
-        "backend": "slurm",
-        "started_at": utc_now(),
-        "runs": {
-            r.name: {
-                "output_dir": r.output_dir,
-                "method": r.method,
-                "status": RunStatus.QUEUED if i in todo else RunStatus.FINISHED,
-                **({"stage": r.lineage.stage, "parent": r.lineage.parent} if r.lineage else {}),
-                **_earlier_job(previous, r.name),
-            }
+    record = SweepRecord(
+        name=spec.name,
+        spec=a.spec_path,
+        backend="slurm",
+        runs={
+            r.name: RunEntry(
+                r.output_dir,
+                r.method,
+                RunStatus.QUEUED if i in todo else RunStatus.FINISHED,
+                stage=r.lineage.stage if r.lineage else None,
+                parent=r.lineage.parent if r.lineage else None,
+                slurm=_earlier_job(previous, r.name),
+            )
             for i, r in enumerate(runs)
         },
-        "slurm": {
+        slurm={
             "job_ids": [],
             "array_job_id": None,
             "arrays": {},
@@ -409,30 +413,32 @@ def submit_sweep(spec, runs, a, needs: PlanNeeds | None = None) -> int:
             "script": None,
             "previous_job_ids": old.get("previous_job_ids", []) + old.get("job_ids", []),
         },
-    }
+    )
+    jobs = record.slurm
+    assert jobs is not None
     job_of: dict[str, str] = {}  # run name -> its array task, "ARRAY_TASK"
     array_of_stage: dict[str, list[str]] = {}
     for key, tasks in arrays.items():
-        after = dependency_of(key, runs, job_of, array_of_stage, spec, str(sweep_dir), python, slurm_dir, state)
+        after = dependency_of(key, runs, job_of, array_of_stage, spec, str(sweep_dir), python, slurm_dir, record)
         script = slurm_dir / script_name(key)
         script.write_text(render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries, key, after))
         array_id = sbatch(script)
-        state["slurm"]["job_ids"].append(array_id)
-        state["slurm"]["arrays"][key] = array_id
+        jobs["job_ids"].append(array_id)
+        jobs["arrays"][key] = array_id
         if key == MAIN:
-            state["slurm"].update(array_job_id=array_id, script=str(script))
+            jobs.update(array_job_id=array_id, script=str(script))
         for t, task in enumerate(tasks):
             for i in task:
                 job_of[runs[i].name] = f"{array_id}_{t}"
-                state["runs"][runs[i].name].update(slurm_task=t, slurm_job=f"{array_id}_{t}", slurm_array=key)
+                record.runs[runs[i].name].slurm = {"slurm_task": t, "slurm_job": f"{array_id}_{t}", "slurm_array": key}
                 if runs[i].lineage:
                     array_of_stage.setdefault(runs[i].lineage.stage, []).append(array_id)
-        write_json_atomic(state_path, state)  # whatever happens next, a resubmission sees the arrays so far
-    write_json_atomic(state_path, state)
+        record.write(str(sweep_dir))  # whatever happens next, a resubmission sees the arrays so far
+    record.write(str(sweep_dir))
 
     eval_id = None
-    if a.eval:
-        arrays_submitted = ":".join(state["slurm"]["arrays"].values()) or None
+    if a.evaluate:
+        arrays_submitted = ":".join(jobs["arrays"].values()) or None
         (slurm_dir / "eval.sbatch").write_text(render_eval_script(spec, str(sweep_dir), python, arrays_submitted))
         try:
             eval_id = sbatch(slurm_dir / "eval.sbatch")
@@ -443,10 +449,10 @@ def submit_sweep(spec, runs, a, needs: PlanNeeds | None = None) -> int:
                     f"`tunefleet eval --runs_dir {spec.runs_dir}`)"
                 ) from None
             raise
-        state["slurm"].update(job_ids=state["slurm"]["job_ids"] + [eval_id], eval_job_id=eval_id)
-        write_json_atomic(state_path, state)
+        jobs.update(job_ids=jobs["job_ids"] + [eval_id], eval_job_id=eval_id)
+        record.write(str(sweep_dir))
 
-    print_submitted(spec, runs, arrays, state["slurm"]["arrays"], eval_id, sweep_dir)
+    print_submitted(spec, runs, arrays, jobs["arrays"], eval_id, sweep_dir)
     return 0
 
 
@@ -481,7 +487,9 @@ def waits_for(group: str, runs) -> str:
     )
 
 
-def dependency_of(key, runs, job_of, array_of_stage, spec, sweep_dir, python, slurm_dir, state) -> str | None:
+def dependency_of(
+    key, runs, job_of, array_of_stage, spec, sweep_dir, python, slurm_dir, record: SweepRecord
+) -> str | None:
     """The job(s) the array `key` waits for: its parent's task, or the job that chooses its stage's parent (which
     is submitted here, after every array of the stage it chooses from)."""
     kind, _, what = key.partition("-")
@@ -494,8 +502,10 @@ def dependency_of(key, runs, job_of, array_of_stage, spec, sweep_dir, python, sl
     script = slurm_dir / f"choose-{what}.sbatch"
     script.write_text(render_choice_script(spec, what, sweep_dir, python, before))
     choice_id = sbatch(script)
-    state["slurm"]["job_ids"].append(choice_id)
-    state["slurm"]["choice_job_ids"][what] = choice_id
+    jobs = record.slurm
+    assert jobs is not None
+    jobs["job_ids"].append(choice_id)
+    jobs["choice_job_ids"][what] = choice_id
     return choice_id
 
 
@@ -538,10 +548,11 @@ def print_submitted(spec, runs, arrays: dict, array_ids: dict, eval_id, sweep_di
     print(f"follow: tunefleet status {spec.runs_dir}    cancel: tunefleet cancel {spec.runs_dir}")
 
 
-def _earlier_job(previous: dict, name: str) -> dict:
+def _earlier_job(previous: SweepRecord | None, name: str) -> dict | None:
     """A run's task id from the previous submission (kept for a finished run: status shows its log)."""
-    info = (previous.get("runs") or {}).get(name) or {}
-    return {k: info[k] for k in ("slurm_task", "slurm_job") if k in info}
+    entry = previous.runs.get(name) if previous else None
+    earlier = {k: v for k, v in ((entry.slurm if entry else None) or {}).items() if k in ("slurm_task", "slurm_job")}
+    return earlier or None
 
 
 # ---------------------------------------------------------------- cancel
@@ -570,3 +581,40 @@ def cancel(state: dict) -> int:
         "(finished runs are skipped, the others resume from their checkpoints)"
     )
     return 0
+
+
+# ---------------------------------------------------------------- the backend
+class SlurmBackend:
+    """SLURM job arrays (launcher/backend.py): `run` submits them (and the evaluation as a job) and returns."""
+
+    name = "slurm"
+    eval_backend = "local"  # the evaluation job picks its own (eval_backend): shards on the job's GPUs
+    submits = True
+
+    def __init__(self, options: SweepOptions):
+        self.options = options
+        self.needs: PlanNeeds | None = None
+
+    def dry_run(self, spec, runs, searches: list[str]) -> int:
+        return submit_sweep(spec, runs, self.options)  # prints the scripts, submits nothing
+
+    def check_search(self) -> None:
+        raise TunefleetError(SEARCH_ON_SLURM)
+
+    def prepare(self) -> None:
+        pass  # the runs start in their jobs
+
+    def check_plan(self, needs: PlanNeeds) -> None:
+        self.needs = needs  # checked inside an allocation, just before the arrays are submitted
+
+    def run(self, spec, runs, chooser) -> Ran:
+        return Ran(submitted=True, exit_code=submit_sweep(spec, runs, self.options, self.needs))
+
+    def search(self, spec, setups) -> int:
+        raise TunefleetError(SEARCH_ON_SLURM)
+
+
+SEARCH_ON_SLURM = (
+    "a search runs on Ray: start a Ray cluster on your allocation with cluster_configs/slurm/ray_cluster.sbatch, "
+    "then: tunefleet sweep SPEC --backend ray --address <head>:6379"
+)

@@ -3,7 +3,7 @@
     python -m tunefleet.launcher.slurm_task runs/demo/slurm/runs.json 3 --retries 1
 
 Picks task INDEX of runs.json (written by `tunefleet sweep --backend slurm`): its runs train at once, each in
-its own process with its own port and its share of the task's CPUs, through `runner.run_one` like every other
+its own process with its own port and its share of the task's CPUs, through `execute.run_one` like every other
 backend. A run that ran out of memory sharing the GPU goes again alone once the others are done. Exits 0 when
 every run finished, 128+signal when stopped by USR1/TERM (after the trainers saved checkpoints; the batch script
 then requeues on USR1), 1 when a run failed after `--retries` retries.
@@ -21,8 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-from tunefleet.launcher import runner, warm
-from tunefleet.launcher.runs import RunOutcome, RunPlan
+from tunefleet.common.contract import WARM_SOCKET_ENV
+from tunefleet.launcher import execute, warm
+from tunefleet.launcher.records import RunOutcome, RunPlan
 
 
 def relay_signals() -> list[int]:
@@ -35,7 +36,7 @@ def relay_signals() -> list[int]:
     told: set[int] = set()
 
     def tell_children():
-        for proc in runner.training_processes():
+        for proc in execute.training_processes():
             if received and proc.pid not in told and proc.poll() is None:
                 proc.send_signal(received[0])
                 told.add(proc.pid)
@@ -59,7 +60,7 @@ def train(run: RunPlan, retries: int, received: list[int], env: dict) -> RunOutc
     """One run with its retries (none once a signal arrived: its checkpoint resumes when the task runs again)."""
     for attempt in range(retries + 1):
         print(f"=== {run.name}: attempt {attempt + 1}, log {run.output_dir}/train.log", flush=True)
-        outcome = runner.run_one(run, env)
+        outcome = execute.run_one(run, env)
         if outcome.ok:
             detail = " (already finished)" if outcome.skipped else f", step {outcome.steps}, loss {outcome.final_loss}"
             print(f"=== {run.name}: {outcome.status}{detail}", flush=True)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     received = relay_signals()
     # One warm process inside the job, importing the training stack once for its runs: not one the submitter's
     # environment may name, whose runs would live outside the job's cgroup (its GPUs, its memory, scancel)
-    os.environ.pop(warm.SOCKET_ENV, None)
+    os.environ.pop(WARM_SOCKET_ENV, None)
     warm.prestart()
     cpus = max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", len(runs))) // len(runs))
     env = {"OMP_NUM_THREADS": str(cpus)} if len(runs) > 1 else {}

@@ -26,8 +26,11 @@ over the spec's, and may start from the runs of an earlier stage:
         best: test_loss             # the parent is the best SFT run by test loss, once that stage is evaluated
         grid: {method: [dpo], seed: [1, 2]}
 
-`search:` and `confirm:` (a hyperparameter search per method, launcher/search.py) replace the grid of a plain spec
+`search:` and `confirm:` (a hyperparameter search per method, launcher/search_settings.py) replace the grid of a plain spec
 or of a stage; a search stage starts from one model (the spec's, or its `from` stage's `best` run).
+
+Why one module of this size: reading a spec's YAML with line numbers, validating it and expanding it into runs
+(stages, lineage, naming) share the spec's types and the file-and-line of every error.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from tunefleet.common import schema
+from tunefleet.common.contract import RUN_RECORD
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.schema import nearest, option
 from tunefleet.common.storage import join
 from tunefleet.eval.settings import EvalSettings
 from tunefleet.launcher.placement import parse_gpus, place
-from tunefleet.launcher.runs import RunPlan
-from tunefleet.launcher.search import SearchSettings, parse_search
+from tunefleet.launcher.records import RunPlan
+from tunefleet.launcher.search_settings import SearchSettings, parse_search
 from tunefleet.trainers import config
 from tunefleet.trainers.config import DatasetPart, TrainConfig, model_short
 
@@ -150,7 +154,7 @@ class SweepSpec:
     eval: EvalSettings = field(default_factory=EvalSettings)
     path: str = ""
     stages: list[Stage] = field(default_factory=list)  # empty: a plain sweep (one grid)
-    search: SearchSettings | None = None  # a hyperparameter search per method (launcher/search.py)
+    search: SearchSettings | None = None  # a hyperparameter search per method (launcher/search_settings.py)
     starts_from: str | None = None  # a search stage's parent run: its runs train from it, named by base's model
 
 
@@ -482,7 +486,7 @@ def check_stage_against_parents(spec: SweepSpec, stage: Stage, parents: list[Run
 
 def _expand_stage(spec: SweepSpec, stage: Stage, parents: list[RunPlan], lineage: bool):
     """(run, combo) of one stage, each with its settings, name and lineage."""
-    from tunefleet.launcher.runs import Lineage
+    from tunefleet.launcher.records import Lineage
 
     out = []
     seen: dict[str, dict] = {}
@@ -582,7 +586,7 @@ def check_existing_runs(runs: list[RunPlan]) -> None:
         return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
     for run in runs:
-        recorded = (Store(run.output_dir).read_json("run.json") or {}).get("base_model")
+        recorded = (Store(run.output_dir).read_json(RUN_RECORD) or {}).get("base_model")
         if recorded and not same(recorded, run.config.model_name) and not (run.lineage and run.lineage.best):
             raise TunefleetError(
                 f"{run.output_dir} holds a run of {run.name} trained on {recorded}, but the spec now starts it from "

@@ -4,7 +4,7 @@ Each method gets a `ray.tune.Tuner` of its own (ASHA compares trials of one meth
 A trial is a Tune class trainable that runs one tunefleet run (run_one: the same launch as a Ray sweep's runs, one
 process or `accelerate launch`, warm-started) in `<runs_dir>/trials/<method>_<model>_<trial id>` and hands Tune
 each evaluation the run logs (progress.json) as one result: `step` (training steps, ASHA's time) and the metric.
-After each evaluation the run waits at a gate (a local file, trainers.run.wait_at_search_gate) until Tune asks
+After each evaluation the run waits at a gate (a local file, trainers.callbacks.wait_at_search_gate) until Tune asks
 for the trial's next result (go on) or ends the trial: then Tune calls its `cleanup`, the run gets SIGTERM, saves a
 checkpoint at the step it was judged at and exits, and its run.json becomes `stopped` with the step and the last
 metric; no process is left behind.
@@ -17,6 +17,9 @@ After the search, `confirm:` reruns each method's best configuration (the best f
 metric) once per confirm value, at full length, evaluates those runs with the evaluator and writes
 `search_report.md`: per method the chosen values and mean ± std over the seeds of every metric, the search plots
 (metric against each searched value, stopped trials marked) and the training steps early stopping saved.
+
+Why one module of this size: the trial (Tune's trainable), one method's search, the confirmation and the search's
+report share the trial records and Tune's state folder; each part is a section below.
 """
 
 from __future__ import annotations
@@ -28,12 +31,20 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from tunefleet.common.contract import (
+    NODE_ID_ENV,
+    PROGRESS_FILE,
+    RUN_RECORD,
+    SEARCH_GATE_ENV,
+    SEARCH_RECORD,
+)
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import utc_now, write_json_atomic
 from tunefleet.common.runlock import RunLock
@@ -41,14 +52,19 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.placement import Placement
-from tunefleet.launcher.runs import RunPlan
-from tunefleet.launcher.search import SearchSettings, reported_name
+from tunefleet.launcher.ray_session import ray_for_runs
+from tunefleet.launcher.records import RunOutcome, RunPlan
+from tunefleet.launcher.search_settings import SearchSettings, reported_name
+from tunefleet.launcher.sweep_record import RunEntry, SweepRecord
 from tunefleet.trainers import config
 from tunefleet.trainers.config import model_short
-from tunefleet.trainers.run import SEARCH_GATE_ENV
 
 TRIALS = "trials"  # <runs_dir>/trials/<trial run>
 TUNE_STATE = "tune"  # <runs_dir>/tune/<method>: Tune's experiment state
+
+
+# the backend's runs of a search's confirmation: (the search's spec, the runs) -> their outcomes
+ConfirmRunner = Callable[[sweeps.SweepSpec, list[RunPlan]], list[RunOutcome]]
 
 
 @dataclass
@@ -88,7 +104,7 @@ class TrialRun(tune.Trainable):
 
     # Tune passes tune.with_parameters' values to setup() as keyword arguments: the override adds one
     def setup(self, config: dict[str, Any], trial: TrialSetup | None = None) -> None:  # pyright: ignore[reportIncompatibleMethodOverride] - see above
-        from tunefleet.launcher.runner import run_one
+        from tunefleet.launcher.execute import run_one
 
         assert trial is not None
         if os.path.isdir(trial.cwd):
@@ -103,7 +119,7 @@ class TrialRun(tune.Trainable):
         # The run waits after each evaluation until this trial lets it go on (step() is called again: Tune keeps
         # it) or ends it (cleanup(): SIGTERM), so a stopped trial ends at the step it was judged at.
         self.gate = Path(tempfile.mkdtemp(prefix="tunefleet-trial-")) / "gate.json"
-        env = {"TUNEFLEET_NODE_ID": node_id(), SEARCH_GATE_ENV: str(self.gate)}
+        env = {NODE_ID_ENV: node_id(), SEARCH_GATE_ENV: str(self.gate)}
 
         def work():
             try:
@@ -131,7 +147,7 @@ class TrialRun(tune.Trainable):
 
     def collect(self) -> None:
         """New evaluations from the run's progress.json, oldest first."""
-        progress = Store(self.plan.output_dir).read_json("progress.json") or {}
+        progress = Store(self.plan.output_dir).read_json(PROGRESS_FILE) or {}
         for evaluation in progress.get("evaluations") or []:
             step, value = evaluation.get("step"), evaluation.get(self.trial.metric)
             if isinstance(step, int) and isinstance(value, int | float) and step > self.reported_step:
@@ -152,7 +168,7 @@ class TrialRun(tune.Trainable):
 
     def cleanup(self) -> None:
         """Tune ends the trial while its run trains (ASHA stopped it): the run saves a checkpoint and exits."""
-        from tunefleet.launcher.runner import terminate_children
+        from tunefleet.launcher.execute import terminate_children
 
         try:
             if not self.thread.is_alive():
@@ -180,7 +196,7 @@ def node_id() -> str:
 
 def mark_stopped(output_dir: str, metric: str, last: tuple[int, float] | None) -> None:
     store = Store(output_dir)
-    record = store.read_json("run.json") or {}
+    record = store.read_json(RUN_RECORD) or {}
     record["status"] = RunStatus.STOPPED
     record["stopped"] = {
         "by": "the search's scheduler",
@@ -189,7 +205,7 @@ def mark_stopped(output_dir: str, metric: str, last: tuple[int, float] | None) -
         "last_evaluation_step": last[0] if last else None,
         metric: last[1] if last else None,
     }
-    store.write_json("run.json", record)
+    store.write_json(RUN_RECORD, record)
 
 
 # ---------------------------------------------------------------- the search, per method
@@ -346,7 +362,7 @@ def search_method(
 
 def trial_result(setup: TrialSetup, result: Any, run: RunPlan | None) -> TrialResult:
     metrics = result.metrics or {}
-    record = (Store(run.output_dir).read_json("run.json") or {}) if run else {}
+    record = (Store(run.output_dir).read_json(RUN_RECORD) or {}) if run else {}
     status = RunStatus.of(record.get("status")) or RunStatus.FAILED
     value = metrics.get(reported_name(setup.metric))
     return TrialResult(
@@ -417,11 +433,15 @@ class TrialLines(tune.Callback):
 
 
 # ---------------------------------------------------------------- the whole search, then confirm
-def run_search(spec: sweeps.SweepSpec, setups: dict[str, TrialSetup], address: str | None, retries: int) -> int:
+def run_search(
+    spec: sweeps.SweepSpec,
+    setups: dict[str, TrialSetup],
+    address: str | None,
+    retries: int,
+    run_confirm: ConfirmRunner,
+) -> int:
     """The search of every method on Ray (the cluster at `address`, else a local Ray started for it), then the
     confirmation runs, their evaluation and the report. Exit code: 1 when a trial or confirm run failed."""
-    from tunefleet.launcher.backends import ray_for_runs
-
     settings = spec.search
     assert settings is not None
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -429,12 +449,12 @@ def run_search(spec: sweeps.SweepSpec, setups: dict[str, TrialSetup], address: s
     with ray_for_runs(address):
         found = {m: locked_search(spec, settings, setups[m], retries, seed) for m in settings.methods}
         state = search_record(spec, settings, found)
-        Store(spec.runs_dir).write_json("search.json", state)
+        Store(spec.runs_dir).write_json(SEARCH_RECORD, state)
         record_sweep(spec, found)
         print(search_table(settings, found))
         code = 1 if any(t.status is RunStatus.FAILED for f in found.values() for t in f.trials) else 0
         if settings.confirm:
-            code = max(code, confirm(spec, settings, found, address, retries, state))
+            code = max(code, confirm(spec, settings, found, address, run_confirm, state))
         write_search_report(spec, settings, found, state)
         print(f"search: {join(spec.runs_dir, 'search.json')}, report: {join(spec.runs_dir, 'search_report.md')}")
         return code
@@ -452,26 +472,15 @@ def locked_search(
 
 def record_sweep(spec: sweeps.SweepSpec, found: dict[str, MethodSearch], confirmed: list | None = None) -> None:
     """sweep.json: every trial (and confirm run) with its status, so `tunefleet status` shows the search."""
-    store = Store(spec.runs_dir)
-    state = store.read_json("sweep.json") or {}
-    runs = {
-        t.name: {"output_dir": t.output_dir, "method": t.method, "status": t.status, "steps": t.steps, "trial": True}
-        for f in found.values()
-        for t in f.trials
-    }
+    record = SweepRecord.read(spec.runs_dir) or SweepRecord(name=spec.name, spec=spec.path, backend="ray")
+    record.name, record.spec, record.backend = spec.name, spec.path, "ray"
+    for f in found.values():
+        for t in f.trials:
+            record.runs[t.name] = RunEntry(t.output_dir, t.method, t.status, outcome={"steps": t.steps}, trial=True)
     for outcome, output_dir, method in confirmed or []:
-        runs[outcome.name] = {"output_dir": output_dir, "method": method, "status": outcome.status, "confirm": True}
-    store.write_json(
-        "sweep.json",
-        {
-            "name": spec.name,
-            "spec": spec.path,
-            "backend": "ray",
-            "started_at": state.get("started_at") or utc_now(),
-            "ended_at": utc_now(),
-            "runs": {**(state.get("runs") or {}), **runs},
-        },
-    )
+        record.runs[outcome.name] = RunEntry(output_dir, method, outcome.status, confirm=True)
+    record.ended_at = utc_now()
+    record.write(spec.runs_dir)
 
 
 def search_record(spec: sweeps.SweepSpec, settings: SearchSettings, found: dict[str, MethodSearch]) -> dict:
@@ -512,24 +521,22 @@ def confirm(
     settings: SearchSettings,
     found: dict[str, MethodSearch],
     address: str | None,
-    retries: int,
+    run_confirm: ConfirmRunner,
     state: dict,
 ) -> int:
     """Each method's best values rerun once per confirm value, at full length, then evaluated."""
     from tunefleet.eval.evaluate import evaluate
-    from tunefleet.launcher.backends import run_ray
-    from tunefleet.launcher.progress import SweepView, final_table
+    from tunefleet.launcher.progress import final_table
 
     best = {m: f.best.values for m, f in found.items() if f.best is not None}
     if not best:
         return 1
     runs = sweeps.place_runs(sweeps.expand_confirm(spec, settings.confirm, best), spec)
-    with SweepView(runs) as view:
-        outcomes, _ = run_ray(runs, spec.resources, retries, view, address)
+    outcomes = run_confirm(spec, runs)
     print(final_table(outcomes))
     by_name = {r.name: r for r in runs}
     state["confirm"] = {o.name: {"status": o.status, "output_dir": by_name[o.name].output_dir} for o in outcomes}
-    Store(spec.runs_dir).write_json("search.json", state)
+    Store(spec.runs_dir).write_json(SEARCH_RECORD, state)
     record_sweep(spec, found, [(o, by_name[o.name].output_dir, by_name[o.name].method) for o in outcomes])
     names = [o.name for o in outcomes if o.ok]
     if not names:

@@ -29,6 +29,10 @@ The ranks of an `accelerate launch` start warm too: torch elastic starts `python
 ARGS` for each (stdlib only: tens of milliseconds), which asks the warm process its launcher advertised to fork the
 rank with the rank's environment and streams, relays signals to it and ends as it ended. Cold starts remain for
 `TUNEFLEET_WARM_START=0` and any run whose warm process cannot be reached (the run's log says why).
+
+Why one module of this size: the warm process's server, the launcher's client (`Popen`), the fork of a run and the
+entry of an accelerate rank speak one message format and one set of environment rules; apart, each would hold half
+of a protocol.
 """
 
 from __future__ import annotations
@@ -51,13 +55,10 @@ import threading
 import time
 from pathlib import Path
 
+from tunefleet.common.contract import START_KIND_ENV, STARTED_AT_ENV, WARM_SOCKET_ENV, WARM_SWITCH_ENV
 from tunefleet.common.processes import process_lives
 
 ENTRIES = ("tunefleet.trainers.train", "tunefleet.launcher.cli")
-SOCKET_ENV = "TUNEFLEET_WARM_SOCKET"
-SWITCH_ENV = "TUNEFLEET_WARM_START"  # "0": every run starts cold
-STARTED_ENV = "TUNEFLEET_STARTED_AT"  # when the launcher started the run's process (run.json: startup_s)
-START_KIND_ENV = "TUNEFLEET_START"  # "warm" or "cold" (run.json: start)
 # Read when used, not at import: these may differ between the warm process and a run it forks.
 # (PYTHONBREAKPOINT and SPT_NOENV: what Ray adds to its workers' environment; read by breakpoint() and setproctitle.
 # PL_DISABLE_FORK, TUNE_*, TRAIN_COPY_...: what Ray Tune adds to a trial's, read by Lightning and Ray, which the warm
@@ -250,7 +251,7 @@ class WarmServer:
                 stdin=subprocess.PIPE,  # the lifeline: at its end (this process gone), the warm process stops
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={k: v for k, v in env.items() if k != SOCKET_ENV},
+                env={k: v for k, v in env.items() if k != WARM_SOCKET_ENV},
                 cwd=os.getcwd(),
             )
         # While it imports, a launcher it was advertised to waits for it as long as this pid lives
@@ -299,11 +300,11 @@ def own_server(env: dict) -> WarmServer:
 
 def prestart(env: dict | None = None) -> str | None:
     """Start this process's warm process now (it imports while the caller does other work); its socket path, which
-    the caller may advertise to its own children and Ray workers through SOCKET_ENV. None when warm starts are off."""
+    the caller may advertise to its own children and Ray workers through WARM_SOCKET_ENV. None when warm starts are off."""
     env = dict(os.environ if env is None else env)
     if not enabled(env):
         return None
-    advertised = env.get(SOCKET_ENV)
+    advertised = env.get(WARM_SOCKET_ENV)
     if advertised and os.path.exists(advertised):
         return advertised  # a warm process this one inherited (its parent's, or the sweep driver's) serves
     return own_server(env).socket
@@ -313,7 +314,7 @@ def with_advertised(env: dict) -> dict:
     """`env` naming a warm process that serves it (started now if needed), for processes that are not this one's
     children: the ranks torch elastic starts."""
     path = prestart(env)
-    return {**env, SOCKET_ENV: path} if path else env
+    return {**env, WARM_SOCKET_ENV: path} if path else env
 
 
 def own_sockets() -> set[str]:
@@ -337,7 +338,7 @@ def stop_all() -> None:
 
 
 def enabled(env: dict) -> bool:
-    return env.get(SWITCH_ENV, "1") != "0" and hasattr(os, "fork") and hasattr(socket, "send_fds")
+    return env.get(WARM_SWITCH_ENV, "1") != "0" and hasattr(os, "fork") and hasattr(socket, "send_fds")
 
 
 def request(
@@ -381,19 +382,19 @@ def Popen(cmd: list[str], stdout=None, stderr=None, env: dict | None = None, cwd
     streams = [0, out, err]
     cwd = os.path.abspath(cwd or os.getcwd())
     reasons = []
-    advertised = env.get(SOCKET_ENV) or os.environ.get(SOCKET_ENV)
+    advertised = env.get(WARM_SOCKET_ENV) or os.environ.get(WARM_SOCKET_ENV)
     if advertised and not wait_ready(advertised):
         reasons.append(f"{advertised}: not serving")
     elif advertised:
         try:
-            return request(advertised, entry, cmd[3:], {**env, SOCKET_ENV: advertised}, cwd, streams, launched_at)
+            return request(advertised, entry, cmd[3:], {**env, WARM_SOCKET_ENV: advertised}, cwd, streams, launched_at)
         except (OSError, RuntimeError) as exc:
             reasons.append(f"{advertised}: {exc}")
     server = own_server(env)
     if server.wait_ready():
         try:
             return request(
-                server.socket, entry, cmd[3:], {**env, SOCKET_ENV: server.socket}, cwd, streams, launched_at
+                server.socket, entry, cmd[3:], {**env, WARM_SOCKET_ENV: server.socket}, cwd, streams, launched_at
             )
         except (OSError, RuntimeError) as exc:
             reasons.append(str(exc))
@@ -405,7 +406,7 @@ def Popen(cmd: list[str], stdout=None, stderr=None, env: dict | None = None, cwd
 
 
 def cold(cmd, stdout, stderr, env, cwd) -> subprocess.Popen:
-    env = {**env, STARTED_ENV: repr(time.time()), START_KIND_ENV: "cold"}
+    env = {**env, STARTED_AT_ENV: repr(time.time()), START_KIND_ENV: "cold"}
     return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=cwd, preexec_fn=die_with_parent)
 
 
@@ -631,7 +632,7 @@ def become_run(request: Request) -> None:
     os.chdir(request.cwd)
     os.environ.clear()
     os.environ.update(request.env)
-    os.environ[STARTED_ENV] = repr(request.started_at)
+    os.environ[STARTED_AT_ENV] = repr(request.started_at)
     os.environ[START_KIND_ENV] = "warm"
     module = sys.modules.get(request.entry)
     sys.argv = [module.__file__ if module else request.entry, *request.argv]
@@ -695,13 +696,13 @@ def warm_process_lives(path: str) -> bool:
 
 
 def rank(argv: list[str]) -> int:
-    """One rank of an `accelerate launch` (launch.launch_command): forked by the warm process that SOCKET_ENV names,
+    """One rank of an `accelerate launch` (launch.launch_command): forked by the warm process that WARM_SOCKET_ENV names,
     with this process's environment (torch elastic's RANK, MASTER_PORT, ...), working folder and streams. This
     process relays the signals it gets (torch elastic stops ranks with SIGTERM) and ends as the rank ended. With no
     warm process to ask, or one that declines, this process becomes the rank itself, cold (exec)."""
     entry = "tunefleet.trainers.train"
     launched_at = time.time()
-    path = os.environ.get(SOCKET_ENV)
+    path = os.environ.get(WARM_SOCKET_ENV)
     if path and enabled(dict(os.environ)) and wait_ready(path):
         try:
             proc = request(path, entry, argv, dict(os.environ), os.getcwd(), [0, 1, 2], launched_at)
@@ -715,7 +716,7 @@ def rank(argv: list[str]) -> int:
                 signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
             return code
-    os.environ[STARTED_ENV] = repr(time.time())
+    os.environ[STARTED_AT_ENV] = repr(time.time())
     os.environ[START_KIND_ENV] = "cold"
     os.execv(sys.executable, [sys.executable, "-m", entry, *argv])
     return 1  # not reached

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
+
+from testkit import wait_for_port
 
 from tunefleet.launcher.launch import free_port
 
@@ -40,15 +40,12 @@ class LocalGCS:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the local GCS server did not start")
+        try:
+            wait_for_port(self.port, "the local GCS server")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def make_bucket(self, name: str) -> str:
         import json

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
+
+from testkit import wait_for_port
 
 from tunefleet.launcher.launch import free_port
 
@@ -36,15 +36,12 @@ class LocalS3:
             stderr=subprocess.DEVNULL,
             env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.authenticate else None,
         )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the local S3 server did not start")
+        try:
+            wait_for_port(self.port, "the local S3 server")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def make_bucket(self, name: str) -> str:
         import fsspec

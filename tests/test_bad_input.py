@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY, run_cli
+from testkit import TINY, run_cli
 
 
 def one_error_line(capsys, *args) -> str:

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAST, TINY, read_json, run_cli
+from testkit import FAST, TINY, read_json, run_cli
 
 from tunefleet.common.jsonfile import write_json_atomic
 from tunefleet.trainers import checkpoints

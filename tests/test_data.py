@@ -7,8 +7,8 @@ import re
 import shlex
 
 import pytest
-from conftest import ROOT, read_json, run_cli
 from datasets import Dataset
+from testkit import ROOT, read_json, run_cli
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.trainers import data
@@ -122,6 +122,7 @@ def seen_text(run_dir) -> str:
 
 
 # ------------------------------------------------------------------ each layout through `tunefleet train`
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method,layout,expected,system",
     [

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (
+from testkit import (
     FAST,
     ROOT,
     SPLIT,
@@ -21,7 +21,7 @@ from conftest import (
     wait_for_checkpoint,
 )
 
-from tunefleet.launcher import warm
+from tunefleet.common.contract import WARM_SWITCH_ENV
 from tunefleet.launcher.launch import check_deepspeed, choose_config
 from tunefleet.trainers.config import from_dict
 
@@ -99,7 +99,7 @@ def test_ddp_resume_after_kill(tmp_path, tiny_model):
         "tunefleet.launcher.cli",
         *map(str, train_args("sft", out, "--max_steps", 60, "--save_steps", 3)),
     ]
-    cold = {**os.environ, warm.SWITCH_ENV: "0"}  # ranks in the launcher's own process tree, to be killed with it
+    cold = {**os.environ, WARM_SWITCH_ENV: "0"}  # ranks in the launcher's own process tree, to be killed with it
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cold)
     wait_for_checkpoint(out, 300)
     kill_tree(proc.pid)  # the launcher and both ranks, no clean shutdown
@@ -118,7 +118,7 @@ def test_ddp_resume_after_kill(tmp_path, tiny_model):
 
 def test_world_size_trap_is_refused():
     from tunefleet.common.errors import TunefleetError
-    from tunefleet.trainers.run import check_world_size
+    from tunefleet.trainers.life_cycle import check_world_size
 
     check_world_size(2, 2)
     with pytest.raises(TunefleetError, match="2 processes were launched but training sees a world of 1"):

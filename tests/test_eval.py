@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, read_json, run_cli, sft_train, tunefleet
+from testkit import TINY, read_json, run_cli, sft_train, tunefleet
 
-from tunefleet.eval import plan
+from tunefleet.eval import metrics, plan
 from tunefleet.eval.plan import Task
 from tunefleet.eval.results import RESULT_KEYS, training_metrics
 
@@ -98,18 +98,18 @@ def test_reward_model_win_rates_count_ties_half_and_move_to_the_parent_in_a_pipe
         for score in (2.0, 1.0, 0.0)
     ]
     parent = [{"reward": 0.0, "rewards": {"length": 0.0}, "rm": 1.0}] * 3
-    entry = plan.reward_metrics(values, parent)
+    entry = metrics.reward_metrics(values, parent)
     assert entry["rm_score"] == 1.0 and entry["rm_win_rate_vs_base"] == pytest.approx(0.5)  # a win, a tie, a loss
     root = [{"reward": 0.0, "rewards": {"length": 0.0}, "rm": -1.0}] * 3  # the pipeline's raw base
     compare_with_root(entry, values, root)  # the group's base row was the parent: its rates move
     assert entry["rm_win_rate_vs_parent"] == pytest.approx(0.5) and entry["rm_win_rate_vs_base"] == 1.0
-    assert plan.reward_metrics(values)["rm_win_rate_vs_base"] is None
+    assert metrics.reward_metrics(values)["rm_win_rate_vs_base"] is None
 
 
 def test_metrics_are_exact_sums_not_means_of_means():
     values = [[30.0, 10], [1.0, 2]]  # token-weighted 31/12, not the mean of means (3.0 + 0.5) / 2
-    assert plan.perplexity_metrics(values)["test_loss"] == pytest.approx(31 / 12)
-    pref = plan.preference_metrics([[1.0, 1, 2.0, 1], [4.0, 2, 1.0, 1]], base=[[2.0, 1, 2.0, 1], [4.0, 2, 4.0, 1]])
+    assert metrics.perplexity_metrics(values)["test_loss"] == pytest.approx(31 / 12)
+    pref = metrics.preference_metrics([[1.0, 1, 2.0, 1], [4.0, 2, 1.0, 1]], base=[[2.0, 1, 2.0, 1], [4.0, 2, 4.0, 1]])
     assert pref["preference_correct"] == 1 and pref["preference_total"] == 2
     assert pref["loss_margin"] == pytest.approx((2.0 + 1.0) / 2 - (1.0 + 2.0) / 2)
     assert pref["reward_accuracy"] == 0.5  # rewards (chosen, rejected): (1, 0) right, (0, 3) wrong
@@ -145,6 +145,7 @@ def test_training_metrics_from_state(tmp_path):
 
 
 # ------------------------------------------------------------------ scoring
+@pytest.mark.slow
 def test_batched_scoring_equals_per_sample_reference(trained_runs, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -288,6 +289,7 @@ def test_shards_give_identical_numbers(trained_runs, tmp_path, capsys):
             assert other == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), (name, key)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_workers_give_the_local_numbers(trained_runs, tmp_path, capsys):
     local = copy_runs(trained_runs, tmp_path / "local")
@@ -306,6 +308,7 @@ def test_ray_workers_give_the_local_numbers(trained_runs, tmp_path, capsys):
             assert b[name]["benchmarks"][task] == pytest.approx(numbers, rel=1e-6), (name, task)
 
 
+@pytest.mark.slow
 def test_benchmarks_on_one_base_load_equal_lm_evals_own_run_on_the_merged_export(trained_runs, tmp_path, capsys):
     """tiny_world through lm-eval's HFLM around the worker's loaded base (adapters in turn) gives what lm-eval's own
     CLI gives on the run's merged export: same task, same limit."""
@@ -399,6 +402,7 @@ def test_eval_bad_input(tmp_path, capsys, trained_runs):
     assert "no sft layout fits the columns answer, prompt" in err
 
 
+@pytest.mark.slow
 def test_benchmark_tasks_that_cannot_run_are_one_line(trained_runs, tmp_path, capsys, monkeypatch):
     runs = copy_runs(trained_runs, tmp_path / "runs")
     code, _, err = run_cli(capsys, "eval", "--runs_dir", runs, "--tasks", "tiny_world,tiny_wrld")  # as lm-eval's

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import run_cli, tunefleet
+from testkit import run_cli, tunefleet
 
 from tunefleet.eval.results import load_results
 
@@ -103,6 +103,7 @@ def dpo_sweep(tmp_path_factory):
     return runs_dir
 
 
+@pytest.mark.slow
 def test_best_dpo_run_exports_merged_and_loads_without_peft(dpo_sweep, tmp_path, capsys, tiny_model):
     results = load_results(str(dpo_sweep / "evaluation_results.json"))
     runs = {k: v for k, v in results.items() if v.get("method") == "dpo"}
@@ -161,6 +162,7 @@ def test_adapter_only_bfloat16_and_refusals(dpo_sweep, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_push_to_hub_refuses_without_a_token_before_any_work(dpo_sweep, tmp_path):
     home = tmp_path / "home"  # no stored token there
     env = {"HF_TOKEN": "", "HF_HOME": str(home), "HUGGING_FACE_HUB_TOKEN": ""}

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import yaml
-from conftest import ROOT, read_json, run_cli, tunefleet
+from testkit import ROOT, read_json, run_cli, tunefleet
 
-from tunefleet.eval import plan
+from tunefleet.eval import metrics
 from tunefleet.trainers import rewards, tiny
 
 GRPO = [
@@ -86,6 +86,7 @@ def test_base_answers_in_shape_with_mixed_openers_and_a_partial_grasp(tiny_model
 
 
 # ------------------------------------------------------------------ GRPO: options and learning
+@pytest.mark.slow
 def test_grpo_learns_and_logs_its_reward_per_step(tmp_path, capsys, tiny_model):
     out = tmp_path / "grpo"
     code, _, err = run_cli(
@@ -225,16 +226,17 @@ def test_reward_metrics_are_exact_and_win_rate_is_strict():
         {"prompt": "q", "response": "y", "rewards": {"a": 0.0, "b": 1.0}, "reward": 1.0},
         {"prompt": "t", "response": "z", "rewards": {"a": 1.0, "b": 0.0}, "reward": 1.0},
     ]
-    m = plan.reward_metrics(run, base, samples=2)
+    m = metrics.reward_metrics(run, base, samples=2)
     assert m["heldout_reward"] == pytest.approx(4 / 3) and m["heldout_rewards"] == {"a": 2 / 3, "b": 2 / 3}
     assert m["win_rate_vs_base"] == pytest.approx(2 / 3)  # the tie on q is not a win
     assert m["win_rates_vs_base"] == {"a": pytest.approx(1 / 3), "b": pytest.approx(1 / 3)}
     assert [s["response"] for s in m["generation_samples"]] == ["r", "s"]
-    assert plan.reward_metrics(base)["win_rate_vs_base"] is None
+    assert metrics.reward_metrics(base)["win_rate_vs_base"] is None
 
 
+@pytest.mark.slow
 def test_eval_rewards_held_out_answers_sharded_exactly(tmp_path, capsys, tiny_model):
-    from conftest import TINY
+    from testkit import TINY
 
     runs = tmp_path / "runs"
     for method, split, extra in (

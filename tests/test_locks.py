@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Started, kill_tree, read_json, tunefleet
+from testkit import Started, kill_tree, read_json, tunefleet
 
 from tunefleet.common.runlock import LOCK_NAME, Holder, RunLock
 from tunefleet.common.storage import Store
@@ -56,6 +56,7 @@ def two_sweeps(spec_path: Path, env: dict | None = None) -> tuple[str, str]:
     return out_first, out_second
 
 
+@pytest.mark.slow
 def test_two_sweeps_of_one_spec_train_every_run_once(tmp_path, tiny_model):
     runs = tmp_path / "runs"
     out_first, out_second = two_sweeps(spec(tmp_path, str(runs)))
@@ -72,6 +73,7 @@ def test_two_sweeps_of_one_spec_train_every_run_once(tmp_path, tiny_model):
     assert all(results[f"sft_tiny-qwen2_s{s}"]["error"] is None for s in (1, 2, 3))
 
 
+@pytest.mark.slow
 def test_two_sweeps_of_one_spec_in_a_bucket_train_every_run_once(tmp_path, tiny_model):
     from local_s3 import LocalS3
 
@@ -95,6 +97,7 @@ def test_two_sweeps_of_one_spec_in_a_bucket_train_every_run_once(tmp_path, tiny_
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_train_by_hand_into_a_folder_a_sweep_trains_is_refused_and_a_killed_driver_is_taken_over(tmp_path):
     runs = tmp_path / "runs"
     path = spec(tmp_path, str(runs), max_steps=100000, save_steps=50)

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, Started, pids_in_tree, read_json, sft_train, tunefleet, wait_for_checkpoint
+import pytest
+from testkit import ROOT, Started, pids_in_tree, read_json, sft_train, tunefleet, wait_for_checkpoint
 
 from tunefleet.common.storage import Store
 from tunefleet.launcher.placement import place
@@ -162,6 +163,7 @@ def tree_peak_address_space(cmd: list[str]) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effective_batch(tmp_path, tiny_model):
     """An address-space limit (RLIMIT_AS) below what batch 8 needs: torch's CPU allocator fails in the first step;
     the run resumes with checkpointing on, then halves the batch until it fits, and finishes with batch x accumulation
@@ -189,6 +191,7 @@ def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effectiv
     assert state["train_batch_size"] == final["per_device_train_batch_size"]
 
 
+@pytest.mark.slow
 def test_a_two_process_run_out_of_memory_is_relaunched_smaller(tmp_path, tiny_model):
     """The same limit on a DDP launch of 2 processes (each rank inherits RLIMIT_AS): whichever rank fails, the
     launcher sees it (run.json, or the rank's marker) and launches again with the next smaller set-up, until the
@@ -217,6 +220,7 @@ def test_a_two_process_run_out_of_memory_is_relaunched_smaller(tmp_path, tiny_mo
     assert not list(out.glob("out_of_memory-rank*"))  # the markers were consumed
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_with_the_step_down_of_the_attempt_that_ran_out_of_memory(tmp_path, tiny_model):
     """An attempt that stepped down (batch 8 x 2 -> checkpointing, then 4 x 4) and was stopped after a checkpoint:
     the same command again resumes with 4 x 4 and checkpointing, not the batch that ran out of memory."""

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Started, checkpoint_steps, pids_in_tree, read_json, tunefleet
 from local_ray import LocalRayCluster, pids_under
+from testkit import Started, checkpoint_steps, pids_in_tree, read_json, tunefleet
 
 from tunefleet.common.jsonfile import read_json as maybe_json
 from tunefleet.common.storage import Store
 from tunefleet.trainers import recovery
 from tunefleet.trainers.config import from_dict
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 TINY = {
     "model_name": "tunefleet/tiny-qwen2",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, read_json
+from testkit import ROOT, read_json
 
 # What each layer may import: launcher -> trainers and eval -> common (eval also uses trainers' data and model
 # loading). A layer missing from a set may not be imported at all, not even inside a function.
@@ -165,6 +165,105 @@ def test_the_checks_catch_what_they_look_for():
     assert any("common may not import trainers" in v for v in violations)
     assert private_imports(bad) == ["tunefleet.eval.c:1 imports the private name _helper from tunefleet.eval.a"]
     assert import_cycles(bad) == [["tunefleet.eval.a", "tunefleet.eval.c", "tunefleet.launcher.b"]]
+
+
+# ------------------------------------------------------------------ one backend interface
+BACKEND_NAMES = {"local", "ray", "slurm"}
+ORCHESTRATION = "tunefleet.launcher.orchestrate"  # the one module that picks a backend by its name
+
+
+def backend_name_dispatch(sources: dict[str, str]) -> list[str]:
+    """Comparisons of something called `backend` with a backend's name (`a.backend == "slurm"`,
+    `backend in ("ray", "local")`), outside the orchestration module."""
+
+    def is_backend(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "backend") or (
+            isinstance(node, ast.Attribute) and node.attr == "backend"
+        )
+
+    def names_a_backend(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in BACKEND_NAMES
+        return isinstance(node, ast.Tuple | ast.List | ast.Set) and any(names_a_backend(e) for e in node.elts)
+
+    bad = []
+    for module, source in sources.items():
+        if layer(module) != "launcher" or module == ORCHESTRATION:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(map(is_backend, sides)) and any(map(names_a_backend, sides)):
+                    bad.append(f"{module}:{node.lineno} dispatches on a backend's name")
+    return bad
+
+
+def test_only_the_orchestration_dispatches_on_a_backends_name():
+    assert backend_name_dispatch(package_sources()) == []
+    planted = {"tunefleet.launcher.x": 'def f(a, backend):\n    return a.backend == "slurm" or backend in ("ray",)\n'}
+    assert backend_name_dispatch(planted) == [
+        "tunefleet.launcher.x:2 dispatches on a backend's name",
+        "tunefleet.launcher.x:2 dispatches on a backend's name",
+    ]
+
+
+def test_every_backend_implements_the_interface():
+    """Each backend of `--backend` is a `Backend` (attributes and methods), with the interface's signatures."""
+    import inspect
+
+    from tunefleet.launcher.backend import Backend, SweepOptions
+    from tunefleet.launcher.orchestrate import BACKENDS, backend_for
+
+    assert set(BACKENDS) == BACKEND_NAMES
+    for name in BACKENDS:
+        backend = backend_for(name, SweepOptions())
+        assert isinstance(backend, Backend), f"{type(backend).__name__} lacks part of the Backend interface"
+        assert backend.name == name and backend.eval_backend in ("local", "ray")
+        for method in ("dry_run", "check_search", "prepare", "check_plan", "run", "search"):
+            wanted = list(inspect.signature(getattr(Backend, method)).parameters)[1:]
+            got = list(inspect.signature(getattr(backend, method)).parameters)
+            assert got == wanted, f"{type(backend).__name__}.{method}{got} is not Backend.{method}{wanted}"
+    classes = [
+        node.name
+        for module, source in package_sources().items()
+        if layer(module) == "launcher"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Backend") and node.name != "Backend"
+    ]
+    assert sorted(classes) == ["LocalBackend", "RayBackend", "SlurmBackend"], classes
+
+
+def test_a_module_over_500_lines_says_at_its_top_why_it_is_one():
+    long = {
+        module: ast.get_docstring(ast.parse(source)) or ""
+        for module, source in package_sources().items()
+        if source.count("\n") > 500
+    }
+    unexplained = [module for module, doc in long.items() if "Why one module" not in doc]
+    assert not unexplained, f"over 500 lines, with no reason at the top: {unexplained}"
+
+
+def test_every_module_says_what_it_is_in_its_first_line():
+    silent = [
+        module
+        for module, source in package_sources().items()
+        if source.strip() and not (ast.get_docstring(ast.parse(source)) or "").strip()
+    ]
+    assert not silent, silent
+
+
+def test_pre_commit_runs_what_make_check_runs():
+    """`.pre-commit-config.yaml` is valid for pre-commit itself, and each hook is a command of `make check`."""
+    from pre_commit.clientlib import load_config
+
+    config = load_config(str(ROOT / ".pre-commit-config.yaml"))
+    hooks = [hook for repo in config["repos"] for hook in repo["hooks"]]
+    make = (ROOT / "Makefile").read_text()
+    check = make.split("\ncheck: setup\n", 1)[1].split("\n\n", 1)[0].replace("$(BIN)/", ".venv/bin/")
+    commands = [line.strip() for line in check.splitlines()]
+    for hook in hooks:
+        assert any(command.startswith(hook["entry"]) for command in commands), (hook["id"], commands)
+    assert len(hooks) == len(commands), "a command of make check has no hook (or a hook no command)"
 
 
 def test_launched_modules_are_namespaced():
@@ -336,7 +435,7 @@ def test_make_test_type_checks_the_checkout_and_the_checker_reports_a_wrong_call
     checker = Path(sys.executable).parent / "basedpyright"
     wrong = tmp_path / "wrong_call.py"
     wrong.write_text(
-        "from tunefleet.launcher.runs import RunOutcome, RunPlan\n"
+        "from tunefleet.launcher.records import RunOutcome, RunPlan\n"
         "from tunefleet.trainers.config import TrainConfig\n"
         "\n"
         "outcome = RunOutcome('run', 'finished', 'train.log')\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, read_json, run_cli, tunefleet
+from testkit import ROOT, read_json, run_cli, tunefleet
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.status import RunStatus
@@ -178,6 +178,7 @@ def local_study(tmp_path_factory, tiny_model):
     return root, spec, env, first
 
 
+@pytest.mark.slow
 def test_a_child_starts_when_its_parent_ends_not_when_its_stage_does(local_study):
     root, _, _, first = local_study
     runs = root / "runs"
@@ -234,7 +235,7 @@ def test_the_reference_of_a_child_is_its_parent(local_study):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunefleet.eval.plan import preference_metrics
+    from tunefleet.eval.metrics import preference_metrics
     from tunefleet.eval.settings import EvalData
     from tunefleet.eval.worker import load_eval_data
     from tunefleet.trainers.model import resolve
@@ -258,6 +259,7 @@ def test_the_reference_of_a_child_is_its_parent(local_study):
     assert reported == pytest.approx(against_parent, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_rerun_completes_the_study_and_a_retrained_parent_is_noticed(local_study):
     """Fixed (the GRPO parent's reward), the same command again: finished runs are skipped, the failed parent and
     its blocked child train. Then a parent retrained since: its child is trained again from it, not kept stale."""
@@ -292,6 +294,8 @@ def test_a_parent_trained_on_another_base_than_the_spec_says_is_refused(local_st
 
 
 # ------------------------------------------------------------------ the same DAG on a local Ray
+@pytest.mark.ray
+@pytest.mark.slow
 def test_the_dag_on_ray_blocks_and_starts_children_as_locally(tmp_path, tiny_model):
     spec = study(tmp_path / "runs")
     del spec["stages"]["tuned"]
@@ -305,6 +309,7 @@ def test_the_dag_on_ray_blocks_and_starts_children_as_locally(tmp_path, tiny_mod
     assert child["node_id"]  # a Ray task
 
 
+@pytest.mark.slow
 def test_the_shipped_study_keeps_what_sft_taught(tmp_path, tiny_model):
     """sweeps/pipeline.yaml (as README shows it): the runs aligned from SFT keep the answers SFT taught while they are
     friendly; the same methods from the raw base are as friendly but answer as the base does."""

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, run_cli
+from testkit import ROOT, run_cli
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.status import RunStatus
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.backends import Retries, check_ray_resources
 from tunefleet.launcher.placement import Allocator, Placement, parse_gpus, place, slurm_groups
-from tunefleet.launcher.runs import RunOutcome
+from tunefleet.launcher.records import RunOutcome
 from tunefleet.launcher.sweep import Resources
 from tunefleet.trainers import config, memory
 

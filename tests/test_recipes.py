@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, TINY, read_json, run_cli, tunefleet
+from testkit import FAST, TINY, read_json, run_cli, tunefleet
 
 from tunefleet.common.errors import TunefleetError
-from tunefleet.trainers import config, recipe_file, run, trl_fields
+from tunefleet.trainers import config, recipe_file, trainer_args, trl_fields
 
 TINY_SPEC = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "use_qlora": False}
 REQUIRED = {"model_name": "tunefleet/tiny-qwen2", "dataset": "tunefleet/tiny-ultrafeedback", "output_dir": "o"}
@@ -80,6 +80,7 @@ def test_every_trl_field_is_accepted_from_yaml_and_as_a_flag(method, tmp_path):
                 config.parse_args(["--method", method, *as_flags(REQUIRED), f"--{name}", "x"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", config.METHODS)
 def test_every_trl_field_reaches_the_trainers_arguments(method, tmp_path):
     """Each field alone, with a value of its type, lands on the config object the trainer is given (trainer.args);
@@ -94,7 +95,7 @@ def test_every_trl_field_reaches_the_trainers_arguments(method, tmp_path):
         value = sample(f, method)
         cfg.trl_args = {name: value}
         try:
-            args = run.trl_config(config_class, cfg, output_dir=str(tmp_path), use_cpu=True, report_to=[])
+            args = trainer_args.trl_config(config_class, cfg, output_dir=str(tmp_path), use_cpu=True, report_to=[])
         except TunefleetError as exc:
             assert str(exc).startswith(f"TRL's {config_class.__name__} refused the settings: ") and "\n" not in str(
                 exc
@@ -497,6 +498,7 @@ def test_a_two_stage_study_from_an_sft_recipe_and_a_dpo_recipe(tmp_path, tiny_mo
             assert (cfg["beta"], cfg["trl_args"]["lr_scheduler_type"]) == (0.05, "constant")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "env,message",
     [
@@ -539,6 +541,7 @@ def test_auto_launch_counts_a_full_runs_gradients_and_optimizer_states():
     assert memory.estimate(shape, "dpo", 1, 512, full=True).weights == 2 * full.weights
 
 
+@pytest.mark.slow
 def test_a_two_process_zero3_full_fine_tuning_run_on_cpu(tmp_path, capsys, tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -556,6 +559,7 @@ def test_a_two_process_zero3_full_fine_tuning_run_on_cpu(tmp_path, capsys, tiny_
     assert not any(p.equal(base.get_parameter(n)) for n, p in trained.named_parameters())
 
 
+@pytest.mark.slow
 def test_a_full_fine_tuning_run_is_a_later_stages_base_without_a_merge(tmp_path, tiny_model):
     (tmp_path / "sft.yaml").write_text(
         SFT_RECIPE.replace("use_peft: true\n", "").replace("lora_target_modules: all-linear\n", "")
@@ -602,7 +606,7 @@ def test_a_field_a_newer_trl_adds_is_taken_without_a_tunefleet_change(tmp_path, 
         with pytest.raises(TunefleetError, match="bad value for 'reward_temperature': expected float"):
             config.parse_args(["--method", "dpo", *as_flags(REQUIRED), "--reward_temperature", "warm"])
         config_class = trl_fields.load_class("newer_trl", "DPOConfigWithNewField")
-        args = run.trl_config(config_class, cfg, output_dir=str(tmp_path), use_cpu=True, report_to=[])
+        args = trainer_args.trl_config(config_class, cfg, output_dir=str(tmp_path), use_cpu=True, report_to=[])
         assert args.reward_temperature == 0.7
         assert (tmp_path / "cache" / "trl_fields-v2-newer.json").is_file()
     finally:

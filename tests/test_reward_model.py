@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY, read_json, run_cli, tunefleet
+from testkit import TINY, read_json, run_cli, tunefleet
 
 FRIENDLY_DPO = ["--loss_type", "sigmoid", "sft", "--learning_rate", "3e-3"]  # as the demo's DPO
 FAST = ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--logging_steps", "10"]
@@ -28,6 +28,7 @@ def runs(tmp_path_factory, tiny_model) -> Path:
     return root / "runs"
 
 
+@pytest.mark.slow
 def test_a_reward_model_trains_with_lora_and_a_full_score_head(runs):
     record = read_json(runs / "rm_tiny_s1" / "run.json")
     assert record["status"] == "finished" and record["method"] == "rm" and record["qlora_4bit_layers"] > 0

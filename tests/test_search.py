@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, Started, read_json, run_cli, tunefleet
+from testkit import ROOT, Started, read_json, run_cli, tunefleet
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json as maybe_json  # None while missing or half-written
@@ -163,6 +163,7 @@ def search_spec(tmp_path: Path, **search) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path, tiny_model, warm_process):
     done = tunefleet("sweep", search_spec(tmp_path), "--backend", "local", timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
@@ -203,6 +204,7 @@ def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_search_whose_driver_is_killed_restores_without_retraining_finished_trials(tmp_path, tiny_model):
     spec = search_spec(tmp_path, scheduler="fifo", num_samples=2, max_concurrent=1)
     text = yaml.safe_load(spec.read_text())
@@ -239,6 +241,7 @@ def test_a_search_whose_driver_is_killed_restores_without_retraining_finished_tr
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_pipeline_searches_dpo_from_its_best_sft_run_then_confirms_it(tmp_path, tiny_model):
     """The study users run: SFT, then DPO's hyperparameters searched from the best SFT run, its best confirmed."""
     sft = {"method": "sft", "split": "train_sft", "eval_split": None, "learning_rate": 5.0e-3, "max_steps": 8}
@@ -293,6 +296,7 @@ def test_a_pipeline_searches_dpo_from_its_best_sft_run_then_confirms_it(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_failing_trial_is_retried_then_reported_and_the_search_goes_on(tmp_path, tiny_model):
     missing = str(tmp_path / "missing.jsonl")
     spec = search_spec(

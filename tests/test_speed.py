@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, read_json, tunefleet
+from testkit import ROOT, read_json, tunefleet
 
 from tunefleet.trainers import speed
 from tunefleet.trainers.config import from_dict
@@ -69,6 +69,7 @@ def one_batch(tmp_path_factory, tiny_model):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "orpo"])
 def test_fast_path_first_loss_matches_plain_trl(method, one_batch, tiny_model, tmp_path):
     data = one_batch / f"{method}.jsonl"

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TINY, Started, kill_tree, read_json, sft_train, tunefleet
+from testkit import ROOT, TINY, Started, kill_tree, read_json, sft_train, tunefleet
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json as maybe_json  # None while the file does not exist yet
 from tunefleet.common.storage import Store, join, refuse_ray_job_temp, scratch_dir
-from tunefleet.trainers.run import CHECKPOINT_MARKER, complete_checkpoints
+from tunefleet.trainers.run_folder import CHECKPOINT_MARKER, complete_checkpoints
 
 BASE = {
     "model_name": "tunefleet/tiny-qwen2",
@@ -76,12 +76,14 @@ def test_relative_paths_in_a_ray_job_working_dir_are_refused(tmp_path, monkeypat
     refuse_ray_job_temp("s3://bucket/runs", "runs_dir")
 
 
-def test_missing_store_driver_names_the_extra():
+def test_missing_store_driver_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed (the test environment has it)
     with pytest.raises(TunefleetError, match=r"pip install 'tunefleet\[gcs\]'"):
         Store("gs://bucket/runs").read_json("run.json")
 
 
 # ------------------------------------------------------------------ against S3
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_sweep_and_eval_live_in_the_bucket(s3, s3_env, tmp_path, tiny_model):
     bucket = s3.make_bucket("sweep")
@@ -220,6 +222,7 @@ def bad_store_cases(s3, s3_checking_credentials) -> dict[str, tuple[str, dict[st
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unreachable", "no such bucket", "credentials refused"])
 def test_a_store_that_is_down_or_refuses_is_one_line_for_every_command(
     case, s3, s3_checking_credentials, tmp_path, tiny_model

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, Started, checkpoint_steps, read_json, run_cli, tunefleet, wait_for_checkpoint
+from testkit import ROOT, Started, checkpoint_steps, read_json, run_cli, tunefleet, wait_for_checkpoint
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import read_json as run_record  # None while missing or half-written
@@ -147,6 +147,7 @@ def test_unreachable_address(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ real Ray
+@pytest.mark.ray
 @pytest.mark.slow
 def test_more_gpus_than_any_node_is_refused_up_front(tmp_path, capsys, tiny_model):
     spec = write_spec(
@@ -162,6 +163,7 @@ def test_more_gpus_than_any_node_is_refused_up_front(tmp_path, capsys, tiny_mode
     assert not (tmp_path / "runs" / "sft_tiny-qwen2_s42").exists()  # nothing started
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_failed_run_is_retried_reported_and_does_not_stop_others(tmp_path, capsys, tiny_model, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", HELPERS + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -185,6 +187,7 @@ def test_failed_run_is_retried_reported_and_does_not_stop_others(tmp_path, capsy
     assert (grpo / "train.log").read_text().count("=== ") == 2  # two attempts logged
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint_on_rerun(tmp_path, tiny_model):
     spec = write_spec(
@@ -213,6 +216,7 @@ def test_killed_run_resumes_from_checkpoint_on_rerun(tmp_path, tiny_model):
     assert read_json(run / "trainer_state.json")["global_step"] == 80
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_job_submit_runs_a_sweep_on_a_started_head(tmp_path, tiny_model):
     from local_ray import LocalRayHead, pids_under

@@ -9,7 +9,8 @@ import pty
 import subprocess
 import sys
 
-from conftest import ROOT, TINY, tunefleet
+import pytest
+from testkit import ROOT, TINY, tunefleet
 
 NOISE = (
     "`gradient_checkpointing` is deprecated",  # was caused by tunefleet's own TrainingArguments
@@ -54,6 +55,7 @@ def run_on_a_terminal(args: list[str]) -> tuple[int, str]:
     return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_a_terminal_gets_one_bar_with_loss_and_time_left_and_no_noise(tmp_path):
     code, screen = run_on_a_terminal(train_args(tmp_path / "run"))
     assert code == 0, screen[-3000:]
@@ -65,6 +67,7 @@ def test_a_terminal_gets_one_bar_with_loss_and_time_left_and_no_noise(tmp_path):
     assert "done: " in screen
 
 
+@pytest.mark.slow
 def test_off_a_terminal_one_line_per_log_and_verbose_shows_everything(tmp_path):
     proc = tunefleet(*train_args(tmp_path / "plain"))
     output = proc.stdout + proc.stderr

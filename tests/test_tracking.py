@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import read_json, run_cli, tunefleet
+from testkit import read_json, run_cli, tunefleet
 
 from tunefleet.common import tracking
 from tunefleet.common.errors import TunefleetError
@@ -90,6 +90,7 @@ def tracked_sweep(tmp_path_factory):
     return root, env
 
 
+@pytest.mark.slow
 def test_tensorboard_has_training_and_evaluation_scalars(tracked_sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -6,7 +6,8 @@ import signal
 import time
 
 import pytest
-from conftest import (
+from safetensors.torch import load_file
+from testkit import (
     FAST,
     SPLIT,
     TINY,
@@ -18,7 +19,6 @@ from conftest import (
     tunefleet,
     wait_for_checkpoint,
 )
-from safetensors.torch import load_file
 
 TOP_LEVEL = [
     "adapter_config.json",
@@ -31,6 +31,7 @@ TOP_LEVEL = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method,qlora", [("sft", "true"), ("dpo", "false"), ("orpo", "true"), ("kto", "false"), ("grpo", "true")]
 )
@@ -210,6 +211,7 @@ def test_yaml_config_with_cli_override(tiny_model, tmp_path, capsys):
     assert record["config"]["per_device_train_batch_size"] == 2 and record["config"]["learning_rate"] == 2e-4
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_checkpoint(tiny_model, tmp_path):
     out = tmp_path / "r"
     args = [

@@ -9,8 +9,9 @@ import sys
 import time
 
 import pytest
-from conftest import FAST, ROOT, TINY, checkpoint_steps, pids_in_tree, read_json, tunefleet
+from testkit import FAST, ROOT, TINY, checkpoint_steps, pids_in_tree, read_json, tunefleet
 
+from tunefleet.common.contract import WARM_SOCKET_ENV, WARM_SWITCH_ENV
 from tunefleet.launcher import warm
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -55,6 +56,7 @@ def losses(run_dir) -> list[float]:
     return [e["loss"] for e in read_json(run_dir / "trainer_state.json")["log_history"] if "loss" in e]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,split", [("sft", "train_sft"), ("dpo", "train_prefs")])
 def test_warm_and_cold_runs_are_identical(method, split, tmp_path, tiny_model):
     """Same seed, same command: the same losses at every step and the same adapter, byte for byte."""
@@ -78,12 +80,12 @@ def test_warm_and_cold_runs_are_identical(method, split, tmp_path, tiny_model):
 def test_warm_ranks_of_a_ddp_launch_train_as_cold_ones(tmp_path, tiny_model):
     """`accelerate launch` of 2 processes: each rank forked by the warm process (warm.rank) trains exactly as a
     rank started cold: same losses, same adapter bytes, one gloo world of 2."""
-    from conftest import tunefleet
+    from testkit import tunefleet
 
     args = ["train", "--method", "dpo", *TINY, "--split", "train_prefs", "--use_qlora", "false"]
     args += ["--num_processes", 2, "--max_steps", 3, "--learning_rate", "1e-3", *FAST]
     for kind in ("warm", "cold"):
-        switch = {warm.SWITCH_ENV: "0"} if kind == "cold" else {}
+        switch = {WARM_SWITCH_ENV: "0"} if kind == "cold" else {}
         tunefleet(*args, "--output_dir", tmp_path / kind, env={"OMP_NUM_THREADS": "1", **switch})
         record = read_json(tmp_path / kind / "run.json")
         assert record["startup"]["kind"] == kind and record["world_size"] == 2
@@ -92,6 +94,7 @@ def test_warm_ranks_of_a_ddp_launch_train_as_cold_ones(tmp_path, tiny_model):
     assert (tmp_path / "warm" / adapter).read_bytes() == (tmp_path / "cold" / adapter).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_warm_run_stopped_by_a_signal_checkpoints_and_exits_as_a_cold_one(tmp_path, tiny_model):
     """SIGTERM (a sweep's Ctrl-C, SLURM) mid-training: checkpoint, status interrupted, exit code 128 + 15."""
     outcomes = {}
@@ -109,6 +112,7 @@ def test_a_warm_run_stopped_by_a_signal_checkpoints_and_exits_as_a_cold_one(tmp_
     assert outcomes["warm"] == outcomes["cold"] == (128 + signal.SIGTERM, "interrupted", True)
 
 
+@pytest.mark.slow
 def test_a_warm_run_out_of_memory_recovers_as_a_cold_one(tmp_path, tiny_model):
     """An address-space limit on the forked run: the first step fails, the run resumes with checkpointing on and a
     smaller batch, and finishes with the same effective batch (as tests/test_memory.py shows for a cold run)."""
@@ -168,6 +172,7 @@ def test_a_warm_run_out_of_memory_recovers_as_a_cold_one(tmp_path, tiny_model):
     assert final["per_device_train_batch_size"] * final["gradient_accumulation_steps"] == 16
 
 
+@pytest.mark.slow
 def test_a_run_whose_launcher_dies_is_stopped_and_keeps_its_checkpoint(tmp_path, tiny_model):
     """The launcher (a sweep's thread, a Ray worker) is killed: its warm-started run gets SIGTERM, as a cold child
     gets it through PR_SET_PDEATHSIG, and saves a checkpoint. No process of the launcher's is left."""
@@ -198,15 +203,16 @@ def test_a_run_whose_launcher_dies_is_stopped_and_keeps_its_checkpoint(tmp_path,
     assert read_json(out / "run.json")["status"] == "interrupted" and checkpoint_steps(out)
 
 
+@pytest.mark.slow
 def test_warm_start_falls_back_to_cold_and_says_why(tmp_path, tiny_model):
     """Switched off, or an advertised warm process that is gone: the run starts cold and its log says why."""
     off = start(
-        train_command("sft", "train_sft", tmp_path / "off", 1), tmp_path / "off.log", {**ENV, warm.SWITCH_ENV: "0"}
+        train_command("sft", "train_sft", tmp_path / "off", 1), tmp_path / "off.log", {**ENV, WARM_SWITCH_ENV: "0"}
     )
     assert isinstance(off, subprocess.Popen) and off.wait(timeout=300) == 0
     assert read_json(tmp_path / "off" / "run.json")["startup"]["kind"] == "cold"
 
-    gone = {**ENV, warm.SOCKET_ENV: str(tmp_path / "no-such-socket")}
+    gone = {**ENV, WARM_SOCKET_ENV: str(tmp_path / "no-such-socket")}
     proc = start(train_command("sft", "train_sft", tmp_path / "gone", 1), tmp_path / "gone.log", gone)
     assert proc.wait(timeout=300) == 0
     # The advertised one is unreachable; this process's own warm process serves the run instead.
@@ -226,6 +232,7 @@ def test_every_command_of_a_test_suite_forks_from_its_one_warm_process(tmp_path,
     assert warm.own_sockets() == before
 
 
+@pytest.mark.slow
 def test_a_run_waits_for_an_advertised_warm_process_still_importing_and_not_for_a_killed_one(tmp_path, tiny_model):
     """A launcher given the address of a warm process that is still importing waits for it rather than start its
     own (seconds of imports again); one whose warm process was killed while importing does not wait at all."""
@@ -238,7 +245,7 @@ def test_a_run_waits_for_an_advertised_warm_process_still_importing_and_not_for_
     assert not os.path.exists(advertised + ".ready")  # still importing
     before = warm.own_sockets()
     log = tmp_path / "run.log"
-    proc = start(train_command("sft", "train_sft", tmp_path / "run", 1), log, {**env, warm.SOCKET_ENV: advertised})
+    proc = start(train_command("sft", "train_sft", tmp_path / "run", 1), log, {**env, WARM_SOCKET_ENV: advertised})
     assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
     assert read_json(tmp_path / "run" / "run.json")["startup"]["warm_process"] == advertised
     assert warm.own_sockets() == before
@@ -270,6 +277,7 @@ def test_an_environment_read_at_import_gets_its_own_warm_process():
     assert warm.warm_entry(["/other/python", "-m", "tunefleet.trainers.train"]) is None
 
 
+@pytest.mark.slow
 def test_the_warm_process_ends_with_its_owner(tmp_path):
     """A process that started a warm process and exits (or is killed) leaves nothing behind."""
     script = (
@@ -296,6 +304,7 @@ def test_the_warm_process_ends_with_its_owner(tmp_path):
     assert not status or "State:\tZ" in status
 
 
+@pytest.mark.slow
 def test_a_warm_process_for_another_environment_can_be_ended_alone(tmp_path):
     """What the tests' fixture does after each test: the warm processes started for environments of that test's own
     end, this process's first one stays."""

@@ -4,6 +4,9 @@ Flag names and defaults are those of the original single-script tool, plus what 
 Precedence: field default < method default (learning rate, beta) < YAML file < CLI flag.
 
     tunefleet train --config run.yaml --seed 3      # YAML gives defaults, the flag overrides
+
+Why one module of this size: TrainConfig's fields are the one schema of flags, YAML and specs; reading TRL's form
+and coercing values belong beside them.
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ naming it, unless its text is already inside the used columns (ultrafeedback's `
 (`prompt_id`), or you leave it out on purpose with `--ignore_columns`. Rows with an empty reply, identical
 chosen and rejected, a missing turn, or chosen and rejected answering different prompts are dropped, counted,
 printed and recorded in run.json.
+
+Why one module of this size: detecting a layout, mapping its columns, mixing datasets and recording what was used
+and dropped are one pipeline over shared helpers (loading, sampling, the record); split by layout, the parts would
+import each other in a circle.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from tunefleet.trainers.tiny import DATA_DIR, TINY_DATASET
 
 if TYPE_CHECKING:  # imported when used: datasets is slow to import
     from datasets import Dataset
+
+    from tunefleet.trainers.config import TrainConfig
 
 DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
@@ -779,14 +785,15 @@ def drop_long_prompts(prepared: Prepared, tokenizer, max_tokens: int) -> None:
 
 
 # ---------------------------------------------------------------- what a run trains and evaluates on
-def training_data(cfg) -> Prepared:
+def training_data(cfg: TrainConfig) -> Prepared:
     """The run's training rows: one dataset, or a mixture of several (less the rows `test_split_size` holds out)."""
     if cfg.mixture:
         prepared = mixture(cfg.method, cfg.mixture, cfg.mixture_seed or cfg.seed, cfg.max_train_samples)
     else:
-        raw = load_split(cfg.dataset, cfg.split, cfg.dataset_config, cfg.data_files)
+        dataset = single_dataset(cfg)
+        raw = load_split(dataset, cfg.split, cfg.dataset_config, cfg.data_files)
         raw = sample(raw, cfg.max_train_samples, cfg.seed, "--max_train_samples")
-        prepared = prepare(cfg.method, raw, cfg.columns, cfg.ignore_columns, cfg.dataset, cfg.split)
+        prepared = prepare(cfg.method, raw, cfg.columns, cfg.ignore_columns, dataset, cfg.split)
     if cfg.test_split_size:
         prepared, HELD_OUT[cfg.output_dir] = hold_out(prepared, cfg.test_split_size, cfg.mixture_seed or cfg.seed)
     return prepared
@@ -809,7 +816,7 @@ def hold_out(prepared: Prepared, share: float, seed: int) -> tuple[Prepared, Pre
     return train, test
 
 
-def eval_part(cfg) -> DatasetPart | None:
+def eval_part(cfg: TrainConfig) -> DatasetPart | None:
     """Where the eval split comes from: --dataset, else the mixture's first part (its columns and files)."""
     if not cfg.eval_split:
         return None
@@ -819,18 +826,28 @@ def eval_part(cfg) -> DatasetPart | None:
             first.dataset, cfg.eval_split, first.config, first.data_files, first.columns, first.ignore_columns
         )
     return DatasetPart(
-        cfg.dataset, cfg.eval_split, cfg.dataset_config, cfg.data_files, cfg.columns, cfg.ignore_columns
+        single_dataset(cfg), cfg.eval_split, cfg.dataset_config, cfg.data_files, cfg.columns, cfg.ignore_columns
     )
 
 
-def train_parts(cfg) -> list[DatasetPart]:
+def train_parts(cfg: TrainConfig) -> list[DatasetPart]:
     """What the run trains on, as dataset parts (one, or the mixture's)."""
     if cfg.mixture:
         return list(cfg.mixture)
-    return [DatasetPart(cfg.dataset, cfg.split, cfg.dataset_config, cfg.data_files, cfg.columns, cfg.ignore_columns)]
+    return [
+        DatasetPart(
+            single_dataset(cfg), cfg.split, cfg.dataset_config, cfg.data_files, cfg.columns, cfg.ignore_columns
+        )
+    ]
 
 
-def evaluation_data(cfg) -> Prepared | None:
+def single_dataset(cfg: TrainConfig) -> str:
+    """--dataset of a run without a mixture (the config's validation requires one of the two)."""
+    assert cfg.dataset is not None, "a run without --mixture has a --dataset"
+    return cfg.dataset
+
+
+def evaluation_data(cfg: TrainConfig) -> Prepared | None:
     """The eval split, prepared like the training data (or the rows `test_split_size` held out of it)."""
     if cfg.test_split_size:
         if cfg.output_dir not in HELD_OUT:

@@ -13,12 +13,13 @@ reward-model path.
 from trl import GRPOConfig, GRPOTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
 from trl.trainer.grpo_trainer import RewardFunc
 
-from tunefleet.trainers import data, model, rewards, run, speed
+from tunefleet.trainers import callbacks, data, life_cycle, model, rewards, run_folder, speed, trainer_args
+from tunefleet.trainers.config import TrainConfig
 
 DEFAULT_COMPLETION_LENGTH = 64
 
 
-def grpo_options(cfg) -> dict:
+def grpo_options(cfg: TrainConfig) -> dict:
     """The GRPOConfig options a user may set; None keeps TRL's default."""
     return {
         "temperature": cfg.temperature,
@@ -31,9 +32,9 @@ def grpo_options(cfg) -> dict:
     }
 
 
-def train(cfg):
+def train(cfg: TrainConfig):
     # ---- output folder (a folder or a URI): refuse a finished run, find a checkpoint to resume
-    folder, resume_from = run.prepare_output_dir(cfg)
+    folder, resume_from = run_folder.prepare_output_dir(cfg)
 
     # ---- generation backend: vLLM (colocate) only where it can run
     if cfg.use_vllm:
@@ -59,10 +60,10 @@ def train(cfg):
     base = model.load_model(cfg, fast.attn_implementation.on)
 
     # ---- trainer
-    args = run.trl_config(
+    args = trainer_args.trl_config(
         GRPOConfig,
         cfg,
-        **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
+        **trainer_args.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         beta=cfg.beta_value,
         num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length or DEFAULT_COMPLETION_LENGTH,
@@ -76,11 +77,11 @@ def train(cfg):
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg),
-        callbacks=[run.progress_callback(folder)],
+        callbacks=[callbacks.progress_callback(folder)],
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(
+    return life_cycle.train_and_save(
         trainer,
         cfg,
         folder,

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tunefleet.common.errors import TunefleetError
 from tunefleet.trainers import data, rewards, scoring
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
+
 
 MAX_NEW_TOKENS = 48  # the evaluator's default (EvalSettings.max_new_tokens)
 GENERATION_CHUNK = 256  # prompts per generate call: bounded memory, few calls
@@ -119,11 +124,11 @@ class HeldOut:
         return out
 
 
-def held_out(cfg, tokenizer) -> HeldOut | None:
+def held_out(cfg: TrainConfig, tokenizer) -> HeldOut | None:
     """The held-out pairs and prompts the run's flags ask for, tokenized as the evaluator does; None for none."""
     if not (cfg.eval_pairs or cfg.eval_prompts):
         return None
-    dataset = cfg.dataset or cfg.mixture[0].dataset
+    dataset = cfg.dataset or (cfg.mixture or [])[0].dataset  # the config has one or the other
     pairs, prompts, columns, scorers = [], [], [], []
     if cfg.eval_pairs:
         conversations = load_pairs(dataset, cfg.eval_pairs, cfg.heldout_samples)

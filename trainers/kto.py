@@ -10,12 +10,13 @@ Takes prompt/completion/label rows, or preference pairs (the original README tra
 
 from trl import KTOConfig, KTOTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
 
-from tunefleet.trainers import data, model, run, speed
+from tunefleet.trainers import callbacks, data, life_cycle, model, run_folder, speed, trainer_args
+from tunefleet.trainers.config import TrainConfig
 
 
-def train(cfg):
+def train(cfg: TrainConfig):
     # ---- output folder (a folder or a URI): refuse a finished run, find a checkpoint to resume
-    folder, resume_from = run.prepare_output_dir(cfg)
+    folder, resume_from = run_folder.prepare_output_dir(cfg)
 
     # ---- data: prompt / completion / label (preference pairs unpaired)
     train = data.training_data(cfg)
@@ -29,10 +30,10 @@ def train(cfg):
     base = model.load_model(cfg, fast.attn_implementation.on)
 
     # ---- trainer
-    args = run.trl_config(
+    args = trainer_args.trl_config(
         KTOConfig,
         cfg,
-        **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
+        **trainer_args.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         max_length=cfg.max_length,
         beta=cfg.beta_value,
         **({"loss_type": cfg.loss_type[0]} if cfg.loss_type else {}),
@@ -45,8 +46,10 @@ def train(cfg):
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg),
-        callbacks=[run.progress_callback(folder)],
+        callbacks=[callbacks.progress_callback(folder)],
     )
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()})
+    return life_cycle.train_and_save(
+        trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()}
+    )

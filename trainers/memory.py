@@ -27,6 +27,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from tunefleet.common.contract import PLACEMENT_ENV
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
+
 
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 1 / 256  # 4-bit weights + absmax per 64 (8-bit, double-quantized) + second level
@@ -147,7 +154,7 @@ def estimate(
 
 
 def estimate_run(
-    cfg,
+    cfg: TrainConfig,
     shape: ModelShape,
     gradient_checkpointing: bool,
     device: str = "gpu",
@@ -174,9 +181,6 @@ def estimate_run(
 def runs_per_gpu(estimate_bytes: int, gpu_bytes: int, margin: float = 0.8, most: int = 8) -> int:
     """How many runs of this size share one GPU under `margin` of its memory (pure; at least 1)."""
     return max(1, min(most, math.floor(margin * gpu_bytes / max(estimate_bytes, 1))))
-
-
-PLACEMENT_ENV = "TUNEFLEET_PLACEMENT"  # a launcher's placement of the run (launcher.placement.Placement.record())
 
 
 def launched_placement() -> dict | None:

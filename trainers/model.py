@@ -3,6 +3,9 @@
 QLoRA: NF4 + double quantization, compute (and 4-bit storage) dtype bf16 where the GPU supports it,
 fp32 otherwise; `prepare_model_for_kbit_training`; LoRA on all linear layers. bitsandbytes 0.50 also
 trains 4-bit on CPU, so this path is the same everywhere.
+
+Why one module of this size: the base model, tokenizer, LoRA config, reward models and full-run folders share one
+set of loading rules (dtype, 4-bit, trust_remote_code, run folders and hub ids).
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from tunefleet.common.contract import RUN_RECORD
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.trainers.tiny import TINY_MODEL, ensure_model
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
 
 
 def resolve(name: str) -> str:
@@ -53,7 +61,7 @@ def full_run_folder(name: str) -> Path | None:
     import json
 
     path = Path(str(name)).expanduser()
-    record = path / "run.json"
+    record = path / RUN_RECORD
     if not record.is_file() or not (path / "config.json").is_file():
         return None
     try:
@@ -67,7 +75,7 @@ def check_finished_run(folder: Path) -> None:
     """A run folder used as a model must hold a whole model: a finished run."""
     import json
 
-    status = json.loads((folder / "run.json").read_text()).get("status")
+    status = json.loads((folder / RUN_RECORD).read_text()).get("status")
     if status != "finished":
         raise TunefleetError(
             f"{folder} is a run that is {status}, not finished: its model is partial; finish it first "
@@ -94,7 +102,7 @@ def adapter_base(folder: Path) -> str:
     """The base an adapter was trained on: its run.json's, else its adapter_config.json's."""
     import json
 
-    record = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
     config = json.loads((folder / "adapter_config.json").read_text())
     base = record.get("base_model") or config.get("base_model_name_or_path")
     if not base:
@@ -112,7 +120,7 @@ def root_model(name: str) -> str:
         if (folder := run_folder(name)) is not None:
             name = adapter_base(folder)
         elif (full := full_run_folder(name)) is not None:
-            name = json.loads((full / "run.json").read_text()).get("base_model") or name
+            name = json.loads((full / RUN_RECORD).read_text()).get("base_model") or name
         else:
             break
     return name
@@ -123,8 +131,8 @@ def check_usable_adapter(folder: Path) -> None:
     import json
 
     status = None
-    if (folder / "run.json").is_file():
-        status = json.loads((folder / "run.json").read_text()).get("status")
+    if (folder / RUN_RECORD).is_file():
+        status = json.loads((folder / RUN_RECORD).read_text()).get("status")
     if status is not None and status != "finished":
         raise TunefleetError(
             f"{folder} is a run that is {status}, not finished: its adapter is a partial model; finish it first "
@@ -335,7 +343,7 @@ def load_tokenizer(
     return tok
 
 
-def run_tokenizer(cfg):
+def run_tokenizer(cfg: TrainConfig):
     """The tokenizer a run trains with: its model's (at `model_revision`), with the run's `chat_template`."""
     return load_tokenizer(cfg.model_name, cfg.trust_remote_code, cfg.trl_args.get("model_revision"), cfg.chat_template)
 
@@ -356,7 +364,7 @@ def read_chat_template(value: str) -> str:
     return value
 
 
-def weights_dtype(cfg):
+def weights_dtype(cfg: TrainConfig):
     """The dtype the base's weights load in: `dtype` when given (auto: the checkpoint's), else the compute dtype."""
     import torch
 
@@ -430,7 +438,7 @@ def resident_mb() -> float:
 RESIDENT_BEFORE_MODEL_MB: list[float] = []
 
 
-def load_model(cfg, attn_implementation: str | None = None, reward_model: bool = False):
+def load_model(cfg: TrainConfig, attn_implementation: str | None = None, reward_model: bool = False):
     """The run's base model, ready to train: quantized and prepared for adapters (finetune qlora), full precision
     (lora), or whole (full). `reward_model`: the base with a one-output score head (a sequence classifier, what
     TRL's RewardTrainer trains; the head starts random)."""
@@ -475,7 +483,7 @@ def load_model(cfg, attn_implementation: str | None = None, reward_model: bool =
     return model
 
 
-def lora_config(cfg, reward_model: bool = False):
+def lora_config(cfg: TrainConfig, reward_model: bool = False):
     """The run's LoRA adapters (None for full fine-tuning). tunefleet's form adapts all linear layers; TRL's form
     takes TRL's default (PEFT's per-architecture modules) unless `lora_target_modules` names them. A reward
     model's score head is trained in full (PEFT's SEQ_CLS task saves it)."""

@@ -10,9 +10,15 @@ other ranks wait in a collective), so whoever launched it starts it again with t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from tunefleet.common.contract import PROGRESS_FILE, RUN_RECORD
 from tunefleet.common.storage import Store
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
 
 # What the CUDA caching allocator, torch's CPU allocator and Python say when memory runs out.
 OUT_OF_MEMORY = (
@@ -63,7 +69,7 @@ def smallest_factor(n: int) -> int:
     return next(f for f in range(2, n + 1) if n % f == 0)
 
 
-def step_down(cfg, checkpointing: bool):
+def step_down(cfg: TrainConfig, checkpointing: bool):
     """The next smaller set-up of `cfg` (a TrainConfig) after running out of memory; None at the smallest (pure).
 
     An odd batch shrinks by its smallest factor (6 -> 3, 3 -> 1), so batch x accumulation stays exactly the same.
@@ -82,7 +88,7 @@ def step_down(cfg, checkpointing: bool):
     )
 
 
-def keep_earlier_step(cfg, record: dict | None):
+def keep_earlier_step(cfg: TrainConfig, record: dict | None):
     """`cfg` as the last memory step of an earlier attempt left it, for a run that starts again (a manual rerun, a
     SLURM requeue, a Ray retry): it resumes with the set-up that fit, instead of running out of memory again.
 
@@ -116,9 +122,9 @@ def record_step(store: Store, at_step: int, error: str, smaller) -> MemoryStep:
         smaller.per_device_train_batch_size,
         smaller.gradient_accumulation_steps,
     )
-    record = store.read_json("run.json") or {}
+    record = store.read_json(RUN_RECORD) or {}
     record["memory_steps"] = [*record.get("memory_steps", []), step.record()]
-    store.write_json("run.json", record)
+    store.write_json(RUN_RECORD, record)
     return step
 
 
@@ -137,22 +143,40 @@ def launch_ran_out_of_memory(store: Store) -> bool:
     markers = [name for name in store.listdir() if name.startswith(RANK_MARKER)]
     for name in markers:
         store.remove(name)
-    return bool((store.read_json("run.json") or {}).get("out_of_memory")) or bool(markers)
+    return bool((store.read_json(RUN_RECORD) or {}).get("out_of_memory")) or bool(markers)
 
 
-def after_failed_launch(cfg, store: Store, out_of_memory: bool):
+def after_failed_launch(cfg: TrainConfig, store: Store, out_of_memory: bool):
     """For a launcher whose run failed (`out_of_memory`: its run.json or log says so): the smaller config to launch
     again with and its step (recorded in run.json); None when recovery is off or nothing smaller is left."""
     if not (cfg.oom_recovery and out_of_memory):
         return None
-    record = store.read_json("run.json") or {}
+    record = store.read_json(RUN_RECORD) or {}
     cfg = keep_earlier_step(cfg, record)  # the launch that failed ran with it
     checkpointing = ((record.get("fast_path") or {}).get("gradient_checkpointing") or {}).get("on")
     smaller = step_down(cfg, bool(checkpointing if checkpointing is not None else cfg.gradient_checkpointing))
     if smaller is None:
         return None
-    at_step = record.get("global_step") or (store.read_json("progress.json") or {}).get("step") or 0
+    at_step = record.get("global_step") or (store.read_json(PROGRESS_FILE) or {}).get("step") or 0
     return smaller, record_step(store, at_step, record.get("error") or "out of memory", smaller)
+
+
+def relaunch_smaller(
+    cfg: TrainConfig,
+    launch: Callable[[TrainConfig], tuple[int, bool]],
+    say: Callable[[str], None],
+    may_retry: Callable[[TrainConfig], bool] = lambda cfg: True,
+) -> int:
+    """A launcher's loop: `launch(cfg)` -> (exit code, ran out of memory); after a launch that ran out of memory,
+    again with the next smaller set-up (its step recorded in run.json and told to `say`), until a launch ends
+    otherwise or nothing smaller is left. `may_retry`: whether this launcher recovers at all now. The last code."""
+    while True:
+        rc, out_of_memory = launch(cfg)
+        retry = after_failed_launch(cfg, Store(cfg.output_dir), out_of_memory) if rc and may_retry(cfg) else None
+        if retry is None:
+            return rc
+        cfg, step = retry
+        say(step.describe())
 
 
 def describe_steps(record: dict) -> list[str]:
@@ -160,7 +184,7 @@ def describe_steps(record: dict) -> list[str]:
     return [MemoryStep(**step).describe() for step in record.get("memory_steps", [])]
 
 
-def no_smaller_setup(exc: OutOfMemory, cfg) -> str:
+def no_smaller_setup(exc: OutOfMemory, cfg: TrainConfig) -> str:
     """The one line for a run that ran out of memory at its smallest set-up (or with recovery off)."""
     if not cfg.oom_recovery:
         return f"out of memory at step {exc.at_step} ({exc.error}); --oom_recovery is off"

@@ -14,12 +14,13 @@ classifier that GRPO's --reward_funcs and the evaluator's --reward_model load.
 
 from trl import RewardConfig, RewardTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
 
-from tunefleet.trainers import data, model, run, speed
+from tunefleet.trainers import callbacks, data, life_cycle, model, run_folder, speed, trainer_args
+from tunefleet.trainers.config import TrainConfig
 
 
-def train(cfg):
+def train(cfg: TrainConfig):
     # ---- output folder (a folder or a URI): refuse a finished run, find a checkpoint to resume
-    folder, resume_from = run.prepare_output_dir(cfg)
+    folder, resume_from = run_folder.prepare_output_dir(cfg)
 
     # ---- data: any preference layout -> prompt / chosen / rejected (rows that cannot train dropped, counted)
     train = data.training_data(cfg)
@@ -34,10 +35,10 @@ def train(cfg):
     scorer.config.pad_token_id = tokenizer.pad_token_id  # the score is read at each row's last real token
 
     # ---- trainer
-    args = run.trl_config(
+    args = trainer_args.trl_config(
         RewardConfig,
         cfg,
-        **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
+        **trainer_args.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         max_length=cfg.max_length,
     )
     trainer = RewardTrainer(
@@ -47,9 +48,11 @@ def train(cfg):
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg, reward_model=True),
-        callbacks=[run.progress_callback(folder)],
+        callbacks=[callbacks.progress_callback(folder)],
     )
     model.score_head_in(trainer.model, model.compute_dtype(cfg.bf16))
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()})
+    return life_cycle.train_and_save(
+        trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()}
+    )

@@ -9,12 +9,13 @@
 
 from trl import SFTConfig, SFTTrainer  # pyright: ignore[reportPrivateImportUsage] - trl exports them lazily
 
-from tunefleet.trainers import data, model, run, speed
+from tunefleet.trainers import callbacks, data, life_cycle, model, run_folder, speed, trainer_args
+from tunefleet.trainers.config import TrainConfig
 
 
-def train(cfg):
+def train(cfg: TrainConfig):
     # ---- output folder (a folder or a URI): refuse a finished run, find a checkpoint to resume
-    folder, resume_from = run.prepare_output_dir(cfg)
+    folder, resume_from = run_folder.prepare_output_dir(cfg)
 
     # ---- data: any SFT layout (messages, ShareGPT, Alpaca, prompt/completion, text) -> TRL's columns
     train = data.training_data(cfg)
@@ -30,10 +31,10 @@ def train(cfg):
     base = model.load_model(cfg, fast.attn_implementation.on)
 
     # ---- trainer
-    args = run.trl_config(
+    args = trainer_args.trl_config(
         SFTConfig,
         cfg,
-        **run.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
+        **trainer_args.training_args(cfg, folder, model.compute_dtype(cfg.bf16), fast),
         padding_free=fast.padding_free.on,
         assistant_only_loss=cfg.assistant_only_loss,
         # padding-free without packing cannot truncate: TRL wants max_length unset then
@@ -46,10 +47,12 @@ def train(cfg):
         eval_dataset=evaluation and evaluation.dataset,
         processing_class=tokenizer,
         peft_config=model.lora_config(cfg),
-        callbacks=[run.progress_callback(folder)],
+        callbacks=[callbacks.progress_callback(folder)],
     )
     if fast.group_by_length.on:
-        run.group_by_token_length(trainer)
+        trainer_args.group_by_token_length(trainer)
 
     # ---- train, save the documented layout, record run.json
-    return run.train_and_save(trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()})
+    return life_cycle.train_and_save(
+        trainer, cfg, folder, resume_from, train, evaluation, extra={"fast_path": fast.record()}
+    )

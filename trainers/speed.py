@@ -12,7 +12,11 @@ import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
+
 
 T = TypeVar("T")
 
@@ -73,7 +77,7 @@ def _pick(flag_value: T | None, auto_value: T, why: str) -> Choice[T]:
 
 
 def choose(
-    cfg,
+    cfg: TrainConfig,
     has_gpu: bool,
     gpu_capability: tuple[int, int] | None = None,
     flash: bool | None = None,
@@ -122,14 +126,14 @@ def choose(
     )
 
 
-def detect(cfg) -> FastPath:
+def detect(cfg: TrainConfig) -> FastPath:
     import torch
 
     has_gpu = torch.cuda.is_available()
     return choose(cfg, has_gpu, torch.cuda.get_device_capability(0) if has_gpu else None, memory=memory_fit(cfg))
 
 
-def memory_fit(cfg) -> MemoryFit:
+def memory_fit(cfg: TrainConfig) -> MemoryFit:
     """The run's estimated peak without checkpointing (trainers.memory) against what this process may use: its
     GPU (its share of one, when a sweep packs several runs on it), or on CPU the free memory split between the
     launch's processes."""

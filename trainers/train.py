@@ -12,16 +12,17 @@ import os
 import sys
 
 from tunefleet.common import hub, terminal
+from tunefleet.common.contract import LAUNCH_ENV, LOCK_TOKEN_ENV, RUN_RECORD
 from tunefleet.common.errors import TunefleetError
-from tunefleet.common.runlock import HELD_ENV, RunLock
+from tunefleet.common.runlock import RunLock
 from tunefleet.common.storage import Store
 from tunefleet.trainers import memory, recovery
+from tunefleet.trainers.callbacks import Preempted
 from tunefleet.trainers.checkpoints import DISK_FULL_EXIT, DiskFull
-from tunefleet.trainers.config import parse_args
-from tunefleet.trainers.run import Preempted
+from tunefleet.trainers.config import TrainConfig, parse_args
 
 
-def run(cfg) -> dict:
+def run(cfg: TrainConfig) -> dict:
     """Train one method in this process; returns the run record.
 
     Out of memory, a run of one process resumes here from its latest checkpoint with the next smaller set-up
@@ -33,7 +34,7 @@ def run(cfg) -> dict:
         say_what_was_read(cfg)
         if cfg.trl_args.get("push_to_hub"):  # TRL uploads at saves and at the end: find out now, not then
             hub.check_reachable("push_to_hub", hub.token_for("push_to_hub"))
-    earlier = recovery.keep_earlier_step(cfg, Store(cfg.output_dir).read_json("run.json"))
+    earlier = recovery.keep_earlier_step(cfg, Store(cfg.output_dir).read_json(RUN_RECORD))
     if earlier != cfg and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"keeping the memory step-down of an earlier attempt: batch {earlier.per_device_train_batch_size} x "
@@ -55,14 +56,14 @@ def run(cfg) -> dict:
         cfg = smaller
 
 
-def hold_folder(cfg) -> RunLock | None:
+def hold_folder(cfg: TrainConfig) -> RunLock | None:
     """The run folder's lock, for a run started by hand: refused in one line while another process writes it. A
     launcher that started this process holds it already (and so does this process for the ranks it launches)."""
-    if os.environ.get(HELD_ENV) or int(os.environ.get("RANK", "0")) != 0:
+    if os.environ.get(LOCK_TOKEN_ENV) or int(os.environ.get("RANK", "0")) != 0:
         return None
     lock = RunLock(Store(cfg.output_dir), sweep=cfg.tracking_group).acquire()
     assert lock.holder is not None
-    os.environ[HELD_ENV] = lock.holder.token  # the processes it launches (accelerate's ranks) write under it
+    os.environ[LOCK_TOKEN_ENV] = lock.holder.token  # the processes it launches (accelerate's ranks) write under it
     for note in lock.notes:
         print(f"{cfg.output_dir}: {note}", flush=True)
     return lock
@@ -71,10 +72,10 @@ def hold_folder(cfg) -> RunLock | None:
 def let_go(lock: RunLock | None) -> None:
     if lock is not None:
         lock.release()
-        os.environ.pop(HELD_ENV, None)
+        os.environ.pop(LOCK_TOKEN_ENV, None)
 
 
-def say_what_was_read(cfg) -> None:
+def say_what_was_read(cfg: TrainConfig) -> None:
     """The log's first lines: the form the settings were written in, what was translated, and what trains."""
     for note in cfg.config_notes:
         print(f"config: {note}", flush=True)
@@ -87,7 +88,7 @@ def say_what_was_read(cfg) -> None:
     )
 
 
-def recover_here(cfg) -> bool:
+def recover_here(cfg: TrainConfig) -> bool:
     return cfg.oom_recovery and int(os.environ.get("WORLD_SIZE", "1")) == 1 and memory.gpu_share() == 1
 
 
@@ -102,31 +103,40 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+OUT_OF_MEMORY_EXIT = 3  # out of memory at the smallest set-up (or with --oom_recovery off)
+
+
+def run_to_exit(cfg: TrainConfig) -> tuple[int, dict | None]:
+    """`run(cfg)` as a process ends it: (exit code, run.json's record when it finished). How a run stopped is one
+    line on stderr: out of memory (3), a signal that checkpointed it (128 + the signal), a full disk (75)."""
+    try:
+        return 0, run(cfg)
+    except recovery.OutOfMemory as exc:
+        print(f"error: {recovery.no_smaller_setup(exc, cfg)}", file=sys.stderr)
+        return OUT_OF_MEMORY_EXIT, None
+    except Preempted as exc:
+        print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
+        return 128 + exc.signum, None
+    except DiskFull as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return DISK_FULL_EXIT, None
+
+
 def main(argv: list[str] | None = None) -> int:
     lock = None
     try:
         cfg = parse_args(argv)
         terminal.calm(cfg.verbose)
-        if "TUNEFLEET_LAUNCH" not in os.environ and int(os.environ.get("RANK", "0")) == 0:
+        if LAUNCH_ENV not in os.environ and int(os.environ.get("RANK", "0")) == 0:
             Store(cfg.output_dir).check(write=True)  # started directly, not by a launcher that checked
         lock = hold_folder(cfg)
-        run(cfg)
+        return run_to_exit(cfg)[0]
     except TunefleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except recovery.OutOfMemory as exc:
-        print(f"error: {recovery.no_smaller_setup(exc, cfg)}", file=sys.stderr)
-        return 3
-    except Preempted as exc:
-        print(f"preempted: {exc}; rerun the same command to resume", file=sys.stderr)
-        return 128 + exc.signum
-    except DiskFull as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return DISK_FULL_EXIT
     finally:
         let_go(lock)
         close_process_group()
-    return 0
 
 
 def close_process_group() -> None:

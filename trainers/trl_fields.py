@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tunefleet.common import schema
+from tunefleet.common.contract import CACHE_ENV
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import write_json_atomic
 
@@ -88,7 +89,7 @@ def versions() -> str:
 
 
 def cache_file() -> Path:
-    root = os.environ.get("TUNEFLEET_CACHE") or os.path.join(
+    root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tunefleet"
     )
     return Path(root) / f"trl_fields-v{TABLE_VERSION}-{versions()}.json"

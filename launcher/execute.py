@@ -17,17 +17,32 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunefleet.common import schema
+from tunefleet.common.contract import (
+    LAUNCH_FILE,
+    LOCK_TOKEN_ENV,
+    NODE_ID_ENV,
+    PLACEMENT_ENV,
+    PROGRESS_FILE,
+    RUN_CONFIG,
+    RUN_RECORD,
+    TRAIN_LOG,
+)
 from tunefleet.common.jsonfile import utc_now
-from tunefleet.common.runlock import HELD_ENV, Held, RunLock
+from tunefleet.common.runlock import Held, RunLock
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.launcher import warm
 from tunefleet.launcher.launch import free_port, launch_command, plan_launch
-from tunefleet.launcher.runs import RunOutcome, RunPlan, RunSummary
-from tunefleet.trainers import memory, recovery
-from tunefleet.trainers.run import parent_changed
+from tunefleet.launcher.records import RunOutcome, RunPlan, RunSummary
+from tunefleet.trainers import recovery
+from tunefleet.trainers.lineage import parent_changed
+
+if TYPE_CHECKING:
+    from tunefleet.trainers.config import TrainConfig
+
 
 _children: set[subprocess.Popen | warm.WarmProcess] = set()
 stopping = threading.Event()  # set on Ctrl-C: no new run or retry starts
@@ -43,7 +58,7 @@ def write_run_config(plan: RunPlan, folder: Path) -> Path:
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
+    path = folder / RUN_CONFIG
     tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
     values = {k: v for k, v in schema.to_dict(plan.config).items() if v is not None}
     tmp.write_text(
@@ -58,8 +73,8 @@ def write_run_config(plan: RunPlan, folder: Path) -> Path:
 def summarize(output_dir: str | Path) -> RunSummary:
     """Status, steps and last loss of a run, from its run.json, progress.json and trainer_state.json."""
     store = Store(str(output_dir))
-    record = store.read_json("run.json") or {}
-    progress = store.read_json("progress.json") or {}
+    record = store.read_json(RUN_RECORD) or {}
+    progress = store.read_json(PROGRESS_FILE) or {}
     state = store.read_json("trainer_state.json") or {}
     losses = [e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e]
     return RunSummary(
@@ -87,16 +102,16 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
     plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=out, model_name=model))
     store = Store(out)
     here = scratch_dir(out, "launch") if store.remote else Path(out)  # config.yaml and train.log while it runs
-    log, host, t0 = here / "train.log", socket.gethostname(), time.time()
-    env_extra = {**(env_extra or {}), memory.PLACEMENT_ENV: json.dumps(plan.placement.record())}
-    node_id = env_extra.get("TUNEFLEET_NODE_ID")
+    log, host, t0 = here / TRAIN_LOG, socket.gethostname(), time.time()
+    env_extra = {**(env_extra or {}), PLACEMENT_ENV: json.dumps(plan.placement.record())}
+    node_id = env_extra.get(NODE_ID_ENV)
 
     def outcome(status: RunStatus, **fields) -> RunOutcome:
         info = summarize(out)
         return RunOutcome(
             plan.name,
             status,
-            join(out, "train.log"),
+            join(out, TRAIN_LOG),
             host=host,
             steps=info.steps,
             final_loss=info.final_loss,
@@ -106,7 +121,7 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
         )
 
     if summarize(out).status is RunStatus.FINISHED:
-        changed = parent_changed(plan.config, store.read_json("run.json") or {}) if plan.parent else None
+        changed = parent_changed(plan.config, store.read_json(RUN_RECORD) or {}) if plan.parent else None
         if not changed:
             return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
     # One writer per run folder: taken before anything is written (another driver, or a `tunefleet train` by hand,
@@ -159,7 +174,7 @@ def run_locked(
 ) -> RunOutcome:
     """run_one's work once the run's folder is this process's to write."""
     if summarize(out).status is RunStatus.FINISHED:
-        changed = parent_changed(plan.config, store.read_json("run.json") or {}) if plan.parent else None
+        changed = parent_changed(plan.config, store.read_json(RUN_RECORD) or {}) if plan.parent else None
         if not changed:
             return outcome(RunStatus.FINISHED, skipped=True, returncode=0)
         # its parent was retrained since: this run is trained again from the new one (its log says why)
@@ -168,24 +183,35 @@ def run_locked(
         with open(log, "a") as log_file:
             log_file.write(f"\n=== {changed.split(':')[0]}: trained again from it\n")
     assert lock.holder is not None
-    choice, env = plan_launch(plan.config, {**env_extra, HELD_ENV: lock.holder.token})
+    choice, env = plan_launch(plan.config, {**env_extra, LOCK_TOKEN_ENV: lock.holder.token})
     plan = dataclasses.replace(
         plan, config=dataclasses.replace(plan.config, accelerate_config=choice.config or "auto")
     )
     if stopping.is_set():
         return outcome(RunStatus.FAILED, error="sweep interrupted before this run started")
-    while True:
-        rc, error, out_of_memory = launch_once(plan, choice.config, env, store, here, host, node_id, lock)
-        retry = None
-        if rc != 0 and plan.config.num_processes > 1 and not plan.placement.shared:
-            retry = recovery.after_failed_launch(plan.config, store, out_of_memory)  # one process recovers itself
-        if retry is None or stopping.is_set():
-            break
-        plan = dataclasses.replace(plan, config=retry[0])
+    last: dict = {}  # the latest launch: its plan, error and whether it ran out of memory
+
+    def launch(cfg: TrainConfig) -> tuple[int, bool]:
+        last["plan"] = dataclasses.replace(last.get("plan", plan), config=cfg)
+        rc, last["error"], last["out_of_memory"] = launch_once(
+            last["plan"], choice.config, env, store, here, host, node_id, lock
+        )
+        return rc, last["out_of_memory"]
+
+    def say(line: str) -> None:
         with open(log, "a") as log_file:
-            log_file.write(f"\n=== {retry[1].describe()}\n")
+            log_file.write(f"\n=== {line}\n")
+
+    # one process recovers itself (trainers/train.py); a run of several, or sharing a GPU, is relaunched smaller
+    rc = recovery.relaunch_smaller(
+        plan.config,
+        launch,
+        say,
+        lambda cfg: cfg.num_processes > 1 and not plan.placement.shared and not stopping.is_set(),
+    )
+    plan, error, out_of_memory = last["plan"], last["error"], last["out_of_memory"]
     if store.remote:  # this attempt's log joins the earlier ones in the store; the scratch goes
-        store.write_bytes("train.log", (store.read_bytes("train.log") or b"") + log.read_bytes())
+        store.write_bytes(TRAIN_LOG, (store.read_bytes(TRAIN_LOG) or b"") + log.read_bytes())
         shutil.rmtree(here, ignore_errors=True)
     wall = round(time.time() - t0, 2)
     recorded = summarize(out).status
@@ -209,11 +235,11 @@ def launch_once(
     and whether it ran out of memory (run.json or any line of this launch's output says so)."""
     cfg_path = write_run_config(plan, here)
     if store.remote:
-        store.upload(cfg_path, "config.yaml")
+        store.upload(cfg_path, RUN_CONFIG)
     cmd = launch_command(["--config", str(cfg_path)], plan.config.num_processes, free_port(), accelerate_config)
     if plan.config.num_processes > 1:  # the ranks ask this warm process to fork them (warm.rank)
         env = warm.with_advertised(env)
-    log = here / "train.log"
+    log = here / TRAIN_LOG
     with open(log, "a") as log_file:
         log_file.write(f"\n=== {utc_now()} on {host}: {' '.join(cmd)}\n")
         log_file.flush()
@@ -249,8 +275,8 @@ def launch_once(
 
 def record_launch(store: Store, launch: dict) -> None:
     """launch.json: the latest launch at the top, every launch of the run (host, Ray node, time) in `attempts`."""
-    earlier = (store.read_json("launch.json") or {}).get("attempts", [])
-    store.write_json("launch.json", launch | {"attempts": [*earlier, launch]})
+    earlier = (store.read_json(LAUNCH_FILE) or {}).get("attempts", [])
+    store.write_json(LAUNCH_FILE, launch | {"attempts": [*earlier, launch]})
 
 
 def _last_error(output: str) -> str | None:

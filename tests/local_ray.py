@@ -71,6 +71,16 @@ class LocalRayHead:
                 "127.0.0.1",
                 "--dashboard-port",
                 str(self.dashboard_port),
+                # the job agent's ports: Ray's fixed defaults (52365, ...) may be another Ray's on this machine, and
+                # an agent that cannot bind leaves the head with "No available agent to submit job"
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--dashboard-agent-grpc-port",
+                str(free_port()),
+                "--runtime-env-agent-port",
+                str(free_port()),
+                "--metrics-export-port",
+                str(free_port()),
             ],
             capture_output=True,
             text=True,

@@ -163,6 +163,23 @@ def tree_peak_address_space(cmd: list[str]) -> int:
     return peak
 
 
+def peak_address_space_at_exit(cmd: list[str]) -> int:
+    """VmPeak (bytes) of a one-process command, read by the process itself as it exits: exact, where polling from
+    outside can miss a peak reached between two looks on a loaded machine."""
+    python, _, module, *args = cmd
+    report = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('VmPeak', open('/proc/self/status').read().split('VmPeak:')[1].split()[0], "
+        "file=sys.stderr))\n"
+        f"sys.argv = {[module, *args]!r}\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run([python, "-c", report], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("VmPeak ")]
+    return int(line.split()[1]) * 1024
+
+
 @pytest.mark.slow
 def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effective_batch(tmp_path, tiny_model):
     """An address-space limit (RLIMIT_AS) below what batch 8 needs: torch's CPU allocator fails in the first step;
@@ -170,7 +187,7 @@ def test_a_run_out_of_memory_finishes_with_a_smaller_batch_and_the_same_effectiv
     still 16. The limit is set from the same run's measured peak (below it by what checkpointing and one halving
     save on this data, ~300 MiB), so it holds on machines whose libraries take more or less room."""
     data = long_completions(tmp_path / "long.jsonl")
-    unlimited = tree_peak_address_space(train_command(data, tmp_path / "measure"))
+    unlimited = peak_address_space_at_exit(train_command(data, tmp_path / "measure"))
     limit = unlimited - 400 * 2**20
     out = tmp_path / "run"
     proc = subprocess.run(

@@ -30,7 +30,7 @@ from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.jsonfile import read_json, write_json_atomic
 
 URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # tunefleet's extra that brings each driver
 CHECK_SECONDS = 25.0  # the store's first answer, or one line saying why there is none, within this
 CREDENTIALS = {
     "s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role",
@@ -323,6 +323,31 @@ def _within(fs, operation, *args, deadline: float, **kwargs):
     return operation(*args, **kwargs)
 
 
+def driver_module(scheme: str) -> str | None:
+    """The package fsspec loads for `scheme://` (s3 -> s3fs), where fsspec knows one outside itself."""
+    from fsspec.registry import known_implementations
+
+    known = known_implementations.get(scheme)
+    module = known["class"].split(".", 1)[0] if known else None
+    return module if module != "fsspec" else None
+
+
+def missing_driver(scheme: str) -> str | None:
+    """The driver package of `scheme://` when it is not installed, else None."""
+    import importlib.util
+
+    module = driver_module(scheme)
+    return module if module and importlib.util.find_spec(module) is None else None
+
+
+def install_hint(scheme: str) -> str:
+    """How to install the driver of `scheme://`: tunefleet's extra for it, else its own package."""
+    extra, module = EXTRAS.get(scheme), driver_module(scheme)
+    if extra:
+        return f"pip install 'tunefleet[{extra}]'"
+    return f"pip install {module}" if module else "install the fsspec driver for it"
+
+
 def _filesystem(uri: str, quick: bool = False):
     """The fsspec filesystem of a URI; a missing driver package is one line naming the extra to install.
 
@@ -343,9 +368,7 @@ def _filesystem(uri: str, quick: bool = False):
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
-        extra = EXTRAS.get(scheme)
-        hint = f"pip install 'tunefleet[{extra}]'" if extra else "install the fsspec driver for it"
-        raise TunefleetError(f"cannot use {uri}: {first_line(exc)} ({hint})") from None
+        raise TunefleetError(f"cannot use {uri}: {first_line(exc)} ({install_hint(scheme)})") from None
     if quick and hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop, around botocore's
     fs.invalidate_cache()

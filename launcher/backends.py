@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from tunefleet.common.contract import LAUNCH_FILE, TRAIN_LOG
+from tunefleet.common.contract import LAUNCH_FILE, NODE_ID_ENV, TRAIN_LOG
 from tunefleet.common.errors import TunefleetError, first_line
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, join
@@ -238,7 +238,7 @@ def run_on_ray_node(plan: RunPlan) -> RunOutcome:
     """The Ray task of one run: the run, told which node it is on (recorded in launch.json and run.json)."""
     import ray
 
-    return run_one(plan, {"TUNEFLEET_NODE_ID": ray.get_runtime_context().get_node_id()})
+    return run_one(plan, {NODE_ID_ENV: ray.get_runtime_context().get_node_id()})
 
 
 def run_ray(

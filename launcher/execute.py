@@ -189,12 +189,12 @@ def run_locked(
     )
     if stopping.is_set():
         return outcome(RunStatus.FAILED, error="sweep interrupted before this run started")
-    last: dict = {}  # the latest launch: its plan, error and whether it ran out of memory
+    last: dict = {}  # the latest launch's error and whether it ran out of memory
 
     def launch(cfg: TrainConfig) -> tuple[int, bool]:
-        last["plan"] = dataclasses.replace(last.get("plan", plan), config=cfg)
+        launched = dataclasses.replace(plan, config=cfg)
         rc, last["error"], last["out_of_memory"] = launch_once(
-            last["plan"], choice.config, env, store, here, host, node_id, lock
+            launched, choice.config, env, store, here, host, node_id, lock
         )
         return rc, last["out_of_memory"]
 
@@ -209,7 +209,7 @@ def run_locked(
         say,
         lambda cfg: cfg.num_processes > 1 and not plan.placement.shared and not stopping.is_set(),
     )
-    plan, error, out_of_memory = last["plan"], last["error"], last["out_of_memory"]
+    error, out_of_memory = last["error"], last["out_of_memory"]
     if store.remote:  # this attempt's log joins the earlier ones in the store; the scratch goes
         store.write_bytes(TRAIN_LOG, (store.read_bytes(TRAIN_LOG) or b"") + log.read_bytes())
         shutil.rmtree(here, ignore_errors=True)

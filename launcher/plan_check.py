@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 RAY_CHECK_TIMEOUT_S = 300
 SLURM_CHECK_TIMEOUT_S = 900
 
-# The extra of tunefleet's pyproject.toml that installs each piece (the cluster configs install them).
-STORE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
-
 
 @dataclass(frozen=True)
 class PlanNeeds:
@@ -151,17 +148,12 @@ def check_here(needs: PlanNeeds) -> list[str]:
 
 def store_driver_problems(scheme: str) -> list[str]:
     """The fsspec driver of `scheme://`, if it is not installed."""
-    from fsspec.registry import known_implementations
+    from tunefleet.common.storage import install_hint, missing_driver
 
-    known = known_implementations.get(scheme)
-    if known is None:
-        return []  # a filesystem registered by a package of its own: the driver's own check says
-    module = known["class"].split(".", 1)[0]
-    if module == "fsspec" or importlib.util.find_spec(module) is not None:
-        return []
-    extra = STORE_EXTRAS.get(scheme)
-    how = f"pip install 'tunefleet[{extra}]'" if extra else f"pip install {module}"
-    return [f"runs_dir {scheme}://... needs {module}, which is not installed: {how}"]
+    module = missing_driver(scheme)
+    return (
+        [f"runs_dir {scheme}://... needs {module}, which is not installed: {install_hint(scheme)}"] if module else []
+    )
 
 
 def refuse(problems: list[str], where: str, fix: str = "") -> None:

@@ -80,10 +80,16 @@ def _resource_lines(spec, gpus: int, cpus: int, memory_gb: float | None) -> list
         lines.append(
             f"--mem={int(memory_gb)}G" if float(memory_gb).is_integer() else f"--mem={int(memory_gb * 1024)}M"
         )
-    for key in ("time", "partition", "account", "qos"):
-        if getattr(s, key):
-            lines.append(f"--{key}={getattr(s, key)}")
-    return lines
+    if s.time:
+        lines.append(f"--time={s.time}")
+    return lines + site_lines(spec)
+
+
+def site_lines(spec) -> list[str]:
+    """Where the spec's jobs go: its partition, account and QoS, as sbatch and srun take them."""
+    return [
+        f"--{key}={getattr(spec.slurm, key)}" for key in ("partition", "account", "qos") if getattr(spec.slurm, key)
+    ]
 
 
 def task_resources(runs, tasks: list[list[int]]) -> tuple[int, int]:
@@ -367,12 +373,7 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
 
     if needs:
         # inside an allocation like the jobs' (their partition, account, QoS and Python), before any array exists
-        options = [
-            f"--{key}={getattr(spec.slurm, key)}"
-            for key in ("partition", "account", "qos")
-            if getattr(spec.slurm, key)
-        ]
-        check_in_slurm(needs, options, python, spec.name)
+        check_in_slurm(needs, site_lines(spec), python, spec.name)
     slurm_dir.mkdir(parents=True, exist_ok=True)
     stages = {
         stage.name: {"from": stage.parent, "best": stage.best, "eval": schema.to_dict(stage.eval)}

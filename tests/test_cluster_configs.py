@@ -504,8 +504,9 @@ def with_included(extras: set[str]) -> set[str]:
 
 def extras_needed(argv: list[str]) -> set[str]:
     """The extras a `sweep SPEC ...` command line needs on the nodes (tunefleet/ prefix: ray submit's synced copy)."""
+    from tunefleet.common.storage import EXTRAS
     from tunefleet.launcher import sweep as sweeps
-    from tunefleet.launcher.plan_check import STORE_EXTRAS, plan_needs
+    from tunefleet.launcher.plan_check import plan_needs
 
     assert argv[0] == "sweep", argv
     spec = sweeps.load_spec(str(REPO / argv[1].removeprefix("tunefleet/")))
@@ -514,7 +515,7 @@ def extras_needed(argv: list[str]) -> set[str]:
     runs = sweeps.expand(spec) if spec.search is None else []
     needs = plan_needs(spec, runs, evaluate="--eval" in argv)
     return (
-        ({STORE_EXTRAS[needs.store]} if needs.store else set())
+        ({EXTRAS[needs.store]} if needs.store else set())
         | ({"bench"} if needs.tasks else set())
         | ({"optuna"} if needs.optuna else set())
     )

@@ -13,8 +13,8 @@ from pathlib import Path
 from tunefleet.common.contract import (
     SEARCH_GATE_ENV,
     START_KIND_ENV,
-    STARTED_AT_ENV,
     WARM_SOCKET_ENV,
+    started_at,
 )
 from tunefleet.trainers.run_folder import RunFolder
 
@@ -191,9 +191,9 @@ def preemption_callback():
 def process_started_at() -> float:
     """When this run's process was started: by its launcher's clock (TUNEFLEET_STARTED_AT, set for warm and cold
     starts alike), else the process's own start time from /proc."""
-    stamp = os.environ.get(STARTED_AT_ENV)
-    if stamp:
-        return float(stamp)
+    stamp = started_at()
+    if stamp is not None:
+        return stamp
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))

@@ -23,13 +23,11 @@ compares it with measured peaks (bench/README.md gives the error).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from tunefleet.common.contract import PLACEMENT_ENV
+from tunefleet.common.contract import PLACEMENT_ENV, json_from_env
 
 if TYPE_CHECKING:
     from tunefleet.trainers.config import TrainConfig
@@ -185,7 +183,7 @@ def runs_per_gpu(estimate_bytes: int, gpu_bytes: int, margin: float = 0.8, most:
 
 def launched_placement() -> dict | None:
     """The placement the launcher gave this run's processes; None for a run started by hand."""
-    return json.loads(os.environ.get(PLACEMENT_ENV) or "null")
+    return json_from_env(PLACEMENT_ENV)
 
 
 def gpu_share() -> float:

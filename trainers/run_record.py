@@ -3,7 +3,6 @@ status, metrics), and the trackers it reports to."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -12,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunefleet.common.contract import (
-    LAUNCH_ENV,
     NODE_ID_ENV,
     RUN_RECORD,
+    launch_record,
 )
 from tunefleet.common.jsonfile import utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
@@ -71,8 +70,7 @@ def start_record(cfg: TrainConfig, folder: RunFolder, resume_from: str | None, e
         "seed": cfg.seed,
         "config": cfg.resolved(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "launch": json.loads(os.environ.get(LAUNCH_ENV) or "null")
-        or {"accelerate_config": None, "reason": "one process", "num_processes": 1},
+        "launch": launch_record() or {"accelerate_config": None, "reason": "one process", "num_processes": 1},
         "placement": memory.launched_placement(),
         "stage": cfg.stage,
         "lineage": parent_lineage(cfg),

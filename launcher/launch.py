@@ -35,9 +35,21 @@ ZERO3_SHARE = 0.5
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports. Every socket stays bound until all are chosen: ports taken one at a time may
+    come back the same (the kernel hands a just-closed port out again), and a process given one port twice for two
+    roles (Ray's GCS and its runtime-env agent, say) refuses to start."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def asks_for_config(name: str | None) -> TypeGuard[str]:

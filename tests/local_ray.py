@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tunefleet.launcher.launch import free_port
+from tunefleet.launcher.launch import free_ports
 from tunefleet.launcher.warm import process_lives
 
 HELPERS = str(Path(__file__).parent / "helpers")  # reward functions the tests' runs import on every node
@@ -43,7 +43,8 @@ class LocalRayHead:
         """`ray`: the `ray` command to start it with (default: this environment's); `env`: its processes' environment
         (default: this process's)."""
         self.temp_dir = tempfile.mkdtemp(prefix="tfray", dir="/tmp")  # short: unix socket paths are limited
-        self.port, self.dashboard_port = free_port(), free_port()
+        # all of this head's ports at once, so no two of them are the same
+        self.port, self.dashboard_port, *self.agent_ports = free_ports(6)
         self.num_cpus = num_cpus
         self.ray = ray or str(Path(sys.executable).parent / "ray")
         self.env = env
@@ -74,13 +75,13 @@ class LocalRayHead:
                 # the job agent's ports: Ray's fixed defaults (52365, ...) may be another Ray's on this machine, and
                 # an agent that cannot bind leaves the head with "No available agent to submit job"
                 "--dashboard-agent-listen-port",
-                str(free_port()),
+                str(self.agent_ports[0]),
                 "--dashboard-agent-grpc-port",
-                str(free_port()),
+                str(self.agent_ports[1]),
                 "--runtime-env-agent-port",
-                str(free_port()),
+                str(self.agent_ports[2]),
                 "--metrics-export-port",
-                str(free_port()),
+                str(self.agent_ports[3]),
             ],
             capture_output=True,
             text=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 # ---------------------------------------------------------------- set by a launcher for a run's processes
@@ -21,6 +22,7 @@ START_KIND_ENV = "TUNEFLEET_START"  # "warm" or "cold" (run.json: start)
 WARM_SOCKET_ENV = "TUNEFLEET_WARM_SOCKET"  # the warm process a run (or a rank) is forked from
 LOCK_TOKEN_ENV = "TUNEFLEET_LOCK_TOKEN"  # the run folder's lock, held for the run by its launcher
 SEARCH_GATE_ENV = "TUNEFLEET_SEARCH_GATE"  # a search trial's gate file: the step its run may go on past
+GANG_ENV = "TUNEFLEET_GANG"  # JSON: a multi-node run's seat on this node (GangSeat)
 
 # ---------------------------------------------------------------- set by the user
 WARM_SWITCH_ENV = "TUNEFLEET_WARM_START"  # "0": every run starts cold
@@ -33,6 +35,8 @@ PROGRESS_FILE = "progress.json"  # step and loss while it trains (written by the
 LAUNCH_FILE = "launch.json"  # every launch of the run: host, node, command, placement (written by the launcher)
 TRAIN_LOG = "train.log"  # the run's output, every attempt appended (written by the launcher)
 RUN_CONFIG = "config.yaml"  # the config the run's processes read (written by the launcher)
+GANG_FOLDER = "gang"  # a multi-node run's nodes: gang/<id>-node<M>.json once its launcher reached the head (launcher)
+GANG_FILE = "gang.json"  # the gang that met: its id, world size and nodes (by the run's rank 0, once all joined)
 
 # ---------------------------------------------------------------- a sweep folder's files
 SWEEP_RECORD = "sweep.json"  # the sweep's runs and where each stands (launcher.sweep_record)
@@ -58,3 +62,26 @@ def started_at() -> float | None:
         return float(stamp) if stamp else None
     except ValueError:
         return None
+
+
+@dataclass(frozen=True)
+class GangSeat:
+    """One node's place in a multi-node run, as its launcher starts the node's processes: accelerate launch's
+    machine rank, and the head (rank 0's node) every rank meets at."""
+
+    gang_id: str  # this attempt of the gang (the nodes' arrival files carry it)
+    machine_rank: int
+    num_machines: int
+    head: str  # rank 0's node address
+    port: int  # the rendezvous port on the head
+    node_id: str | None = None  # the Ray node, or the SLURM host, this seat is on
+    host: str | None = None
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def gang_seat() -> GangSeat | None:
+    """This process's seat in a multi-node run, when its launcher gave it one."""
+    seat = json_from_env(GANG_ENV)
+    return GangSeat(**cast(dict[str, Any], seat)) if isinstance(seat, dict) else None

@@ -26,6 +26,7 @@ from tunefleet.launcher.backend import Chooser, Ran, SweepOptions
 from tunefleet.launcher.dag import Dag
 from tunefleet.launcher.dry_run import plan_text
 from tunefleet.launcher.execute import run_one, stopping, terminate_children
+from tunefleet.launcher.gang import RayGang, check_gang_fits
 from tunefleet.launcher.placement import Allocator
 from tunefleet.launcher.progress import SweepView
 from tunefleet.launcher.ray_session import ray_for_runs
@@ -35,6 +36,12 @@ from tunefleet.launcher.sweep import Resources, SweepSpec
 if TYPE_CHECKING:
     from tunefleet.launcher.plan_check import PlanNeeds
     from tunefleet.launcher.tune_search import TrialSetup
+
+
+ONE_MACHINE = (
+    "num_nodes > 1 spans several machines, which the local backend (this one) cannot give a run: use --backend ray "
+    "(a Ray cluster: --address) or --backend slurm; on this machine, use num_processes instead"
+)
 
 
 class Retries:
@@ -72,6 +79,8 @@ def gpu_ids() -> list[str]:
 
 def check_local_resources(runs: list[RunPlan], allocator: Allocator) -> None:
     for run in runs:
+        if run.config.num_nodes > 1:
+            raise TunefleetError(f"run {run.name}: {ONE_MACHINE}")
         if not allocator.can_ever_fit(run.placement.gpus):
             raise TunefleetError(
                 f"run {run.name} needs {run.placement.gpus:g} GPU(s) but this machine has {len(allocator.free)}; "
@@ -256,6 +265,9 @@ def run_ray(
 
     with ray_for_runs(address):
         check_ray_resources(runs, resources, ray.nodes())
+        for plan in runs:
+            if plan.config.num_nodes > 1:
+                check_gang_fits(plan, ray.nodes())
         # One task per run on the share of a GPU and the CPUs it asks for; Ray queues what does not fit. A task whose
         # worker or node dies is re-executed by Ray (max_retries) and the run resumes from its checkpoint.
         remote_run = ray.remote(run_on_ray_node)
@@ -266,9 +278,14 @@ def run_ray(
         nodes = NodeWatch(ray.nodes())
         schedule = Schedule(runs, view, chooser)
 
+        gangs: dict[str, RayGang] = {}  # multi-node runs: each a placement group of its nodes
+
         def submit(plan: RunPlan):
             by_name[plan.name] = plan
             tries.started(plan.name)
+            if plan.config.num_nodes > 1:
+                gangs[plan.name] = RayGang(plan)
+                return
             where = plan.placement
             task = remote_run.options(
                 num_cpus=where.cpus,
@@ -281,14 +298,24 @@ def run_ray(
             inflight[task.remote(plan)] = plan.name
 
         running = set()
+
+        def ended(name: str, outcome: RunOutcome) -> None:
+            again = tries.again(by_name[name], outcome)
+            if again:
+                view.set(name, RunStatus.QUEUED, again[1])
+                submit(again[0])
+                return
+            schedule.settle(outcome)
+
         try:
-            while inflight or (schedule.waiting and not stopping.is_set()):
+            while inflight or gangs or (schedule.waiting and not stopping.is_set()):
                 for plan in schedule.ready():
                     submit(plan)
-                if not inflight:
-                    time.sleep(0.2)
-                    continue
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if inflight:
+                    done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if not gangs else 0.5)
+                else:
+                    done = []
+                    time.sleep(0.5 if gangs else 0.2)
                 _mark_running(by_name, inflight, running, view)
                 nodes.check(ray.nodes(), view)
                 for ref in done:
@@ -299,16 +326,18 @@ def run_ray(
                     except RayError as exc:
                         log = join(by_name[name].output_dir, TRAIN_LOG)
                         outcome = RunOutcome(name, RunStatus.FAILED, log, error=first_line(exc))
-                    again = tries.again(by_name[name], outcome)
-                    if again:
-                        view.set(name, RunStatus.QUEUED, again[1])
-                        submit(again[0])
-                        continue
-                    schedule.settle(outcome)
+                    ended(name, outcome)
+                for name, gang in list(gangs.items()):
+                    outcome = gang.poll(view)
+                    if outcome is not None:
+                        del gangs[name]
+                        ended(name, outcome)
                 view.refresh()
         except KeyboardInterrupt:
             for ref in inflight:
                 ray.cancel(ref, force=True)  # kills the worker; its training child gets SIGTERM (PDEATHSIG)
+            for gang in gangs.values():
+                gang.end()
             raise
         return schedule.in_order(runs), nodes.lost
 
@@ -363,6 +392,11 @@ class LocalBackend:
         warm.prestart()  # the runs' warm process imports while the data is checked
 
     def check_plan(self, needs: PlanNeeds) -> None:
+        if needs.num_nodes > 1:
+            raise TunefleetError(ONE_MACHINE)
+        self.check_driver(needs)
+
+    def check_driver(self, needs: PlanNeeds) -> None:
         plan_check.refuse(plan_check.check_here(needs), f"this machine ({socket.gethostname()}, the sweep's driver)")
 
     def run(self, spec: SweepSpec, runs: list[RunPlan], chooser: Chooser | None) -> Ran:
@@ -389,7 +423,8 @@ class RayBackend(LocalBackend):
             warm.prestart()  # a local Ray's workers fork the runs from it
 
     def check_plan(self, needs: PlanNeeds) -> None:
-        super().check_plan(needs)  # the driver: it evaluates, and writes the runs folder
+        plan_check.leave_probe(needs)  # a multi-node run's folder: every node must read what the driver wrote
+        self.check_driver(needs)  # the driver: it evaluates, and writes the runs folder
         if self.on_cluster:  # every node (a local Ray's workers are this very Python)
             with ray_for_runs(self.options.address):  # the connection stays for the runs
                 plan_check.check_ray_nodes(needs)

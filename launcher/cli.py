@@ -58,6 +58,11 @@ def train_held(cfg: TrainConfig, argv: list[str]) -> int:
     """`tunefleet train` once the run folder is this process's to write: in this process, or its ranks launched."""
     from tunefleet.launcher.launch import plan_launch
 
+    if cfg.num_nodes > 1:
+        raise TunefleetError(
+            f"--num_nodes {cfg.num_nodes}: tunefleet train runs on this machine; a run over several nodes is a sweep "
+            "on a cluster: tunefleet sweep SPEC --backend ray (or slurm) with num_nodes in the spec"
+        )
     choice, env = plan_launch(cfg)
     if choice.config is None:
         from tunefleet.trainers.train import run_to_exit

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from tunefleet.common import schema
 from tunefleet.common.contract import (
+    GANG_ENV,
+    GANG_FOLDER,
     LAUNCH_FILE,
     LOCK_TOKEN_ENV,
     NODE_ID_ENV,
@@ -29,7 +31,9 @@ from tunefleet.common.contract import (
     RUN_CONFIG,
     RUN_RECORD,
     TRAIN_LOG,
+    GangSeat,
 )
+from tunefleet.common.errors import first_line
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.runlock import Held, RunLock
 from tunefleet.common.status import RunStatus
@@ -83,23 +87,31 @@ def summarize(output_dir: str | Path) -> RunSummary:
         max_steps=progress.get("max_steps"),
         final_loss=losses[-1] if losses else progress.get("loss"),
         memory_steps=recovery.describe_steps(record),
+        nodes=record.get("nodes") or [],
     )
 
 
-def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
+def absolute(plan: RunPlan) -> RunPlan:
+    """The plan with its folder (and a parent run's folder, its base) as absolute paths, wherever it starts."""
+    out = plan.output_dir if is_uri(plan.output_dir) else str(Path(plan.output_dir).resolve())
+    model = plan.config.model_name
+    if plan.parent and not is_uri(model):
+        model = str(Path(model).resolve())
+    return dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=out, model_name=model))
+
+
+def run_one(plan: RunPlan, env_extra: dict | None = None, seat: GangSeat | None = None) -> RunOutcome:
     """Train one run to completion in a child process; returns its outcome (never raises for a failed run).
 
     `env_extra`: what the backend gives this run (CUDA_VISIBLE_DEVICES of its GPU share, TUNEFLEET_NODE_ID of
     the Ray node it runs on, ...). A run kept in a store (`s3://...`) is launched from node-local scratch (its
-    config.yaml and log), which goes once the log is appended to the store's train.log.
+    config.yaml and log), which goes once the log is appended to the store's train.log. `seat`: machine rank 0
+    of a multi-node run (its other nodes run `run_node`): this node holds the run's folder and its records.
     """
     if plan.lineage is not None and plan.lineage.waits_for_choice:
         raise ValueError(f"{plan.name} starts from the best run of stage {plan.lineage.parent_stage}, not chosen yet")
-    out = plan.output_dir if is_uri(plan.output_dir) else str(Path(plan.output_dir).resolve())
-    model = plan.config.model_name
-    if plan.parent and not is_uri(model):  # the parent run folder, wherever the run's process starts
-        model = str(Path(model).resolve())
-    plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=out, model_name=model))
+    plan = absolute(plan)
+    out = plan.output_dir
     store = Store(out)
     here = scratch_dir(out, "launch") if store.remote else Path(out)  # config.yaml and train.log while it runs
     log, host, t0 = here / TRAIN_LOG, socket.gethostname(), time.time()
@@ -136,7 +148,7 @@ def run_one(plan: RunPlan, env_extra: dict | None = None) -> RunOutcome:
         with open(log, "a") as log_file:
             log_file.writelines(f"\n=== {note}\n" for note in lock.notes)
     try:
-        return run_locked(plan, lock, env_extra, store, out, here, log, host, node_id, t0, outcome)
+        return run_locked(plan, lock, env_extra, store, out, here, log, host, node_id, t0, outcome, seat)
     finally:
         lock.release()
 
@@ -171,6 +183,7 @@ def run_locked(
     node_id,
     t0: float,
     outcome,
+    seat: GangSeat | None = None,
 ) -> RunOutcome:
     """run_one's work once the run's folder is this process's to write."""
     if summarize(out).status is RunStatus.FINISHED:
@@ -194,7 +207,7 @@ def run_locked(
     def launch(cfg: TrainConfig) -> tuple[int, bool]:
         launched = dataclasses.replace(plan, config=cfg)
         rc, last["error"], last["out_of_memory"] = launch_once(
-            launched, choice.config, env, store, here, host, node_id, lock
+            launched, choice.config, env, store, here, host, node_id, lock, seat
         )
         return rc, last["out_of_memory"]
 
@@ -203,11 +216,12 @@ def run_locked(
             log_file.write(f"\n=== {line}\n")
 
     # one process recovers itself (trainers/train.py); a run of several, or sharing a GPU, is relaunched smaller
+    # (not a multi-node run: its other nodes would not follow; it goes up to the backend, which retries the gang)
     rc = recovery.relaunch_smaller(
         plan.config,
         launch,
         say,
-        lambda cfg: cfg.num_processes > 1 and not plan.placement.shared and not stopping.is_set(),
+        lambda cfg: cfg.num_processes > 1 and seat is None and not plan.placement.shared and not stopping.is_set(),
     )
     error, out_of_memory = last["error"], last["out_of_memory"]
     if store.remote:  # this attempt's log joins the earlier ones in the store; the scratch goes
@@ -230,16 +244,22 @@ def launch_once(
     host: str,
     node_id: str | None,
     lock: RunLock | None = None,
+    seat: GangSeat | None = None,
+    log_name: str = TRAIN_LOG,
 ) -> tuple[int, str, bool]:
-    """One launch of the run's processes, its output appended to `here`/train.log: exit code, last error line,
-    and whether it ran out of memory (run.json or any line of this launch's output says so)."""
+    """One launch of the run's processes, its output appended to `here`/train.log (a multi-node run's other nodes:
+    `log_name`): exit code, last error line, and whether it ran out of memory (run.json or any line of this launch's
+    output says so)."""
     cfg_path = write_run_config(plan, here)
-    if store.remote:
+    if store.remote and (seat is None or seat.machine_rank == 0):
         store.upload(cfg_path, RUN_CONFIG)
-    cmd = launch_command(["--config", str(cfg_path)], plan.config.num_processes, free_port(), accelerate_config)
-    if plan.config.num_processes > 1:  # the ranks ask this warm process to fork them (warm.rank)
+    world = plan.config.world_size
+    cmd = launch_command(["--config", str(cfg_path)], world, free_port(), accelerate_config, seat=seat)
+    if world > 1:  # the ranks ask this warm process to fork them (warm.rank)
         env = warm.with_advertised(env)
-    log = here / TRAIN_LOG
+    if seat is not None:
+        env = {**env, GANG_ENV: seat.to_env()}
+    log = here / log_name
     with open(log, "a") as log_file:
         log_file.write(f"\n=== {utc_now()} on {host}: {' '.join(cmd)}\n")
         log_file.flush()
@@ -247,19 +267,23 @@ def launch_once(
         # Forked from a warm process that has the training stack imported (one process of two or more: cold).
         proc = warm.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         _children.add(proc)
+        if seat is not None:  # say when this node's launcher reaches the head (who did not come, if they never meet)
+            threading.Thread(target=report_reaching_head, args=(seat, store, proc), daemon=True).start()
         if lock is not None:
             lock.add_pid(proc.pid)  # the lock stays live while the training does, even if this process is killed
-        record_launch(
-            store,
-            {
-                "pid": proc.pid,
-                "host": host,
-                "node_id": node_id,
-                "command": cmd,
-                "started_at": utc_now(),
-                "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
-            },
-        )
+        if seat is None or seat.machine_rank == 0:
+            record_launch(
+                store,
+                {
+                    "pid": proc.pid,
+                    "host": host,
+                    "node_id": node_id,
+                    "command": cmd,
+                    "started_at": utc_now(),
+                    "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
+                    **({"gang": {"id": seat.gang_id, "head": f"{seat.head}:{seat.port}"}} if seat else {}),
+                },
+            )
         try:
             rc = proc.wait()
         finally:
@@ -271,6 +295,65 @@ def launch_once(
     ran_out = recovery.launch_ran_out_of_memory(store)  # also consumes the ranks' markers
     out_of_memory = rc != 0 and (ran_out or any(sign in output for sign in recovery.OUT_OF_MEMORY))
     return rc, error, out_of_memory
+
+
+def run_node(plan: RunPlan, seat: GangSeat, env_extra: dict | None = None) -> RunOutcome:
+    """A node of a multi-node run other than rank 0's: start this node's processes (machine rank `seat`), which join
+    the gang at the head. Rank 0's node (run_one) holds the run's folder and writes its records; this node's output
+    goes to `train.node<I>.log` beside train.log."""
+    plan = absolute(plan)
+    out, host = plan.output_dir, socket.gethostname()
+    store = Store(out)
+    # config.yaml (the same as rank 0's node writes) and the log: in the run's folder, or node-local scratch for a
+    # run in a store (the log appended to the store's copy at the end)
+    here = scratch_dir(out, f"node{seat.machine_rank}") if store.remote else Path(out)
+    here.mkdir(parents=True, exist_ok=True)
+    log_name, node_id = node_log(seat.machine_rank), (env_extra or {}).get(NODE_ID_ENV)
+    env_extra = {**(env_extra or {}), PLACEMENT_ENV: json.dumps(plan.placement.record())}
+    t0 = time.time()
+    try:
+        choice, env = plan_launch(plan.config, env_extra)
+        plan = dataclasses.replace(
+            plan, config=dataclasses.replace(plan.config, accelerate_config=choice.config or "auto")
+        )
+        rc, error, out_of_memory = launch_once(
+            plan, choice.config, env, store, here, host, node_id, None, seat, log_name
+        )
+    except Exception as exc:  # this node could not even start its processes: the gang ends
+        rc, error, out_of_memory = 1, f"{type(exc).__name__}: {first_line(exc)}", False
+    if store.remote and (here / log_name).exists():
+        store.write_bytes(log_name, (store.read_bytes(log_name) or b"") + (here / log_name).read_bytes())
+        shutil.rmtree(here, ignore_errors=True)
+    return RunOutcome(
+        plan.name,
+        RunStatus.FINISHED if rc == 0 else RunStatus.FAILED,
+        join(out, log_name),
+        host=host,
+        node_id=node_id,
+        returncode=rc,
+        wall_s=round(time.time() - t0, 2),
+        error=None if rc == 0 else f"node {seat.machine_rank} ({host}): {error}",
+        out_of_memory=out_of_memory,
+    )
+
+
+def report_reaching_head(seat: GangSeat, store: Store, proc) -> None:
+    """Once the head's rendezvous port answers from this node (while this node's launch runs), write
+    gang/<id>-node<M>.json: the backend names the nodes that never did when the gang does not meet in time."""
+    while proc.poll() is None:
+        try:
+            socket.create_connection((seat.head, seat.port), timeout=2).close()
+        except OSError:
+            time.sleep(0.5)
+            continue
+        arrival = {"machine_rank": seat.machine_rank, "host": socket.gethostname(), "reached_at": utc_now()}
+        store.write_json(f"{GANG_FOLDER}/{seat.gang_id}-node{seat.machine_rank}.json", arrival, durable=False)
+        return
+
+
+def node_log(machine_rank: int) -> str:
+    """The log of a multi-node run's node (rank 0's node writes train.log)."""
+    return TRAIN_LOG if machine_rank == 0 else f"train.node{machine_rank}.log"
 
 
 def record_launch(store: Store, launch: dict) -> None:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard
 
-from tunefleet.common.contract import LAUNCH_ENV
+from tunefleet.common.contract import LAUNCH_ENV, GangSeat
 from tunefleet.common.errors import TunefleetError
 
 if TYPE_CHECKING:
@@ -203,8 +203,10 @@ def launch_command(
     port: int | str | None = None,  # a number, or a placeholder in a printed plan
     accelerate_config: str | None = "auto",
     python: str = sys.executable,
+    seat: GangSeat | None = None,
 ) -> list[str]:
-    """The command that runs one training run (pure: no I/O)."""
+    """The command that runs one training run (pure: no I/O). `num_processes`: the whole world; `seat`: this node's
+    place in a multi-node run (its machine rank and the head every node meets at, torch's static rendezvous)."""
     if num_processes == 1 and accelerate_config_path(accelerate_config) is None:
         return [python, "-m", "tunefleet.trainers.train", *train_argv]
     cmd = [python, "-m", "accelerate.commands.launch"]
@@ -213,13 +215,24 @@ def launch_command(
     ds = deepspeed_file(accelerate_config)
     if ds:  # absolute, so the launch works from any working directory
         cmd += ["--deepspeed_config_file", str(ds)]
+    machines = ["--num_machines", "1"]
+    if seat is not None:
+        machines = [
+            "--num_machines",
+            str(seat.num_machines),
+            "--machine_rank",
+            str(seat.machine_rank),
+            "--main_process_ip",
+            seat.head,
+        ]
+        if ds:  # torchrun on each node, as for DDP (not DeepSpeed's pdsh launcher, which wants ssh to every node)
+            machines += ["--deepspeed_multinode_launcher", "standard"]
     cmd += [
         "--num_processes",
         str(num_processes),
-        "--num_machines",
-        "1",
+        *machines,
         "--main_process_port",
-        str(port or 29500),
+        str(seat.port if seat else port or 29500),
         "-m",
         "tunefleet.launcher.warm",  # each rank forked warm (launcher/warm.py: rank), or started cold when it cannot be
         "--rank",
@@ -234,7 +247,8 @@ def plan_launch(cfg: TrainConfig, env_extra: dict | None = None) -> tuple[Launch
     `env_extra` is what a backend gives this run (CUDA_VISIBLE_DEVICES of its slot, say).
     """
     base = {**os.environ, **(env_extra or {})}
-    if cfg.num_processes == 1 and not asks_for_config(cfg.accelerate_config):
+    world, here = cfg.world_size, cfg.node_processes
+    if world == 1 and not asks_for_config(cfg.accelerate_config):
         # Nothing to choose or check, and torch is not imported here: the process that launches the run (a Ray
         # worker, a SLURM task) would spend seconds on it before the run's own, warm, process starts.
         return with_launch_record(choose_config("auto", 1, None, 0, None), launch_env(base, 1, False), 1)
@@ -246,18 +260,18 @@ def plan_launch(cfg: TrainConfig, env_extra: dict | None = None) -> tuple[Launch
     devices = torch.cuda.device_count() if has_gpu else (os.cpu_count() or 1)
     if has_gpu and base.get("CUDA_VISIBLE_DEVICES"):
         devices = min(devices, len(base["CUDA_VISIBLE_DEVICES"].split(",")))
-    if cfg.num_processes > devices:
+    if here > devices:
         what = "GPU(s) are visible" if has_gpu else "CPU cores exist (no GPU)"
+        flag = "--processes_per_node" if cfg.num_nodes > 1 else "--num_processes"
         raise TunefleetError(
-            f"--num_processes {cfg.num_processes} but only {devices} {what}; lower --num_processes"
+            f"{flag} {here} but only {devices} {what} on {socket.gethostname()}; lower {flag}"
             + (" or set CUDA_VISIBLE_DEVICES" if has_gpu else "")
         )
     dtype = compute_dtype(cfg.bf16)
     mem = torch.cuda.get_device_properties(0).total_memory if has_gpu else None
-    n_params = count_params(cfg.model_name, cfg.trust_remote_code) if cfg.num_processes > 1 else None
-    choice = choose_config(
-        cfg.accelerate_config, cfg.num_processes, n_params, dtype.itemsize, mem, full=cfg.finetune == "full"
-    )
+    # the model's size decides only between DDP and ZeRO-3 on GPUs: on CPU, not worth building it (seconds)
+    n_params = count_params(cfg.model_name, cfg.trust_remote_code) if world > 1 and has_gpu else None
+    choice = choose_config(cfg.accelerate_config, world, n_params, dtype.itemsize, mem, full=cfg.finetune == "full")
     if choice.config is not None:
         path = accelerate_config_path(choice.config)
         if path is None or not path.exists():
@@ -268,13 +282,17 @@ def plan_launch(cfg: TrainConfig, env_extra: dict | None = None) -> tuple[Launch
             problems = check_deepspeed(json.loads(ds.read_text()), cfg, dtype.itemsize == 2)
             if problems:
                 raise TunefleetError(f"{ds.name}: " + "; ".join(problems))
-    env = launch_env(base, cfg.num_processes, has_gpu, deepspeed=deepspeed_file(choice.config) is not None)
-    return with_launch_record(choice, env, cfg.num_processes)
+    env = launch_env(base, world, has_gpu, deepspeed=deepspeed_file(choice.config) is not None)
+    return with_launch_record(choice, env, world, cfg.num_nodes)
 
 
-def with_launch_record(choice: LaunchChoice, env: dict, num_processes: int) -> tuple[LaunchChoice, dict]:
+def with_launch_record(
+    choice: LaunchChoice, env: dict, num_processes: int, num_nodes: int = 1
+) -> tuple[LaunchChoice, dict]:
     """The choice, and `env` telling the run's processes what was chosen and why (run.json: launch)."""
     record = {"accelerate_config": choice.config, "reason": choice.reason, "num_processes": num_processes}
+    if num_nodes > 1:
+        record["num_nodes"] = num_nodes
     return choice, {**env, LAUNCH_ENV: json.dumps(record)}
 
 

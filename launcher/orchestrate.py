@@ -24,7 +24,7 @@ from tunefleet.launcher import plan_check
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.backend import Backend, Ran, SweepOptions
 from tunefleet.launcher.records import RunOutcome, RunPlan
-from tunefleet.launcher.sweep_record import RunEntry, SweepRecord
+from tunefleet.launcher.sweep_record import OUTCOME_FIELDS, RunEntry, SweepRecord
 
 BACKENDS = ("local", "ray", "slurm")  # as `--backend` spells them
 
@@ -111,7 +111,7 @@ def record_outcomes(record: SweepRecord, runs: list[RunPlan], ran: Ran, chosen: 
         entry = record.runs[run.name]
         entry.placement = run.placement.record()
         entry.attempts = [
-            {k: a.get(k) for k in ("host", "node_id", "started_at", "pid")}
+            {k: a[k] for k in ("host", "node_id", "started_at", "pid", "gang") if k in a}
             for a in launches
             if a.get("started_at", "") >= record.started_at
         ]
@@ -124,10 +124,8 @@ def record_outcomes(record: SweepRecord, runs: list[RunPlan], ran: Ran, chosen: 
 
 
 def outcome_fields(outcome: RunOutcome) -> dict[str, Any]:
-    return {
-        k: getattr(outcome, k)
-        for k in ("steps", "final_loss", "wall_s", "log", "error", "host", "node_id", "memory_steps")
-    }
+    fields = {k: getattr(outcome, k) for k in OUTCOME_FIELDS if k != "nodes"}
+    return fields | ({"nodes": outcome.nodes} if outcome.nodes else {})  # a multi-node run: each node and its ranks
 
 
 def run_search_spec(spec: sweeps.SweepSpec, backend: Backend, options: SweepOptions) -> int:

@@ -22,7 +22,9 @@ import logging
 import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunefleet.common.contract import RUN_RECORD
@@ -49,9 +51,12 @@ class PlanNeeds:
     include_path: str | None = None  # the user's own task YAMLs
     reward_models: tuple[str, ...] = ()  # folders, URIs or hub ids the evaluation loads (not runs of this sweep)
     optuna: bool = False  # a search with `searcher: optuna`
+    num_nodes: int = 1  # the most nodes one run spans
+    shared_folder: str | None = None  # a multi-node run's sweep: the runs folder every node must see ...
+    probe: str | None = None  # ... where the driver left PROBE_FILE holding this token
 
     def __bool__(self) -> bool:
-        return bool(self.store or self.tasks or self.reward_models or self.optuna)
+        return bool(self.store or self.tasks or self.reward_models or self.optuna or self.num_nodes > 1)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -65,6 +70,9 @@ class PlanNeeds:
             include_path=data.get("include_path"),
             reward_models=tuple(data.get("reward_models") or ()),
             optuna=bool(data.get("optuna")),
+            num_nodes=int(data.get("num_nodes") or 1),
+            shared_folder=data.get("shared_folder"),
+            probe=data.get("probe"),
         )
 
 
@@ -90,13 +98,51 @@ def plan_needs(spec: SweepSpec, runs: list[RunPlan], evaluate: bool) -> PlanNeed
     # a name the evaluator finds under runs_dir (an rm run of an earlier sweep there) is that folder
     reward_models = [earlier_run(spec.runs_dir, name) or name for name in reward_models]
     tasks = tuple(dict.fromkeys(task for s in settings for task in s.benchmark_tasks()))
+    num_nodes = max((run.config.num_nodes for run in runs), default=1)
     return PlanNeeds(
         store=spec.runs_dir.split("://", 1)[0] if is_uri(spec.runs_dir) else None,
         tasks=tasks,
         include_path=next((s.include_path for s in settings if s.tasks and s.include_path), None),
         reward_models=tuple(dict.fromkeys(reward_models)),
         optuna=any(search.searcher == "optuna" for search in searches),
+        num_nodes=num_nodes,
+        shared_folder=(spec.runs_dir if is_uri(spec.runs_dir) else str(Path(spec.runs_dir).resolve()))
+        if num_nodes > 1
+        else None,
+        probe=uuid.uuid4().hex if num_nodes > 1 else None,
     )
+
+
+PROBE_FILE = ".tunefleet-shared-check"  # what the driver leaves in a multi-node sweep's runs folder for the nodes
+
+
+def leave_probe(needs: PlanNeeds) -> None:
+    """Write the token every node must then read from the runs folder (a multi-node sweep's only)."""
+    from tunefleet.common.storage import Store
+
+    if needs.shared_folder and needs.probe:
+        Store(needs.shared_folder).write_bytes(PROBE_FILE, needs.probe.encode())
+
+
+def shared_folder_problems(needs: PlanNeeds) -> list[str]:
+    """A runs folder this node does not share with the driver: one line."""
+    from tunefleet.common.storage import Store
+
+    if not (needs.shared_folder and needs.probe):
+        return []
+    try:
+        seen = Store(needs.shared_folder).read_bytes(PROBE_FILE)
+    except Exception as exc:  # a store this node cannot reach (credentials, endpoint)
+        seen, why = None, first_line(exc)
+    else:
+        why = "it is not there" if seen is None else "it holds another sweep's check"
+    if seen == needs.probe.encode():
+        return []
+    return [
+        f"runs_dir {needs.shared_folder} is not the folder the sweep's driver wrote ({PROBE_FILE}: {why}): a run over "
+        f"{needs.num_nodes} nodes reads and writes one folder from all of them: put runs_dir on a filesystem every "
+        "node mounts (NFS, Lustre, ...) or in a bucket (s3://..., gs://...)"
+    ]
 
 
 def earlier_run(runs_dir: str, name: str) -> str | None:
@@ -114,6 +160,7 @@ def check_here(needs: PlanNeeds) -> list[str]:
     problems = []
     if needs.store:
         problems += store_driver_problems(needs.store)
+    problems += shared_folder_problems(needs)
     if needs.tasks and importlib.util.find_spec("lm_eval") is None:
         problems.append(
             f"eval.tasks ({', '.join(needs.tasks)}) run through lm-evaluation-harness, which is not installed: "
@@ -197,12 +244,21 @@ def check_ray_nodes(needs: PlanNeeds) -> None:
             found = [f"the check did not answer within {RAY_CHECK_TIMEOUT_S} s"]
         except RayError as exc:  # tunefleet missing on the node, or its import failed there
             found = [f"the check could not run there ({first_line(exc)}): install tunefleet on every node"]
-        where = f"Ray node {node.get('NodeManagerAddress')}" + (f" (host {host})" if host else "")
-        problems += [f"the plan cannot run on {where}: {problem}" for problem in found]
+        named = (
+            [f"name {node['NodeName']}"] if node.get("NodeName") not in (None, node.get("NodeManagerAddress")) else []
+        )
+        about = ", ".join([*named, *([f"host {host}"] if host else [])])
+        where = f"Ray node {node.get('NodeManagerAddress')}" + (f" ({about})" if about else "")
+        problems += [(f"the plan cannot run on {where}: {problem}", problem) for problem in found]
     if problems:
+        missing_extras = any(not problem.startswith("runs_dir ") for _, problem in problems)
         raise TunefleetError(
-            "\n".join(problems)
-            + "\ninstall the extras on every node (the cluster's setup_commands: see cluster_configs/README.md)"
+            "\n".join(line for line, _ in problems)
+            + (
+                "\ninstall the extras on every node (the cluster's setup_commands: see cluster_configs/README.md)"
+                if missing_extras
+                else ""
+            )
         )
 
 

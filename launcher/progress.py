@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from tunefleet.common.contract import PROGRESS_FILE
 from tunefleet.common.jsonfile import utc_now
@@ -116,7 +117,21 @@ def final_table(outcomes: list[RunOutcome]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     for o in outcomes:
+        if o.nodes:
+            lines.append(f"nodes {o.name}: {nodes_text(o.nodes)}")
         lines += [f"memory {o.name}: {step}" for step in o.memory_steps]
         if not o.ok and o.error:
             lines.append(f"{o.status} {o.name}: {o.error}")
     return "\n".join(lines)
+
+
+def nodes_text(nodes: list[dict[str, Any]]) -> str:
+    """A multi-node run's nodes in one line: `node0 (ranks 0-1), node1 (ranks 2-3)` (pure)."""
+
+    def ranks(r: list[int]) -> str:
+        return f"rank {r[0]}" if len(r) == 1 else f"ranks {r[0]}-{r[-1]}"
+
+    return ", ".join(
+        f"{n.get('host') or n.get('node_id') or '?'} ({ranks(n['ranks']) if n.get('ranks') else 'machine ' + str(n.get('machine_rank'))})"
+        for n in nodes
+    )

@@ -85,6 +85,7 @@ class RunSummary:
     max_steps: int | None = None
     final_loss: float | None = None
     memory_steps: list[str] = field(default_factory=list[str])  # out-of-memory steps down, described
+    nodes: list[dict[str, Any]] = field(default_factory=lambda: list[dict[str, Any]]())  # a multi-node run's nodes
 
 
 @dataclass
@@ -105,6 +106,7 @@ class RunOutcome:
     out_of_memory: bool = False  # failed by running out of GPU (or CPU allocator) memory
     memory_steps: list[str] = field(default_factory=list[str])  # out-of-memory steps down it took
     elsewhere: str | None = None  # trained by another holder of its folder (another driver, a train by hand)
+    nodes: list[dict[str, Any]] = field(default_factory=lambda: list[dict[str, Any]]())  # a multi-node run's nodes
 
     @property
     def ok(self) -> bool:

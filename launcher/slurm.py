@@ -37,7 +37,7 @@ from tunefleet.common.storage import is_uri
 from tunefleet.launcher.backend import Ran, SweepOptions
 from tunefleet.launcher.execute import summarize
 from tunefleet.launcher.placement import slurm_groups
-from tunefleet.launcher.plan_check import PlanNeeds, check_in_slurm
+from tunefleet.launcher.plan_check import PlanNeeds, check_in_slurm, leave_probe
 from tunefleet.launcher.sweep_record import RunEntry, SweepRecord
 
 # Job states that mean "SLURM may still start or is running it": resubmitting then could run a run twice.
@@ -167,6 +167,80 @@ child=$!
 while :; do  # a trapped signal interrupts `wait`: keep waiting until the task has really exited
     wait "$child"; rc=$?
     kill -0 "$child" 2>/dev/null || break
+done
+{requeue_block}exit "$rc"
+"""
+
+
+def render_gang_script(
+    spec, runs, index: int, sweep_dir: str, python: str, retries: int = 1, after: str | None = None
+) -> str:
+    """The sbatch script of a run over several nodes (num_nodes > 1): a job of its own, not an array task (a task
+    cannot span nodes). One `srun` step starts one launcher per node (slurm_task.py --gang): machine rank = the
+    task's rank, head = the allocation's first node, rendezvous port from the job id. A failed node ends the step
+    (--kill-on-bad-exit); the step goes again up to `retries` times (resuming from the run's checkpoint); USR1 near
+    the time limit checkpoints and requeues the job, as for an array task (pure)."""
+    s, run = spec.slurm, runs[index]
+    n = run.config.num_nodes
+    slurm_dir = Path(sweep_dir) / "slurm"
+    gpus = math.ceil(run.placement.gpus - 1e-9) if run.placement.gpus > 0 else 0
+    if s.multinode == "nodes":
+        shape = [f"--nodes={n}", "--ntasks-per-node=1"]
+        step = f"--ntasks={n} --ntasks-per-node=1"
+    else:  # each task stands for a node, wherever SLURM puts it
+        shape, step = [f"--ntasks={n}"], f"--ntasks={n}"
+        gpus *= n
+    wait = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+    lines = [
+        f"--job-name=tf-{spec.name}-{run.name}",
+        *wait,
+        *shape,
+        *_resource_lines(spec, gpus, run.placement.cpus, run.placement.memory_gb),
+        f"--output={slurm_dir}/%j.log",
+        "--open-mode=append",
+    ]
+    if s.requeue:
+        lines += ["--requeue", f"--signal=B:USR1@{s.signal_seconds}"]
+    lines += [str(x).removeprefix("#SBATCH ") for x in s.extra]
+    header = "\n".join(f"#SBATCH {line}" for line in lines)
+    task = (
+        f"srun --kill-on-bad-exit=1 {step} {shlex.quote(python)} -m tunefleet.launcher.slurm_task "
+        f'{shlex.quote(str(slurm_dir / "runs.json"))} --gang {index} --head "$head" --port "$((port + attempt))" '
+        f'--attempt "${{SLURM_JOB_ID}}-${{SLURM_RESTART_COUNT:-0}}-$attempt"'
+    )
+    requeue_block = (
+        """if [ "$signalled" = USR1 ] && [ "$rc" -ne 0 ]; then
+    echo "=== $(date -Is) job $SLURM_JOB_ID signalled: checkpoint saved, requeueing to resume"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+"""
+        if s.requeue
+        else ""
+    )
+    return f"""#!/bin/bash
+# tunefleet sweep {spec.name}: run {run.name} over {n} nodes, one launcher per node (runs.json index {index}).
+# Written by `tunefleet sweep {spec.path or "<spec>"} --backend slurm`.
+{header}
+
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # machine rank 0: the rendezvous
+port=$((20000 + SLURM_JOB_ID % 20000))
+echo "=== $(date -Is) job $SLURM_JOB_ID: {run.name} on $SLURM_JOB_NODELIST, head $head:$port, restart ${{SLURM_RESTART_COUNT:-0}}"
+
+signalled=""
+relay() {{ signalled=$1; kill -s "$1" "$child" 2>/dev/null; }}
+trap 'relay USR1' USR1
+trap 'relay TERM' TERM
+rc=1
+for attempt in $(seq 0 {retries}); do  # a failed step (a node lost, a rendezvous not met) goes again, resuming
+    {task} &
+    child=$!
+    while :; do
+        wait "$child"; rc=$?
+        kill -0 "$child" 2>/dev/null || break
+    done
+    if [ "$rc" -eq 0 ] || [ -n "$signalled" ]; then break; fi
+    echo "=== $(date -Is) step ended with exit code $rc: attempt $((attempt + 1)) of {retries + 1}"
 done
 {requeue_block}exit "$rc"
 """
@@ -348,9 +422,11 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
         for r in runs
     ]
     groups = dependency_groups(runs, todo)
+    gangs = {key: [i for i in members if runs[i].config.num_nodes > 1] for key, members in groups.items()}
     arrays = {
-        key: [[members[j] for j in task] for task in slurm_groups([runs[i].placement for i in members])]
+        key: [[singles[j] for j in task] for task in slurm_groups([runs[i].placement for i in singles])]
         for key, members in groups.items()
+        if (singles := [i for i in members if runs[i].config.num_nodes == 1])
     }
     scripts = {
         key: render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries, key)
@@ -364,6 +440,10 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
         )
         for key, script in scripts.items():
             print(f"# ---- {slurm_dir / script_name(key)} ({waits_for(key, runs)})\n{script}")
+        for key, members in gangs.items():
+            for i in members:
+                script = render_gang_script(spec, runs, i, str(sweep_dir), python, a.retries)
+                print(f"# ---- {slurm_dir / gang_script_name(runs[i].name)} ({waits_for(key, runs)})\n{script}")
         if a.evaluate:
             print(
                 f"# ---- {slurm_dir / 'eval.sbatch'}\n"
@@ -373,8 +453,13 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
 
     if needs:
         # inside an allocation like the jobs' (their partition, account, QoS and Python), before any array exists
+        leave_probe(needs)  # a multi-node run's folder: the allocation must read what the driver wrote
         check_in_slurm(needs, site_lines(spec), python, spec.name)
     slurm_dir.mkdir(parents=True, exist_ok=True)
+    for i in (i for members in gangs.values() for i in members):  # more nodes than the cluster has: said now
+        script = slurm_dir / gang_script_name(runs[i].name)
+        script.write_text(render_gang_script(spec, runs, i, str(sweep_dir), python, a.retries))
+        sbatch_test(script, runs[i])
     stages = {
         stage.name: {"from": stage.parent, "best": stage.best, "eval": schema.to_dict(stage.eval)}
         for stage in spec.stages
@@ -387,6 +472,7 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
             "runs": [r.to_json() for r in absolute],
             "tasks": arrays.get(MAIN, []),
             "groups": arrays,
+            "gangs": [i for members in gangs.values() for i in members],
             "stages": stages,
         },
     )
@@ -409,6 +495,7 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
             "job_ids": [],
             "array_job_id": None,
             "arrays": {},
+            "gangs": {},
             "choice_job_ids": {},
             "eval_job_id": None,
             "script": None,
@@ -419,27 +506,44 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
     assert jobs is not None
     job_of: dict[str, str] = {}  # run name -> its array task, "ARRAY_TASK"
     array_of_stage: dict[str, list[str]] = {}
-    for key, tasks in arrays.items():
+    for key in groups:
         after = dependency_of(key, runs, job_of, array_of_stage, spec, str(sweep_dir), python, slurm_dir, record)
-        script = slurm_dir / script_name(key)
-        script.write_text(render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries, key, after))
-        array_id = sbatch(script)
-        jobs["job_ids"].append(array_id)
-        jobs["arrays"][key] = array_id
-        if key == MAIN:
-            jobs.update(array_job_id=array_id, script=str(script))
-        for t, task in enumerate(tasks):
-            for i in task:
-                job_of[runs[i].name] = f"{array_id}_{t}"
-                record.runs[runs[i].name].slurm = {"slurm_task": t, "slurm_job": f"{array_id}_{t}", "slurm_array": key}
-                if runs[i].lineage:
-                    array_of_stage.setdefault(runs[i].lineage.stage, []).append(array_id)
-        record.write(str(sweep_dir))  # whatever happens next, a resubmission sees the arrays so far
+        tasks = arrays.get(key, [])
+        if tasks:
+            script = slurm_dir / script_name(key)
+            script.write_text(render_array_script(spec, runs, tasks, str(sweep_dir), python, a.retries, key, after))
+            array_id = sbatch(script)
+            jobs["job_ids"].append(array_id)
+            jobs["arrays"][key] = array_id
+            if key == MAIN:
+                jobs.update(array_job_id=array_id, script=str(script))
+            for t, task in enumerate(tasks):
+                for i in task:
+                    job_of[runs[i].name] = f"{array_id}_{t}"
+                    record.runs[runs[i].name].slurm = {
+                        "slurm_task": t,
+                        "slurm_job": f"{array_id}_{t}",
+                        "slurm_array": key,
+                    }
+                    if runs[i].lineage:
+                        array_of_stage.setdefault(runs[i].lineage.stage, []).append(array_id)
+        for i in gangs.get(key, []):  # each multi-node run: a job of its own, waiting for what its group waits for
+            name = runs[i].name
+            script = slurm_dir / gang_script_name(name)
+            script.write_text(render_gang_script(spec, runs, i, str(sweep_dir), python, a.retries, after))
+            job_id = sbatch(script)
+            jobs["job_ids"].append(job_id)
+            jobs["gangs"][name] = job_id
+            job_of[name] = job_id
+            record.runs[name].slurm = {"slurm_job": job_id, "slurm_array": f"nodes-{runs[i].config.num_nodes}"}
+            if runs[i].lineage:
+                array_of_stage.setdefault(runs[i].lineage.stage, []).append(job_id)
+        record.write(str(sweep_dir))  # whatever happens next, a resubmission sees the jobs so far
     record.write(str(sweep_dir))
 
     eval_id = None
     if a.evaluate:
-        arrays_submitted = ":".join(jobs["arrays"].values()) or None
+        arrays_submitted = ":".join([*jobs["arrays"].values(), *jobs["gangs"].values()]) or None
         (slurm_dir / "eval.sbatch").write_text(render_eval_script(spec, str(sweep_dir), python, arrays_submitted))
         try:
             eval_id = sbatch(slurm_dir / "eval.sbatch")
@@ -453,8 +557,24 @@ def submit_sweep(spec, runs, a: SweepOptions, needs: PlanNeeds | None = None) ->
         jobs.update(job_ids=jobs["job_ids"] + [eval_id], eval_job_id=eval_id)
         record.write(str(sweep_dir))
 
-    print_submitted(spec, runs, arrays, jobs["arrays"], eval_id, sweep_dir)
+    print_submitted(spec, runs, arrays, jobs["arrays"], eval_id, sweep_dir, jobs["gangs"])
     return 0
+
+
+def gang_script_name(run: str) -> str:
+    return f"nodes-{run}.sbatch"
+
+
+def sbatch_test(script: Path, run) -> None:
+    """`sbatch --test-only`: whether SLURM could ever start the job (its nodes exist), before anything is submitted."""
+    proc = _slurm(["sbatch", "--test-only", str(script)])
+    if proc.returncode != 0:
+        errors = [line.split("error:", 1)[1].strip() for line in proc.stderr.splitlines() if "error:" in line]
+        reason = errors[-1] if errors else (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise TunefleetError(
+            f"run {run.name} spans {run.config.num_nodes} nodes, which SLURM cannot give it ({reason}): lower "
+            "num_nodes, or ask another partition (slurm.partition)"
+        )
 
 
 def dependency_groups(runs, todo: list[int]) -> dict[str, list[int]]:
@@ -521,9 +641,18 @@ def refuse_while_queued(spec, job_ids: list) -> None:
         )
 
 
-def print_submitted(spec, runs, arrays: dict, array_ids: dict, eval_id, sweep_dir: Path) -> None:
+def print_submitted(
+    spec, runs, arrays: dict, array_ids: dict, eval_id, sweep_dir: Path, gang_ids: dict | None = None
+) -> None:
     slurm_dir = sweep_dir / "slurm"
-    finished = len(runs) - sum(len(task) for tasks in arrays.values() for task in tasks)
+    gang_ids = gang_ids or {}
+    finished = len(runs) - sum(len(task) for tasks in arrays.values() for task in tasks) - len(gang_ids)
+    by_name = {run.name: run for run in runs}
+    for name, job_id in gang_ids.items():
+        print(
+            f"submitted {name}: SLURM job {job_id} over {by_name[name].config.num_nodes} nodes"
+            f"  log {slurm_dir / f'{job_id}.log'}"
+        )
     limit = spec.slurm.array_limit or spec.resources.max_parallel
     for key, tasks in arrays.items():
         array_id = array_ids[key]
@@ -537,10 +666,10 @@ def print_submitted(spec, runs, arrays: dict, array_ids: dict, eval_id, sweep_di
         for t, task in enumerate(tasks):
             names = " + ".join(runs[i].name for i in task)
             print(f"  {array_id}_{t}: {names}  log {slurm_dir / f'{array_id}_{t}.log'}")
-    if not arrays:
+    if not arrays and not gang_ids:
         print(f"sweep {spec.name}: every run already finished" + (f" ({finished})" if finished else ""))
     if eval_id:
-        every = ", ".join(array_ids.values())
+        every = ", ".join([*array_ids.values(), *gang_ids.values()])
         print(
             f"evaluation: job {eval_id}"
             + (f", starts when every task of {every} succeeded" if every else "")
@@ -572,6 +701,7 @@ def cancel(state: dict) -> int:
     roles = {str(j): f"training array ({key})" for key, j in (s.get("arrays") or {}).items()}
     roles |= {str(s.get("array_job_id")): "training array", str(s.get("eval_job_id")): "evaluation"}
     roles |= {str(j): f"choice of stage {stage}'s parent" for stage, j in (s.get("choice_job_ids") or {}).items()}
+    roles |= {str(j): f"run {run} over several nodes" for run, j in (s.get("gangs") or {}).items()}
     for jid in ids:
         mine = {j: st for j, st in busy.items() if j == jid or j.startswith(f"{jid}_")}
         if mine:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -113,6 +114,69 @@ def with_chosen_parent(run: RunPlan, slurm_dir: Path) -> RunPlan:
     )
 
 
+def gang_node(spec: dict, index: int, head: str, port: int, attempt: str, slurm_dir: Path) -> int:
+    """One node's launcher of a run over several nodes (its job's `srun` step starts one per node): machine rank =
+    this task's rank. Rank 0's node holds the run's folder and records, and watches the rendezvous: when the
+    processes have not met in `rendezvous_timeout`, it says which nodes did not join and ends the step."""
+    from tunefleet.common.contract import GangSeat
+    from tunefleet.launcher.gang import RendezvousWatch
+
+    run = with_chosen_parent(RunPlan.from_json(spec["runs"][index]), slurm_dir)
+    rank, count = int(os.environ.get("SLURM_PROCID", "0")), int(os.environ.get("SLURM_NTASKS", "1"))
+    if count != run.config.num_nodes:
+        print(f"=== {run.name}: {count} SLURM task(s) for a run over {run.config.num_nodes} nodes", flush=True)
+        return 2
+    hosts = node_hosts(count)
+    seats = [
+        GangSeat(attempt, m, count, head, port, None, hosts[m] if m < len(hosts) else f"task {m}")
+        for m in range(count)
+    ]
+    seat = dataclasses.replace(seats[rank], host=socket.gethostname(), node_id=os.environ.get("SLURMD_NODENAME"))
+    received = relay_signals()
+    os.environ.pop(WARM_SOCKET_ENV, None)
+    print(f"=== {run.name}: node {rank} of {count} on {socket.gethostname()}, head {head}:{port}", flush=True)
+    if rank != 0:
+        outcome = execute.run_node(run, seat)
+    else:
+        watch = RendezvousWatch(run, seats)
+        stop = threading.Event()
+
+        def watching():  # end this node's processes (and with --kill-on-bad-exit, the step) if the gang never met
+            while not stop.wait(2):
+                why = watch.failure()
+                if why:
+                    print(f"=== {run.name}: {why}", flush=True)
+                    execute.terminate_children()
+                    return
+
+        threading.Thread(target=watching, daemon=True).start()
+        outcome = execute.run_one(run, {}, seat)
+        stop.set()
+        watch.done()
+        if watch.why:
+            outcome = dataclasses.replace(outcome, error=watch.why)
+    detail = f"step {outcome.steps}, loss {outcome.final_loss}" if outcome.ok else outcome.error
+    print(f"=== {run.name} node {rank}: {outcome.status}: {detail}", flush=True)
+    if received and not outcome.ok:
+        return 128 + received[0]
+    return 0 if outcome.ok else 1
+
+
+def node_hosts(count: int) -> list[str]:
+    """The allocation's host names, in node order (empty when scontrol cannot say)."""
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    hosts = out.stdout.split()
+    return hosts * count if len(hosts) == 1 else hosts  # one node: every task stands for a node on it
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tunefleet.launcher.slurm_task", description="Run one array task of a sweep."
@@ -122,12 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", default="main", help="The array of runs.json the task belongs to (its `groups`).")
     p.add_argument("--retries", type=int, default=1, help="Retries of a failed run inside this task.")
     p.add_argument("--choose", metavar="STAGE", help="Pick the run a `best:` stage starts from, then exit.")
+    p.add_argument(
+        "--gang", type=int, metavar="INDEX", help="This node's part of run INDEX, a run over several nodes."
+    )
+    p.add_argument("--head", help="--gang: the node machine rank 0 runs on (the rendezvous).")
+    p.add_argument("--port", type=int, default=29500, help="--gang: the rendezvous port on the head.")
+    p.add_argument("--attempt", default="0", help="--gang: this attempt's id (the nodes' arrival files carry it).")
     a = p.parse_args(argv)
     with open(a.runs_json) as fh:
         spec = json.load(fh)
     slurm_dir = Path(a.runs_json).parent
     if a.choose:
         return choose(spec, a.choose, slurm_dir)
+    if a.gang is not None:
+        return gang_node(spec, a.gang, a.head or socket.gethostname(), a.port, a.attempt, slurm_dir)
     groups = spec.get("groups") or {"main": spec.get("tasks", [[i] for i in range(len(spec["runs"]))])}
     task = groups[a.group][a.index]
     runs = [with_chosen_parent(RunPlan.from_json(spec["runs"][i]), slurm_dir) for i in task]

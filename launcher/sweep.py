@@ -118,6 +118,13 @@ class SlurmSettings:
         120, "Seconds before the time limit that USR1 arrives (checkpoint, requeue).", at_least=1
     )
     python: str | None = option(None, "Python on the compute nodes (default: the one running tunefleet).")
+    multinode: str = option(
+        "nodes",
+        "How a run with num_nodes > 1 asks for its nodes: nodes (--nodes=N --ntasks-per-node=1, one launcher per "
+        "node) or tasks (--ntasks=N wherever SLURM puts them: each task stands for a node, as on a one-node test "
+        "cluster).",
+        choices=("nodes", "tasks"),
+    )
 
 
 @dataclass
@@ -529,7 +536,10 @@ def _expand_stage(spec: SweepSpec, stage: Stage, parents: list[RunPlan], lineage
             if lineage:
                 values["stage"] = stage.name
             gpus = stage.resources.gpus_per_run
-            if not isinstance(gpus, str) and gpus > 1:
+            if not isinstance(gpus, str) and int(values.get("num_nodes") or 1) > 1:
+                # a multi-node run's resources are each node's: one process per whole GPU of it
+                values.setdefault("processes_per_node", max(1, int(gpus)))
+            elif not isinstance(gpus, str) and gpus > 1:
                 values.setdefault("num_processes", int(gpus))
             where = f"{spec.path}: run {name}: "
             run = RunPlan(name=name, config=config.from_dict(values, where=where))

@@ -94,6 +94,7 @@ def cmd_status(argv: list[str]) -> int:
     if record is None:
         raise TunefleetError(f"{a.sweep_dir} holds no sweep.json: not a sweep folder")
     from tunefleet.launcher.execute import summarize
+    from tunefleet.launcher.progress import nodes_text
 
     jobs, slurm = {}, record.slurm or {}
     if slurm:
@@ -128,6 +129,8 @@ def cmd_status(argv: list[str]) -> int:
             + logs
             + (f"  (stage {entry.stage}, from {entry.parent or 'the spec model'})" if entry.stage else "")
         )
+        if s.nodes:
+            print(f"    {len(s.nodes)} nodes: {nodes_text(s.nodes)}")
         for step in s.memory_steps:
             print(f"    memory: {step}")
     if slurm.get("eval_job_id"):

@@ -17,7 +17,7 @@ from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store
 
-OUTCOME_FIELDS = ("steps", "final_loss", "wall_s", "log", "error", "host", "node_id", "memory_steps")
+OUTCOME_FIELDS = ("steps", "final_loss", "wall_s", "log", "error", "host", "node_id", "memory_steps", "nodes")
 SLURM_FIELDS = ("slurm_task", "slurm_job", "slurm_array")
 
 

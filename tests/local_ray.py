@@ -124,9 +124,11 @@ class LocalRayCluster(LocalRayHead):
     """A head and more raylets joined with `ray start --address`, each with its own CPUs and fake GPUs, all under
     one temp dir (so `stop` ends exactly them); `kill_node` kills one node's raylet: a node loss."""
 
-    def __init__(self, nodes: int = 2, num_cpus: int = 2, num_gpus: int = 1):
+    def __init__(self, nodes: int = 2, num_cpus: int = 2, num_gpus: int = 1, hidden: dict[int, str] | None = None):
+        """`hidden`: node index -> a folder that node cannot see (its raylet starts in a mount namespace of its own,
+        an empty tmpfs over that folder): a machine that does not mount the cluster's shared filesystem."""
         super().__init__(num_cpus)
-        self.nodes, self.num_gpus = nodes, num_gpus
+        self.nodes, self.num_gpus, self.hidden = nodes, num_gpus, hidden or {}
         # Notice a dead node in seconds, not the default ~30 (GCS health checks of the raylets)
         self.env = {
             **os.environ,
@@ -169,8 +171,14 @@ class LocalRayCluster(LocalRayHead):
             env=self.env,
         )
         for i in range(1, self.nodes):
+            hide = (
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount -t tmpfs hidden "$0" && exec "$@"']
+                + [self.hidden[i]]
+                if i in self.hidden
+                else []
+            )
             subprocess.run(
-                [ray, "start", "--address", self.address, "--node-name", f"node{i}", *common],
+                [*hide, ray, "start", "--address", self.address, "--node-name", f"node{i}", *common],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -191,3 +199,15 @@ class LocalRayCluster(LocalRayHead):
     def kill_node(self, node_id: str) -> None:
         """SIGKILL a node's raylet: for the cluster, the node is lost."""
         os.kill(self.raylet_pid(node_id), signal.SIGKILL)
+
+
+def can_hide_folders() -> bool:
+    """Whether this machine lets a process mount in a namespace of its own (root, or CAP_SYS_ADMIN)."""
+    try:
+        probe = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs hidden /mnt"],
+            capture_output=True,
+        )
+    except OSError:  # no unshare
+        return False
+    return probe.returncode == 0

@@ -563,3 +563,103 @@ def test_a_jobs_python_without_lm_eval_is_refused_before_any_array(cluster, tmp_
     assert time.time() - started < 120
     arrays = subprocess.run(["squeue", "-h", "-t", "all", "-n", "tf-nolm", "-o", "%i"], capture_output=True, text=True)
     assert arrays.returncode == 0 and not arrays.stdout.strip(), arrays.stdout  # no array was submitted
+
+
+# ------------------------------------------------------------------ a run over several nodes
+def test_a_multi_node_run_is_a_job_of_its_own_with_one_launcher_per_node():
+    spec = spec_of(
+        base={**TINY, "num_nodes": 2},
+        resources={"gpus_per_run": 1, "cpus_per_run": 4, "memory_gb": 16},
+        slurm={"partition": "gpu", "time": "01:00:00"},
+    )
+    runs = sweeps.place_runs(sweeps.expand(spec), spec)
+    script = slurm.render_gang_script(spec, runs, 0, "/shared/runs", "/venv/bin/python", retries=2, after="41_0")
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gres=gpu:1",  # each node's GPUs
+        "--cpus-per-task=4",
+        "--mem=16G",
+        "--partition=gpu",
+        "--dependency=afterok:41_0",
+        "--requeue",
+        "--output=/shared/runs/slurm/%j.log",
+    ):
+        assert f"#SBATCH {line}\n" in script, line
+    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert (
+        "srun --kill-on-bad-exit=1 --ntasks=2 --ntasks-per-node=1 /venv/bin/python -m tunefleet.launcher.slurm_task"
+        in script
+    )
+    assert '--gang 0 --head "$head"' in script and "for attempt in $(seq 0 2)" in script
+    assert runs[0].config.processes_per_node == 1 and runs[0].config.world_size == 2  # one process per GPU
+    # the stand-in where one machine runs every task (a one-node cluster)
+    tasks = slurm.render_gang_script(
+        spec_of(base={**TINY, "num_nodes": 2}, slurm={"multinode": "tasks"}), runs, 0, "/r", "py"
+    )
+    assert "#SBATCH --ntasks=2\n" in tasks and "--nodes" not in tasks
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_two_node_run_beside_an_array_and_the_evaluation(cluster, tmp_path, capsys, tiny_model):
+    """On this one-node SLURM each task of the job stands for a node (slurm.multinode: tasks): two launchers, machine
+    ranks 0 and 1, meeting at the allocation's head; an array run beside it and the evaluation after both."""
+    runs_dir = tmp_path / "runs"
+    base = {**TINY, "per_device_train_batch_size": 2, "max_steps": 5}
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        name="nodes",
+        runs_dir=str(runs_dir),
+        base=base,
+        grid={"num_nodes": [2, 1]},
+        naming="sft_n{num_nodes}",
+        slurm={"multinode": "tasks"},
+        eval={"max_samples": 10, "max_generation_samples": 1, "skip_perplexity": True},
+    )
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--eval", "--skip_data_check")
+    assert code == 0, out + err
+    jobs = read_json(runs_dir / "sweep.json")["slurm"]
+    gang, array, eval_job = jobs["gangs"]["sft_n2"], jobs["arrays"]["main"], jobs["eval_job_id"]
+    assert f"submitted sft_n2: SLURM job {gang} over 2 nodes" in out
+    assert f"starts when every task of {array}, {gang} succeeded" in out
+    wait_for("the multi-node job, the array and the evaluation", lambda: settled(gang, array, eval_job), 300, runs_dir)
+    assert states(gang, array, eval_job) == {gang: "COMPLETED", f"{array}_0": "COMPLETED", eval_job: "COMPLETED"}
+    run = runs_dir / "sft_n2"
+    record = read_json(run / "run.json")
+    assert record["status"] == "finished" and record["world_size"] == 2
+    assert [(n["machine_rank"], n["ranks"]) for n in record["nodes"]] == [(0, [0]), (1, [1])]
+    log = (runs_dir / "slurm" / f"{gang}.log").read_text()
+    assert (
+        "node 0 of 2" in log and "node 1 of 2" in log and "--machine_rank 1" in (run / "train.node1.log").read_text()
+    )
+    assert {"sft_n1", "sft_n2"} <= set(read_json(runs_dir / "evaluation_results.json"))
+    # the same run as two processes on this machine: the same losses
+    one = tmp_path / "one"
+    code, out, err = run_cli(
+        capsys, "train", *[f"--{k}={v}" for k, v in base.items()], "--num_processes", "2", "--output_dir", one
+    )
+    assert code == 0, out + err
+
+    def losses(folder):
+        return [e["loss"] for e in read_json(folder / "trainer_state.json")["log_history"] if "loss" in e]
+
+    assert max(abs(a - b) for a, b in zip(losses(run), losses(one), strict=True)) < 1e-5
+    code, out, _ = run_cli(capsys, "status", runs_dir)
+    assert code == 0 and f"{gang} COMPLETED" in out and "2 nodes: " in out
+
+
+@pytest.mark.slurm
+def test_more_nodes_than_slurm_has_is_refused_before_anything_is_submitted(cluster, tmp_path, capsys):
+    runs_dir = tmp_path / "runs"
+    spec = write_spec(tmp_path / "s.yaml", name="toobig", runs_dir=str(runs_dir), base={**TINY, "num_nodes": 2})
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "slurm", "--skip_data_check")
+    assert code == 2 and err.count("\n") == 1, out + err
+    assert (
+        err.startswith("error: run sft_tiny-qwen2_s42 spans 2 nodes, which SLURM cannot give it (")
+        and "lower num_nodes" in err
+    )
+    listed = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-n", "tf-toobig", "-o", "%i"], capture_output=True, text=True
+    )
+    assert not listed.stdout.strip() and not (runs_dir / "sweep.json").exists()

@@ -267,6 +267,24 @@ class TrainConfig:
     trust_remote_code: bool = option(False, "Run code shipped with a hub model. Off unless you trust it.")
     overwrite: bool = option(False, "Retrain even if output_dir holds a finished run.")
     num_processes: int = option(1, "Processes (GPUs) for this run; >1 launches through accelerate launch.", at_least=1)
+    num_nodes: int = option(
+        1,
+        "Nodes this run spans (--backend ray or slurm): one gang, all its nodes reserved together, each node's "
+        "processes started by accelerate launch; runs_dir must be a folder every node sees, or a bucket.",
+        at_least=1,
+    )
+    processes_per_node: int | None = option(
+        None,
+        "Processes on each node of a multi-node run. Default: one per GPU of the node's share "
+        "(resources.gpus_per_run), one on CPU.",
+        at_least=1,
+    )
+    rendezvous_timeout: int = option(
+        600,
+        "Seconds a multi-node run's processes have to meet (the torch rendezvous) before the run ends, naming the "
+        "nodes that did not join.",
+        at_least=1,
+    )
     accelerate_config: str = option("auto", "auto, a name in cluster_configs/accelerate, or a path.")
     recipe: str | None = option(
         None,
@@ -301,6 +319,16 @@ class TrainConfig:
     def evaluates(self) -> bool:
         """Evaluated during training: on a split of its own, or on rows held out of the training data."""
         return self.eval_split is not None or self.test_split_size is not None
+
+    @property
+    def node_processes(self) -> int:
+        """Processes on each node this run spans (one node: num_processes)."""
+        return (self.processes_per_node or 1) if self.num_nodes > 1 else self.num_processes
+
+    @property
+    def world_size(self) -> int:
+        """Processes over every node of the run."""
+        return self.num_nodes * self.node_processes
 
     @property
     def lr(self) -> float:
@@ -501,6 +529,16 @@ def validate(cfg: TrainConfig, where: str = "") -> None:
     if cfg.test_split_size and cfg.eval_split:
         raise TunefleetError(
             f"{where}test_split_size holds out training rows for evaluation; eval_split names a split: give one"
+        )
+    if cfg.num_nodes > 1 and cfg.num_processes > 1 and cfg.num_processes != cfg.world_size:
+        raise TunefleetError(
+            f"{where}num_processes {cfg.num_processes} with num_nodes {cfg.num_nodes}: a multi-node run counts its "
+            "processes per node: set processes_per_node (and leave num_processes out)"
+        )
+    if cfg.processes_per_node and cfg.num_nodes == 1 and cfg.processes_per_node != cfg.num_processes:
+        raise TunefleetError(
+            f"{where}processes_per_node {cfg.processes_per_node} is for a run over several nodes (num_nodes > 1); "
+            "on one node use num_processes"
         )
     if cfg.method in METHODS:
         check_trl_args(cfg, where)

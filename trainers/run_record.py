@@ -18,7 +18,7 @@ from tunefleet.common.contract import (
 from tunefleet.common.jsonfile import utc_now, write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, StoreUnavailable
-from tunefleet.trainers import checkpoints, memory
+from tunefleet.trainers import checkpoints, memory, world
 from tunefleet.trainers.lineage import parent_lineage
 from tunefleet.trainers.run_folder import RunFolder, is_main_process, kept_checkpoint
 
@@ -75,6 +75,7 @@ def start_record(cfg: TrainConfig, folder: RunFolder, resume_from: str | None, e
         "stage": cfg.stage,
         "lineage": parent_lineage(cfg),
         "node_id": os.environ.get(NODE_ID_ENV),
+        **({"num_nodes": len(world.NODES), "nodes": list(world.NODES)} if world.NODES else {}),
         "resumed_from": resume_from,
         **({"set_aside": [a.record() for a in folder.set_aside]} if folder.set_aside else {}),
         "versions": versions(),

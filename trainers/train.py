@@ -16,7 +16,7 @@ from tunefleet.common.contract import LAUNCH_ENV, LOCK_TOKEN_ENV, RUN_RECORD
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.runlock import RunLock
 from tunefleet.common.storage import Store
-from tunefleet.trainers import memory, recovery
+from tunefleet.trainers import memory, recovery, world
 from tunefleet.trainers.callbacks import Preempted
 from tunefleet.trainers.checkpoints import DISK_FULL_EXIT, DiskFull
 from tunefleet.trainers.config import TrainConfig, parse_args
@@ -30,6 +30,7 @@ def run(cfg: TrainConfig) -> dict:
     run to a GPU of its own), the error goes up to the launcher.
     """
     trainer_module = importlib.import_module(f"tunefleet.trainers.{cfg.method}")  # sft.py ... grpo.py
+    world.join(cfg.output_dir)  # a multi-node run's ranks meet first: the backend learns at once who did not come
     if int(os.environ.get("RANK", "0")) == 0:
         say_what_was_read(cfg)
         if cfg.trl_args.get("push_to_hub"):  # TRL uploads at saves and at the end: find out now, not then

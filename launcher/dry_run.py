@@ -3,6 +3,7 @@ a pipeline's run starts from, and the command that launches it. (SLURM's dry run
 
 from __future__ import annotations
 
+from tunefleet.common.contract import GangSeat
 from tunefleet.launcher.launch import launch_command
 from tunefleet.launcher.records import RunPlan
 from tunefleet.launcher.sweep import SweepSpec
@@ -19,13 +20,18 @@ def plan_text(spec: SweepSpec, runs: list[RunPlan]) -> str:
     ]
     for run in runs:
         c = run.config
+        seat = GangSeat("<gang>", 0, c.num_nodes, "<rank 0's node>", 0) if c.num_nodes > 1 else None
         cmd = launch_command(
             ["--config", f"{run.output_dir}/config.yaml"],
-            c.num_processes,
+            c.world_size,
             "<free port>",
             c.accelerate_config,
             python="python",
+            seat=seat,
         )
+        if seat is not None:  # each node's machine rank; the head's port is asked of rank 0's node once placed
+            shown = {"--main_process_port": "<port>", "--machine_rank": "<I>"}
+            cmd = [shown.get(cmd[i - 1], part) if i else part for i, part in enumerate(cmd)]
         p = run.placement
         where = (f"{p.gpus:g} GPU" + (f" ({p.runs_per_gpu} per GPU)" if p.shared else "")) if p.gpus else "CPU"
         estimate = f", estimated {p.estimate_gb:g} GiB" if p.estimate_gb is not None else ""
@@ -34,8 +40,14 @@ def plan_text(spec: SweepSpec, runs: list[RunPlan]) -> str:
             + (f"    {starts_from(run)}\n" if run.lineage else "")
             + (f"    recipe: {c.recipe} ({c.config_form}'s form)\n" if c.recipe else "")
             + (f"    TRL: {', '.join(f'{k}={v}' for k, v in c.trl_args.items())}\n" if c.trl_args else "")
-            + f"    placement: {where}{estimate}, {p.cpus} CPU ({p.reason})\n"
-            f"    {' '.join(map(str, cmd))}"
+            + f"    placement: {where}{estimate}, {p.cpus} CPU ({p.reason})"
+            + (
+                f" on each of {c.num_nodes} nodes, reserved together; {c.node_processes} process(es) a node, "
+                f"world {c.world_size}; each node runs (machine rank I):\n"
+                if c.num_nodes > 1
+                else "\n"
+            )
+            + f"    {' '.join(map(str, cmd))}"
         )
     return "\n".join(lines)
 

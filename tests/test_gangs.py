@@ -376,3 +376,14 @@ def test_the_readmes_multi_node_spec_expands_as_it_says():
     assert len(runs) == 4 and len(gangs) == 1
     assert (gangs[0].processes_per_node, gangs[0].world_size) == (8, 16)  # "2 nodes x 8 GPUs: 16 ranks"
     assert all(c.num_processes == 8 for c in runs.values() if c.num_nodes == 1)
+
+
+def test_a_dry_run_shows_the_gang(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    base = {**TINY, "num_nodes": 2, "finetune": "full", "accelerate_config": "zero3"}
+    spec.write_text(yaml.safe_dump({"name": "g", "runs_dir": str(tmp_path / "runs"), "base": base}))
+    code, out, err = run_cli(capsys, "sweep", spec, "--backend", "ray", "--dry-run")
+    assert code == 0, out + err
+    assert "on each of 2 nodes, reserved together; 1 process(es) a node, world 2" in out
+    assert "--num_machines 2 --machine_rank <I> --main_process_ip <rank 0's node>" in out
+    assert "--main_process_port <port>" in out and not (tmp_path / "runs").exists()

@@ -110,8 +110,11 @@ class RunLock:
         found = self.read()
         raise Held(self.store.url(), found or me)
 
-    def write(self) -> None:
+    def write(self, current: Holder | None = None) -> None:
+        """Write this holder (keeping the pids its training added to the file itself: `register_pid`)."""
         assert self.holder is not None
+        if current is not None and current.token == self.holder.token:
+            self.holder.pids += [pid for pid in current.pids if pid not in self.holder.pids]
         self.holder.lease_until = time.time() + self.lease_s
         self.io.write_bytes(self.name, json.dumps(asdict(self.holder)).encode())
 
@@ -119,7 +122,7 @@ class RunLock:
         """The training process this holder launched: the lock stays live while it does (a killed driver's orphan)."""
         if self.holder is not None:
             self.holder.pids.append(pid)
-            self.write()
+            self.write(self.read())
 
     def renew(self) -> None:
         while not self.stop.wait(self.lease_s / 4):
@@ -127,7 +130,7 @@ class RunLock:
                 current = self.read()
                 if current is None or self.holder is None or current.token != self.holder.token:
                     return  # taken over (this holder was judged gone): never write over the new holder
-                self.write()
+                self.write(current)
             except Exception:
                 pass  # a store that does not answer now: the next renewal tries again, within the lease
 
@@ -143,6 +146,18 @@ class RunLock:
             pass  # a store that does not answer, a folder that holds files now: the lock goes stale with its holder
         finally:
             self.holder = None
+
+    def register_pid(self, token: str, pid: int) -> bool:
+        """A process started under the holder whose token is `token` (a training rank its launcher cannot see: forked
+        by a warm process): the lock stays live while it does, even once its launcher is gone. False when the lock
+        is no longer that holder's."""
+        current = self.read()
+        if current is None or current.token != token:
+            return False
+        if pid not in current.pids:
+            current.pids.append(pid)
+            self.io.write_bytes(self.name, json.dumps(asdict(current)).encode())
+        return True
 
     def acquire_waiting(self, poll_s: float = 2.0) -> RunLock:
         """Take the lock, waiting while a live holder has it (said once)."""

@@ -9,6 +9,10 @@ The orchestration (launcher/orchestrate.py) decides what runs when and picks the
 
 `LocalBackend` and `RayBackend` (launcher/backends.py) run every run before `run` returns; `SlurmBackend`
 (launcher/slurm.py) submits job arrays (and the evaluation as a job) and returns at once (`Ran.submitted`).
+
+A run over several nodes (`num_nodes > 1`): `RayBackend` reserves its nodes together as one gang (a placement group,
+launcher/gang.py), `SlurmBackend` submits it as a job of its own (`srun`, one launcher per node), and `LocalBackend`
+refuses it in `check_plan` (one machine).
 """
 
 from __future__ import annotations

@@ -142,7 +142,12 @@ def run_one(plan: RunPlan, env_extra: dict | None = None, seat: GangSeat | None 
     try:
         lock.acquire()
     except Held as held:
-        return trained_elsewhere(held, store, outcome)
+        if seat is None:
+            return trained_elsewhere(held, store, outcome)
+        # a gang's earlier attempt still ending on a node (its rank 0 checkpoints as it stops): wait for it, then
+        # train (or find the run finished) as this attempt
+        print(f"{store.url()}: waiting for the earlier attempt ({held.holder.describe()}) to end", flush=True)
+        lock.acquire_waiting()
     if lock.notes:  # a killed driver's lock, taken over: the run's log says so
         here.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as log_file:

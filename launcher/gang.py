@@ -154,8 +154,12 @@ class RayGang:
     ended: dict[int, RunOutcome] = field(default_factory=lambda: dict[int, RunOutcome]())  # machine rank -> outcome
     watch: RendezvousWatch | None = None
     failure: str | None = None
+    replaced: int = 0  # placements given up before any rank started (a node that died as it was placed)
 
     def __post_init__(self) -> None:
+        self.place()
+
+    def place(self) -> None:
         from ray.util.placement_group import placement_group
 
         n = self.plan.config.num_nodes
@@ -208,7 +212,21 @@ class RayGang:
             placed, _ = ray.wait([self.ready], timeout=0)
             if not placed:
                 return None
-            self.seat()
+            try:
+                self.seat()
+            except RayError as exc:  # rank 0's node died as the group was placed there: nothing started, place again
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.group)
+                self.seats.clear()
+                self.replaced += 1
+                if self.replaced > 3:
+                    why = f"its nodes could not be reserved: {type(exc).__name__}: {first_line(exc)}"
+                    return RunOutcome(
+                        self.plan.name, RunStatus.FAILED, join(self.plan.output_dir, TRAIN_LOG), error=why
+                    )
+                self.place()
+                return None
             if view is not None:
                 view.set(self.plan.name, RunStatus.RUNNING, f"{len(self.seats)} nodes")
             return None

@@ -713,7 +713,8 @@ def rank(argv: list[str]) -> int:
                 signal.signal(signum, lambda received, frame: proc.send_signal(received))
             code = proc.wait()
             if code < 0:  # ended by a signal: end by the same one, as torch elastic expects of a rank
-                signal.signal(-code, signal.SIG_DFL)
+                if -code not in (signal.SIGKILL, signal.SIGSTOP):  # (those two have no handler to reset)
+                    signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
             return code
     os.environ[STARTED_AT_ENV] = repr(time.time())

@@ -124,11 +124,21 @@ class LocalRayCluster(LocalRayHead):
     """A head and more raylets joined with `ray start --address`, each with its own CPUs and fake GPUs, all under
     one temp dir (so `stop` ends exactly them); `kill_node` kills one node's raylet: a node loss."""
 
-    def __init__(self, nodes: int = 2, num_cpus: int = 2, num_gpus: int = 1, hidden: dict[int, str] | None = None):
+    def __init__(
+        self,
+        nodes: int = 2,
+        num_cpus: int = 2,
+        num_gpus: int = 1,
+        hidden: dict[int, str] | None = None,
+        own_processes: bool = False,
+    ):
         """`hidden`: node index -> a folder that node cannot see (its raylet starts in a mount namespace of its own,
-        an empty tmpfs over that folder): a machine that does not mount the cluster's shared filesystem."""
+        an empty tmpfs over that folder): a machine that does not mount the cluster's shared filesystem.
+        `own_processes`: every process of a run starts under its node's raylet, as on separate machines (the test
+        session's warm process is not offered to the nodes), so `lose_node` takes all of them with it."""
         super().__init__(num_cpus)
         self.nodes, self.num_gpus, self.hidden = nodes, num_gpus, hidden or {}
+        self.own_processes = own_processes
         # Notice a dead node in seconds, not the default ~30 (GCS health checks of the raylets)
         self.env = {
             **os.environ,
@@ -138,6 +148,8 @@ class LocalRayCluster(LocalRayHead):
             "RAY_health_check_failure_threshold": "3",
             "RAY_health_check_initial_delay_ms": "1000",
         }
+        if own_processes:
+            self.env.pop("TUNEFLEET_WARM_SOCKET", None)
 
     def start(self) -> LocalRayCluster:
         ray = str(Path(sys.executable).parent / "ray")
@@ -199,6 +211,32 @@ class LocalRayCluster(LocalRayHead):
     def kill_node(self, node_id: str) -> None:
         """SIGKILL a node's raylet: for the cluster, the node is lost."""
         os.kill(self.raylet_pid(node_id), signal.SIGKILL)
+
+    def lose_node(self, node_id: str) -> None:
+        """A machine gone: SIGKILL its raylet and every process under it (its workers and what they started)."""
+        raylet = self.raylet_pid(node_id)
+        for pid in sorted(descendants(raylet)) + [raylet]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def descendants(root: int) -> set[int]:
+    """Every process under `root` (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, grew = {root}, True
+    while grew:
+        kids = {pid for pid, ppid in parents.items() if ppid in found and pid not in found}
+        grew = bool(kids)
+        found |= kids
+    return found - {root}
 
 
 def can_hide_folders() -> bool:

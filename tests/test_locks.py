@@ -143,3 +143,32 @@ def test_a_lock_from_another_host_is_stale_only_once_its_lease_ran_out(tmp_path)
     assert lock.notes == ["took over the stale lock of another-host, pid 1, sweep s, since 2026-01-01T00:00:00+00:00"]
     lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_training_rank_keeps_its_launchers_lock_live_after_the_launcher_is_gone(tmp_path):
+    """A rank forked by a warm process (no child of its launcher) adds its pid; the launcher's renewals keep it; once
+    the launcher is gone the lock is still held while the rank lives, then stale."""
+    import subprocess
+    import sys
+
+    store = Store(str(tmp_path / "run"))
+    launcher = RunLock(store, sweep="s").acquire()
+    assert launcher.holder is not None
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert RunLock(store).register_pid(launcher.holder.token, rank.pid)
+        assert not RunLock(store).register_pid("another holder's token", rank.pid)
+        launcher.write(launcher.read())  # a renewal: the rank's pid stays
+        held = RunLock(store).read()
+        assert held is not None and rank.pid in held.pids
+        launcher.stop.set()  # the launcher dies: its pid goes, its lock file stays
+        held.pids = [p for p in held.pids if p != os.getpid()] + [2**22 + 7]  # (a pid that does not live)
+        store.write_bytes(LOCK_NAME, json.dumps(held.__dict__).encode())
+        with pytest.raises(Exception, match="is being written by"):
+            RunLock(store).acquire()
+    finally:
+        rank.kill()
+        rank.wait()
+    taken = RunLock(store).acquire()
+    assert taken.notes and "took over the stale lock" in taken.notes[0]
+    taken.release()

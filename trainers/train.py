@@ -59,8 +59,13 @@ def run(cfg: TrainConfig) -> dict:
 
 def hold_folder(cfg: TrainConfig) -> RunLock | None:
     """The run folder's lock, for a run started by hand: refused in one line while another process writes it. A
-    launcher that started this process holds it already (and so does this process for the ranks it launches)."""
-    if os.environ.get(LOCK_TOKEN_ENV) or int(os.environ.get("RANK", "0")) != 0:
+    launcher that started this process holds it already (and so does this process for the ranks it launches): rank
+    0 then adds its own pid to it, so the lock stays live while this process does, even if its launcher is gone (a
+    gang's node lost: the next attempt waits for this one to end before it trains)."""
+    token = os.environ.get(LOCK_TOKEN_ENV)
+    if token and int(os.environ.get("RANK", "0")) == 0:
+        RunLock(Store(cfg.output_dir)).register_pid(token, os.getpid())
+    if token or int(os.environ.get("RANK", "0")) != 0:
         return None
     lock = RunLock(Store(cfg.output_dir), sweep=cfg.tracking_group).acquire()
     assert lock.holder is not None

@@ -155,6 +155,7 @@ class RayGang:
     watch: RendezvousWatch | None = None
     failure: str | None = None
     replaced: int = 0  # placements given up before any rank started (a node that died as it was placed)
+    place_at: float = 0.0  # when to place again (Ray may still count the dead node alive for its health checks)
 
     def __post_init__(self) -> None:
         self.place()
@@ -208,6 +209,10 @@ class RayGang:
         import ray
         from ray.exceptions import RayError
 
+        if self.group is None:  # waiting to place again
+            if time.time() < self.place_at:
+                return None
+            self.place()
         if not self.seats:
             placed, _ = ray.wait([self.ready], timeout=0)
             if not placed:
@@ -217,15 +222,16 @@ class RayGang:
             except RayError as exc:  # rank 0's node died as the group was placed there: nothing started, place again
                 from ray.util.placement_group import remove_placement_group
 
-                remove_placement_group(self.group)
-                self.seats.clear()
+                if self.group is not None:
+                    remove_placement_group(self.group)
+                self.group, self.seats = None, []
                 self.replaced += 1
-                if self.replaced > 3:
+                if self.replaced > 8:  # about four minutes of trying
                     why = f"its nodes could not be reserved: {type(exc).__name__}: {first_line(exc)}"
                     return RunOutcome(
                         self.plan.name, RunStatus.FAILED, join(self.plan.output_dir, TRAIN_LOG), error=why
                     )
-                self.place()
+                self.place_at = time.time() + min(30.0, 2.0**self.replaced)
                 return None
             if view is not None:
                 view.set(self.plan.name, RunStatus.RUNNING, f"{len(self.seats)} nodes")
@@ -288,7 +294,7 @@ class RayGang:
 
         from ray.util.placement_group import remove_placement_group
 
-        if self.failure is None and not self.skipped:
+        if self.failure is None and not self.skipped and self.group is not None:
             remove_placement_group(self.group)
         if self.watch:
             self.watch.done()

@@ -321,7 +321,7 @@ def test_a_node_that_never_joins_ends_the_gang_in_one_line(cluster, tmp_path, ti
     failed = [line for line in out.splitlines() if line.startswith("failed sft_tiny-qwen2_s1:")]
     assert len(failed) == 1 and "rendezvous at" in failed[0] and "did not complete in 40 s" in failed[0], out[-3000:]
     assert "node 1 (node" in failed[0] and "did not join (1 of 2 node(s)" in failed[0]
-    assert "node 0" not in failed[0]
+    assert "node 0 (" not in failed[0]  # rank 0's node came
     deadline = time.time() + 60
     while gang_processes(run) and time.time() < deadline:
         time.sleep(0.5)
@@ -349,8 +349,11 @@ def test_a_raylet_lost_mid_run_restarts_the_gang_from_its_checkpoint(cluster, tm
         time.sleep(0.3)
     assert met and checkpoint_steps(run), "the gang never met and checkpointed"
     before = set(gang_processes(run))
-    victim = met["nodes"][1]["node_id"]
-    cluster.lose_node(victim)  # the machine of rank 1 gone: its raylet and every process under it
+    # a machine of the gang gone (its raylet and every process under it); not node0, whose raylet is the one this
+    # sweep's driver is attached to (losing it is losing the driver's machine)
+    lost = next(n for n in met["nodes"] if n["host"] != "node0")
+    victim = lost["node_id"]
+    cluster.lose_node(victim)
     out = proc.output(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     record = read_json(run / "run.json")
@@ -359,7 +362,7 @@ def test_a_raylet_lost_mid_run_restarts_the_gang_from_its_checkpoint(cluster, tm
     again = {n["node_id"] for n in record["nodes"]}
     assert len(again) == 2 and victim not in again
     assert read_json(run / "gang.json")["id"] != met["id"]
-    assert "retry 1/1: node 1 (node" in out and " lost: " in out
+    assert f"retry 1/1: node {lost['machine_rank']} ({lost['host']}, Ray node {victim[:12]}) lost" in out
     state = read_json(runs_dir / "sweep.json")
     assert [n["node_id"] for n in state["lost_nodes"]] == [victim]
     assert len(state["runs"]["sft_tiny-qwen2_s1"]["attempts"]) == 2

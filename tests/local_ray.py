@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from testkit import pids_in_tree
+
 from tunefleet.launcher.launch import free_ports
 from tunefleet.launcher.warm import process_lives
 
@@ -215,28 +217,11 @@ class LocalRayCluster(LocalRayHead):
     def lose_node(self, node_id: str) -> None:
         """A machine gone: SIGKILL its raylet and every process under it (its workers and what they started)."""
         raylet = self.raylet_pid(node_id)
-        for pid in sorted(descendants(raylet)) + [raylet]:
+        for pid in sorted(pids_in_tree(raylet) - {raylet}) + [raylet]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def descendants(root: int) -> set[int]:
-    """Every process under `root` (from /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, grew = {root}, True
-    while grew:
-        kids = {pid for pid, ppid in parents.items() if ppid in found and pid not in found}
-        grew = bool(kids)
-        found |= kids
-    return found - {root}
 
 
 def can_hide_folders() -> bool:

@@ -42,6 +42,9 @@ GANG_FILE = "gang.json"  # the gang that met: its id, world size and nodes (by t
 SWEEP_RECORD = "sweep.json"  # the sweep's runs and where each stands (launcher.sweep_record)
 SEARCH_RECORD = "search.json"  # a search's trials, best values and confirmation runs
 RESULTS_FILE = "evaluation_results.json"  # the evaluator's results, merged
+STATISTICS_FILE = "evaluation_statistics.json"  # intervals over seeds, paired comparisons, cost (eval/report.py)
+HTML_REPORT = "evaluation_report.html"  # the whole report, one self-contained page
+MANIFEST_FILE = "study.json"  # what a sweep ran with: spec, versions, commit, data, models, hardware
 
 
 def json_from_env(name: str) -> Any:

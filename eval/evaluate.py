@@ -131,7 +131,7 @@ def evaluate_held(
     log_to_trackers(runs, updates)
     from tunefleet.eval.report import write_report
 
-    write_report(out_path, runs_dir)
+    write_report(out_path, runs_dir, settings.gpu_hour_price)
     return merged
 
 
@@ -164,6 +164,7 @@ def _evaluate_reward_models(runs: list, settings: EvalSettings, existing: dict) 
             stage=run.record.get("stage"),
             parent=lineage.get("parent_name"),
             error=None,
+            cost=run.record.get("cost"),
         )
         t0 = time.time()
         try:
@@ -172,7 +173,9 @@ def _evaluate_reward_models(runs: list, settings: EvalSettings, existing: dict) 
             pairs = load_pairs(dataset, settings.pref_split, settings.max_samples)
             scorer, tokenizer = load_reward_model(str(run.path), settings.trust_remote_code)
             scores = reward_model_scores(scorer, tokenizer, [c for pair in pairs for c in pair], settings.batch_size)
-            correct = sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(pairs)))
+            ranked_right = [1.0 if scores[2 * i] > scores[2 * i + 1] else 0.0 for i in range(len(pairs))]
+            correct = int(sum(ranked_right))
+            entry["per_prompt"] = {"preference_correct": ranked_right}
             entry.update(
                 preference_accuracy=correct / len(pairs), preference_correct=correct, preference_total=len(pairs)
             )
@@ -340,6 +343,9 @@ def _evaluate_group(
                 ),
                 reward_funcs=list(reward_funcs),
             )
+            entry["per_prompt"] = metrics.per_prompt(  # kept for paired comparisons (eval/statistics.py)
+                merged.get((name, "gen")), None if name == base_name else base_gen, merged.get((name, "pref"))
+            )
             if name == base_name:  # kept, so the runs of a later stage can be compared with this model's answers
                 entry["heldout_answers"] = answers(merged.get((name, "gen")))
                 entry["pair_losses"] = merged.get((name, "pref"))  # and full runs' implicit rewards with its losses
@@ -349,6 +355,7 @@ def _evaluate_group(
             stages = {run.record.get("stage") for run, _ in todo}
             entry.update(stage=stages.pop() if len(stages) == 1 else None, parent=None)
         if "run" in info:
+            entry["cost"] = info["run"].record.get("cost")  # what training it cost (run.json), for the report
             lineage = info["run"].record.get("lineage") or {}
             entry.update(stage=info["run"].record.get("stage"), parent=lineage.get("parent_name"))
         updates[name] = entry
@@ -377,8 +384,12 @@ def compare_with_root(entry: dict, values: list | None, root: list | None) -> No
     if "rm_win_rate_vs_base" in entry:
         entry["rm_win_rate_vs_parent"] = entry.pop("rm_win_rate_vs_base")
         entry["rm_win_rate_vs_base"] = None
+    per_prompt = entry.get("per_prompt") or {}
+    if "win_vs_base" in per_prompt:
+        per_prompt["win_vs_parent"] = per_prompt.pop("win_vs_base")
     if values and root and len(root) == len(values):
         entry["win_rate_vs_base"], entry["win_rates_vs_base"] = metrics.win_rates(values, root)
+        per_prompt["win_vs_base"] = metrics.wins(values, root)
         if values[0].get("rm") is not None and root[0].get("rm") is not None:
             entry["rm_win_rate_vs_base"] = metrics.rm_win_rate(values, root)
 

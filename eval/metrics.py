@@ -105,3 +105,26 @@ def win_rates(values: list, base: list) -> tuple[float, dict]:
     names = list(values[0]["rewards"]) if values else []
     overall = sum(v["reward"] > b["reward"] for v, b in zip(values, base)) / n
     return overall, {k: sum(v["rewards"][k] > b["rewards"][k] for v, b in zip(values, base)) / n for k in names}
+
+
+def per_prompt(gen: list | None, base_gen: list | None = None, pref: list | None = None) -> dict[str, list[float]]:
+    """The per-prompt scores paired comparisons use (eval/statistics.py): the held-out reward of each answer, in all
+    and per reward (`reward:<name>`), the reward model's score, a win (1) or not (0) against the base's answer to
+    the same prompt, and whether each held-out preference pair is ranked right (1) or not (0)."""
+    out: dict[str, list[float]] = {}
+    if gen:
+        out["heldout_reward"] = [float(v["reward"]) for v in gen]
+        for name in gen[0]["rewards"]:
+            out[f"reward:{name}"] = [float(v["rewards"][name]) for v in gen]
+        if gen[0].get("rm") is not None:
+            out["rm_score"] = [float(v["rm"]) for v in gen]
+        if base_gen and len(base_gen) == len(gen):
+            out["win_vs_base"] = wins(gen, base_gen)
+    if pref:
+        out["preference_correct"] = [1.0 if chosen_preferred(*v) else 0.0 for v in pref]
+    return out
+
+
+def wins(values: list, base: list) -> list[float]:
+    """1.0 where an answer's reward is strictly above `base`'s answer to the same prompt, else 0.0."""
+    return [1.0 if v["reward"] > b["reward"] else 0.0 for v, b in zip(values, base)]

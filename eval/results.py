@@ -17,6 +17,7 @@ from tunefleet.common.contract import RESULTS_FILE, RUN_RECORD
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.storage import Store, join, scratch_dir
 from tunefleet.trainers.config import METHODS
+from tunefleet.trainers.model import relocated
 
 FETCHED = ("adapter_config.json", "adapter_model.safetensors", RUN_RECORD, "trainer_state.json")
 # A full fine-tuning run is scored as a model of its own: its weights, config and tokenizer.
@@ -125,6 +126,8 @@ def discover(runs_dir: str, methods: list[str] | None = None) -> list[RunInfo]:
         local = scratch_dir(runs_dir, "eval") / name
         path = Path(run.url()) if not store.remote else fetch(run, local, full_files(run) if full else FETCHED)
         base = record.get("base_model") or (run.read_json("adapter_config.json") or {}).get("base_model_name_or_path")
+        if base and not store.remote:  # a parent run recorded where the study folder was when it trained
+            base = relocated(base, Path(run.url()), record)
         info = RunInfo(name, path, run.url(), method, record.get("seed"), base, record.get("dataset"), record, full)
         runs.append(info)
     return runs

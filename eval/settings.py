@@ -71,6 +71,9 @@ class EvalSettings:
     gpus_per_worker: float = option(
         1.0, "Ray on GPUs: GPU share per worker; 0.25 puts 4 workers of a small model on a GPU.", above=0, at_most=1
     )
+    gpu_hour_price: float | None = option(
+        None, "Price of one GPU-hour: the report turns each run's and the study's GPU-hours into money.", at_least=0
+    )
     force: bool = option(False, "Re-score runs whose adapter has not changed.")
     trust_remote_code: bool = option(False, "Allow code shipped with the base model.")
 

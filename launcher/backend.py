@@ -43,6 +43,9 @@ class SweepOptions:
     dry_run: bool = False
     skip_data_check: bool = False
     skip_plan_check: bool = False
+    max_parallel: int | None = None  # --max_parallel (study.json records it in the spec as run)
+    rerun_of: str | None = None  # --from: the study.json this sweep runs again
+    allow_drift: bool = False  # --allow_drift: go on where this machine differs from that study.json
 
 
 @dataclass

@@ -88,6 +88,7 @@ def summarize(output_dir: str | Path) -> RunSummary:
         final_loss=losses[-1] if losses else progress.get("loss"),
         memory_steps=recovery.describe_steps(record),
         nodes=record.get("nodes") or [],
+        cost=record.get("cost") if isinstance(record.get("cost"), dict) else None,
     )
 
 

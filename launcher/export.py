@@ -27,7 +27,7 @@ from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join, scratch_dir
 from tunefleet.common.terminal import calm
 from tunefleet.eval.results import BETTER, fetch, load_results, results_path
-from tunefleet.trainers.model import merge_adapter, save_full_model, save_tokenizer
+from tunefleet.trainers.model import merge_adapter, relocated, save_full_model, save_tokenizer
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -161,6 +161,8 @@ def export_run(
     )
     if not base:
         raise TunefleetError(f"{location}: neither run.json nor adapter_config.json names the base model")
+    if not is_uri(location):  # a parent run recorded where the study folder was when it trained
+        base = relocated(base, Path(location), record)
     name = location.rstrip("/").rsplit("/", 1)[-1]
     chosen = chosen or Chosen(name, location, evaluation_entry(location, name))
 

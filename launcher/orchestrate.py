@@ -20,7 +20,7 @@ from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, is_uri, join
 from tunefleet.eval.settings import EvalSettings
-from tunefleet.launcher import plan_check
+from tunefleet.launcher import manifest, plan_check
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.backend import Backend, Ran, SweepOptions
 from tunefleet.launcher.records import RunOutcome, RunPlan
@@ -63,6 +63,7 @@ def run_sweep(spec: sweeps.SweepSpec, backend: Backend, options: SweepOptions) -
     sweeps.check_existing_runs(runs)
     if not options.skip_data_check:
         sweeps.validate_data(runs)
+    write_manifest(spec, runs, options, backend.name)
     record = SweepRecord(
         name=spec.name,
         spec=options.spec_path,
@@ -144,7 +145,23 @@ def run_search_spec(spec: sweeps.SweepSpec, backend: Backend, options: SweepOpti
         backend.check_plan(needs)
     if not options.skip_data_check:
         sweeps.validate_data(probes)
+    write_manifest(spec, probes, options, backend.name)
     return backend.search(spec, setups)
+
+
+def write_manifest(spec: sweeps.SweepSpec, runs: list[RunPlan], options: SweepOptions, backend_name: str) -> None:
+    """study.json in the runs folder, before training; a rerun (--from) is checked against the study it reruns
+    first: a difference is one line, or with --allow_drift recorded in the new manifest."""
+    recorded = manifest.read(options.rerun_of) if options.rerun_of else None
+    spec_data = manifest.spec_as_run(options.spec_path, spec.runs_dir, options.max_parallel)
+    command = {"backend": backend_name, "eval": options.evaluate, "retries": options.retries}
+    current = manifest.build(spec_data, runs, command)
+    if recorded is not None and options.rerun_of:
+        current.drift = manifest.check_drift(recorded, current, options.rerun_of, options.allow_drift) or None
+        current.rerun_of = options.rerun_of
+        for line in (current.drift or []) + manifest.unverifiable(recorded):
+            print(f"warning: {options.rerun_of}: {line}", file=sys.stderr, flush=True)
+    manifest.write(spec.runs_dir, current)
 
 
 def stage_search_spec(spec: sweeps.SweepSpec, stage: sweeps.Stage, model: str | None) -> sweeps.SweepSpec:

@@ -86,6 +86,7 @@ class RunSummary:
     final_loss: float | None = None
     memory_steps: list[str] = field(default_factory=list[str])  # out-of-memory steps down, described
     nodes: list[dict[str, Any]] = field(default_factory=lambda: list[dict[str, Any]]())  # a multi-node run's nodes
+    cost: dict[str, Any] | None = None  # run.json `cost`: wall and GPU time, tokens trained, peak memory, energy
 
 
 @dataclass

@@ -590,13 +590,17 @@ def check_existing_runs(runs: list[RunPlan]) -> None:
     another base than the spec says is refused, not silently built on."""
     from pathlib import Path
 
-    from tunefleet.common.storage import Store
+    from tunefleet.common.storage import Store, is_uri
+    from tunefleet.trainers.model import relocated
 
     def same(a: str, b: str) -> bool:
         return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
     for run in runs:
-        recorded = (Store(run.output_dir).read_json(RUN_RECORD) or {}).get("base_model")
+        record = Store(run.output_dir).read_json(RUN_RECORD) or {}
+        recorded = record.get("base_model")
+        if recorded and not is_uri(run.output_dir):  # the study folder may have moved since
+            recorded = relocated(recorded, Path(run.output_dir), record)
         if recorded and not same(recorded, run.config.model_name) and not (run.lineage and run.lineage.best):
             raise TunefleetError(
                 f"{run.output_dir} holds a run of {run.name} trained on {recorded}, but the spec now starts it from "

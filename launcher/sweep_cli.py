@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tunefleet.common import schema
 from tunefleet.common.contract import TRAIN_LOG
 from tunefleet.common.errors import TunefleetError
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import Store, join, refuse_ray_job_temp
+from tunefleet.eval.settings import EvalSettings
 from tunefleet.launcher import orchestrate
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.backend import SweepOptions
@@ -28,7 +30,19 @@ def sweep_parser() -> argparse.ArgumentParser:
         description="Run every run of a sweep spec; a spec (or a stage) with search: searches each method's "
         "hyperparameters on Ray Tune (a local Ray for --backend local), then reruns the best over confirm: values.",
     )
-    p.add_argument("spec", help="Sweep spec YAML (see sweeps/).")
+    p.add_argument("spec", nargs="?", help="Sweep spec YAML (see sweeps/).")
+    p.add_argument(
+        "--from",
+        dest="from_manifest",
+        metavar="STUDY_JSON",
+        help="Run a study again from its study.json (instead of a spec): its spec as run, after checking that this "
+        "machine has its versions, code, data and models.",
+    )
+    p.add_argument(
+        "--allow_drift",
+        action="store_true",
+        help="With --from: go on where this machine differs from the study.json, and record the differences.",
+    )
     p.add_argument(
         "--backend",
         choices=orchestrate.BACKENDS,
@@ -66,11 +80,22 @@ def sweep_options(a: argparse.Namespace) -> SweepOptions:
         dry_run=a.dry_run,
         skip_data_check=a.skip_data_check,
         skip_plan_check=a.skip_plan_check,
+        max_parallel=a.max_parallel,
+        rerun_of=a.from_manifest,
+        allow_drift=a.allow_drift,
     )
 
 
 def cmd_sweep(argv: list[str]) -> int:
     a = sweep_parser().parse_args(argv)
+    if bool(a.spec) == bool(a.from_manifest):
+        raise TunefleetError("give a sweep spec or --from study.json (one of them)")
+    if a.allow_drift and not a.from_manifest:
+        raise TunefleetError("--allow_drift goes with --from study.json")
+    if a.from_manifest:
+        from tunefleet.launcher import manifest
+
+        a.spec = manifest.rerun_spec(a.from_manifest, a.runs_dir)
     spec = sweeps.load_spec(a.spec)
     if a.runs_dir:
         spec.runs_dir = a.runs_dir
@@ -88,7 +113,9 @@ def cmd_sweep(argv: list[str]) -> int:
 def cmd_status(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="tunefleet status", description="State of a sweep's runs.")
     p.add_argument("sweep_dir", nargs="?", default="runs", help="The sweep's runs_dir (holds sweep.json).")
+    p.add_argument("--gpu_hour_price", help="Price of one GPU-hour: the sweep's total cost in money.")
     a = p.parse_args(argv)
+    price = schema.from_mapping(EvalSettings, {"gpu_hour_price": a.gpu_hour_price}).gpu_hour_price
     Store(a.sweep_dir).check()
     record = SweepRecord.read(a.sweep_dir)
     if record is None:
@@ -133,10 +160,38 @@ def cmd_status(argv: list[str]) -> int:
             print(f"    {len(s.nodes)} nodes: {nodes_text(s.nodes)}")
         for step in s.memory_steps:
             print(f"    memory: {step}")
+        if s.cost:
+            print(f"    cost: {cost_text(s.cost)}")
+    costs = [s.cost for s in summaries.values() if s.cost]
+    if costs:
+        print(f"  cost of {len(costs)} runs: {cost_text(total_cost(costs), price)}")
     if slurm.get("eval_job_id"):
         eid = str(slurm["eval_job_id"])
         print(f"  evaluation job {eid}: {jobs.get(eid, '-')}  {Path(a.sweep_dir) / 'slurm' / f'eval_{eid}.log'}")
     return 0
+
+
+def total_cost(costs: list[dict]) -> dict:
+    """Runs' costs added up (energy only where some run measured it)."""
+    total = {k: sum(c.get(k) or 0 for c in costs) for k in ("wall_seconds", "gpu_seconds", "tokens_trained")}
+    energy = [c["energy_joules"] for c in costs if isinstance(c.get("energy_joules"), (int, float))]
+    return total | ({"energy_joules": sum(energy)} if energy else {})
+
+
+def cost_text(cost: dict, gpu_hour_price: float | None = None) -> str:
+    """`12.3 s, 0.0034 GPU-hours, 4,066 tokens (4,594/s), peak 673 MiB, 812 J, 0.0085 at 2.5 per GPU-hour`."""
+    gpu_hours = (cost.get("gpu_seconds") or 0) / 3600
+    parts = [f"{cost.get('wall_seconds') or 0:.1f} s", f"{gpu_hours:.4f} GPU-hours"]
+    tokens = f"{int(cost.get('tokens_trained') or 0):,} tokens"
+    parts.append(tokens + (f" ({cost['tokens_per_second']:,.0f}/s)" if cost.get("tokens_per_second") else ""))
+    peak = cost.get("peak_gpu_mb") or cost.get("peak_rss_mb")
+    if peak:
+        parts.append(f"peak {peak:,.0f} MiB")
+    if isinstance(cost.get("energy_joules"), (int, float)):
+        parts.append(f"{cost['energy_joules']:,.0f} J")
+    if gpu_hour_price is not None:
+        parts.append(f"{gpu_hours * gpu_hour_price:.4f} at {gpu_hour_price} per GPU-hour")
+    return ", ".join(parts)
 
 
 def cmd_cancel(argv: list[str]) -> int:

@@ -7,13 +7,17 @@ trl_config, callbacks.progress_callback, then life_cycle.train_and_save."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunefleet.common.contract import RUN_RECORD
 from tunefleet.common.errors import TunefleetError, first_line
+from tunefleet.common.jsonfile import write_json_atomic
 from tunefleet.common.status import RunStatus
 from tunefleet.common.storage import StoreUnavailable
 from tunefleet.trainers import checkpoints, data, heldout, recovery
 from tunefleet.trainers.callbacks import Preempted, close_progress, preemption_callback, startup_clock
+from tunefleet.trainers.cost import CostMeter
 from tunefleet.trainers.data import Prepared
 from tunefleet.trainers.run_folder import RunFolder, checkpoint_upload_callback, is_main_process
 from tunefleet.trainers.run_record import disk_full, finish_record, peak_memory, start_record, store_failed
@@ -85,12 +89,15 @@ def train_and_save(
     trainer.add_callback(
         checkpoints.checkpoint_callback(folder.local, args.save_total_limit, mark=not folder.store.remote)
     )
+    before = (folder.read_json(RUN_RECORD) or {}).get("cost") if resume_from else None
+    meter = CostMeter(trainer, before)  # a resumed run's cost adds this attempt to the earlier ones
     record = start_record(cfg, folder, resume_from, extra)
     if resume_from:
         print(f"resuming from {resume_from}", flush=True)
     try:
         try:
-            result = trainer.train(resume_from_checkpoint=resume_from)
+            with meter.training():
+                result = trainer.train(resume_from_checkpoint=resume_from)
         finally:
             close_progress(trainer)  # the bar gives the terminal back before any error is printed
     except KeyboardInterrupt:
@@ -129,9 +136,11 @@ def train_and_save(
             clock,
             global_step=trainer.state.global_step,
             note=f"signal {preemption.signum}: checkpoint-{trainer.state.global_step} saved",
+            **({"cost": meter.record(cfg.num_nodes, gather=False)} if world == 1 else {}),
         )
         raise Preempted(preemption.signum)
     trainer.save_model(str(folder.local))  # adapter, training_args.bin, tokenizer at the top level
+    portable_adapter_config(folder, cfg)
     trainer.save_state()  # trainer_state.json at the top level
     try:
         folder.publish()  # before the record says finished: a finished run in a store is a whole one
@@ -147,6 +156,26 @@ def train_and_save(
         train_runtime_s=result.metrics.get("train_runtime"),
         train_loss=result.metrics.get("train_loss"),
         world_size=trainer.accelerator.num_processes,
+        cost=meter.record(cfg.num_nodes),
     )
     folder.clean_scratch()
     return record
+
+
+def portable_adapter_config(folder: RunFolder, cfg: TrainConfig) -> None:
+    """A pipeline child's adapter_config.json names its parent's merged model relative to itself
+    (`../<parent>/merged`), not by the absolute path it had here: the study folder can then move."""
+    import json
+
+    from tunefleet.trainers.model import MERGED, relative_parent, run_folder
+
+    config_file = folder.local / "adapter_config.json"
+    parent = run_folder(cfg.model_name)
+    if not is_main_process() or parent is None or not config_file.is_file() or folder.store.remote:
+        return
+    relative = relative_parent(Path(cfg.output_dir), str(parent / MERGED))
+    if relative is None:
+        return
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = relative
+    write_json_atomic(config_file, config)

@@ -99,15 +99,45 @@ def file_digest(path: Path) -> str:
 
 
 def adapter_base(folder: Path) -> str:
-    """The base an adapter was trained on: its run.json's, else its adapter_config.json's."""
+    """The base an adapter was trained on: its run.json's, else its adapter_config.json's (found again where the
+    study folder moved since, see `relocated`)."""
     import json
 
     record = json.loads((folder / RUN_RECORD).read_text()) if (folder / RUN_RECORD).is_file() else {}
     config = json.loads((folder / "adapter_config.json").read_text())
-    base = record.get("base_model") or config.get("base_model_name_or_path")
+    base = record.get("base_model")
+    if not base and config.get("base_model_name_or_path"):
+        base = config["base_model_name_or_path"]
+        if base.startswith(("./", "../")):  # a pipeline child's: its parent's merged model, relative to itself
+            base = str((folder / base).resolve())
     if not base:
         raise TunefleetError(f"{folder}: neither run.json nor adapter_config.json names the base model")
+    return relocated(base, folder, record)
+
+
+def relocated(base: str, folder: Path, record: dict) -> str:
+    """A run's recorded base where the study folder has moved since it trained (copied elsewhere, downloaded from
+    a bucket): a parent run is recorded by the absolute path it had then, and is found again as the folder of the
+    same name beside the run, or beside one of its enclosing folders (a search stage's runs sit one level down)."""
+    if not base.startswith("/") or Path(base).exists():
+        return base
+    names = [n for n in ((record.get("lineage") or {}).get("parent_name"), Path(base).name) if n]
+    if Path(base).name == MERGED:  # an adapter_config.json's base: the parent's merged model
+        names.append(Path(base).parent.name)
+    for enclosing in list(folder.resolve().parents)[:3]:
+        for name in names:
+            if (enclosing / name).is_dir():
+                return str(enclosing / name / MERGED if Path(base).name == MERGED else enclosing / name)
     return base
+
+
+def relative_parent(adapter_folder: Path, parent_model: str) -> str | None:
+    """What a pipeline child's adapter_config.json names as its base: the parent's merged model relative to the
+    child's folder (`../sft_s1/merged`), so that the study folder can move; None for a base that is not a run."""
+    merged = Path(parent_model)
+    if merged.name != MERGED or not (merged.parent / "adapter_config.json").is_file():
+        return None
+    return os.path.relpath(merged.resolve(), adapter_folder.resolve())
 
 
 def root_model(name: str) -> str:
@@ -120,7 +150,8 @@ def root_model(name: str) -> str:
         if (folder := run_folder(name)) is not None:
             name = adapter_base(folder)
         elif (full := full_run_folder(name)) is not None:
-            name = json.loads((full / RUN_RECORD).read_text()).get("base_model") or name
+            record = json.loads((full / RUN_RECORD).read_text())
+            name = relocated(record.get("base_model") or name, full, record)
         else:
             break
     return name

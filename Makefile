@@ -8,7 +8,7 @@ LINKED := $(VENV)/.linked
 PACKAGE_DIRS := $(shell find common trainers launcher eval cluster_configs -type d -not -name __pycache__ 2>/dev/null)
 EDITABLE := --config-settings editable_mode=strict
 
-.PHONY: setup demo check test typecheck bench clean
+.PHONY: setup demo check test typecheck bench clean browser
 
 setup: $(LINKED)
 
@@ -27,12 +27,22 @@ $(LINKED): $(STAMP) $(PACKAGE_DIRS)
 	$(BIN)/python -m pip install -q --no-deps -e . $(EDITABLE)
 	touch $(LINKED)
 
+# A headless Chromium for the test that opens the HTML report (Debian's package; Playwright drives it, and never
+# downloads a browser of its own). Needs root or an existing chromium; without either the browser test says so.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))) || \
+	  echo "warning: no chromium (apt-get install chromium): the HTML report's browser test will be skipped"
+
 # The whole fleet on the embedded default: 5 methods x 2 seeds on a local Ray, then the evaluator.
 demo: setup
 	$(BIN)/tunefleet sweep sweeps/demo.yaml --backend ray --eval
-	@echo "outputs: runs/demo/<run>/ (adapter, run.json, train.log), runs/demo/evaluation_results.json,"
+	@echo "outputs: runs/demo/<run>/ (adapter, run.json with its cost, train.log), runs/demo/study.json,"
+	@echo "         runs/demo/evaluation_results.json, runs/demo/evaluation_statistics.json,"
 	@echo "         runs/demo/evaluation_report.md, runs/demo/*.png"
 	@echo "the winner, merged for serving: $(BIN)/tunefleet export --runs_dir runs/demo --best win_rate_vs_base --output_dir exported/best"
+	@echo "the report, in a browser: $(CURDIR)/runs/demo/evaluation_report.html"
 
 # basedpyright over the package, configured in pyproject.toml ([tool.basedpyright]).
 typecheck: setup
@@ -46,7 +56,7 @@ check: setup
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations 5 tests
 
 # The whole suite (what CI runs).
-test: setup
+test: setup browser
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/basedpyright

@@ -221,6 +221,7 @@ class TrialResult:
     metric: float | None
     output_dir: str
     error: str | None = None
+    cost: dict[str, Any] | None = None  # its run.json `cost` (train time, GPU-seconds, tokens)
 
     def record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,12 +242,25 @@ class MethodSearch:
     def steps_without_stopping(self) -> int:
         return self.max_steps * len(self.trials)
 
+    def saved(self) -> dict[str, Any]:
+        """What early stopping saved: the steps the stopped trials did not train, and their time and GPU-seconds
+        at the trials' own mean cost per step (run.json `cost`)."""
+        costs = [t.cost for t in self.trials if t.cost and t.steps]
+        steps = sum(t.steps for t in self.trials if t.cost and t.steps)
+        saved_steps = self.steps_without_stopping - self.steps_used
+        out: dict[str, Any] = {"steps": saved_steps}
+        if costs and steps:
+            out["train_seconds"] = round(saved_steps * sum(c.get("train_seconds") or 0 for c in costs) / steps, 1)
+            out["gpu_seconds"] = round(saved_steps * sum(c.get("gpu_seconds") or 0 for c in costs) / steps, 1)
+        return out
+
     def record(self) -> dict[str, Any]:
         return {
             "trials": [t.record() for t in self.trials],
             "best": self.best.record() if self.best else None,
             "steps_used": self.steps_used,
             "steps_without_early_stopping": self.steps_without_stopping,
+            "saved_by_early_stopping": self.saved(),
         }
 
 
@@ -374,6 +388,7 @@ def trial_result(setup: TrialSetup, result: Any, run: RunPlan | None) -> TrialRe
         metric=float(value) if isinstance(value, int | float) else None,
         output_dir=run.output_dir if run else "",
         error=trial_error(result.error),
+        cost=record.get("cost") if isinstance(record.get("cost"), dict) else None,
     )
 
 
@@ -582,12 +597,18 @@ def write_search_report(
         lines.append("")
     lines += ["## The search", ""]
     for method, f in found.items():
-        saved = f.steps_without_stopping - f.steps_used
+        saved = f.saved()
+        cost = (
+            f", about {saved['train_seconds']} s of training and {saved['gpu_seconds'] / 3600:.4f} GPU-hours at the "
+            "trials' cost per step"
+            if "train_seconds" in saved
+            else ""
+        )
         lines += [
             f"### {method}: {len(f.trials)} trials, {sum(t.status is RunStatus.STOPPED for t in f.trials)} stopped early",
             "",
             f"Training steps: {f.steps_used} of {f.steps_without_stopping} had every trial run to the end "
-            f"({saved} saved by early stopping).",
+            f"({saved['steps']} saved by early stopping{cost}).",
             "",
             f"Compared by {settings.metric_for(method)} ({settings.direction(method)}) at each trial's last evaluation.",
             "",

@@ -187,6 +187,10 @@ def test_asha_stops_trials_early_and_confirm_reruns_the_best_over_seeds(tmp_path
     best = state["methods"]["dpo"]["best"]
     assert best["status"] == "finished" and best["steps"] == 24
     assert state["methods"]["dpo"]["steps_used"] < state["methods"]["dpo"]["steps_without_early_stopping"]
+    # what early stopping saved, in steps and at the trials' own cost per step (every trial, stopped too, has one)
+    saved = state["methods"]["dpo"]["saved_by_early_stopping"]
+    assert saved["steps"] == 24 * 4 - state["methods"]["dpo"]["steps_used"] and saved["train_seconds"] > 0
+    assert all(t["cost"]["tokens_trained"] > 0 and t["cost"]["train_seconds"] > 0 for t in trials), trials
     # confirm: the best values over seeds 1 and 2, at full length, evaluated
     for seed in (1, 2):
         record = read_json(runs / f"dpo_tiny-qwen2_s{seed}" / "run.json")

@@ -3,7 +3,8 @@
 # The GPU image has torch/transformers/peft/accelerate but not trl, datasets, bitsandbytes, ray or deepspeed:
 # carry their wheels in .whl/ (git-ignored), as the device notes explain, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-#     -d .whl trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 (+ their missing deps: multiprocess, xxhash, dill, ...)
+#     -d .whl trl==1.16.0 datasets==5.2.0 bitsandbytes==0.50.2 nvidia-ml-py (+ their missing deps: multiprocess,
+#     xxhash, dill, ...)
 # then run:  bash bench/gpu_check.sh   (writes its figures to $OUT or ./gpu_check_out)
 #
 # What it shows, on a random-init model with the real Qwen2-0.5B-Instruct architecture (bench/qwen2_0.5b_config.json):
@@ -13,7 +14,8 @@
 #   4. packing: 4 QLoRA runs on one GPU at once (gpus_per_run: auto) vs one after another, as a throughput ratio,
 #      and the memory estimate against torch.cuda.max_memory_allocated of each run;
 #   5. full fine-tuning on the GPU (bf16), plain and through ZeRO-3 (one process, deepspeed carried), from a recipe in
-#      TRL's form (no use_peft: the whole model trains): status, peak memory, the saved model's dtype.
+#      TRL's form (no use_peft: the whole model trains): status, peak memory, the saved model's dtype, and run.json's
+#      cost (GPU-seconds, tokens/s, and the energy NVML measured: absent where nvidia-ml-py was not carried).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}
@@ -72,6 +74,6 @@ for config in auto zero3; do
   timeout 150 python3 -m tunefleet.launcher.cli train --method sft --config /tmp/full_recipe.yaml \
     --output_dir "/tmp/full-$config" --accelerate_config "$config" --overwrite 2>&1 | tail -3 | tee -a "$out/full_finetune.txt"
   python3 -c "import json, sys; r=json.load(open(sys.argv[1] + '/run.json')); print(sys.argv[2], {k: r.get(k) for k in \
-('status', 'distributed_type', 'peak_gpu_mb', 'train_runtime_s', 'launch')}, r['config']['finetune'])" "/tmp/full-$config" "$config" \
+('status', 'distributed_type', 'peak_gpu_mb', 'train_runtime_s', 'launch', 'cost')}, r['config']['finetune'])" "/tmp/full-$config" "$config" \
     | tee -a "$out/full_finetune.txt"
 done

@@ -120,6 +120,8 @@ def train_and_save(
             error=error,
             global_step=step,
             **({"out_of_memory": True} if out_of_memory else {}),
+            # what the attempt cost (one process: a failed rank's peers may be gone, so no collective)
+            **({"cost": meter.record(cfg.num_nodes, gather=False)} if world == 1 else {}),
         )
         folder.clean_scratch()
         if out_of_memory:

@@ -265,8 +265,8 @@ def small_spec(runs_dir: Path) -> dict:
         "name": "small",
         "runs_dir": str(runs_dir),
         "base": STUDY_BASE | {"max_steps": 6, "logging_steps": 2},
-        "grid": {"method": ["sft", "dpo"], "seed": [1]},
-        "methods": {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}},
+        "grid": {"method": ["sft", "dpo", "rm"], "seed": [1]},  # rm: its score head is drawn at load, seeded too
+        "methods": {"sft": {"split": "train_sft"}, "dpo": {"split": "train_prefs"}, "rm": {"split": "train_prefs"}},
     }
 
 
@@ -286,7 +286,7 @@ def test_a_study_reruns_from_its_manifest_to_the_same_losses_and_names_any_drift
 
     again = tmp_path / "again"
     tunefleet("sweep", "--from", first / "study.json", "--runs_dir", again)
-    for run in ("sft_tiny-qwen2_s1", "dpo_tiny-qwen2_s1"):
+    for run in ("sft_tiny-qwen2_s1", "dpo_tiny-qwen2_s1", "rm_tiny-qwen2_s1"):
         assert losses(again / run) == losses(first / run) and losses(first / run)
     assert read_json(again / "study.json")["rerun_of"] == str(first / "study.json")
 
@@ -317,6 +317,7 @@ def test_a_moved_pipeline_study_evaluates_exports_and_its_child_loads_with_peft(
 
     spec = small_spec(tmp_path / "old" / "runs")
     spec.pop("grid")
+    spec["methods"].pop("rm")
     spec["stages"] = {
         "sft": {"grid": {"method": ["sft"], "seed": [1]}},
         "aligned": {"from": "sft", "grid": {"method": ["dpo"]}},

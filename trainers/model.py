@@ -473,7 +473,7 @@ def load_model(cfg: TrainConfig, attn_implementation: str | None = None, reward_
     """The run's base model, ready to train: quantized and prepared for adapters (finetune qlora), full precision
     (lora), or whole (full). `reward_model`: the base with a one-output score head (a sequence classifier, what
     TRL's RewardTrainer trains; the head starts random)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     RESIDENT_BEFORE_MODEL_MB.append(resident_mb())
     dtype = weights_dtype(cfg)
@@ -489,6 +489,9 @@ def load_model(cfg: TrainConfig, attn_implementation: str | None = None, reward_
         kwargs["quantization_config"] = quantization_config(compute, cfg.trl_args, cfg.config_form == "trl")
         if has_gpu() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # DeepSpeed places weights itself
+    # Seeded before loading: a reward model's new score head is drawn here, before the trainer seeds itself, and
+    # a run must rerun to the same losses (study.json's `sweep --from`).
+    set_seed(cfg.seed)
     try:
         auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
         with quiet_new_head() if reward_model else contextlib.nullcontext():

@@ -83,7 +83,7 @@ def cmd_compare(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="tunefleet compare",
         description="A minus B on one per-prompt metric of an evaluated study, over the same held-out prompts (seeds "
-        "matched in order): the difference, its 95%% paired bootstrap interval and a permutation test's p-value. "
+        "matched in order): the difference, its 95% paired bootstrap interval and a permutation test's p-value. "
         "A and B: a method (stage/method in a pipeline), base, or a run's name.",
         allow_abbrev=False,
     )

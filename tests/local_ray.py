@@ -11,7 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from testkit import pids_in_tree
+import yaml
+from testkit import Started, pids_in_tree, tunefleet
 
 from tunefleet.launcher.launch import free_ports
 from tunefleet.launcher.warm import process_lives
@@ -96,6 +97,14 @@ class LocalRayHead:
     @property
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def sweep(self, spec: dict, path: Path, *extra: str, wait: bool = True):
+        """`tunefleet sweep` of `spec` (written to `path`) on this Ray, with token auth: its CompletedProcess, or
+        with wait=False the started process."""
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        args = ["sweep", path, "--backend", "ray", "--address", self.address, *extra]
+        env = {"RAY_AUTH_MODE": "token"}
+        return tunefleet(*args, env=env, check=False) if wait else Started(*args, env=env)
 
     def stop(self) -> None:
         """TERM, then KILL after a grace period, every process of this Ray; again for any that started meanwhile

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from local_ray import LocalRayCluster, can_hide_folders, pids_under
-from testkit import Started, checkpoint_steps, read_json, run_cli, tunefleet
+from testkit import checkpoint_steps, read_json, run_cli, tunefleet
 
 from tunefleet.common.contract import GangSeat
 from tunefleet.common.errors import TunefleetError
@@ -142,13 +142,6 @@ def cluster():
     assert not pids_under(nodes.temp_dir)
 
 
-def sweep(cluster, spec: dict, path: Path, *extra: str, wait: bool = True):
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    args = ["sweep", path, "--backend", "ray", "--address", cluster.address, *extra]
-    env = {"RAY_AUTH_MODE": "token"}
-    return tunefleet(*args, env=env, check=False) if wait else Started(*args, env=env)
-
-
 def losses(run: Path) -> list[float]:
     return [e["loss"] for e in read_json(run / "trainer_state.json")["log_history"] if "loss" in e]
 
@@ -190,7 +183,7 @@ def test_a_two_node_run_has_the_losses_of_one_node_while_small_runs_fill_the_thi
         },
         "resources": {"cpus_per_run": 2},  # a whole raylet per node of a run: two runs cannot share one
     }
-    done = sweep(cluster, spec, tmp_path / "s.yaml")
+    done = cluster.sweep(spec, tmp_path / "s.yaml")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     gangs, singles = ["big_s1"], ["small_s1"]
     spans = {}
@@ -240,7 +233,7 @@ def test_zero3_full_fine_tuning_over_two_nodes(cluster, tmp_path, tiny_model):
         "base": {**settings, "num_nodes": 2},
         "resources": {"cpus_per_run": 1},
     }
-    done = sweep(cluster, spec, tmp_path / "s.yaml")
+    done = cluster.sweep(spec, tmp_path / "s.yaml")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = runs_dir / "sft_tiny-qwen2_s1"
     record = read_json(run / "run.json")
@@ -255,7 +248,7 @@ def test_refusals_before_anything_trains(cluster, tmp_path, tiny_model):
     runs_dir = tmp_path / "runs"
     spec = {"name": "big", "runs_dir": str(runs_dir), "base": {**TINY, "num_nodes": 4, "max_steps": 2}}
     started = time.time()
-    done = sweep(cluster, spec, tmp_path / "s.yaml", "--skip_data_check")
+    done = cluster.sweep(spec, tmp_path / "s.yaml", "--skip_data_check")
     assert done.returncode == 2 and time.time() - started < 60
     said = done.stderr.strip().splitlines()
     assert said == [
@@ -275,7 +268,7 @@ def test_a_runs_dir_one_node_cannot_see_is_refused(tmp_path, tiny_model):
     nodes = LocalRayCluster(nodes=2, num_cpus=1, num_gpus=0, hidden={1: str(shared)}).start()
     try:
         spec = {"name": "hid", "runs_dir": str(shared / "runs"), "base": {**TINY, "num_nodes": 2, "max_steps": 2}}
-        done = sweep(nodes, spec, tmp_path / "s.yaml", "--skip_data_check")
+        done = nodes.sweep(spec, tmp_path / "s.yaml", "--skip_data_check")
     finally:
         nodes.stop()
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
@@ -297,7 +290,7 @@ def test_a_node_that_never_joins_ends_the_gang_in_one_line(cluster, tmp_path, ti
         "runs_dir": str(runs_dir),
         "base": {**TINY, "use_qlora": False, "num_nodes": 2, "max_steps": 2, "rendezvous_timeout": 40},
     }
-    proc = sweep(cluster, spec, tmp_path / "s.yaml", "--retries", "0", "--skip_data_check", wait=False)
+    proc = cluster.sweep(spec, tmp_path / "s.yaml", "--retries", "0", "--skip_data_check", wait=False)
     frozen: list[int] = []
     deadline = time.time() + 120
     while not frozen and time.time() < deadline:  # node 1 hangs as its launcher starts (before the head is up)
@@ -341,7 +334,7 @@ def test_a_raylet_lost_mid_run_restarts_the_gang_from_its_checkpoint(cluster, tm
         "base": {**TINY, "use_qlora": False, "num_nodes": 2, "max_steps": 500, "save_steps": 10},
         "resources": {"cpus_per_run": 1},
     }
-    proc = sweep(cluster, spec, tmp_path / "s.yaml", "--retries", "1", wait=False)
+    proc = cluster.sweep(spec, tmp_path / "s.yaml", "--retries", "1", wait=False)
     met = None
     deadline = time.time() + 240
     while time.time() < deadline and not (met and checkpoint_steps(run)):

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from local_ray import LocalRayCluster, pids_under
-from testkit import Started, checkpoint_steps, pids_in_tree, read_json, tunefleet
+from testkit import checkpoint_steps, pids_in_tree, read_json
 
 from tunefleet.common.jsonfile import read_json as maybe_json
 from tunefleet.common.storage import Store
@@ -47,15 +46,6 @@ def cluster():
     finally:
         nodes.stop()
     assert not pids_under(nodes.temp_dir)
-
-
-def sweep(cluster, spec: dict, path: Path, *extra: str, wait: bool = True):
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    args = ["sweep", path, "--backend", "ray", "--address", cluster.address, *extra]
-    env = {"RAY_AUTH_MODE": "token"}
-    if not wait:
-        return Started(*args, env=env)
-    return tunefleet(*args, env=env, check=False)
 
 
 def node_ids(cluster) -> dict[str, str]:
@@ -90,7 +80,7 @@ def test_packed_runs_spread_over_both_nodes_and_the_evaluator_too(cluster, tmp_p
             "skip_perplexity": True,
         },
     }
-    done = sweep(cluster, spec, tmp_path / "s.yaml", "--eval")
+    done = cluster.sweep(spec, tmp_path / "s.yaml", "--eval")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     nodes = set(node_ids(cluster).values())
     on_node = {}  # node id -> (started, ended) of its runs
@@ -110,7 +100,7 @@ def test_packed_runs_spread_over_both_nodes_and_the_evaluator_too(cluster, tmp_p
     assert set().union(*(e["eval_nodes"] for e in results.values())) == nodes  # shards scored on both nodes
     assert "finished 4" in done.stdout and "final loss" in done.stdout
 
-    again = sweep(cluster, spec, tmp_path / "s.yaml")  # a rerun skips what finished
+    again = cluster.sweep(spec, tmp_path / "s.yaml")  # a rerun skips what finished
     assert again.returncode == 0 and again.stdout.count("skipped: finished before") == 4
 
 
@@ -128,7 +118,7 @@ def test_a_search_packs_its_trials_on_gpu_shares_of_both_nodes(cluster, tmp_path
             "space": {"sft": {"learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}}},
         },
     }
-    done = sweep(cluster, spec, tmp_path / "s.yaml")
+    done = cluster.sweep(spec, tmp_path / "s.yaml")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = read_json(runs_dir / "search.json")["methods"]["sft"]["trials"]
     used: dict[str, int] = {}
@@ -155,7 +145,7 @@ def test_a_packed_run_out_of_memory_goes_again_alone(cluster, tmp_path, tiny_mod
         "reward_funcs": ["oom_when_shared:reward"],
     }
     spec = {"name": "oom", "runs_dir": str(runs_dir), "base": base, "resources": {"gpus_per_run": 0.5}}
-    done = sweep(cluster, spec, tmp_path / "s.yaml", "--retries", "0")
+    done = cluster.sweep(spec, tmp_path / "s.yaml", "--retries", "0")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "out of memory: again with a whole GPU" in done.stdout
     run = runs_dir / "grpo_tiny-qwen2_s42"
@@ -176,7 +166,7 @@ def test_a_lost_node_costs_nothing(cluster, tmp_path, tiny_model):
     }
     names = node_ids(cluster)
     second = names["node1"]
-    proc = sweep(cluster, spec, tmp_path / "s.yaml", "--retries", "0", wait=False)
+    proc = cluster.sweep(spec, tmp_path / "s.yaml", "--retries", "0", wait=False)
     victim = None
     deadline = time.time() + 240
     while time.time() < deadline and victim is None:  # the run training on the second node, once it checkpointed

@@ -25,7 +25,7 @@ from tunefleet.common.errors import TunefleetError
 from tunefleet.common.jsonfile import utc_now
 from tunefleet.common.storage import Store, is_uri, scratch_dir
 from tunefleet.launcher.records import RunPlan
-from tunefleet.trainers.run_record import git_commit, versions
+from tunefleet.trainers.run_record import VERSIONED, git_commit, versions
 
 SPEC_COPY = "study-spec.yaml"  # a rerun's spec, written from the manifest into its runs folder
 STUDY_PACKAGES = ("ray", "scipy", "statsmodels", "lm-eval", "optuna", "tunefleet")
@@ -33,15 +33,7 @@ STUDY_PACKAGES = ("ray", "scipy", "statsmodels", "lm-eval", "optuna", "tunefleet
 
 def package_versions() -> dict[str, str | None]:
     """The training stack's versions (as run.json records them) and the study's own tools."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = versions()
-    for name in STUDY_PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return versions(VERSIONED + STUDY_PACKAGES)
 
 
 def code_state() -> dict[str, Any]:
@@ -73,9 +65,10 @@ def rows_fingerprint(ds) -> str:
     return digest.hexdigest()[:16]
 
 
-def data_fingerprints(runs: list[RunPlan]) -> dict[str, dict[str, Any]]:
-    """Per dataset split the runs read: its row count and the hash of its rows."""
-    from tunefleet.launcher.sweep import data_checks
+def data_fingerprints(runs: list[RunPlan], loaded: dict[tuple, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Per dataset split the runs read: its row count and the hash of its rows. `loaded`: splits the sweep's data
+    check already loaded (`sweep.validate_data`), by `split_key`; the others are loaded here."""
+    from tunefleet.launcher.sweep import data_checks, split_key
     from tunefleet.trainers import data
 
     out: dict[str, dict[str, Any]] = {}
@@ -84,7 +77,9 @@ def data_fingerprints(runs: list[RunPlan]) -> dict[str, dict[str, Any]]:
         if part.data_files:
             key += ":" + ",".join(part.data_files)
         if key not in out:
-            ds = data.load_split(part.dataset, part.split, part.config, part.data_files)
+            ds = (loaded or {}).get(split_key(part))
+            if ds is None:
+                ds = data.load_split(part.dataset, part.split, part.config, part.data_files)
             out[key] = {"rows": len(ds), "sha256": rows_fingerprint(ds)}
     return out
 
@@ -168,12 +163,12 @@ def spec_as_run(spec_path: str, runs_dir: str, max_parallel: int | None) -> dict
     return data
 
 
-def build(spec_data: dict, runs: list[RunPlan], command: dict) -> Manifest:
+def build(spec_data: dict, runs: list[RunPlan], command: dict, loaded: dict[tuple, Any] | None = None) -> Manifest:
     return Manifest(
         spec=spec_data,
         versions=package_versions(),
         code=code_state(),
-        data=data_fingerprints(runs),
+        data=data_fingerprints(runs, loaded),
         models=model_revisions(runs),
         hardware=hardware(),
         written_at=utc_now(),

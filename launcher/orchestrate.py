@@ -61,9 +61,8 @@ def run_sweep(spec: sweeps.SweepSpec, backend: Backend, options: SweepOptions) -
         backend.check_plan(needs)
     backend.prepare()  # the runs' warm process imports while the data is checked and Ray starts
     sweeps.check_existing_runs(runs)
-    if not options.skip_data_check:
-        sweeps.validate_data(runs)
-    write_manifest(spec, runs, options, backend.name)
+    loaded = sweeps.validate_data(runs) if not options.skip_data_check else None
+    write_manifest(spec, runs, options, backend.name, loaded)
     record = SweepRecord(
         name=spec.name,
         spec=options.spec_path,
@@ -143,19 +142,24 @@ def run_search_spec(spec: sweeps.SweepSpec, backend: Backend, options: SweepOpti
     needs = plan_check.plan_needs(spec, probes, True)
     if not options.skip_plan_check and needs:
         backend.check_plan(needs)
-    if not options.skip_data_check:
-        sweeps.validate_data(probes)
-    write_manifest(spec, probes, options, backend.name)
+    loaded = sweeps.validate_data(probes) if not options.skip_data_check else None
+    write_manifest(spec, probes, options, backend.name, loaded)
     return backend.search(spec, setups)
 
 
-def write_manifest(spec: sweeps.SweepSpec, runs: list[RunPlan], options: SweepOptions, backend_name: str) -> None:
+def write_manifest(
+    spec: sweeps.SweepSpec,
+    runs: list[RunPlan],
+    options: SweepOptions,
+    backend_name: str,
+    loaded: dict[tuple, Any] | None = None,
+) -> None:
     """study.json in the runs folder, before training; a rerun (--from) is checked against the study it reruns
     first: a difference is one line, or with --allow_drift recorded in the new manifest."""
     recorded = manifest.read(options.rerun_of) if options.rerun_of else None
     spec_data = manifest.spec_as_run(options.spec_path, spec.runs_dir, options.max_parallel)
     command = {"backend": backend_name, "eval": options.evaluate, "retries": options.retries}
-    current = manifest.build(spec_data, runs, command)
+    current = manifest.build(spec_data, runs, command, loaded)
     if recorded is not None and options.rerun_of:
         current.drift = manifest.check_drift(recorded, current, options.rerun_of, options.allow_drift) or None
         current.rerun_of = options.rerun_of

@@ -620,16 +620,23 @@ def data_checks(runs: list[RunPlan]) -> list[tuple[str, DatasetPart]]:
     return checks
 
 
-def validate_data(runs: list[RunPlan]) -> None:
-    """Load each needed split once; its layout must fit the method and lose no text: fail before any run starts."""
+def split_key(part: DatasetPart) -> tuple:
+    """What identifies one loaded split: its dataset, split, config and files."""
+    return (part.dataset, part.split, part.config, tuple(part.data_files or ()))
+
+
+def validate_data(runs: list[RunPlan]) -> dict[tuple, Any]:
+    """Load each needed split once; its layout must fit the method and lose no text: fail before any run starts.
+    Returns the loaded splits by `split_key` (study.json hashes their rows)."""
     from tunefleet.trainers import data
 
     loaded = {}
     for method, part in data_checks(runs):
-        key = (part.dataset, part.split, part.config, tuple(part.data_files or ()))
+        key = split_key(part)
         if key not in loaded:
             loaded[key] = data.load_split(part.dataset, part.split, part.config, part.data_files)
         try:
             data.check(method, loaded[key], part.columns, part.ignore_columns, part.dataset, part.split)
         except TunefleetError as exc:
             raise TunefleetError(f"{method} on {part.dataset} split '{part.split}': {exc}") from None
+    return loaded

@@ -29,11 +29,12 @@ if TYPE_CHECKING:
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed")
 
 
-def versions() -> dict[str, str | None]:
+def versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
+    """Python's version and each package's (None where it is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED:
+    for name in names:
         try:
             found[name] = version(name)
         except PackageNotFoundError:

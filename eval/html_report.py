@@ -177,26 +177,20 @@ def image(path: Path) -> str:
     return f'<img alt="{esc(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def samples_section(rows: list[tuple[str, dict]]) -> str:
-    with_samples = [(name, e) for name, e in rows if e.get("generation_samples") and not e.get("error")]
-    if not with_samples:
+def samples_section(prompts: list[tuple[str, list[tuple[str, dict]]]]) -> str:
+    """Per sampled prompt (report.samples_by_prompt): every run's answer side by side, with its reward."""
+    if not prompts:
         return "<p>No generation samples.</p>"
     out = []
-    for i in range(max(len(e["generation_samples"]) for _, e in with_samples)):
-        prompt = next(
-            (e["generation_samples"][i]["prompt"] for _, e in with_samples if len(e["generation_samples"]) > i), ""
-        )
-        body = []
-        for name, e in with_samples:
-            if len(e["generation_samples"]) > i:
-                sample = e["generation_samples"][i]
-                body.append(
-                    "<tr>"
-                    + cell(name, css="text")
-                    + cell(sample["response"] or "(empty)", css="text")
-                    + cell(sample.get("reward"), "{:.2f}")
-                    + "</tr>"
-                )
+    for i, (prompt, answers) in enumerate(prompts):
+        body = [
+            "<tr>"
+            + cell(name, css="text")
+            + cell(sample["response"] or "(empty)", css="text")
+            + cell(sample.get("reward"), "{:.2f}")
+            + "</tr>"
+            for name, sample in answers
+        ]
         out.append(
             f"<h3>Prompt {i + 1}</h3><p>{esc(prompt)}</p>" + table(["run", "answer", "reward"], body, "answers")
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunefleet.common.contract import HTML_REPORT, MANIFEST_FILE, STATISTICS_FILE
@@ -17,6 +18,7 @@ from tunefleet.common.jsonfile import write_json_atomic
 from tunefleet.common.storage import Store, scratch_dir
 from tunefleet.eval import statistics as stats
 from tunefleet.eval.results import BETTER, load_results, loss_curve, reward_curve, split_location
+from tunefleet.trainers.cost import add_up
 
 # column, header, format; a column with a direction in BETTER has its best value in bold
 COLUMNS = [
@@ -142,12 +144,27 @@ def markdown(results: dict, found: dict | None = None, gpu_hour_price: float | N
     return "\n".join(lines)
 
 
+@dataclass
+class RunRows:
+    """What both reports' table of every run shows: the rows in order (benchmark numbers as keys of their own), the
+    columns, and the best value of each column that has a direction."""
+
+    rows: list[tuple[str, dict]]
+    shown: list[tuple[str, str, str]]
+    best: dict
+
+
+def run_rows(results: dict) -> RunRows:
+    flat = {name: entry | benchmark_keys(entry) for name, entry in results.items()}
+    rows = _ordered(flat)
+    shown = columns(flat)
+    return RunRows(rows, shown, best_values(rows, shown))
+
+
 def run_table(results: dict) -> list[str]:
     """The report's heading and its table of every run (benchmark numbers with their lm-eval stderr)."""
-    results = {name: entry | benchmark_keys(entry) for name, entry in results.items()}
-    rows = _ordered(results)
-    shown = columns(results)
-    best = best_values(rows, shown)
+    table = run_rows(results)
+    rows, shown, best = table.rows, table.shown, table.best
     lines = [
         "# Evaluation report",
         "",
@@ -225,14 +242,8 @@ def cost_summary(results: dict, gpu_hour_price: float | None = None) -> dict:
             | {k: cost.get(k) for k in COST_FIELDS}
             | {"gpu_hours": gpu_hours, "money": gpu_hours * gpu_hour_price if gpu_hour_price is not None else None}
         )
-    energies = [r["energy_joules"] for r in runs if isinstance(r.get("energy_joules"), (int, float))]
-    total = {
-        "runs": len(runs),
-        "wall_seconds": sum(r.get("wall_seconds") or 0.0 for r in runs),
-        "gpu_hours": sum(r["gpu_hours"] for r in runs),
-        "tokens_trained": int(sum(r.get("tokens_trained") or 0 for r in runs)),
-        "energy_joules": sum(energies) if energies else None,
-    }
+    total = {"runs": len(runs)} | add_up(runs)
+    total["gpu_hours"] = total["gpu_seconds"] / 3600
     total["money"] = total["gpu_hours"] * gpu_hour_price if gpu_hour_price is not None else None
     return {"gpu_hour_price": gpu_hour_price, "runs": runs, "total": total}
 
@@ -319,25 +330,31 @@ def comparison_lines(found: dict) -> list[str]:
     return lines
 
 
+def samples_by_prompt(rows: list[tuple[str, dict]]) -> list[tuple[str, list[tuple[str, dict]]]]:
+    """Per sampled prompt (in order): its text, and each run's sample for it (the base's first), runs with an error
+    left out."""
+    with_samples = [(name, e) for name, e in rows if e.get("generation_samples") and not e.get("error")]
+    out = []
+    for i in range(max((len(e["generation_samples"]) for _, e in with_samples), default=0)):
+        answers = [(name, e["generation_samples"][i]) for name, e in with_samples if len(e["generation_samples"]) > i]
+        out.append((answers[0][1]["prompt"], answers))
+    return out
+
+
 def samples_side_by_side(rows: list[tuple[str, dict]]) -> list[str]:
     """For each sampled prompt: the base's answer and every run's answer to it, with its held-out reward."""
-    with_samples = [(name, e) for name, e in rows if e.get("generation_samples") and not e.get("error")]
-    if not with_samples:
+    prompts = samples_by_prompt(rows)
+    if not prompts:
         return []
-    rewards = ", ".join(next((e.get("reward_funcs") for _, e in with_samples if e.get("reward_funcs")), []) or [])
+    funcs = next((e.get("reward_funcs") for _, e in rows if e.get("generation_samples") and e.get("reward_funcs")), [])
+    rewards = ", ".join(funcs or [])
     lines = ["", f"## Generation samples (greedy; reward: {rewards or '–'})", ""]
-    count = max(len(e["generation_samples"]) for _, e in with_samples)
-    for i in range(count):
-        prompt = next(
-            (e["generation_samples"][i]["prompt"] for _, e in with_samples if len(e["generation_samples"]) > i), ""
-        )
+    for i, (prompt, answers) in enumerate(prompts):
         lines += [f"**Prompt {i + 1}:** {_cell(prompt)}", "", "| run | answer | reward |", "|---|---|---|"]
-        for name, e in with_samples:
-            if len(e["generation_samples"]) > i:
-                sample = e["generation_samples"][i]
-                lines.append(
-                    f"| {name} | {_cell(sample['response']) or '(empty)'} | {_fmt(sample.get('reward'), '{:.2f}')} |"
-                )
+        for name, sample in answers:
+            lines.append(
+                f"| {name} | {_cell(sample['response']) or '(empty)'} | {_fmt(sample.get('reward'), '{:.2f}')} |"
+            )
         lines.append("")
     return lines
 
@@ -418,18 +435,17 @@ def write_report(results_file: str, runs_dir: str | None = None, gpu_hour_price:
     write_text(local / "evaluation_report.md", markdown(results, found, gpu_hour_price))
     write_json_atomic(local / STATISTICS_FILE, found | {"cost": cost})
     written = [local / "evaluation_report.md", local / STATISTICS_FILE, *plots(results, local, runs_dir)]
-    shown_rows = _ordered({name: entry | benchmark_keys(entry) for name, entry in results.items()})
-    shown = columns(dict(shown_rows))
+    table = run_rows(results)
     manifest = Store(runs_dir).read_json(MANIFEST_FILE) if runs_dir else None
     page = html_report.page(
         f"Evaluation report: {Path(str(runs_dir or store.root)).name}",
         winner_sentences(found),
-        html_report.results_section(shown_rows, shown, best_values(shown_rows, shown), benchmark_stderr),
+        html_report.results_section(table.rows, table.shown, table.best, benchmark_stderr),
         html_report.interval_section(found, summary_metrics(results)),
         html_report.comparison_section(found),
         html_report.cost_section(cost),
         [path for path in written if path.suffix == ".png"],
-        html_report.samples_section(shown_rows),
+        html_report.samples_section(samples_by_prompt(table.rows)),
         manifest,
     )
     write_text(local / HTML_REPORT, page)

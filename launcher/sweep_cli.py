@@ -22,6 +22,7 @@ from tunefleet.launcher import orchestrate
 from tunefleet.launcher import sweep as sweeps
 from tunefleet.launcher.backend import SweepOptions
 from tunefleet.launcher.sweep_record import SweepRecord
+from tunefleet.trainers.cost import add_up
 
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -164,18 +165,11 @@ def cmd_status(argv: list[str]) -> int:
             print(f"    cost: {cost_text(s.cost)}")
     costs = [s.cost for s in summaries.values() if s.cost]
     if costs:
-        print(f"  cost of {len(costs)} runs: {cost_text(total_cost(costs), price)}")
+        print(f"  cost of {len(costs)} runs: {cost_text(add_up(costs), price)}")
     if slurm.get("eval_job_id"):
         eid = str(slurm["eval_job_id"])
         print(f"  evaluation job {eid}: {jobs.get(eid, '-')}  {Path(a.sweep_dir) / 'slurm' / f'eval_{eid}.log'}")
     return 0
-
-
-def total_cost(costs: list[dict]) -> dict:
-    """Runs' costs added up (energy only where some run measured it)."""
-    total = {k: sum(c.get(k) or 0 for c in costs) for k in ("wall_seconds", "gpu_seconds", "tokens_trained")}
-    energy = [c["energy_joules"] for c in costs if isinstance(c.get("energy_joules"), (int, float))]
-    return total | ({"energy_joules": sum(energy)} if energy else {})
 
 
 def cost_text(cost: dict, gpu_hour_price: float | None = None) -> str:

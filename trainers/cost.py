@@ -153,3 +153,15 @@ class CostMeter:
         from tunefleet.trainers.run_record import peak_memory
 
         return {k: v for k, v in peak_memory().items() if k in ("peak_rss_mb", "peak_gpu_mb")}
+
+
+def add_up(costs: list[dict]) -> dict[str, Any]:
+    """Runs' costs (run.json `cost`) added up: a study's or a sweep's total. Energy is None where no run measured
+    it (no NVML), not zero."""
+    energy = [c["energy_joules"] for c in costs if isinstance(c.get("energy_joules"), (int, float))]
+    return {
+        "wall_seconds": sum(c.get("wall_seconds") or 0.0 for c in costs),
+        "gpu_seconds": sum(c.get("gpu_seconds") or 0.0 for c in costs),
+        "tokens_trained": int(sum(c.get("tokens_trained") or 0 for c in costs)),
+        "energy_joules": sum(energy) if energy else None,
+    }

@@ -64,8 +64,15 @@ class EnergyCounter:
         return pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
 
     def joules(self) -> float | None:
-        now = self.read() if self.handle is not None else None
-        return None if now is None or self.start is None else now - self.start
+        """Energy since the counter was started; None without one, or if NVML stops answering (the run's record
+        must not fail over its energy)."""
+        if self.start is None:
+            return None
+        try:
+            now = self.read()
+        except Exception:
+            return None
+        return None if now is None else now - self.start
 
 
 class CostMeter:

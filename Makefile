@@ -8,7 +8,7 @@ LINKED := $(VENV)/.linked
 PACKAGE_DIRS := $(shell find common trainers launcher eval cluster_configs -type d -not -name __pycache__ 2>/dev/null)
 EDITABLE := --config-settings editable_mode=strict
 
-.PHONY: setup demo check test typecheck bench clean browser
+.PHONY: setup demo check test typecheck bench clean browser sshd
 
 setup: $(LINKED)
 
@@ -35,6 +35,15 @@ browser:
 	   (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))) || \
 	  echo "warning: no chromium (apt-get install chromium): the HTML report's browser test will be skipped"
 
+# An SSH server and rsync, for the test that runs the on-prem Ray recipe (`ray up` over SSH to a host on loopback);
+# like the browser: installed where apt-get and root allow, else the test says why it is skipped.
+sshd:
+	@(command -v /usr/sbin/sshd >/dev/null && command -v rsync >/dev/null) || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	   (apt-get install -y -q --no-install-recommends openssh-server rsync >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends openssh-server rsync >/dev/null))) || \
+	  echo "warning: no sshd or rsync (apt-get install openssh-server rsync): the on-prem recipe's test will be skipped"
+
 # The whole fleet on the embedded default: 5 methods x 2 seeds on a local Ray, then the evaluator.
 demo: setup
 	$(BIN)/tunefleet sweep sweeps/demo.yaml --backend ray --eval
@@ -56,7 +65,7 @@ check: setup
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations 5 tests
 
 # The whole suite (what CI runs).
-test: setup browser
+test: setup browser sshd
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/basedpyright

@@ -113,6 +113,14 @@ def set_up_node(where: Path, setup_commands: list[str], shared: Path) -> Node:
     written (`python` / `python3` and `pip` are the venv's)."""
     home, venv = where / "home", where / "venv"
     checkout_copy(home / "tunefleet")
+    node = Node(home, make_venv(venv, shared))
+    for command in setup_commands:
+        node.run(command)
+    return node
+
+
+def make_venv(venv: Path, shared: Path) -> Path:
+    """A fresh venv that sees the `shared` packages (and has Ray's console script), with nothing else installed."""
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
     site = Path(
         subprocess.run(
@@ -127,7 +135,4 @@ def set_up_node(where: Path, setup_commands: list[str], shared: Path) -> Node:
     ray = venv / "bin" / "ray"
     ray.write_text(f"#!{venv}/bin/python\nimport sys\nfrom ray.scripts.scripts import main\nsys.exit(main())\n")
     ray.chmod(0o755)
-    node = Node(home, venv)
-    for command in setup_commands:
-        node.run(command)
-    return node
+    return venv

@@ -174,5 +174,5 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self if self.holder is not None else self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

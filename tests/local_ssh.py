@@ -38,9 +38,14 @@ class LocalSSHHost:
         """Why no such host can start here, or None."""
         if os.geteuid() != 0:
             return "an SSH host in a PID namespace of its own needs root"
-        missing = [tool for tool in (SSHD, "rsync", "unshare", "ssh-keygen") if not shutil.which(tool)]
+        missing = [tool for tool in (SSHD, "ssh", "rsync", "unshare", "ssh-keygen") if not shutil.which(tool)]
         if missing:
             return f"no {', '.join(missing)} here (make sshd installs openssh-server and rsync)"
+        probe = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True, timeout=30
+        )
+        if probe.returncode != 0:  # a container without the privilege to make namespaces
+            return f"cannot make a PID namespace here: {probe.stderr.strip()[:200]}"
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", PORT)) == 0:
                 return f"127.0.0.1:{PORT} is already taken by another server"

@@ -175,7 +175,8 @@ def test_the_onprem_recipe_ray_up_ray_submit_ray_down_over_ssh(shared, tmp_path,
     here = tmp_path / "here"  # this side's home: the token the header makes first, ray's own client files
     here.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "TUNEFLEET_"))}
-    env.update(HOME=str(here), RAY_TMPDIR=ray_tmp["here"], PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update(HOME=str(here), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update(RAY_TMPDIR=ray_tmp["here"], TMPDIR=ray_tmp["here"])  # `ray up`'s cached config goes there too
     bucket = store.make_bucket("tf-onprem")
     header = {c.split()[1]: c for c in commands(CONFIGS / "onprem.yaml", "ray ") if "five_methods" not in c}
     assert set(header) >= {"get-auth-token", "up", "submit", "down"}, header

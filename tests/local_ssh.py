@@ -46,8 +46,8 @@ class LocalSSHHost:
         )
         if probe.returncode != 0:  # a container without the privilege to make namespaces
             return f"cannot make a PID namespace here: {probe.stderr.strip()[:200]}"
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", PORT)) == 0:
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", PORT)) == 0:
                 return f"127.0.0.1:{PORT} is already taken by another server"
         return None
 

@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from testkit import pids_in_tree
+
 SSHD = "/usr/sbin/sshd"
 PORT = 22  # Ray's SSH command runner has no port setting: a host is reached on 22
 
@@ -101,22 +103,19 @@ class LocalSSHHost:
         )  # fmt: skip
 
     def namespace_pids(self) -> set[int]:
-        """This host's processes, as this machine numbers them: the server and everything under it."""
-        if self.proc is None:
-            return set()
-        ours, grew = {self.proc.pid}, True
-        while grew:
-            grew = False
-            for pid in list(ours):
-                try:
-                    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-                except OSError:
-                    continue
-                for kid in map(int, kids):
-                    if kid not in ours:
-                        ours.add(kid)
-                        grew = True
-        return ours - {self.proc.pid}
+        """This host's processes, as this machine numbers them: the server and everything under it (a process
+        orphaned in the namespace is adopted by the server, its first process)."""
+        return pids_in_tree(self.proc.pid) - {self.proc.pid} if self.proc is not None else set()
+
+    def commands(self) -> list[bytes]:
+        """The command lines of the host's live processes (an ended one that is not yet reaped has none)."""
+        found = []
+        for pid in self.namespace_pids():
+            try:
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+            except OSError:
+                continue
+        return [c for c in found if c]
 
     def stop(self) -> None:
         """End the namespace's first process; the kernel ends every other process of the namespace with it."""

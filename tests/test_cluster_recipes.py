@@ -140,17 +140,6 @@ def read_bucket_outputs(store, runs_dir: str, monkeypatch, said: str) -> None:
     assert Store(runs_dir).exists("evaluation_report.md")
 
 
-def host_commands(host: LocalSSHHost) -> list[bytes]:
-    """The command lines of the host's live processes (an ended one that is not yet reaped has none)."""
-    commands = []
-    for pid in host.namespace_pids():
-        try:
-            commands.append(Path(f"/proc/{pid}/cmdline").read_bytes())
-        except OSError:
-            continue
-    return [c for c in commands if c]
-
-
 @pytest.mark.ray
 def test_the_onprem_recipe_ray_up_ray_submit_ray_down_over_ssh(shared, tmp_path, monkeypatch):
     """onprem.yaml's header, command by command, from the checkout: the token, `ray up` (rsync of the checkout to
@@ -207,10 +196,10 @@ def test_the_onprem_recipe_ray_up_ray_submit_ray_down_over_ssh(shared, tmp_path,
         read_bucket_outputs(store, runs_dir, monkeypatch, said)
         sessions = list(Path(ray_tmp["host"]).glob("ray/session_2*"))
         assert len(sessions) == 1, sessions  # the sweep ran on the Ray `ray up` started, not on one of its own
-        assert any(b"raylet" in cmd for cmd in host_commands(host)), "the head's Ray runs on the host"
+        assert any(b"raylet" in cmd for cmd in host.commands()), "the head's Ray runs on the host"
         run(header["down"], 300)
         # `ray down` stopped the head's Ray (its `ray stop` ran there): only the SSH server is left on the host
-        left = host_commands(host)
+        left = host.commands()
         assert all(cmd.startswith(b"sshd") for cmd in left), left
         print(f"onprem: ray up {up:.0f} s, ray submit {submitted:.0f} s")
     finally:

@@ -27,22 +27,25 @@ $(LINKED): $(STAMP) $(PACKAGE_DIRS)
 	$(BIN)/python -m pip install -q --no-deps -e . $(EDITABLE)
 	touch $(LINKED)
 
+# Debian packages a test needs, installed where apt-get and root allow (the package index is refreshed only when the
+# first try fails); elsewhere one warning names what the suite will skip. $(1): apt-get install's arguments,
+# $(2): the warning.
+apt_install = (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	(apt-get install -y -q $(1) >/dev/null 2>&1 || \
+	 (apt-get update -q >/dev/null && apt-get install -y -q $(1) >/dev/null))) || \
+	echo "warning: $(2)"
+
 # A headless Chromium for the test that opens the HTML report (Debian's package; Playwright drives it, and never
 # downloads a browser of its own). Needs root or an existing chromium; without either the browser test says so.
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
-	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	   (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))) || \
-	  echo "warning: no chromium (apt-get install chromium): the HTML report's browser test will be skipped"
+	  $(call apt_install,chromium,no chromium (apt-get install chromium): the HTML report's browser test will be skipped)
 
 # An SSH server and rsync, for the test that runs the on-prem Ray recipe (`ray up` over SSH to a host on loopback);
 # like the browser: installed where apt-get and root allow, else the test says why it is skipped.
 sshd:
 	@(command -v /usr/sbin/sshd >/dev/null && command -v rsync >/dev/null) || \
-	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	   (apt-get install -y -q --no-install-recommends openssh-server rsync >/dev/null 2>&1 || \
-	    (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends openssh-server rsync >/dev/null))) || \
-	  echo "warning: no sshd or rsync (apt-get install openssh-server rsync): the on-prem recipe's test will be skipped"
+	  $(call apt_install,--no-install-recommends openssh-server rsync,no sshd or rsync (apt-get install openssh-server rsync): the on-prem recipe's test will be skipped)
 
 # The whole fleet on the embedded default: 5 methods x 2 seeds on a local Ray, then the evaluator.
 demo: setup
